@@ -1,0 +1,1 @@
+"""The `cdt` command line: thin entry points over model/, training/ and service/."""

@@ -1,0 +1,46 @@
+"""`cdt info` and `cdt init`: inspect presets and create random checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from model import PRESETS, CDTConfig, build_model, save_pretrained
+
+
+def register(sub) -> None:
+    info = sub.add_parser("info", help="parameter counts of a preset, counted from the built model")
+    info.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    info.add_argument("--kind", default="cdt", choices=("cdt", "vae"))
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(run=run_info)
+
+    init = sub.add_parser("init", help="write a randomly initialised checkpoint directory")
+    init.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    init.add_argument("--kind", default="cdt", choices=("cdt", "vae"))
+    init.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="storage dtype of the weights")
+    init.set_defaults(run=run_init)
+
+
+def run_info(args) -> int:
+    config = CDTConfig.from_preset(args.preset)
+    model = build_model(config, args.kind)
+    report = {"preset": args.preset, "kind": args.kind, **model.parameter_counts(),
+              "compression": {"time": 4, "space": 8, "latent_channels": config.latent_channels}}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key:>20}: {value:,}" if isinstance(value, int) else f"{key:>20}: {value}")
+    return 0
+
+
+def run_init(args) -> int:
+    torch.manual_seed(args.seed)
+    model = build_model(CDTConfig.from_preset(args.preset), args.kind)
+    digest = save_pretrained(model, args.output, dtype=args.dtype)
+    print(json.dumps({"checkpoint": args.output, "preset": args.preset, "kind": args.kind, "hash": digest}))
+    return 0

@@ -1,0 +1,30 @@
+"""CDT video tokenizer: pure PyTorch model code (no web, no storage services)."""
+
+from .cache import CacheFormatError, FeatureCache
+from .checkpoint import CheckpointError, from_pretrained, save_pretrained
+from .config import PRESETS, CDTConfig
+from .diffusion import CosineSchedule, frame_noise
+from .streaming import CacheMismatchError, StreamingDecoder, StreamingEncoder, pad_frames
+from .tokenizer import CDT, Tokenizer, VAEBaseline, build_model, dtype_name, parse_dtype
+
+__all__ = [
+    "CDT",
+    "PRESETS",
+    "CDTConfig",
+    "CacheFormatError",
+    "CacheMismatchError",
+    "CheckpointError",
+    "CosineSchedule",
+    "FeatureCache",
+    "StreamingDecoder",
+    "StreamingEncoder",
+    "Tokenizer",
+    "VAEBaseline",
+    "build_model",
+    "dtype_name",
+    "frame_noise",
+    "from_pretrained",
+    "pad_frames",
+    "parse_dtype",
+    "save_pretrained",
+]

@@ -1,0 +1,108 @@
+"""FeatureCache: the explicit state of a causal network processed chunk by chunk.
+
+Each stateful layer owns one key (its module path, assigned once when the model is
+built). A layer reads its entry before processing a chunk and writes it back after.
+A missing entry means "this is the first chunk of the stream". Multi-step decoding
+keeps one namespace per DDIM step through `scope`.
+
+State exports to bytes as safetensors (tensors) with a JSON metadata header, and
+imports again in any process; nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+CACHE_FORMAT = "cdt-feature-cache"
+CACHE_FORMAT_VERSION = 1
+_META_KEY = "cdt_cache"
+
+
+class CacheFormatError(ValueError):
+    """Bytes that are not a valid exported FeatureCache."""
+
+
+class FeatureCache:
+    """Tensors keyed by layer path, plus JSON-serialisable metadata."""
+
+    def __init__(self, meta: dict[str, Any] | None = None) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    # Layers use these three.
+    def get(self, key: str) -> torch.Tensor | None:
+        return self.tensors.get(key)
+
+    def set(self, key: str, value: torch.Tensor) -> None:
+        # Detach and own the storage: a view would keep a whole activation alive.
+        self.tensors[key] = value.detach().clone()
+
+    def scope(self, prefix: str) -> "CacheScope":
+        return CacheScope(self, prefix)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def to(self, device: torch.device | str) -> "FeatureCache":
+        self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+        return self
+
+    # --- export / import ------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        header = {"format": CACHE_FORMAT, "version": CACHE_FORMAT_VERSION, "meta": self.meta}
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
+        return st_save(tensors, metadata={_META_KEY: json.dumps(header, sort_keys=True)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, device: torch.device | str = "cpu") -> "FeatureCache":
+        try:
+            tensors = st_load(data)
+            header = json.loads(read_metadata(data)[_META_KEY])
+        except Exception as exc:  # safetensors raises several types for bad input
+            raise CacheFormatError(f"not a feature-cache file: {exc}") from None
+        if header.get("format") != CACHE_FORMAT:
+            raise CacheFormatError(f"not a feature-cache file (format={header.get('format')!r})")
+        if header.get("version") != CACHE_FORMAT_VERSION:
+            raise CacheFormatError(f"unsupported feature-cache version {header.get('version')!r}")
+        cache = cls(header.get("meta", {}))
+        cache.tensors = {k: v.to(device) for k, v in tensors.items()}
+        return cache
+
+
+class CacheScope:
+    """A prefixed view on a FeatureCache (e.g. one DDIM step's namespace)."""
+
+    def __init__(self, cache: FeatureCache, prefix: str) -> None:
+        self._cache = cache
+        self._prefix = prefix
+
+    def get(self, key: str) -> torch.Tensor | None:
+        return self._cache.get(self._prefix + key)
+
+    def set(self, key: str, value: torch.Tensor) -> None:
+        self._cache.set(self._prefix + key, value)
+
+    def scope(self, prefix: str) -> "CacheScope":
+        return CacheScope(self._cache, self._prefix + prefix)
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The string metadata of a safetensors blob, without loading its tensors."""
+    if len(data) < 8:
+        raise CacheFormatError("too short to be a safetensors file")
+    n = int.from_bytes(data[:8], "little")
+    if n <= 0 or 8 + n > len(data):
+        raise CacheFormatError("bad safetensors header length")
+    header = json.loads(data[8 : 8 + n])
+    return header.get("__metadata__", {}) or {}

@@ -1,0 +1,89 @@
+"""Checkpoint directories: `config.json` + `model.safetensors` + `model.sha256`.
+
+The hash covers the config and the weights (`hash_state`); loading recomputes it and
+refuses a directory whose weights or config were changed. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import CDTConfig
+from .tokenizer import Tokenizer, build_model, hash_state, parse_dtype
+
+CHECKPOINT_FORMAT = "cdt-checkpoint"
+CHECKPOINT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+HASH_FILE = "model.sha256"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, malformed or tampered with."""
+
+
+def save_pretrained(model: Tokenizer, directory: str | Path, dtype: str | torch.dtype | None = None) -> str:
+    """Write the checkpoint; `dtype` casts the stored weights (e.g. bf16 to halve the size).
+
+    Returns the content hash of what was written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    store = parse_dtype(dtype) if dtype is not None else None
+    state = {k: (v.to(store) if store is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in model.state_dict().items()}
+    digest = hash_state(model.config, state)
+    header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": model.kind,
+              "config": model.config.to_dict()}
+    (directory / CONFIG_FILE).write_text(json.dumps(header, indent=2, sort_keys=True) + "\n")
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"content_hash": digest, "kind": model.kind})
+    (directory / HASH_FILE).write_text(digest + "\n")
+    return digest
+
+
+def read_header(directory: str | Path) -> dict:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: not a checkpoint directory (no {CONFIG_FILE})")
+    try:
+        header = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+    if header.get("format") != CHECKPOINT_FORMAT or header.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} file")
+    return header
+
+
+def from_pretrained(
+    directory: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "fp32",
+) -> Tokenizer:
+    directory = Path(directory)
+    header = read_header(directory)
+    config = CDTConfig.from_dict(header["config"])
+    for name in (WEIGHTS_FILE, HASH_FILE):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory}: missing {name}")
+    try:
+        state = load_file(str(directory / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{directory / WEIGHTS_FILE}: unreadable ({exc})") from None
+    expected = (directory / HASH_FILE).read_text().strip()
+    actual = hash_state(config, state)
+    if actual != expected:
+        raise CheckpointError(
+            f"{directory}: content hash mismatch (expected {expected[:16]}..., got {actual[:16]}...): "
+            "the weights or config were modified"
+        )
+    model = build_model(config, header.get("kind", "cdt"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{directory}: weights do not fit the config (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    model._hash = actual
+    return model.set_precision(dtype).to(device).eval()

@@ -1,0 +1,85 @@
+"""The causal video encoder and its KL head (4x8x8 compression, 16 latent channels)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import CDTConfig
+from .layers import Block, Cache, CausalConv3d, Downsample, ResnetBlock, TimeDownsample
+
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+@dataclass
+class Posterior:
+    """Diagonal Gaussian over latents."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + torch.exp(0.5 * self.logvar) * eps
+
+    def kl(self) -> torch.Tensor:
+        """KL to N(0, I), summed over latent elements, per batch item."""
+        kl = 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
+        return kl.flatten(1).sum(1)
+
+
+class ResnetChain(nn.Module):
+    """ResnetBlocks through a list of widths: widths[0] -> widths[1] -> ..."""
+
+    def __init__(self, widths: tuple[int, ...], time_pad: str) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(ResnetBlock(a, b, time_pad=time_pad) for a, b in zip(widths, widths[1:]))
+
+    def forward(self, x: torch.Tensor, cache: Cache = None) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, cache=cache)
+        return x
+
+
+class KLHead(nn.Module):
+    """1x1 conv plus a ResnetBlock branch, summed, to mean and log-variance. Runs in fp32."""
+
+    def __init__(self, cin: int, branch: tuple[int, ...], latent: int, time_pad: str) -> None:
+        super().__init__()
+        self.direct = nn.Conv3d(cin, 2 * latent, 1)
+        self.branch = ResnetChain((cin, *branch), time_pad)
+        self.branch_out = CausalConv3d(branch[-1], 2 * latent, (3, 3, 3), time_pad)
+
+    def forward(self, x: torch.Tensor, cache: Cache = None) -> Posterior:
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            moments = self.direct(x) + self.branch_out(self.branch(x, cache), cache)
+        mean, logvar = moments.chunk(2, dim=1)
+        return Posterior(mean, logvar.clamp(*LOGVAR_RANGE))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: CDTConfig) -> None:
+        super().__init__()
+        pad = config.time_pad
+        stages = config.encoder_stages
+        self.stem = Block(3, stages[0].width, (3, 7, 7), pad)
+        self.blocks = nn.ModuleList()
+        self.space_down = nn.ModuleList()
+        self.time_down = nn.ModuleList()
+        cin = stages[0].width
+        for stage in stages:
+            self.blocks.append(ResnetBlock(cin, stage.width, time_pad=pad))
+            self.space_down.append(Downsample(stage.width) if stage.space else nn.Identity())
+            self.time_down.append(TimeDownsample(stage.width, pad) if stage.time else nn.Identity())
+            cin = stage.width
+        self.head = KLHead(cin, config.kl_branch, config.latent_channels, pad)
+
+    def forward(self, x: torch.Tensor, cache: Cache = None) -> Posterior:
+        h = self.stem(x, cache)
+        for block, sdown, tdown in zip(self.blocks, self.space_down, self.time_down):
+            h = sdown(block(h, cache=cache))
+            h = tdown(h, cache) if isinstance(tdown, TimeDownsample) else h
+        return self.head(h, cache)

@@ -1,0 +1,224 @@
+"""Causal 3D building blocks. Every layer maps a frame sequence to a frame sequence and
+never looks at a later frame than its chunk holds, so chunked processing equals
+whole-clip processing.
+
+Layers that carry state between chunks subclass `Stateful`; the model assigns each
+a unique `cache_key` once at construction. The state itself lives in a FeatureCache
+passed to `forward` (None = process a standalone clip).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import CacheScope, FeatureCache
+
+Cache = FeatureCache | CacheScope | None
+
+
+class Stateful(nn.Module):
+    cache_key: str = ""  # set per instance by `assign_cache_keys`
+
+
+def assign_cache_keys(root: nn.Module) -> None:
+    for name, module in root.named_modules():
+        if isinstance(module, Stateful):
+            module.cache_key = name
+
+
+class CausalConv3d(Stateful):
+    """Conv3d padded on the left in time only; the cache holds the last kt-1 input frames."""
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: tuple[int, int, int] = (3, 3, 3),
+        time_pad: str = "zeros",
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        kt, kh, kw = kernel
+        self.context = kt - 1
+        self.time_pad = time_pad
+        self.conv = nn.Conv3d(cin, cout, kernel, padding=(0, kh // 2, kw // 2), bias=bias)
+
+    def _left_pad(self, x: torch.Tensor) -> torch.Tensor:
+        first = x[:, :, :1]
+        if self.time_pad == "replicate":
+            return first.expand(-1, -1, self.context, -1, -1)
+        return torch.zeros_like(first).expand(-1, -1, self.context, -1, -1)
+
+    def forward(self, x: torch.Tensor, cache: Cache = None) -> torch.Tensor:
+        if self.context == 0:
+            return self.conv(x)
+        past = cache.get(self.cache_key) if cache is not None else None
+        if past is None:
+            past = self._left_pad(x)
+        x = torch.cat([past.to(x.dtype), x], dim=2)
+        if cache is not None:
+            cache.set(self.cache_key, x[:, :, -self.context :])
+        return self.conv(x)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over channels at every (t, h, w): no statistics across time or space."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B,C,T,H,W) -> channels last is a free view when x is channels_last_3d.
+        return self.norm(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, kernel=(3, 3, 3), time_pad: str = "zeros") -> None:
+        super().__init__()
+        self.conv = CausalConv3d(cin, cout, kernel, time_pad)
+        self.norm = ChannelLayerNorm(cout)
+
+    def forward(self, x: torch.Tensor, cache: Cache = None) -> torch.Tensor:
+        return F.relu(self.norm(self.conv(x, cache)))
+
+
+class ResnetBlock(nn.Module):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        temb_dim: int = 0,
+        time_pad: str = "zeros",
+        first_kernel=(3, 3, 3),
+    ) -> None:
+        super().__init__()
+        self.block1 = Block(cin, cout, first_kernel, time_pad)
+        self.temb = nn.Linear(temb_dim, cout) if temb_dim else None
+        self.block2 = Block(cout, cout, (3, 3, 3), time_pad)
+        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None, cache: Cache = None) -> torch.Tensor:
+        h = self.block1(x, cache)
+        if self.temb is not None:
+            if temb is None:
+                raise ValueError("this ResnetBlock needs a time embedding")
+            h = h + self.temb(F.leaky_relu(temb, 0.2)).to(h.dtype)[:, :, None, None, None]
+        h = self.block2(h, cache)
+        return h + self.skip(x)
+
+
+class Downsample(nn.Module):
+    """Spatial x2 down: conv (1,3,3) stride (1,2,2). Odd sizes round up."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(channels, channels, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Spatial x2 up, by a transposed conv (1,5,5) or nearest x2 + conv (1,k,k)."""
+
+    def __init__(self, cin: int, cout: int, mode: str, kernel: int = 5) -> None:
+        super().__init__()
+        self.mode = mode
+        if mode == "transposed":
+            self.conv = nn.ConvTranspose3d(
+                cin, cout, (1, 5, 5), stride=(1, 2, 2), padding=(0, 2, 2), output_padding=(0, 1, 1)
+            )
+        else:
+            self.conv = nn.Conv3d(cin, cout, (1, kernel, kernel), padding=(0, kernel // 2, kernel // 2))
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if self.mode == "nearest":
+            b, c, t, h, w = x.shape
+            x = F.interpolate(x.reshape(b, c * t, h, w), scale_factor=2.0, mode="nearest")
+            x = x.reshape(b, c, t, 2 * h, 2 * w)
+        x = self.conv(x)
+        if size is not None:
+            x = x[..., : size[0], : size[1]]
+        return x
+
+
+class TimeDownsample(Stateful):
+    """Per pixel, a causal 1D conv along time, kernel 3, stride 2, left pad 2.
+
+    Lengths 1+2k -> 1+k. The cache holds the input frames not yet consumed by an
+    output (1 frame after each aligned chunk).
+    """
+
+    def __init__(self, channels: int, time_pad: str = "zeros") -> None:
+        super().__init__()
+        self.time_pad = time_pad
+        self.conv = nn.Conv3d(channels, channels, (3, 1, 1), stride=(2, 1, 1))
+        with torch.no_grad():  # identity-like: start by passing the newest frame through
+            self.conv.weight[:, :, 2, 0, 0] += torch.eye(channels)
+
+    def forward(self, x: torch.Tensor, cache: Cache = None) -> torch.Tensor:
+        past = cache.get(self.cache_key) if cache is not None else None
+        if past is None:
+            first = x[:, :, :1]
+            pad = first if self.time_pad == "replicate" else torch.zeros_like(first)
+            past = pad.expand(-1, -1, 2, -1, -1)
+        x = torch.cat([past.to(x.dtype), x], dim=2)
+        n_out = (x.shape[2] - 3) // 2 + 1 if x.shape[2] >= 3 else 0
+        if cache is not None:
+            cache.set(self.cache_key, x[:, :, 2 * n_out :])
+        if n_out == 0:
+            return x[:, :, :0]
+        return self.conv(x[:, :, : 2 * n_out + 1])
+
+
+class TimeUpsample(Stateful):
+    """Per pixel, 1x1 conv to 2C channels, interleaved into 2T frames. The first output
+    frame of a stream is dropped, so 1+k frames become 1+2k."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(channels, 2 * channels, 1)
+        with torch.no_grad():  # identity-like: both new frames start as copies
+            eye = torch.eye(channels)[:, :, None, None, None]
+            self.conv.weight.mul_(0.1).add_(torch.cat([eye, eye], 0))
+
+    def forward(self, x: torch.Tensor, cache: Cache = None) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        y = self.conv(x).reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+        first = cache is None or cache.get(self.cache_key) is None
+        if cache is not None and t > 0:
+            cache.set(self.cache_key, torch.ones(()))  # marks "stream has started"
+        return y[:, :, 1:] if first and t > 0 else y
+
+
+class LinearAttention(nn.Module):
+    """Residual pre-norm linear attention, per frame over space, one head.
+
+    softmax(q) over channels, softmax(k) over positions, out = (k v^T)^T q.
+    The attention core runs in float32: the softmax over all positions of a frame
+    is a long reduction.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = ChannelLayerNorm(channels)
+        self.qkv = nn.Conv3d(channels, 3 * channels, 1, bias=False)
+        self.out = nn.Conv3d(channels, channels, 1)
+        self.scale = 1.0 / math.sqrt(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        qkv = self.qkv(self.norm(x))  # (B, 3C, T, H, W)
+        qkv = qkv.permute(0, 2, 1, 3, 4).reshape(b * t, 3, c, h * w).float()
+        q, k, v = qkv.unbind(1)
+        q = q.softmax(dim=1) * self.scale
+        k = k.softmax(dim=2)
+        context = torch.bmm(k, v.transpose(1, 2))  # (BT, C, C)
+        out = torch.bmm(context.transpose(1, 2), q)  # (BT, C, N)
+        out = out.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4).to(x.dtype)
+        return x + self.out(out)

@@ -1,0 +1,167 @@
+"""Streaming encode/decode over an explicit FeatureCache.
+
+The encoder takes frames in chunks of any length: it emits latents for every complete
+group (1 frame first, then 4 at a time) and keeps the remainder in the cache, so the
+buffered frames travel with the exported state. `finish()` pads the remainder by
+repeating its last frame, as `pad_frames` does for a whole clip.
+
+The decoder takes latent chunks of any length and emits the pixel frames they decode
+to: 1+4(m-1) for the first chunk, 4m afterwards.
+
+Concatenated outputs equal the whole-clip `encode`/`decode` up to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .cache import FeatureCache
+from .config import SPACE_FACTOR, TIME_FACTOR
+from .tokenizer import Tokenizer, dtype_name, pixel_frames, validate_latents
+
+PENDING_KEY = "pending_frames"
+
+
+class CacheMismatchError(ValueError):
+    """A cache made by another model, dtype, or kind of stream."""
+
+
+def pad_frames(video: torch.Tensor) -> torch.Tensor:
+    """Pad (B,C,T,H,W) to 1+4k frames by repeating the last frame."""
+    missing = (-(video.shape[2] - 1)) % TIME_FACTOR
+    if missing == 0:
+        return video
+    return torch.cat([video, video[:, :, -1:].expand(-1, -1, missing, -1, -1)], dim=2)
+
+
+class _Stream:
+    kind = ""
+
+    def __init__(self, model: Tokenizer, cache: FeatureCache | None, meta: dict[str, Any]) -> None:
+        self.model = model
+        if cache is None:
+            cache = FeatureCache({"kind": self.kind, "model_hash": model.content_hash(),
+                                  "model_kind": model.kind, "dtype": dtype_name(model.compute_dtype), **meta})
+        else:
+            self._check(cache)
+            cache.to(model.device)
+        self.cache = cache
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.cache.meta
+
+    def _check(self, cache: FeatureCache) -> None:
+        expected = {"kind": self.kind, "model_hash": self.model.content_hash(),
+                    "dtype": dtype_name(self.model.compute_dtype)}
+        for key, value in expected.items():
+            if cache.meta.get(key) != value:
+                raise CacheMismatchError(
+                    f"cache {key} is {cache.meta.get(key)!r}, this stream needs {value!r}"
+                )
+
+    def export_state(self) -> bytes:
+        return self.cache.to_bytes()
+
+    @classmethod
+    def from_state(cls, model: Tokenizer, data: bytes):
+        return cls(model, cache=FeatureCache.from_bytes(data, model.device))
+
+
+class StreamingEncoder(_Stream):
+    kind = "encode"
+
+    def __init__(self, model: Tokenizer, cache: FeatureCache | None = None) -> None:
+        super().__init__(model, cache, {"frames_in": 0, "frames_encoded": 0, "latents_out": 0,
+                                        "shape": None, "steps": 0, "finished": False})
+
+    def _validate(self, frames: torch.Tensor) -> None:
+        if not isinstance(frames, torch.Tensor) or frames.dim() != 5 or frames.shape[1] != 3:
+            raise ValueError(f"frames must be a (B,3,T,H,W) tensor, got {tuple(getattr(frames, 'shape', ()))}")
+        if not frames.is_floating_point():
+            raise ValueError(f"frames must be float in [-1,1], got {frames.dtype}")
+        b, _, _, h, w = frames.shape
+        if h % SPACE_FACTOR or w % SPACE_FACTOR or h == 0 or w == 0:
+            raise ValueError(f"frame height and width must be positive multiples of 8, got {h}x{w}")
+        shape = self.meta["shape"]
+        if shape is not None and [b, h, w] != shape:
+            raise ValueError(f"chunk has batch,height,width {[b, h, w]}, the stream started with {shape}")
+        if self.meta["finished"]:
+            raise ValueError("the stream is finished")
+
+    @torch.no_grad()
+    def push(self, frames: torch.Tensor) -> torch.Tensor:
+        """Feed frames (B,3,n,H,W), n >= 0; return latents for the complete groups."""
+        self._validate(frames)
+        b, _, n, h, w = frames.shape
+        self.meta["shape"] = [b, h, w]
+        self.meta["frames_in"] += n
+        pending = self.cache.tensors.pop(PENDING_KEY, None)
+        frames = frames.to(self.model.device, self.model.compute_dtype)
+        if pending is not None:
+            frames = torch.cat([pending.to(frames.dtype), frames], dim=2)
+        total = frames.shape[2]
+        if self.meta["frames_encoded"] == 0:
+            usable = 1 + TIME_FACTOR * ((total - 1) // TIME_FACTOR) if total else 0
+        else:
+            usable = TIME_FACTOR * (total // TIME_FACTOR)
+        if usable < total:
+            self.cache.set(PENDING_KEY, frames[:, :, usable:])
+        return self._encode(frames[:, :, :usable])
+
+    def _empty(self) -> torch.Tensor:
+        b, h, w = self.meta["shape"]
+        lat = self.model.config.latent_channels
+        return torch.zeros(b, lat, 0, h // SPACE_FACTOR, w // SPACE_FACTOR, device=self.model.device)
+
+    def _encode(self, frames: torch.Tensor) -> torch.Tensor:
+        if frames.shape[2] == 0:
+            return self._empty()
+        latents = self.model.posterior(frames, self.cache).mean
+        self.meta["frames_encoded"] += frames.shape[2]
+        self.meta["latents_out"] += latents.shape[2]
+        return latents
+
+    @torch.no_grad()
+    def finish(self) -> torch.Tensor:
+        """Encode the buffered remainder, padded by repeating its last frame; close."""
+        if self.meta["frames_in"] == 0:
+            raise ValueError("no frames were pushed to this stream")
+        self.meta["finished"] = True
+        pending = self.cache.tensors.pop(PENDING_KEY, None)
+        if pending is None:
+            return self._empty()
+        # Past the first frame, every group is 4 frames: top the remainder up to one.
+        missing = TIME_FACTOR - pending.shape[2]
+        return self._encode(torch.cat([pending, pending[:, :, -1:].expand(-1, -1, missing, -1, -1)], dim=2))
+
+
+class StreamingDecoder(_Stream):
+    kind = "decode"
+
+    def __init__(self, model: Tokenizer, steps: int = 1, seed: int = 0, cache: FeatureCache | None = None) -> None:
+        if cache is None and model.kind == "cdt":
+            model.schedule.ddim_timesteps(steps)  # validates steps
+        model_steps = steps if model.kind == "cdt" else 1
+        super().__init__(model, cache, {"steps": model_steps, "seed": int(seed), "latents_in": 0,
+                                        "frames_out": 0, "shape": None})
+
+    @torch.no_grad()
+    def push(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode a latent chunk (B,16,m,h,w), m >= 0, to its pixel frames."""
+        validate_latents(latents, self.model.config.latent_channels, allow_empty=True)
+        b, _, m, h, w = latents.shape
+        shape = self.meta["shape"]
+        if shape is not None and [b, h, w] != shape:
+            raise ValueError(f"chunk has batch,height,width {[b, h, w]}, the stream started with {shape}")
+        self.meta["shape"] = [b, h, w]
+        if m == 0:
+            return torch.zeros(b, 3, 0, h * SPACE_FACTOR, w * SPACE_FACTOR)
+        start = self.meta["frames_out"]
+        video = self.model.decode_frames(latents.to(self.model.device), steps=self.meta["steps"],
+                                         seed=self.meta["seed"], start=start, cache=self.cache)
+        self.meta["latents_in"] += m
+        self.meta["frames_out"] += pixel_frames(m, first_chunk=start == 0)
+        return video

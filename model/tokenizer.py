@@ -1,0 +1,268 @@
+"""The tokenizers: CDT (diffusion decoder) and the deterministic VAE baseline.
+
+Both share the encoder and the public API:
+  encode(video) -> latents          video (B,3,1+4k,H,W) in [-1,1], H,W % 8 == 0
+  decode(latents, steps, seed)      latents (B,16,1+k,H/8,W/8) -> video (B,3,1+4k,H,W)
+and a chunk-level `decode_frames` that the streaming decoder calls with a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from .cache import FeatureCache
+from .config import SPACE_FACTOR, TIME_FACTOR, CDTConfig
+from .decoder import ConditionAdapter, TimeEmbedding, UNet, UpStage
+from .diffusion import CosineSchedule, frame_noise
+from .encoder import Encoder, KLHead, Posterior, ResnetChain
+from .layers import Cache, CausalConv3d, ChannelLayerNorm, assign_cache_keys
+
+# Modules that stay in float32 whatever the compute dtype (numerically fragile).
+FP32_MODULES = (KLHead, TimeEmbedding)
+SUPPORTED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, value in SUPPORTED_DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"unsupported dtype {dtype}; use one of {sorted(SUPPORTED_DTYPES)}")
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        dtype_name(dtype)
+        return dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(SUPPORTED_DTYPES)}")
+    return SUPPORTED_DTYPES[dtype]
+
+
+def validate_video(video: torch.Tensor) -> None:
+    if not isinstance(video, torch.Tensor) or video.dim() != 5:
+        shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+        raise ValueError(f"video must be a 5-D tensor (B,3,T,H,W), got {shape}")
+    b, c, t, h, w = video.shape
+    if c != 3:
+        raise ValueError(f"video must have 3 channels (RGB) in dim 1, got {c}")
+    if not video.is_floating_point():
+        raise ValueError(f"video must be a float tensor in [-1,1], got {video.dtype}")
+    if t < 1 or (t - 1) % TIME_FACTOR:
+        raise ValueError(f"video frame count must be 1+4k (1, 5, 9, ...), got {t}")
+    if h < SPACE_FACTOR or w < SPACE_FACTOR or h % SPACE_FACTOR or w % SPACE_FACTOR:
+        raise ValueError(f"video height and width must be positive multiples of 8, got {h}x{w}")
+
+
+def validate_latents(latents: torch.Tensor, channels: int, allow_empty: bool = False) -> None:
+    if not isinstance(latents, torch.Tensor) or latents.dim() != 5:
+        shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"latents must be a 5-D tensor (B,{channels},T,h,w), got {shape}")
+    if latents.shape[1] != channels:
+        raise ValueError(f"latents must have {channels} channels in dim 1, got {latents.shape[1]}")
+    if not latents.is_floating_point():
+        raise ValueError(f"latents must be a float tensor, got {latents.dtype}")
+    if latents.shape[2] < (0 if allow_empty else 1) or latents.shape[3] < 1 or latents.shape[4] < 1:
+        raise ValueError(f"latents have an empty dimension: {tuple(latents.shape)}")
+
+
+def pixel_frames(latent_frames: int, first_chunk: bool) -> int:
+    """Pixel frames decoded from a chunk of latent frames."""
+    if latent_frames == 0:
+        return 0
+    return 1 + TIME_FACTOR * (latent_frames - 1) if first_chunk else TIME_FACTOR * latent_frames
+
+
+class Tokenizer(nn.Module):
+    """Shared encoder, precision policy and identity of both tokenizers."""
+
+    kind = ""
+
+    def __init__(self, config: CDTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self._hash: str | None = None
+
+    def _finish_init(self) -> None:
+        assign_cache_keys(self)
+
+    # --- identity / precision ----------------------------------------------------------
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.encoder.stem.conv.conv.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.stem.conv.conv.weight.device
+
+    def set_precision(self, dtype: str | torch.dtype) -> "Tokenizer":
+        """Cast to the compute dtype, keeping the fragile modules in float32.
+
+        The identity hash is taken first: it names the weights as loaded, whatever
+        dtype they are later computed in."""
+        dtype = parse_dtype(dtype)
+        self.content_hash()
+        self.to(dtype)
+        for module in self.modules():
+            if isinstance(module, FP32_MODULES):
+                module.float()
+        return self
+
+    def content_hash(self) -> str:
+        """sha256 of the config and the weights (see `hash_state`). Memoised: weights
+        are fixed once loaded; a trainer that changes them calls `refresh_hash`."""
+        if self._hash is None:
+            self._hash = hash_state(self.config, self.state_dict())
+        return self._hash
+
+    def refresh_hash(self) -> str:
+        self._hash = None
+        return self.content_hash()
+
+    def parameter_counts(self) -> dict[str, int]:
+        total = sum(p.numel() for p in self.parameters())
+        enc = sum(p.numel() for p in self.encoder.parameters())
+        return {"parameters": total, "encoder_parameters": enc, "decoder_parameters": total - enc}
+
+    # --- encode --------------------------------------------------------------------------
+    def posterior(self, video: torch.Tensor, cache: Cache = None) -> Posterior:
+        return self.encoder(video.to(self.compute_dtype), cache)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None):
+        validate_video(video)
+        post = self.posterior(video)
+        return post.sample(generator) if sample else post.mean
+
+    # --- decode --------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, steps: int = 1, seed: int = 0) -> torch.Tensor:
+        validate_latents(latents, self.config.latent_channels)
+        return self.decode_frames(latents, steps=steps, seed=seed, start=0, cache=None)
+
+    def decode_frames(self, latents, steps: int, seed: int, start: int, cache: Cache) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CDT(Tokenizer):
+    """Causal encoder + conditioned pixel-space diffusion decoder."""
+
+    kind = "cdt"
+
+    def __init__(self, config: CDTConfig) -> None:
+        super().__init__(config)
+        self.adapter = ConditionAdapter(config)
+        ctx = [s.width for s in config.adapter_stages][::-1]
+        ctx[0] = config.context0_channels
+        self.unet = UNet(config, ctx)
+        self.schedule = CosineSchedule(config.num_timesteps)
+        self._finish_init()
+
+    def contexts(self, latents: torch.Tensor, cache: Cache = None) -> list[torch.Tensor]:
+        return self.adapter(latents.to(self.compute_dtype), cache)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, contexts: list[torch.Tensor], cache: Cache = None):
+        """The network's x0 estimate, in float32."""
+        return self.unet(x_t.to(self.compute_dtype), t, contexts, cache).float()
+
+    def decode_frames(self, latents, steps: int, seed: int, start: int, cache: Cache) -> torch.Tensor:
+        """DDIM from x_T = 0.8*eps; every step keeps its own U-Net cache namespace."""
+        first = start == 0
+        b, _, t_lat, h, w = latents.shape
+        n = pixel_frames(t_lat, first)
+        shape = (b, 3, h * SPACE_FACTOR, w * SPACE_FACTOR)
+        x = (self.config.noise_scale * frame_noise(seed, start, n, shape)).to(self.device)
+        contexts = self.contexts(latents, cache)
+        timesteps = self.schedule.ddim_timesteps(steps)
+        for i, t in enumerate(timesteps):
+            step_cache = cache.scope(f"step{i}/") if cache is not None else None
+            t_batch = torch.full((b,), t, device=self.device, dtype=torch.long)
+            x0 = self.denoise(x, t_batch, contexts, step_cache)
+            x = x0 if i == len(timesteps) - 1 else self.schedule.ddim_step(x, x0, t, timesteps[i + 1])
+        return x
+
+
+class VAEDecoder(nn.Module):
+    """Deterministic decoder: lift, ResnetBlock + upsampling stages, LayerNorm, conv."""
+
+    def __init__(self, config: CDTConfig) -> None:
+        super().__init__()
+        pad = config.time_pad
+        stages = config.vae_decoder_stages
+        self.stem = CausalConv3d(config.latent_channels, stages[0].width, (3, 3, 3), pad)
+        self.stages = nn.ModuleList()
+        cin = stages[0].width
+        for stage in stages:
+            self.stages.append(UpStage(cin, stage, config.spatial_upsample, pad))
+            cin = stage.width
+        self.refine = ResnetChain((cin, cin), pad)
+        self.out_norm = ChannelLayerNorm(cin)
+        self.out_conv = CausalConv3d(cin, 3, (3, 7, 7), pad)
+
+    def forward(self, z: torch.Tensor, cache: Cache = None) -> torch.Tensor:
+        h = self.stem(z, cache)
+        for stage in self.stages:
+            h = stage(h, cache=cache)
+        return self.out_conv(self.out_norm(self.refine(h, cache)), cache)
+
+
+class VAEBaseline(Tokenizer):
+    """Same encoder, deterministic decoder of similar size: the paper's comparison point."""
+
+    kind = "vae"
+
+    def __init__(self, config: CDTConfig) -> None:
+        super().__init__(config)
+        if not config.vae_decoder_stages:
+            raise ValueError(f"preset {config.preset!r} defines no VAE decoder")
+        self.vae_decoder = VAEDecoder(config)
+        self._finish_init()
+
+    def decode_frames(self, latents, steps: int, seed: int, start: int, cache: Cache) -> torch.Tensor:
+        del steps, seed, start  # deterministic: no sampling
+        return self.vae_decoder(latents.to(self.compute_dtype), cache).float()
+
+
+def hash_state(config: CDTConfig, state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the config and every tensor's name, shape and float32 bytes.
+
+    Upcasting is exact from bf16, so a checkpoint stored in bf16 hashes the same
+    whether it is loaded to compute in fp32 or in bf16."""
+    digest = hashlib.sha256(config.to_json().encode())
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def build_model(config: CDTConfig, kind: str = "cdt") -> Tokenizer:
+    if kind == "cdt":
+        return CDT(config)
+    if kind == "vae":
+        return VAEBaseline(config)
+    raise ValueError(f"unknown model kind {kind!r}; use 'cdt' or 'vae'")
+
+
+def frames_for_latents(latent_frames: int) -> int:
+    return pixel_frames(latent_frames, first_chunk=True)
+
+
+def latent_frames_for(frames: int) -> int:
+    return 1 + (frames - 1) // TIME_FACTOR
+
+
+__all__ = [
+    "CDT",
+    "VAEBaseline",
+    "Tokenizer",
+    "build_model",
+    "hash_state",
+    "validate_video",
+    "validate_latents",
+    "parse_dtype",
+    "dtype_name",
+]
