@@ -1,0 +1,241 @@
+"""Video files <-> uint8 RGB frames through PyAV (FFmpeg).
+
+Reading decodes only as many frames as the request needs, converts each kept frame to
+RGB with swscale (which honours the stream's colour space and range), applies the
+rotation from the display matrix, and resizes with an antialiased bicubic filter.
+
+Writing produces h264/yuv420p mp4. 4:2:0 chroma needs an even width and height, so an
+odd-sized clip is padded by repeating its last row/column and the true size is stored
+in the container metadata (`DISPLAY_SIZE_TAG`); `read_video` crops it back, so files
+written here round-trip at their exact size while other players show a 1-pixel edge.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DISPLAY_SIZE_TAG = "cdt_display_size"  # "WIDTHxHEIGHT", written only for odd-sized clips
+_TIME_EPS = 1e-6  # seconds: absorbs rounding of pts * time_base when matching output times
+
+
+class VideoDecodeError(ValueError):
+    """A missing, undecodable or empty video file."""
+
+
+@dataclass
+class VideoClip:
+    frames: np.ndarray  # uint8 (T, H, W, 3) RGB
+    fps: float  # rate of the returned frames (after stride / fps resampling)
+    source_width: int  # as decoded, after rotation and display-size crop
+    source_height: int
+    source_frames: int | None  # frame count declared by the container, if any
+
+
+def read_video(
+    path: str | Path,
+    *,
+    start: int = 0,
+    num_frames: int | None = None,
+    stride: int = 1,
+    fps: float | None = None,
+    size: int | None = None,
+    crop: int | tuple[int, int] | None = None,
+    threads: int = 0,
+) -> VideoClip:
+    """Decode a video to RGB frames.
+
+    `fps` resamples to a constant rate by timestamps (each output instant shows the
+    latest source frame at or before it), which also regularises variable-frame-rate
+    sources; `stride` then keeps every stride-th frame; `start`/`num_frames` count
+    frames after both. `size` is the short side after an aspect-preserving resize,
+    `crop` a centre crop (square side or (h, w)). `threads=0` lets FFmpeg choose.
+    """
+    _check_options(start, num_frames, stride, fps, size, crop, threads)
+    path = Path(path)
+    if not path.is_file():
+        raise VideoDecodeError(f"{path}: no such file")
+    try:
+        with av.open(str(path)) as container:
+            return _read(container, path, start, num_frames, stride, fps, size, crop, threads)
+    except av.FFmpegError as exc:
+        raise VideoDecodeError(f"{path}: not a decodable video ({exc.strerror or exc})") from None
+
+
+def _check_options(start, num_frames, stride, fps, size, crop, threads) -> None:
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    if num_frames is not None and num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if fps is not None and not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    if size is not None and size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    if crop is not None and min(_crop_shape(crop)) < 1:
+        raise ValueError(f"crop must be positive, got {crop}")
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0, got {threads}")
+
+
+def _crop_shape(crop: int | tuple[int, int]) -> tuple[int, int]:
+    return (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
+
+
+def _read(container, path, start, num_frames, stride, fps, size, crop, threads) -> VideoClip:
+    if not container.streams.video:
+        raise VideoDecodeError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = threads
+    rate = stream.average_rate or stream.guessed_rate
+    if rate is None and fps is None:
+        raise VideoDecodeError(f"{path}: the stream declares no frame rate; pass fps=")
+    source_fps = float(rate) if rate else fps
+
+    decoded = container.decode(stream)
+    first = next(decoded, None)
+    if first is None:
+        raise VideoDecodeError(f"{path}: the video has no frames")
+    display = _display_size(container, first)
+    source_w, source_h = display if first.rotation % 180 == 0 else display[::-1]
+
+    frames: Iterable[av.VideoFrame] = itertools.chain([first], decoded)
+    if fps is not None:
+        frames = _resample(_timed(frames, source_fps), fps, source_fps)
+    stop = None if num_frames is None else (start + num_frames) * stride
+    # islice stops pulling from the decoder once `stop` is reached: no full decode.
+    kept = [_to_rgb(frame, display, size, crop) for frame in itertools.islice(frames, start * stride, stop, stride)]
+    if not kept:
+        raise VideoDecodeError(f"{path}: no frames at start={start} (stride={stride}, fps={fps})")
+    return VideoClip(
+        frames=np.stack(kept),
+        fps=(fps or source_fps) / stride,
+        source_width=source_w,
+        source_height=source_h,
+        source_frames=stream.frames or None,
+    )
+
+
+def _display_size(container, first: av.VideoFrame) -> tuple[int, int]:
+    """(width, height) of the picture before rotation, minus any even-size padding."""
+    tag = container.metadata.get(DISPLAY_SIZE_TAG)
+    if tag:
+        try:
+            w, h = (int(v) for v in tag.split("x"))
+        except ValueError:
+            raise VideoDecodeError(f"bad {DISPLAY_SIZE_TAG} tag {tag!r}") from None
+        if 0 < w <= first.width and 0 < h <= first.height:
+            return w, h
+    return first.width, first.height
+
+
+def _timed(frames: Iterable[av.VideoFrame], source_fps: float) -> Iterator[tuple[float, av.VideoFrame]]:
+    for index, frame in enumerate(frames):
+        yield (frame.time if frame.time is not None else index / source_fps), frame
+
+
+def _resample(timed: Iterator[tuple[float, av.VideoFrame]], fps: float, source_fps: float) -> Iterator[av.VideoFrame]:
+    """Frames at instants t0 + i/fps, each the latest source frame at or before it."""
+    index, previous, t0, last_t = 0, None, 0.0, 0.0
+    for t, frame in timed:
+        if previous is None:
+            t0 = t
+        while previous is not None and t0 + index / fps < t - _TIME_EPS:
+            yield previous
+            index += 1
+        previous, last_t = frame, t
+    # The last frame is shown for one nominal source frame duration.
+    while previous is not None and t0 + index / fps < last_t + 1 / source_fps - _TIME_EPS:
+        yield previous
+        index += 1
+
+
+def _to_rgb(frame: av.VideoFrame, display: tuple[int, int], size: int | None, crop) -> np.ndarray:
+    rgb = frame.to_ndarray(format="rgb24")[: display[1], : display[0]]
+    if frame.rotation % 360:
+        # `rotation` is counter-clockwise degrees, as np.rot90 turns for k > 0.
+        rgb = np.rot90(rgb, k=round(frame.rotation / 90) % 4)
+    if size is not None:
+        rgb = resize_short_side(rgb[None], size)[0]
+    if crop is not None:
+        rgb = center_crop(rgb[None], crop)[0]
+    return np.ascontiguousarray(rgb)
+
+
+def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
+    """Resize uint8 (T,H,W,3) so the short side is `size`, keeping the aspect ratio."""
+    _check_frames(frames)
+    h, w = frames.shape[1:3]
+    scale = size / min(h, w)
+    out_h, out_w = max(1, round(h * scale)), max(1, round(w * scale))
+    if (out_h, out_w) == (h, w):
+        return frames
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    # antialias=True widens the kernel when shrinking, so fine detail does not alias.
+    x = F.interpolate(x, size=(out_h, out_w), mode="bicubic", align_corners=False, antialias=True)
+    return x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def center_crop(frames: np.ndarray, crop: int | tuple[int, int]) -> np.ndarray:
+    """Centre crop uint8 (T,H,W,3) to `crop` (square side or (h, w))."""
+    ch, cw = _crop_shape(crop)
+    h, w = frames.shape[1:3]
+    if ch > h or cw > w:
+        raise ValueError(f"crop {ch}x{cw} is larger than the {h}x{w} frame")
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return frames[:, top : top + ch, left : left + cw]
+
+
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (T,H,W,3) -> float32 (1,3,T,H,W) in [-1,1]."""
+    _check_frames(frames)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).unsqueeze(0)
+    return x.float() / 127.5 - 1.0
+
+
+def tensor_to_frames(video: torch.Tensor) -> np.ndarray:
+    """float (1,3,T,H,W) in [-1,1] -> uint8 (T,H,W,3); out-of-range values are clamped."""
+    if not isinstance(video, torch.Tensor) or video.dim() != 5 or video.shape[:2] != (1, 3):
+        raise ValueError(f"video must be a (1,3,T,H,W) tensor, got {tuple(getattr(video, 'shape', ()))}")
+    x = ((video[0].detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 3, 0).contiguous().numpy()
+
+
+def _check_frames(frames: np.ndarray) -> None:
+    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3:
+        desc = f"{frames.dtype} {frames.shape}" if isinstance(frames, np.ndarray) else type(frames).__name__
+        raise ValueError(f"frames must be a uint8 (T,H,W,3) array, got {desc}")
+    if 0 in frames.shape:
+        raise ValueError(f"frames have an empty dimension: {frames.shape}")
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) -> None:
+    """Write uint8 (T,H,W,3) RGB as h264/yuv420p mp4; `crf` 0 (lossless luma) .. 51 (worst)."""
+    _check_frames(frames)
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    if not 0 <= crf <= 51:
+        raise ValueError(f"crf must be in 0..51, got {crf}")
+    t, h, w = frames.shape[:3]
+    even = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    # use_metadata_tags lets mp4 carry our own key; only odd sizes need it.
+    with av.open(str(path), "w", format="mp4", options={"movflags": "use_metadata_tags"}) as container:
+        if even.shape[1:3] != (h, w):
+            container.metadata[DISPLAY_SIZE_TAG] = f"{w}x{h}"
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = even.shape[2], even.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for rgb in even:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
