@@ -1,2 +1,52 @@
 """Media layer shared by the CLI, the service and the trainer: video files, padding,
-latent files and metrics. May import `model`, never `service` or `training`."""
+latent and frame files, clip-level encode/decode, and metrics.
+May import `model`, never `service` or `training`."""
+
+from pathlib import Path
+
+from .codec import decode_frames, decode_video, encode_frames
+from .frames_file import FramesFileError, load_frames, save_frames
+from .latents_file import LatentsFile, LatentsFileError, ModelMismatchError, load_latents, save_latents
+from .metrics import psnr, ssim
+from .padding import Padding, pad_spatial, pad_video
+from .video import (
+    VideoClip,
+    VideoDecodeError,
+    VideoReader,
+    VideoWriter,
+    frames_to_tensor,
+    read_video,
+    tensor_to_frames,
+    write_video,
+)
+
+# The checkpoint every `cdt` command (and later the service) uses when none is given.
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "cdt-tiny"
+
+__all__ = [
+    "DEFAULT_CHECKPOINT",
+    "FramesFileError",
+    "LatentsFile",
+    "LatentsFileError",
+    "ModelMismatchError",
+    "Padding",
+    "VideoClip",
+    "VideoDecodeError",
+    "VideoReader",
+    "VideoWriter",
+    "decode_frames",
+    "decode_video",
+    "encode_frames",
+    "frames_to_tensor",
+    "load_frames",
+    "load_latents",
+    "pad_spatial",
+    "pad_video",
+    "psnr",
+    "read_video",
+    "save_frames",
+    "save_latents",
+    "ssim",
+    "tensor_to_frames",
+    "write_video",
+]

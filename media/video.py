@@ -40,6 +40,94 @@ class VideoClip:
     source_frames: int | None  # frame count declared by the container, if any
 
 
+class VideoReader:
+    """An open video whose RGB frames are decoded on demand (see `read_video` for options).
+
+    Iterating yields uint8 (H,W,3) frames; `chunks(n)` yields (n,H,W,3) arrays, so long
+    videos stream through in bounded memory. Use as a context manager or call close()."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        start: int = 0,
+        num_frames: int | None = None,
+        stride: int = 1,
+        fps: float | None = None,
+        size: int | None = None,
+        crop: int | tuple[int, int] | None = None,
+        threads: int = 0,
+    ) -> None:
+        _check_options(start, num_frames, stride, fps, size, crop, threads)
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise VideoDecodeError(f"{self.path}: no such file")
+        self._size, self._crop = size, crop
+        self._container = self._guard(av.open, str(self.path))
+        try:
+            self._open_stream(start, num_frames, stride, fps, threads)
+        except BaseException:
+            self.close()
+            raise
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except av.FFmpegError as exc:
+            raise VideoDecodeError(f"{self.path}: not a decodable video ({exc.strerror or exc})") from None
+
+    def _open_stream(self, start, num_frames, stride, fps, threads) -> None:
+        if not self._container.streams.video:
+            raise VideoDecodeError(f"{self.path}: no video stream")
+        stream = self._container.streams.video[0]
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = threads
+        rate = stream.average_rate or stream.guessed_rate
+        if rate is None and fps is None:
+            raise VideoDecodeError(f"{self.path}: the stream declares no frame rate; pass fps=")
+        source_fps = float(rate) if rate else fps
+        decoded = self._container.decode(stream)
+        first = self._guard(next, decoded, None)
+        if first is None:
+            raise VideoDecodeError(f"{self.path}: the video has no frames")
+        self._display = _display_size(self._container, first)
+        self.source_width, self.source_height = self._display if first.rotation % 180 == 0 else self._display[::-1]
+        self.source_frames: int | None = stream.frames or None
+        self.fps = (fps or source_fps) / stride
+        frames: Iterable[av.VideoFrame] = itertools.chain([first], decoded)
+        if fps is not None:
+            frames = _resample(_timed(frames, source_fps), fps, source_fps)
+        stop = None if num_frames is None else (start + num_frames) * stride
+        # islice stops pulling from the decoder once `stop` is reached: no full decode.
+        self._frames = itertools.islice(frames, start * stride, stop, stride)
+        self._options = f"start={start}, stride={stride}, fps={fps}"
+        self._count = 0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while (frame := self._guard(next, self._frames, None)) is not None:
+            self._count += 1
+            yield _to_rgb(frame, self._display, self._size, self._crop)
+        if self._count == 0:
+            raise VideoDecodeError(f"{self.path}: no frames at {self._options}")
+
+    def chunks(self, n: int) -> Iterator[np.ndarray]:
+        """Successive (<=n, H, W, 3) arrays; only the last may be shorter."""
+        if n < 1:
+            raise ValueError(f"chunk size must be >= 1, got {n}")
+        frames = iter(self)
+        while chunk := list(itertools.islice(frames, n)):
+            yield np.stack(chunk)
+
+    def close(self) -> None:
+        self._container.close()
+
+    def __enter__(self) -> "VideoReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def read_video(
     path: str | Path,
     *,
@@ -58,16 +146,14 @@ def read_video(
     sources; `stride` then keeps every stride-th frame; `start`/`num_frames` count
     frames after both. `size` is the short side after an aspect-preserving resize,
     `crop` a centre crop (square side or (h, w)). `threads=0` lets FFmpeg choose.
+    Without `fps`, frames come at their decoded cadence and `fps` reports the
+    stream's average rate.
     """
-    _check_options(start, num_frames, stride, fps, size, crop, threads)
-    path = Path(path)
-    if not path.is_file():
-        raise VideoDecodeError(f"{path}: no such file")
-    try:
-        with av.open(str(path)) as container:
-            return _read(container, path, start, num_frames, stride, fps, size, crop, threads)
-    except av.FFmpegError as exc:
-        raise VideoDecodeError(f"{path}: not a decodable video ({exc.strerror or exc})") from None
+    with VideoReader(path, start=start, num_frames=num_frames, stride=stride, fps=fps, size=size,
+                     crop=crop, threads=threads) as reader:
+        frames = np.stack(list(reader))
+        return VideoClip(frames=frames, fps=reader.fps, source_width=reader.source_width,
+                         source_height=reader.source_height, source_frames=reader.source_frames)
 
 
 def _check_options(start, num_frames, stride, fps, size, crop, threads) -> None:
@@ -89,41 +175,6 @@ def _check_options(start, num_frames, stride, fps, size, crop, threads) -> None:
 
 def _crop_shape(crop: int | tuple[int, int]) -> tuple[int, int]:
     return (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
-
-
-def _read(container, path, start, num_frames, stride, fps, size, crop, threads) -> VideoClip:
-    if not container.streams.video:
-        raise VideoDecodeError(f"{path}: no video stream")
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
-    stream.codec_context.thread_count = threads
-    rate = stream.average_rate or stream.guessed_rate
-    if rate is None and fps is None:
-        raise VideoDecodeError(f"{path}: the stream declares no frame rate; pass fps=")
-    source_fps = float(rate) if rate else fps
-
-    decoded = container.decode(stream)
-    first = next(decoded, None)
-    if first is None:
-        raise VideoDecodeError(f"{path}: the video has no frames")
-    display = _display_size(container, first)
-    source_w, source_h = display if first.rotation % 180 == 0 else display[::-1]
-
-    frames: Iterable[av.VideoFrame] = itertools.chain([first], decoded)
-    if fps is not None:
-        frames = _resample(_timed(frames, source_fps), fps, source_fps)
-    stop = None if num_frames is None else (start + num_frames) * stride
-    # islice stops pulling from the decoder once `stop` is reached: no full decode.
-    kept = [_to_rgb(frame, display, size, crop) for frame in itertools.islice(frames, start * stride, stop, stride)]
-    if not kept:
-        raise VideoDecodeError(f"{path}: no frames at start={start} (stride={stride}, fps={fps})")
-    return VideoClip(
-        frames=np.stack(kept),
-        fps=(fps or source_fps) / stride,
-        source_width=source_w,
-        source_height=source_h,
-        source_frames=stream.frames or None,
-    )
 
 
 def _display_size(container, first: av.VideoFrame) -> tuple[int, int]:
@@ -174,7 +225,7 @@ def _to_rgb(frame: av.VideoFrame, display: tuple[int, int], size: int | None, cr
 
 def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
     """Resize uint8 (T,H,W,3) so the short side is `size`, keeping the aspect ratio."""
-    _check_frames(frames)
+    check_frames(frames)
     h, w = frames.shape[1:3]
     scale = size / min(h, w)
     out_h, out_w = max(1, round(h * scale)), max(1, round(w * scale))
@@ -198,7 +249,7 @@ def center_crop(frames: np.ndarray, crop: int | tuple[int, int]) -> np.ndarray:
 
 def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
     """uint8 (T,H,W,3) -> float32 (1,3,T,H,W) in [-1,1]."""
-    _check_frames(frames)
+    check_frames(frames)
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).unsqueeze(0)
     return x.float() / 127.5 - 1.0
 
@@ -211,7 +262,7 @@ def tensor_to_frames(video: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 3, 0).contiguous().numpy()
 
 
-def _check_frames(frames: np.ndarray) -> None:
+def check_frames(frames: np.ndarray) -> None:
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3:
         desc = f"{frames.dtype} {frames.shape}" if isinstance(frames, np.ndarray) else type(frames).__name__
         raise ValueError(f"frames must be a uint8 (T,H,W,3) array, got {desc}")
@@ -219,23 +270,50 @@ def _check_frames(frames: np.ndarray) -> None:
         raise ValueError(f"frames have an empty dimension: {frames.shape}")
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) -> None:
-    """Write uint8 (T,H,W,3) RGB as h264/yuv420p mp4; `crf` 0 (lossless luma) .. 51 (worst)."""
-    _check_frames(frames)
-    if not fps > 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
-    if not 0 <= crf <= 51:
-        raise ValueError(f"crf must be in 0..51, got {crf}")
-    t, h, w = frames.shape[:3]
-    even = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    # use_metadata_tags lets mp4 carry our own key; only odd sizes need it.
-    with av.open(str(path), "w", format="mp4", options={"movflags": "use_metadata_tags"}) as container:
-        if even.shape[1:3] != (h, w):
-            container.metadata[DISPLAY_SIZE_TAG] = f"{w}x{h}"
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height = even.shape[2], even.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
+class VideoWriter:
+    """Incremental h264/yuv420p mp4 writer of uint8 RGB frames of one fixed size.
+
+    `crf` is x264's quality: 0 (lossless luma) .. 51 (worst), 18 is visually lossless."""
+
+    def __init__(self, path: str | Path, width: int, height: int, fps: float, crf: int = 18) -> None:
+        if not fps > 0:
+            raise ValueError(f"fps must be > 0, got {fps}")
+        if not 0 <= crf <= 51:
+            raise ValueError(f"crf must be in 0..51, got {crf}")
+        if width < 1 or height < 1:
+            raise ValueError(f"frame size must be positive, got {width}x{height}")
+        self.width, self.height = width, height
+        # use_metadata_tags lets mp4 carry our own key; only odd sizes need it.
+        self._container = av.open(str(path), "w", format="mp4", options={"movflags": "use_metadata_tags"})
+        if width % 2 or height % 2:
+            self._container.metadata[DISPLAY_SIZE_TAG] = f"{width}x{height}"
+        self._stream = self._container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        self._stream.width, self._stream.height = width + width % 2, height + height % 2
+        self._stream.pix_fmt = "yuv420p"
+        self._stream.options = {"crf": str(crf)}
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append uint8 (T,H,W,3) frames."""
+        check_frames(frames)
+        if frames.shape[1:3] != (self.height, self.width):
+            raise ValueError(f"frames are {frames.shape[2]}x{frames.shape[1]}, the writer is {self.width}x{self.height}")
+        even = np.pad(frames, ((0, 0), (0, self.height % 2), (0, self.width % 2), (0, 0)), mode="edge")
         for rgb in even:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        container.mux(stream.encode())
+            self._container.mux(self._stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+
+    def close(self) -> None:
+        self._container.mux(self._stream.encode())
+        self._container.close()
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) -> None:
+    """Write uint8 (T,H,W,3) RGB as h264/yuv420p mp4 (see `VideoWriter`)."""
+    check_frames(frames)
+    with VideoWriter(path, frames.shape[2], frames.shape[1], fps, crf) as writer:
+        writer.write(frames)
