@@ -53,8 +53,9 @@ class CosineSchedule:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if steps > self.num_timesteps:
             raise ValueError(f"steps must be <= {self.num_timesteps}, got {steps}")
-        grid = torch.linspace(0, self.num_timesteps - 1, steps, dtype=torch.float64).round().long()
-        return grid.flip(0).tolist()
+        # Descending linspace, so that a single step lands on T-1 (not on 0).
+        grid = torch.linspace(self.num_timesteps - 1, 0, steps, dtype=torch.float64).round().long()
+        return grid.tolist()
 
     def ddim_step(self, x_t: torch.Tensor, x0: torch.Tensor, t: int, t_next: int) -> torch.Tensor:
         """Deterministic (eta=0) DDIM move from level t to level t_next given x0."""

@@ -107,7 +107,7 @@ class ResnetBlock(nn.Module):
         if self.temb is not None:
             if temb is None:
                 raise ValueError("this ResnetBlock needs a time embedding")
-            h = h + self.temb(F.leaky_relu(temb, 0.2)).to(h.dtype)[:, :, None, None, None]
+            h = h + self.temb(F.leaky_relu(temb, 0.2).to(h.dtype))[:, :, None, None, None]
         h = self.block2(h, cache)
         return h + self.skip(x)
 

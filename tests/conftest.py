@@ -1,0 +1,35 @@
+"""Shared fixtures: small real models and checkpoints (random init, tiny preset)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import CDTConfig, build_model, save_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_VIDEOS = REPO.parent / "shared" / "data" / "videos"
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model(CDTConfig.from_preset("tiny"), "cdt").eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A saved random-init tiny CDT checkpoint directory."""
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_pretrained(build_model(CDTConfig.from_preset("tiny"), "cdt"), directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def shared_videos() -> Path:
+    if not SHARED_VIDEOS.is_dir():
+        pytest.fail(f"shared clips not found at {SHARED_VIDEOS}")
+    return SHARED_VIDEOS

@@ -1,0 +1,90 @@
+import json
+
+import pytest
+import torch
+
+from model import CDTConfig, CheckpointError, VAEBaseline, build_model, from_pretrained, save_pretrained
+
+
+def sample_video():
+    return torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def test_round_trip_is_bit_identical(tiny_model, tmp_path):
+    digest = save_pretrained(tiny_model, tmp_path / "ck")
+    loaded = from_pretrained(tmp_path / "ck")
+    assert loaded.content_hash() == digest == tiny_model.content_hash()
+    video = sample_video()
+    z = tiny_model.encode(video)
+    assert torch.equal(loaded.encode(video), z)
+    assert torch.equal(loaded.decode(z, steps=2, seed=5), tiny_model.decode(z, steps=2, seed=5))
+
+
+def test_vae_baseline_round_trip(tmp_path):
+    torch.manual_seed(0)
+    vae = build_model(CDTConfig.from_preset("tiny"), "vae").eval()
+    save_pretrained(vae, tmp_path / "vae")
+    loaded = from_pretrained(tmp_path / "vae")
+    assert isinstance(loaded, VAEBaseline)
+    z = vae.encode(sample_video())
+    out = loaded.decode(z)
+    assert out.shape == (1, 3, 5, 16, 16) and torch.equal(out, vae.decode(z))
+
+
+def test_tampered_weights_are_detected(tiny_model, tmp_path):
+    ck = tmp_path / "ck"
+    save_pretrained(tiny_model, ck)
+    weights = ck / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01  # flip one bit of the last tensor's data
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="hash mismatch"):
+        from_pretrained(ck)
+
+
+def test_tampered_config_is_detected(tiny_model, tmp_path):
+    ck = tmp_path / "ck"
+    save_pretrained(tiny_model, ck)
+    header = json.loads((ck / "config.json").read_text())
+    header["config"]["noise_scale"] = 1.0
+    (ck / "config.json").write_text(json.dumps(header))
+    with pytest.raises(CheckpointError, match="hash mismatch"):
+        from_pretrained(ck)
+
+
+def test_missing_or_foreign_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="not a cdt-checkpoint"):
+        from_pretrained(tmp_path)
+
+
+def test_bf16_storage_hash_is_stable_across_compute_dtypes(tiny_model, tmp_path):
+    digest = save_pretrained(tiny_model, tmp_path / "ck", dtype="bf16")
+    assert (tmp_path / "ck" / "model.safetensors").stat().st_size < 0.6 * 4 * sum(
+        p.numel() for p in tiny_model.parameters())
+    assert from_pretrained(tmp_path / "ck", dtype="fp32").content_hash() == digest
+    assert from_pretrained(tmp_path / "ck", dtype="bf16").content_hash() == digest
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in [0,1] RGB of two [-1,1] videos."""
+    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).mean()
+    return float(-10 * torch.log10(mse))
+
+
+def test_bf16_matches_fp32(tiny_checkpoint):
+    # bf16 convolutions are very slow on CPUs without AVX512-BF16: keep the input tiny.
+    fp32 = from_pretrained(tiny_checkpoint, dtype="fp32")
+    bf16 = from_pretrained(tiny_checkpoint, dtype="bf16")
+    video = sample_video()
+    z32, z16 = fp32.encode(video), bf16.encode(video)
+    assert z16.dtype == torch.float32  # the KL head runs in fp32
+    v32, v16 = fp32.decode(z32, seed=1), bf16.decode(z16, seed=1)
+    measured = psnr(v16, v32)
+    print(f"bf16 vs fp32 PSNR: {measured:.1f} dB")
+    assert measured >= 35.0
+    assert bf16.unet.time_embed.net[0].weight.dtype == torch.float32
+    assert bf16.encoder.head.direct.weight.dtype == torch.float32
+    assert bf16.unet.down[0]["blocks"][0].block1.conv.conv.weight.dtype == torch.bfloat16

@@ -1,0 +1,177 @@
+"""Chunked processing through the FeatureCache equals whole-clip processing."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import CacheMismatchError, FeatureCache, StreamingDecoder, StreamingEncoder, from_pretrained
+
+H, W = 32, 48  # 48 is not a multiple of the U-Net's 16x: exercises its odd-size path
+
+
+def smooth_video(frames: int, seed: int = 0) -> torch.Tensor:
+    """Spatially smooth random motion, in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, frames, H // 4, W // 4, generator=g) * 2 - 1
+    return torch.nn.functional.interpolate(coarse, size=(frames, H, W), mode="trilinear")
+
+
+def stream_encode(model, video, sizes):
+    enc, outs, i = StreamingEncoder(model), [], 0
+    for n in sizes:
+        outs.append(enc.push(video[:, :, i : i + n]))
+        i += n
+    assert i == video.shape[2]
+    outs.append(enc.finish())
+    return torch.cat(outs, dim=2)
+
+
+def stream_decode(model, latents, sizes, steps, seed):
+    dec, outs, i = StreamingDecoder(model, steps=steps, seed=seed), [], 0
+    for n in sizes:
+        outs.append(dec.push(latents[:, :, i : i + n]))
+        i += n
+    assert i == latents.shape[2]
+    return torch.cat(outs, dim=2)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return smooth_video(33)
+
+
+@pytest.fixture(scope="module")
+def latents(tiny_model, clip):
+    return tiny_model.encode(clip)
+
+
+@pytest.mark.parametrize("sizes", [[1] + [4] * 8, [1, 8, 24], [3, 5, 7, 2, 16]], ids=["1+4+4", "1+8+24", "uneven"])
+def test_streaming_encode_equals_whole_clip(tiny_model, clip, latents, sizes):
+    streamed = stream_encode(tiny_model, clip, sizes)
+    assert streamed.shape == latents.shape == (1, 16, 9, H // 8, W // 8)
+    assert (streamed - latents).abs().max().item() < 1e-5
+
+
+def test_streaming_encode_pads_the_tail_like_a_whole_padded_clip(tiny_model, clip):
+    from model import pad_frames
+
+    video = clip[:, :, :11]  # 1 + 4 + 4 + 2: finish() tops up the last 2 frames
+    whole = tiny_model.encode(pad_frames(video))
+    assert (stream_encode(tiny_model, video, [6, 5]) - whole).abs().max().item() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def whole_decodes(tiny_model, latents):
+    return {steps: tiny_model.decode(latents, steps=steps, seed=7) for steps in (1, 3)}
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("sizes", [[1] * 9, [2, 3, 4]], ids=["ones", "2-3-4"])
+def test_streaming_decode_equals_whole_clip(tiny_model, latents, whole_decodes, steps, sizes):
+    whole = whole_decodes[steps]
+    streamed = stream_decode(tiny_model, latents, sizes, steps=steps, seed=7)
+    assert streamed.shape == whole.shape == (1, 3, 33, H, W)
+    assert (streamed - whole).abs().max().item() < 1e-4
+
+
+def test_multistep_decoding_keeps_one_cache_per_step(tiny_model, latents):
+    one, three = StreamingDecoder(tiny_model, steps=1), StreamingDecoder(tiny_model, steps=3)
+    one.push(latents[:, :, :2])
+    three.push(latents[:, :, :2])
+    steps_in = lambda dec: {k.split("/")[0] for k in dec.cache if k.startswith("step")}  # noqa: E731
+    assert steps_in(one) == {"step0"}
+    assert steps_in(three) == {"step0", "step1", "step2"}
+
+
+def test_cache_metadata_and_mismatch(tiny_model, clip):
+    enc = StreamingEncoder(tiny_model)
+    enc.push(clip[:, :, :5])
+    cache = FeatureCache.from_bytes(enc.export_state())
+    meta = cache.meta
+    assert meta["model_hash"] == tiny_model.content_hash()
+    assert meta["dtype"] == "fp32" and meta["kind"] == "encode" and meta["steps"] == 0
+    assert meta["shape"] == [1, H, W] and meta["frames_in"] == 5 and meta["latents_out"] == 2
+    dec = StreamingDecoder(tiny_model, steps=2, seed=1)
+    with pytest.raises(CacheMismatchError, match="kind"):
+        StreamingDecoder.from_state(tiny_model, enc.export_state())
+    forged = FeatureCache.from_bytes(dec.export_state())
+    forged.meta["model_hash"] = "0" * 64
+    with pytest.raises(CacheMismatchError, match="model_hash"):
+        StreamingDecoder.from_state(tiny_model, forged.to_bytes())
+
+
+def test_chunk_shape_must_match_the_stream(tiny_model, clip):
+    enc = StreamingEncoder(tiny_model)
+    enc.push(clip[:, :, :1])
+    with pytest.raises(ValueError, match="stream started with"):
+        enc.push(torch.zeros(1, 3, 4, H, 2 * W))
+
+
+def test_whole_clip_shape_errors(tiny_model):
+    for bad, message in [
+        (torch.zeros(3, 5, 16, 16), "5-D"),
+        (torch.zeros(1, 4, 5, 16, 16), "3 channels"),
+        (torch.zeros(1, 3, 6, 16, 16), "1\\+4k"),
+        (torch.zeros(1, 3, 5, 12, 16), "multiples of 8"),
+        (torch.zeros(1, 3, 5, 16, 16, dtype=torch.uint8), "float"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            tiny_model.encode(bad)
+    with pytest.raises(ValueError, match="16 channels"):
+        tiny_model.decode(torch.zeros(1, 8, 2, 2, 2))
+    with pytest.raises(ValueError, match="steps"):
+        tiny_model.decode(torch.zeros(1, 16, 2, 2, 2), steps=0)
+
+
+def test_single_image_is_a_one_frame_video(tiny_model, clip):
+    image = clip[:, :, :1]
+    latents = tiny_model.encode(image)
+    assert latents.shape == (1, 16, 1, H // 8, W // 8)
+    assert tiny_model.decode(latents).shape == image.shape
+
+
+CONTINUE = textwrap.dedent(
+    """
+    import sys, torch
+    from safetensors.torch import load_file, save_file
+    from model import StreamingDecoder, StreamingEncoder, from_pretrained
+    ckpt, state, inputs, out = sys.argv[1:5]
+    model = from_pretrained(ckpt)
+    data = load_file(inputs)
+    cls = StreamingEncoder if data["kind"].item() == 0 else StreamingDecoder
+    stream = cls.from_state(model, open(state, "rb").read())
+    outs = [stream.push(data["rest"])]
+    if cls is StreamingEncoder:
+        outs.append(stream.finish())
+    save_file({"out": torch.cat(outs, 2).contiguous()}, out)
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["encode", "decode"])
+def test_cache_state_continues_in_a_new_process(tiny_checkpoint, tmp_path, kind):
+    model = from_pretrained(tiny_checkpoint)
+    if kind == "encode":
+        data = smooth_video(17, seed=3)
+        cuts, stream = [1, 4], StreamingEncoder(model)
+    else:
+        data = model.encode(smooth_video(17, seed=3))
+        cuts, stream = [1, 2], StreamingDecoder(model, steps=3, seed=9)
+    head = torch.cat([stream.push(data[:, :, : cuts[0]]), stream.push(data[:, :, cuts[0] : sum(cuts)])], dim=2)
+    (tmp_path / "state.bin").write_bytes(stream.export_state())
+    rest = data[:, :, sum(cuts) :]
+    save_file({"rest": rest.contiguous(), "kind": torch.tensor(0 if kind == "encode" else 1)},
+              str(tmp_path / "in.safetensors"))
+    subprocess.run([sys.executable, "-c", CONTINUE, str(tiny_checkpoint), str(tmp_path / "state.bin"),
+                    str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors")], check=True)
+    resumed = torch.cat([head, load_file(str(tmp_path / "out.safetensors"))["out"]], dim=2)
+    # Uninterrupted reference, in this process.
+    ref = StreamingEncoder(model) if kind == "encode" else StreamingDecoder(model, steps=3, seed=9)
+    outs = [ref.push(data[:, :, : cuts[0]]), ref.push(data[:, :, cuts[0] : sum(cuts)]), ref.push(rest)]
+    if kind == "encode":
+        outs.append(ref.finish())
+    assert torch.equal(resumed, torch.cat(outs, dim=2))
