@@ -1,0 +1,51 @@
+"""Write a benchmark's results as JSON (for machines) and Markdown (for the docs)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()}
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn` over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def write(name: str, command: str, data: dict, table: list[dict], notes: str = "") -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    payload = {"benchmark": name, "command": command, "machine": machine(), **data, "rows": table}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    lines = [f"# {name}", "", f"Command: `{command}`", ""]
+    if table:
+        keys = list(table[0])
+        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(_fmt(row[k]) for k in keys) + " |" for row in table]
+    if notes:
+        lines += ["", notes]
+    path = RESULTS / f"{name}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
