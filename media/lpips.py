@@ -69,11 +69,11 @@ class LPIPS:
         self.arch = "vgg16" if "features.28.weight" in state else "alex"
         self.features = _features(_LAYOUTS[self.arch]).eval()
         backbone = {k: v.float() for k, v in state.items() if k.startswith("features.")}
-        missing, unexpected = self.features.load_state_dict(
-            {k.removeprefix("features."): v for k, v in backbone.items()}, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"LPIPS weights do not fit the {self.arch} backbone "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        try:
+            self.features.load_state_dict({k.removeprefix("features."): v for k, v in backbone.items()})
+        except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
+            reason = str(exc).splitlines()[-1].strip()
+            raise ValueError(f"LPIPS weights do not fit the {self.arch} backbone ({reason})") from None
         heads = {int(m.group(1)): v.float() for k, v in state.items() if (m := re.fullmatch(r"lin(\d)\.model\.\d\.weight", k))}
         self.learned = bool(heads)
         self.heads = [heads[i].flatten() for i in range(len(_TAPS[self.arch]))] if heads else None
