@@ -1,0 +1,215 @@
+"""Where streaming sessions live between chunks.
+
+A session record is small JSON metadata plus two binary blobs: the model's exported
+FeatureCache (safetensors bytes) and the last chunk's response (kept so a retried
+`seq` gets the same bytes without applying the chunk twice). Every write is a
+compare-and-set on an integer version, so two replicas racing on one session cannot
+both apply a chunk.
+
+Two implementations share the interface: `RedisSessionStore` (any replica can continue
+any session) and `MemorySessionStore` (single replica; the default without Redis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+
+class SessionStoreUnavailable(RuntimeError):
+    """The store cannot be reached (maps to 503 session_store_unavailable)."""
+
+
+@dataclass
+class SessionRecord:
+    meta: dict[str, Any]
+    state: bytes = b""
+    response: bytes = b""
+    version: int = 0
+    expires_at: float = 0.0  # unix seconds; refreshed by every write
+
+    @property
+    def state_bytes(self) -> int:
+        return len(self.state)
+
+
+class SessionStore(Protocol):
+    async def create(self, session_id: str, record: SessionRecord, ttl_s: float, max_sessions: int) -> bool:
+        """Store a new record at version 1. False when `max_sessions` are live."""
+
+    async def load(self, session_id: str) -> SessionRecord | None: ...
+
+    async def save(self, session_id: str, record: SessionRecord, expected_version: int, ttl_s: float) -> bool:
+        """Write `record` as version expected_version+1 if the stored version is still
+        `expected_version`; refresh the TTL. False if another writer got there first or
+        the session is gone."""
+
+    async def delete(self, session_id: str) -> bool: ...
+
+    async def live_count(self) -> int: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class MemorySessionStore:
+    """In-process store for a single replica. Expiry is checked on access."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, SessionRecord] = {}
+        self._lock = asyncio.Lock()
+
+    def _prune(self, now: float) -> None:
+        for key in [k for k, r in self._records.items() if r.expires_at <= now]:
+            del self._records[key]
+
+    async def create(self, session_id, record, ttl_s, max_sessions) -> bool:
+        async with self._lock:
+            now = time.time()
+            self._prune(now)
+            if len(self._records) >= max_sessions or session_id in self._records:
+                return False
+            record.version, record.expires_at = 1, now + ttl_s
+            self._records[session_id] = record
+            return True
+
+    async def load(self, session_id):
+        async with self._lock:
+            self._prune(time.time())
+            record = self._records.get(session_id)
+            if record is None:
+                return None
+            return SessionRecord(dict(record.meta), record.state, record.response, record.version,
+                                 record.expires_at)
+
+    async def save(self, session_id, record, expected_version, ttl_s) -> bool:
+        async with self._lock:
+            now = time.time()
+            self._prune(now)
+            current = self._records.get(session_id)
+            if current is None or current.version != expected_version:
+                return False
+            record.version, record.expires_at = expected_version + 1, now + ttl_s
+            self._records[session_id] = record
+            return True
+
+    async def delete(self, session_id) -> bool:
+        async with self._lock:
+            return self._records.pop(session_id, None) is not None
+
+    async def live_count(self) -> int:
+        async with self._lock:
+            self._prune(time.time())
+            return len(self._records)
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+# KEYS[1] = session hash, KEYS[2] = index of live sessions (zset scored by expiry; it
+# expires with its longest-lived member, so no key outlives the sessions)
+# ARGV: expected version, ttl ms, now ms, session id, meta, state, response
+_SAVE = """
+local current = redis.call('HGET', KEYS[1], 'version')
+if current == false or tonumber(current) ~= tonumber(ARGV[1]) then return 0 end
+local expires = tonumber(ARGV[3]) + tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'version', tonumber(ARGV[1]) + 1, 'meta', ARGV[5], 'state', ARGV[6],
+           'response', ARGV[7], 'expires_ms', expires)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], expires, ARGV[4])
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+return 1
+"""
+
+# ARGV: max sessions, ttl ms, now ms, session id, meta, state, response
+_CREATE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[1]) then return -1 end
+local expires = tonumber(ARGV[3]) + tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'version', 1, 'meta', ARGV[5], 'state', ARGV[6], 'response', ARGV[7],
+           'expires_ms', expires)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], expires, ARGV[4])
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+return 1
+"""
+
+
+class RedisSessionStore:
+    """Sessions in Redis: one hash per session with a TTL, plus a zset of live ids (scored by
+    expiry) for the live-session limit. Writes are Lua scripts: atomic compare-and-set."""
+
+    def __init__(self, url: str, prefix: str = "cdt:", timeout_s: float = 5.0) -> None:
+        self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._prefix = prefix
+        self._index = prefix + "sessions"
+        self._save = self._redis.register_script(_SAVE)
+        self._create = self._redis.register_script(_CREATE)
+
+    def _key(self, session_id: str) -> str:
+        return f"{self._prefix}session:{session_id}"
+
+    async def _call(self, coro):
+        try:
+            return await coro
+        except (RedisError, OSError) as exc:
+            raise SessionStoreUnavailable(f"session store unreachable: {exc}") from None
+
+    def _args(self, session_id: str, record: SessionRecord, ttl_s: float) -> list:
+        return [int(ttl_s * 1000), int(time.time() * 1000), session_id, json.dumps(record.meta),
+                record.state, record.response]
+
+    async def create(self, session_id, record, ttl_s, max_sessions) -> bool:
+        keys = [self._key(session_id), self._index]
+        result = await self._call(self._create(keys=keys, args=[max_sessions, *self._args(session_id, record, ttl_s)]))
+        if result == 1:
+            record.version, record.expires_at = 1, time.time() + ttl_s
+        return result == 1
+
+    async def load(self, session_id):
+        fields = await self._call(self._redis.hgetall(self._key(session_id)))
+        if not fields:
+            return None
+        return SessionRecord(meta=json.loads(fields[b"meta"]), state=fields[b"state"],
+                             response=fields[b"response"], version=int(fields[b"version"]),
+                             expires_at=int(fields[b"expires_ms"]) / 1000)
+
+    async def save(self, session_id, record, expected_version, ttl_s) -> bool:
+        keys = [self._key(session_id), self._index]
+        result = await self._call(self._save(keys=keys, args=[expected_version, *self._args(session_id, record, ttl_s)]))
+        if result == 1:
+            record.version, record.expires_at = expected_version + 1, time.time() + ttl_s
+        return result == 1
+
+    async def delete(self, session_id) -> bool:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._key(session_id)).zrem(self._index, session_id)
+            deleted, _ = await self._call(pipe.execute())
+        return bool(deleted)
+
+    async def live_count(self) -> int:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(self._index, "-inf", int(time.time() * 1000)).zcard(self._index)
+            _, count = await self._call(pipe.execute())
+        return int(count)
+
+    async def ping(self) -> None:
+        await self._call(self._redis.ping())
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def open_store(redis_url: str | None, prefix: str = "cdt:") -> SessionStore:
+    return RedisSessionStore(redis_url, prefix) if redis_url else MemorySessionStore()
