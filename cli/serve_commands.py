@@ -1,0 +1,46 @@
+"""`cdt serve`: the HTTP service under uvicorn.
+
+Flags given here are exported as their CDT_* variables before uvicorn starts, so
+every worker process reads the same settings from its environment, once.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def register(sub) -> None:
+    serve = sub.add_parser("serve", help="run the HTTP service (FastAPI under uvicorn)",
+                           description="Settings come from CDT_* environment variables (see the README); "
+                                       "the flags below override them.")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for all)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="uvicorn processes; each loads its own model and worker pool (default 1)")
+    serve.add_argument("--checkpoint", help="checkpoint directory (CDT_CHECKPOINT)")
+    serve.add_argument("--device", help="cpu, cuda or cuda:N (CDT_DEVICE)")
+    serve.add_argument("--dtype", choices=("fp32", "bf16"), help="compute dtype (CDT_DTYPE)")
+    serve.add_argument("--redis-url", help="session store (CDT_REDIS_URL)")
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    serve.set_defaults(run=run_serve)
+
+
+def run_serve(args) -> int:
+    # Imported here so the other `cdt` commands start without the web stack.
+    import uvicorn
+
+    from service.app import check_checkpoint
+    from service.settings import Settings
+
+    overrides = {"checkpoint": args.checkpoint, "device": args.device, "dtype": args.dtype,
+                 "redis_url": args.redis_url}
+    names = Settings.env_names()
+    for field, value in overrides.items():
+        if value is not None:
+            os.environ[names[field]] = str(value)
+    settings = Settings.from_env()  # fail here, with one line, rather than in each worker
+    check_checkpoint(settings)
+    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                log_level=args.log_level)
+    return 0
+

@@ -1,0 +1,78 @@
+"""The app factory: `create_app(settings)` builds the FastAPI app; its lifespan loads
+the model, starts the worker pool and, with CDT_REDIS_URL, connects to the session
+store; on shutdown it finishes the accepted jobs before the process exits.
+
+`cdt serve` runs `create_app` as a uvicorn factory, so settings come from the
+environment once per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+
+from model import Tokenizer, from_pretrained
+
+from .errors import install_handlers
+from .metrics import Metrics, RequestMetricsMiddleware
+from .ops import model_card
+from .routes import ROUTERS
+from .settings import Settings
+from .workers import WorkerPool
+
+STORE_CONNECT_TIMEOUT_S = 2.0
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No checkpoint where the settings point."""
+
+
+def check_checkpoint(settings: Settings) -> None:
+    if not settings.checkpoint.is_dir():
+        raise ModelNotFoundError(f"checkpoint {settings.checkpoint} does not exist: set CDT_CHECKPOINT to a "
+                                 "checkpoint directory (create one with `cdt init --preset tiny -o DIR`)")
+
+
+def load_model(settings: Settings) -> Tokenizer:
+    check_checkpoint(settings)
+    return from_pretrained(settings.checkpoint, device=settings.device, dtype=settings.compute_dtype).eval()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        model = await asyncio.to_thread(load_model, settings)
+        metrics.model_info.info({k: str(v) for k, v in model_card(model, settings.device).items()
+                                 if k != "compression"})
+        pool = WorkerPool(model, settings.queue_size, settings.request_timeout_s, metrics)
+        pool.start()
+        app.state.pool = pool
+        app.state.redis = (aioredis.from_url(settings.redis_url, socket_connect_timeout=STORE_CONNECT_TIMEOUT_S,
+                                             socket_timeout=STORE_CONNECT_TIMEOUT_S)
+                           if settings.redis_url else None)
+        try:
+            yield
+        finally:
+            await pool.stop()
+            if app.state.redis is not None:
+                await app.state.redis.aclose()
+
+    app = FastAPI(
+        title="CDT video tokenizer",
+        summary="Encode videos to latents and decode latents to videos (causal encoder + diffusion decoder).",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app

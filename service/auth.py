@@ -1,0 +1,45 @@
+"""API keys: `Authorization: Bearer <key>` when CDT_API_KEYS is set; off otherwise.
+
+The dependency returns the caller's principal, an opaque id derived from the key
+(never the key itself), which sessions use to scope what each caller may see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from .deps import get_settings
+from .errors import InvalidApiKey, MissingApiKey
+from .settings import Settings
+
+ANONYMOUS = "anonymous"
+
+_bearer = HTTPBearer(auto_error=False, description="one of the keys in CDT_API_KEYS (when set)")
+
+
+def principal_of(key: str) -> str:
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def key_matches(candidate: str, keys: tuple[str, ...]) -> bool:
+    """Constant-time per key, and every key is compared, so timing reveals nothing."""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(candidate.encode(), key.encode())
+    return found
+
+
+def require_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+                    settings: Settings = Depends(get_settings)) -> str:
+    if not settings.api_keys:
+        return ANONYMOUS
+    if credentials is None:
+        raise MissingApiKey("this endpoint needs an API key: send 'Authorization: Bearer <key>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+    if not key_matches(credentials.credentials, settings.api_keys):
+        raise InvalidApiKey("the API key is not valid")
+    return principal_of(credentials.credentials)

@@ -1,0 +1,178 @@
+"""Python client of the service (httpx), sync and async, with typed errors.
+
+    with Client("http://127.0.0.1:8000", api_key="...") as client:
+        latents = client.encode_file("clip.mp4", frames=17)
+        video = client.decode_file("clip.safetensors", output="out.mp4", seed=0)
+
+Every error response becomes a `ServiceError` subclass chosen by status, carrying the
+service's error `code` and `message` (`Overloaded` also carries `retry_after`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_TIMEOUT_S = 600.0
+_CONTENT_TYPES = {".npy": "application/x-npy", ".safetensors": "application/x-safetensors",
+                  ".mp4": "video/mp4", ".webm": "video/webm", ".avi": "video/x-msvideo", ".mkv": "video/x-matroska",
+                  ".mov": "video/quicktime"}
+
+
+class ServiceError(Exception):
+    """An error answer of the service."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+class BadRequest(ServiceError): ...            # 400
+class Unauthorized(ServiceError): ...          # 401
+class Forbidden(ServiceError): ...             # 403
+class NotFound(ServiceError): ...              # 404
+class Conflict(ServiceError): ...              # 409, e.g. model_mismatch
+class PayloadTooLarge(ServiceError): ...       # 413
+class UnsupportedMedia(ServiceError): ...      # 415
+class InvalidInput(ServiceError): ...          # 422
+
+
+class Overloaded(ServiceError):                # 429
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(status, code, message)
+        self.retry_after = retry_after
+
+
+class Unavailable(ServiceError): ...           # 503
+class Timeout(ServiceError): ...               # 504
+
+
+_BY_STATUS: dict[int, type[ServiceError]] = {
+    400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 413: PayloadTooLarge,
+    415: UnsupportedMedia, 422: InvalidInput, 429: Overloaded, 503: Unavailable, 504: Timeout,
+}
+
+
+def raise_for_error(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        error = response.json()["error"]
+        code, message = str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", response.text[:200]
+    cls = _BY_STATUS.get(response.status_code, ServiceError)
+    if cls is Overloaded:
+        retry = response.headers.get("retry-after")
+        raise Overloaded(response.status_code, code, message, float(retry) if retry else None)
+    raise cls(response.status_code, code, message)
+
+
+def content_type(path: Path) -> str:
+    return _CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
+
+
+def _params(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _encode_request(path: str | Path, frames, size, fps, format) -> dict:
+    path = Path(path)
+    return {"url": "/v1/encode", "content": path.read_bytes(), "headers": {"content-type": content_type(path)},
+            "params": _params(frames=frames, size=size, fps=fps, format=format)}
+
+
+def _decode_request(path: str | Path, steps, seed, format) -> dict:
+    return {"url": "/v1/decode", "content": Path(path).read_bytes(),
+            "headers": {"content-type": "application/x-safetensors"},
+            "params": _params(steps=steps, seed=seed, format=format)}
+
+
+def _result(response: httpx.Response, output: str | Path | None) -> bytes:
+    raise_for_error(response)
+    if output is not None:
+        Path(output).write_bytes(response.content)
+    return response.content
+
+
+def _decode_format(output: str | Path | None, format: str | None) -> str:
+    """The output's suffix picks the format unless one is given."""
+    if format is None and output is not None:
+        return {".npy": "npy", ".safetensors": "safetensors"}.get(Path(output).suffix.lower(), "mp4")
+    return format or "mp4"
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+class Client:
+    """Blocking client. `encode_file`/`decode_file` return the response body and also
+    write it to `output` when given."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self._http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport)
+
+    def encode_file(self, path: str | Path, output: str | Path | None = None, *, frames: int | None = None,
+                    size: int | None = None, fps: float | None = None, format: str = "safetensors") -> bytes:
+        return _result(self._http.post(**_encode_request(path, frames, size, fps, format)), output)
+
+    def decode_file(self, path: str | Path, output: str | Path | None = None, *, steps: int = 1, seed: int = 0,
+                    format: str | None = None) -> bytes:
+        request = _decode_request(path, steps, seed, _decode_format(output, format))
+        return _result(self._http.post(**request), output)
+
+    def models(self) -> list[dict]:
+        response = self._http.get("/v1/models")
+        raise_for_error(response)
+        return response.json()["models"]
+
+    def ready(self) -> bool:
+        return self._http.get("/readyz").is_success
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The same calls as `Client`, awaitable."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key), timeout=timeout,
+                                       transport=transport)
+
+    async def encode_file(self, path: str | Path, output: str | Path | None = None, *, frames: int | None = None,
+                          size: int | None = None, fps: float | None = None, format: str = "safetensors") -> bytes:
+        return _result(await self._http.post(**_encode_request(path, frames, size, fps, format)), output)
+
+    async def decode_file(self, path: str | Path, output: str | Path | None = None, *, steps: int = 1, seed: int = 0,
+                          format: str | None = None) -> bytes:
+        request = _decode_request(path, steps, seed, _decode_format(output, format))
+        return _result(await self._http.post(**request), output)
+
+    async def models(self) -> list[dict]:
+        response = await self._http.get("/v1/models")
+        raise_for_error(response)
+        return response.json()["models"]
+
+    async def ready(self) -> bool:
+        return (await self._http.get("/readyz")).is_success
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()

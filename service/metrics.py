@@ -1,0 +1,74 @@
+"""Prometheus metrics on a per-app registry (not the global default), so several apps
+can live in one process (tests) and each /metrics shows only its own app.
+
+Sessions add their collectors to `Metrics.registry`.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# Seconds: from a few ms (tiny clips, codecs) to minutes (long clips on CPU).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+UNMATCHED = "unmatched"  # requests to unknown paths share one label: no unbounded cardinality
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_seconds = Histogram("cdt_request_seconds", "HTTP request latency", ["endpoint", "status"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait_seconds = Histogram("cdt_queue_wait_seconds", "time a job waited for the model", ["op"],
+                                            buckets=LATENCY_BUCKETS, registry=r)
+        self.compute_seconds = Histogram("cdt_compute_seconds", "model compute per job", ["op", "outcome"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.media_seconds = Histogram("cdt_media_seconds", "decoding request bodies and encoding responses",
+                                       ["op"], buckets=LATENCY_BUCKETS, registry=r)
+        self.frames_total = Counter("cdt_frames_processed", "video frames encoded or decoded", ["op"], registry=r)
+        self.bytes_total = Counter("cdt_bytes", "request and response body bytes", ["endpoint", "direction"],
+                                   registry=r)
+        self.queue_depth = Gauge("cdt_queue_depth", "jobs waiting for the model", registry=r)
+        self.in_flight = Gauge("cdt_jobs_in_flight", "jobs running on the model", registry=r)
+        self.rejected_total = Counter("cdt_jobs_rejected", "jobs refused or dropped", ["reason"], registry=r)
+        self.model_info = Info("cdt_model", "the served model", registry=r)
+
+    @contextmanager
+    def media(self, op: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.media_seconds.labels(op).observe(time.perf_counter() - start)
+
+
+class RequestMetricsMiddleware:
+    """Request latency by route template and status, measured until the last body byte
+    is sent. Plain ASGI (not BaseHTTPMiddleware), so responses are not re-buffered."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", UNMATCHED)
+            self.metrics.request_seconds.labels(endpoint, str(status)).observe(time.perf_counter() - start)

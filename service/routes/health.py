@@ -1,0 +1,58 @@
+"""Operations endpoints: liveness, readiness, the model card, Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..auth import require_api_key
+from ..deps import get_metrics, get_pool, get_settings
+from ..errors import error_response
+from ..metrics import Metrics
+from ..ops import model_card
+from ..settings import Settings
+from ..workers import WorkerPool
+
+STORE_PING_TIMEOUT_S = 1.0
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="the process is alive")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="the model is loaded and the session store (if configured) answers",
+            responses={503: {"description": "not ready: `{\"error\": {\"code\": \"not_ready\", ...}}`"}})
+async def readyz(request: Request):
+    pool: WorkerPool | None = getattr(request.app.state, "pool", None)
+    checks = {"model": pool is not None and pool.running}
+    redis = getattr(request.app.state, "redis", None)
+    if redis is not None:
+        checks["session_store"] = await _pings(redis)
+    failing = [name for name, ok in checks.items() if not ok]
+    if failing:
+        return error_response(503, "not_ready", f"not ready: {', '.join(failing)}")
+    return {"status": "ready", "checks": checks}
+
+
+async def _pings(redis) -> bool:
+    try:
+        return bool(await asyncio.wait_for(redis.ping(), STORE_PING_TIMEOUT_S))
+    except Exception:  # any failure to answer means "not reachable"; the reason is not the probe's business
+        return False
+
+
+@router.get("/v1/models", summary="the served model: preset, hash, dtype, device, compression",
+            dependencies=[Depends(require_api_key)])
+async def models(pool: WorkerPool = Depends(get_pool), settings: Settings = Depends(get_settings)) -> dict:
+    return {"models": [model_card(pool.model, settings.device)]}
+
+
+@router.get("/metrics", summary="Prometheus metrics of this process", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(metrics: Metrics = Depends(get_metrics)) -> Response:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
