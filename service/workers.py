@@ -50,7 +50,10 @@ class WorkerPool:
         self.model = model
         self.queue_size, self.timeout_s = queue_size, timeout_s
         self._metrics = metrics
-        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=queue_size)
+        # Unbounded queue, bounded by `_accepted`: counting admitted jobs ourselves makes
+        # the capacity exact, independent of when the consumer task gets to run.
+        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._accepted = 0  # waiting + running
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdt-model")
         self._consumer: asyncio.Task | None = None
         self._closing = False
@@ -75,7 +78,7 @@ class WorkerPool:
         """Raise now if a job would be refused: lets routes reject before reading a body."""
         if self._closing or self._consumer is None:
             raise Unavailable("the service is shutting down", code="shutting_down")
-        if self._queue.full():
+        if self._accepted > self.queue_size:
             self._metrics.rejected_total.labels("queue_full").inc()
             retry = max(1, math.ceil(self._recent_compute_s * (self._queue.qsize() + 1)))
             raise Overloaded(f"the job queue is full ({self.queue_size} waiting); retry later", retry)
@@ -83,6 +86,7 @@ class WorkerPool:
     async def run(self, op: str, fn: Callable[[Tokenizer], T]) -> T:
         self.check_capacity()
         job = _Job(op, fn, asyncio.get_running_loop().create_future())
+        self._accepted += 1
         self._queue.put_nowait(job)
         self._metrics.queue_depth.set(self._queue.qsize())
         try:
@@ -103,30 +107,35 @@ class WorkerPool:
             raise
 
     async def _consume(self) -> None:
-        loop = asyncio.get_running_loop()
         while (job := await self._queue.get()) is not None:
             self._metrics.queue_depth.set(self._queue.qsize())
-            if job.abandoned:
-                continue
-            job.started = True
-            self._metrics.queue_wait_seconds.labels(job.op).observe(time.perf_counter() - job.submitted)
-            self._metrics.in_flight.inc()
-            start = time.perf_counter()
             try:
-                result = await loop.run_in_executor(self._executor, self._call, job.fn)
-            except Exception as exc:  # delivered to the caller, who maps it to a response
-                outcome = "error"
-                if not job.future.done():
-                    job.future.set_exception(exc)
-            else:
-                outcome = "ok"
-                if not job.future.done():
-                    job.future.set_result(result)
+                if not job.abandoned:
+                    await self._execute(job)
             finally:
-                self._metrics.in_flight.dec()
-            elapsed = time.perf_counter() - start
-            self._recent_compute_s = elapsed
-            self._metrics.compute_seconds.labels(job.op, outcome).observe(elapsed)
+                self._accepted -= 1
+
+    async def _execute(self, job: _Job) -> None:
+        loop = asyncio.get_running_loop()
+        job.started = True
+        self._metrics.queue_wait_seconds.labels(job.op).observe(time.perf_counter() - job.submitted)
+        self._metrics.in_flight.inc()
+        start = time.perf_counter()
+        try:
+            result = await loop.run_in_executor(self._executor, self._call, job.fn)
+        except Exception as exc:  # delivered to the caller, who maps it to a response
+            outcome = "error"
+            if not job.future.done():
+                job.future.set_exception(exc)
+        else:
+            outcome = "ok"
+            if not job.future.done():
+                job.future.set_result(result)
+        finally:
+            self._metrics.in_flight.dec()
+        elapsed = time.perf_counter() - start
+        self._recent_compute_s = elapsed
+        self._metrics.compute_seconds.labels(job.op, outcome).observe(elapsed)
 
     def _call(self, fn: Callable[[Tokenizer], T]) -> T:
         with torch.inference_mode():
