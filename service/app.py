@@ -1,6 +1,6 @@
 """The app factory: `create_app(settings)` builds the FastAPI app; its lifespan loads
 the model, starts the worker pool and, with CDT_REDIS_URL, connects to the session
-store; on shutdown it finishes the accepted jobs before the process exits.
+store (in-process without it); on shutdown it finishes the accepted jobs before the process exits.
 
 `cdt serve` runs `create_app` as a uvicorn factory, so settings come from the
 environment once per process.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from model import Tokenizer, from_pretrained
@@ -20,10 +19,10 @@ from .errors import install_handlers
 from .metrics import Metrics, RequestMetricsMiddleware
 from .ops import model_card
 from .routes import ROUTERS
+from .session_store import open_store
+from .sessions import Sessions
 from .settings import Settings
 from .workers import WorkerPool
-
-STORE_CONNECT_TIMEOUT_S = 2.0
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -53,15 +52,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool = WorkerPool(model, settings.queue_size, settings.request_timeout_s, metrics)
         pool.start()
         app.state.pool = pool
-        app.state.redis = (aioredis.from_url(settings.redis_url, socket_connect_timeout=STORE_CONNECT_TIMEOUT_S,
-                                             socket_timeout=STORE_CONNECT_TIMEOUT_S)
-                           if settings.redis_url else None)
+        app.state.store = open_store(settings.redis_url, settings.session_key_prefix)
+        app.state.sessions = Sessions(app.state.store, pool, settings, metrics)
         try:
             yield
         finally:
             await pool.stop()
-            if app.state.redis is not None:
-                await app.state.redis.aclose()
+            await app.state.store.close()
 
     app = FastAPI(
         title="CDT video tokenizer",

@@ -37,7 +37,12 @@ class Settings(BaseModel):
     max_side: int = Field(2048, ge=8, description="largest height or width a request may encode or decode")
     queue_size: int = Field(8, ge=1, description="jobs waiting for the model beyond the running one")
     request_timeout_s: float = Field(300.0, gt=0, description="queue wait + compute limit per request")
-    session_ttl_s: int = Field(3600, ge=1, description="idle lifetime of a streaming session")
+    session_ttl_s: int = Field(3600, ge=1, description="idle lifetime of a streaming session (and the most a "
+                               "session may ask for)")
+    max_sessions: int = Field(1000, ge=1, description="live streaming sessions in the store (all replicas)")
+    max_session_state_mb: float = Field(512.0, gt=0, description="largest feature-cache state of one session")
+    session_key_prefix: str = Field("cdt:", min_length=1, description="Redis key prefix (several deployments "
+                                    "may share one Redis)")
 
     @field_validator("device")
     @classmethod
@@ -69,6 +74,10 @@ class Settings(BaseModel):
     @property
     def compute_dtype(self) -> str:
         return self.dtype or ("bf16" if self.device.startswith("cuda") else "fp32")
+
+    @property
+    def max_state_bytes(self) -> int:
+        return int(self.max_session_state_mb * 1024 * 1024)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -1,5 +1,5 @@
 """HTTP routes: parse, validate, hand off to the worker pool, encode the response."""
 
-from . import clips, health
+from . import clips, health, sessions
 
-ROUTERS = (health.router, clips.router)
+ROUTERS = (health.router, clips.router, sessions.router)

@@ -30,18 +30,18 @@ async def healthz() -> dict:
 async def readyz(request: Request):
     pool: WorkerPool | None = getattr(request.app.state, "pool", None)
     checks = {"model": pool is not None and pool.running}
-    redis = getattr(request.app.state, "redis", None)
-    if redis is not None:
-        checks["session_store"] = await _pings(redis)
+    if request.app.state.settings.redis_url:
+        checks["session_store"] = await _pings(request.app.state.store)
     failing = [name for name, ok in checks.items() if not ok]
     if failing:
         return error_response(503, "not_ready", f"not ready: {', '.join(failing)}")
     return {"status": "ready", "checks": checks}
 
 
-async def _pings(redis) -> bool:
+async def _pings(store) -> bool:
     try:
-        return bool(await asyncio.wait_for(redis.ping(), STORE_PING_TIMEOUT_S))
+        await asyncio.wait_for(store.ping(), STORE_PING_TIMEOUT_S)
+        return True
     except Exception:  # any failure to answer means "not reachable"; the reason is not the probe's business
         return False
 

@@ -1,0 +1,150 @@
+"""Streaming sessions in process (in-memory store): equivalence with the whole-clip
+endpoints, exactly-once chunks, ownership, limits and errors."""
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from tests.session_helpers import chunk_info, latents_of, npy_array, npy_bytes, real_frames, split
+
+NPY = {"content-type": "application/x-npy"}
+
+
+def make_client(checkpoint, **overrides) -> TestClient:
+    return TestClient(create_app(Settings(checkpoint=checkpoint, **overrides)))
+
+
+@pytest.fixture(scope="module")
+def client(tiny_checkpoint):
+    with make_client(tiny_checkpoint) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def frames(shared_videos):
+    return real_frames(shared_videos, 23)  # not 1+4k: finish pads the tail
+
+
+@pytest.fixture(scope="module")
+def whole_latents(client, frames):
+    r = client.post("/v1/encode", content=npy_bytes(frames), headers=NPY)
+    assert r.status_code == 200, r.text
+    return latents_of(r.content)
+
+
+def stream_encode(client, frames, sizes, headers=None):
+    sid = client.post("/v1/sessions", json={"kind": "encode"}, headers=headers).json()["id"]
+    parts = []
+    for seq, (a, b) in enumerate(split(len(frames), sizes)):
+        r = client.post(f"/v1/sessions/{sid}/chunks/{seq}", content=npy_bytes(frames[a:b]),
+                        headers={**NPY, **(headers or {})})
+        assert r.status_code == 200, r.text
+        parts.append(latents_of(r.content))
+    r = client.post(f"/v1/sessions/{sid}/finish", headers=headers)
+    assert r.status_code == 200, r.text
+    parts.append(latents_of(r.content))
+    return sid, torch.cat(parts, dim=2), chunk_info(r)
+
+
+@pytest.mark.parametrize("sizes", [[1, 3, 4, 7, 9], [5], [23]], ids=["1-3-4-7-9", "fives", "one-chunk"])
+def test_encode_session_equals_whole_clip(client, frames, whole_latents, sizes):
+    _, streamed, info = stream_encode(client, frames, sizes)
+    assert streamed.shape == whole_latents.shape
+    assert (streamed - whole_latents).abs().max().item() < 1e-5
+    assert info["finished"] and info["frames"] == 23 and info["pad_frames"] == 2
+    assert (info["height"], info["width"]) == frames.shape[1:3]
+
+
+def test_decode_session_equals_whole_clip(client, frames):
+    encoded = client.post("/v1/encode", content=npy_bytes(frames), headers=NPY).content
+    whole = client.post("/v1/decode?steps=2&seed=5&format=npy", content=encoded,
+                        headers={"content-type": "application/x-safetensors"})
+    assert whole.status_code == 200, whole.text
+    latents = latents_of(encoded)
+    h, w = frames.shape[1:3]
+    sid = client.post("/v1/sessions", json={"kind": "decode", "steps": 2, "seed": 5, "height": h, "width": w,
+                                             "frames": len(frames)}).json()["id"]
+    parts, done = [], 0
+    for seq, (a, b) in enumerate(split(latents.shape[2], [1, 2])):
+        r = client.post(f"/v1/sessions/{sid}/chunks/{seq}?format=npy", content=npy_bytes(latents[:, :, a:b]),
+                        headers=NPY)
+        assert r.status_code == 200, r.text
+        assert chunk_info(r)["frame_start"] == done
+        parts.append(npy_array(r.content))
+        done += len(parts[-1])
+    assert client.post(f"/v1/sessions/{sid}/finish").json()["frames_out"] == len(frames)
+    streamed, reference = np.concatenate(parts), npy_array(whole.content)
+    assert streamed.shape == reference.shape == frames.shape
+    # uint8 output: equal up to a rounding flip where the float values sit on a .5 boundary.
+    diff = np.abs(streamed.astype(int) - reference.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+def test_retry_replays_the_same_bytes_and_gaps_conflict(client, frames):
+    sid = client.post("/v1/sessions", json={"kind": "encode"}).json()["id"]
+    first = client.post(f"/v1/sessions/{sid}/chunks/0", content=npy_bytes(frames[:5]), headers=NPY)
+    again = client.post(f"/v1/sessions/{sid}/chunks/0", content=npy_bytes(frames[:5]), headers=NPY)
+    assert first.status_code == again.status_code == 200
+    assert again.content == first.content and again.headers.get("x-cdt-replayed") == "1"
+    state = client.get(f"/v1/sessions/{sid}").json()
+    assert state["next_seq"] == 1 and state["frames_in"] == 5 and state["state_bytes"] > 0
+    gap = client.post(f"/v1/sessions/{sid}/chunks/2", content=npy_bytes(frames[5:9]), headers=NPY)
+    assert gap.status_code == 409 and gap.json()["error"]["code"] == "seq_out_of_order"
+    assert gap.headers["x-cdt-expected-seq"] == "1"
+    client.post(f"/v1/sessions/{sid}/chunks/1", content=npy_bytes(frames[5:9]), headers=NPY)
+    old = client.post(f"/v1/sessions/{sid}/chunks/0", content=npy_bytes(frames[:5]), headers=NPY)
+    assert old.status_code == 409 and old.json()["error"]["code"] == "seq_out_of_order"
+    finish = client.post(f"/v1/sessions/{sid}/finish")
+    assert client.post(f"/v1/sessions/{sid}/finish").content == finish.content
+    late = client.post(f"/v1/sessions/{sid}/chunks/2", content=npy_bytes(frames[9:13]), headers=NPY)
+    assert late.status_code == 409 and late.json()["error"]["code"] == "session_finished"
+    assert client.delete(f"/v1/sessions/{sid}").status_code == 204
+    assert client.get(f"/v1/sessions/{sid}").json()["error"]["code"] == "session_not_found"
+
+
+def test_sessions_are_owned_by_their_key(tiny_checkpoint, frames):
+    with make_client(tiny_checkpoint, api_keys=("alpha", "beta")) as c:
+        alpha, beta = {"authorization": "Bearer alpha"}, {"authorization": "Bearer beta"}
+        assert c.post("/v1/sessions", json={"kind": "encode"}).status_code == 401
+        sid = c.post("/v1/sessions", json={"kind": "encode"}, headers=alpha).json()["id"]
+        assert c.get(f"/v1/sessions/{sid}", headers=alpha).status_code == 200
+        for response in (c.get(f"/v1/sessions/{sid}", headers=beta),
+                         c.post(f"/v1/sessions/{sid}/chunks/0", content=npy_bytes(frames[:1]),
+                                headers={**NPY, **beta}),
+                         c.delete(f"/v1/sessions/{sid}", headers=beta)):
+            assert response.status_code == 404 and response.json()["error"]["code"] == "session_not_found"
+
+
+def test_session_limits(tiny_checkpoint, frames):
+    with make_client(tiny_checkpoint, max_sessions=1, max_session_state_mb=0.01) as c:
+        sid = c.post("/v1/sessions", json={"kind": "encode"}).json()["id"]
+        full = c.post("/v1/sessions", json={"kind": "encode"})
+        assert full.status_code == 429 and full.json()["error"]["code"] == "too_many_sessions"
+        big = c.post(f"/v1/sessions/{sid}/chunks/0", content=npy_bytes(frames[:5]), headers=NPY)
+        assert big.status_code == 413 and big.json()["error"]["code"] == "session_state_too_large"
+        assert c.get(f"/v1/sessions/{sid}").json()["next_seq"] == 0  # nothing was applied
+
+
+def test_bad_session_requests(client, frames):
+    assert client.post("/v1/sessions", json={"kind": "sideways"}).status_code == 400
+    assert client.post("/v1/sessions", json={"kind": "decode", "steps": 0}).status_code == 400
+    assert client.post("/v1/sessions", json={"kind": "encode", "dtype": "bf16"}).json()["error"]["code"] == \
+        "model_mismatch"
+    sid = client.post("/v1/sessions", json={"kind": "encode"}).json()["id"]
+    assert client.post(f"/v1/sessions/{sid}/finish").json()["error"]["code"] == "empty_session"
+    png = client.post(f"/v1/sessions/{sid}/chunks/0", content=b"\x89PNG\r\n\x1a\n" + b"0" * 64,
+                      headers={"content-type": "application/octet-stream"})
+    assert png.status_code == 415
+    assert client.post(f"/v1/sessions/{sid}/chunks/0", content=npy_bytes(frames[:1]), headers=NPY).status_code == 200
+    other = client.post(f"/v1/sessions/{sid}/chunks/1", content=npy_bytes(frames[:4, :, :-8]), headers=NPY)
+    assert other.status_code == 422 and other.json()["error"]["code"] == "chunk_shape_mismatch"
+    assert client.post(f"/v1/sessions/{sid}/chunks/1?format=mp4", content=npy_bytes(frames[1:5]),
+                       headers=NPY).status_code == 400
+    assert client.get("/v1/sessions/not-a-real-session-id").status_code == 404
+    dec = client.post("/v1/sessions", json={"kind": "decode"}).json()["id"]
+    nan = torch.full((1, 16, 1, 4, 4), float("nan")).numpy()
+    bad = client.post(f"/v1/sessions/{dec}/chunks/0", content=npy_bytes(nan), headers=NPY)
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_latents"
