@@ -1,0 +1,184 @@
+"""Sessions across real server processes sharing the real Redis: handoff between
+replicas, a replica killed mid-stream, racing duplicates, model pinning, expiry, and
+Redis going away."""
+
+import concurrent.futures
+import secrets
+import shutil
+import subprocess
+import time
+
+import httpx
+import numpy as np
+import pytest
+import redis
+import torch
+
+from model import CDTConfig, build_model, save_pretrained
+from tests.servers import Server, free_port
+from tests.session_helpers import latents_of, npy_array, npy_bytes, real_frames, split
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+NPY = {"content-type": "application/x-npy"}
+SIZES = [1, 3, 4, 7, 9]
+
+
+@pytest.fixture(scope="module")
+def prefix():
+    value = f"cdt-test-{secrets.token_hex(4)}:"
+    yield value
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{value}*"):
+        client.delete(key)
+
+
+@pytest.fixture(scope="module")
+def replicas(tiny_checkpoint, tmp_path_factory, prefix):
+    logs = tmp_path_factory.mktemp("logs")
+    servers = [Server(tiny_checkpoint, logs / f"r{i}.log", redis_url=REDIS_URL, session_key_prefix=prefix)
+               for i in range(2)]
+    try:
+        yield [s.wait_ready() for s in servers]
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def frames(shared_videos):
+    return real_frames(shared_videos, 33)
+
+
+@pytest.fixture(scope="module")
+def whole(replicas, frames):
+    r = httpx.post(replicas[0].url + "/v1/encode", content=npy_bytes(frames), headers=NPY, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.content
+
+
+def push(url, sid, seq, data, fmt="safetensors"):
+    return httpx.post(f"{url}/v1/sessions/{sid}/chunks/{seq}?format={fmt}", content=npy_bytes(data),
+                      headers=NPY, timeout=120)
+
+
+def test_encode_handoff_alternating_replicas(replicas, frames, whole):
+    sid = httpx.post(replicas[0].url + "/v1/sessions", json={"kind": "encode"}).json()["id"]
+    parts = []
+    for seq, (a, b) in enumerate(split(len(frames), SIZES)):
+        r = push(replicas[seq % 2].url, sid, seq, frames[a:b])
+        assert r.status_code == 200, r.text
+        parts.append(latents_of(r.content))
+    parts.append(latents_of(httpx.post(f"{replicas[1].url}/v1/sessions/{sid}/finish", timeout=60).content))
+    streamed = torch.cat(parts, dim=2)
+    assert (streamed - latents_of(whole)).abs().max().item() < 1e-5
+
+
+def test_decode_handoff_alternating_replicas(replicas, frames, whole):
+    reference = httpx.post(replicas[0].url + "/v1/decode?steps=2&seed=3&format=npy", content=whole,
+                           headers={"content-type": "application/x-safetensors"}, timeout=120)
+    assert reference.status_code == 200, reference.text
+    latents = latents_of(whole)
+    h, w = frames.shape[1:3]
+    spec = {"kind": "decode", "steps": 2, "seed": 3, "height": h, "width": w, "frames": len(frames)}
+    sid = httpx.post(replicas[1].url + "/v1/sessions", json=spec).json()["id"]
+    parts = []
+    for seq, (a, b) in enumerate(split(latents.shape[2], [1, 3, 2])):
+        r = push(replicas[seq % 2].url, sid, seq, latents[:, :, a:b].numpy(), fmt="npy")
+        assert r.status_code == 200, r.text
+        parts.append(npy_array(r.content))
+    diff = np.abs(np.concatenate(parts).astype(int) - npy_array(reference.content).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+def test_replica_killed_after_a_chunk(tiny_checkpoint, tmp_path, prefix, replicas, frames, whole):
+    doomed = Server(tiny_checkpoint, tmp_path / "doomed.log", redis_url=REDIS_URL,
+                    session_key_prefix=prefix).wait_ready()
+    try:
+        sid = httpx.post(doomed.url + "/v1/sessions", json={"kind": "encode"}).json()["id"]
+        chunks = split(len(frames), SIZES)
+        parts = []
+        for seq, (a, b) in enumerate(chunks[:3]):
+            parts.append(latents_of(push(doomed.url, sid, seq, frames[a:b]).content))
+        doomed.kill()  # SIGKILL right after it answered chunk 2
+    finally:
+        doomed.stop()
+    for seq, (a, b) in enumerate(chunks[3:], start=3):
+        r = push(replicas[0].url, sid, seq, frames[a:b])
+        assert r.status_code == 200, r.text
+        parts.append(latents_of(r.content))
+    parts.append(latents_of(httpx.post(f"{replicas[0].url}/v1/sessions/{sid}/finish", timeout=60).content))
+    assert (torch.cat(parts, dim=2) - latents_of(whole)).abs().max().item() < 1e-5
+
+
+def test_concurrent_duplicates_apply_once(replicas, frames):
+    sid = httpx.post(replicas[0].url + "/v1/sessions", json={"kind": "encode"}).json()["id"]
+    assert push(replicas[0].url, sid, 0, frames[:1]).status_code == 200
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda i: push(replicas[i % 2].url, sid, 1, frames[1:9]), range(4)))
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    assert len({a.content for a in answers}) == 1
+    state = httpx.get(f"{replicas[1].url}/v1/sessions/{sid}").json()
+    assert state["next_seq"] == 2 and state["frames_in"] == 9 and state["latents_out"] == 3
+
+
+def test_session_is_pinned_to_its_model(tmp_path, prefix, replicas, frames):
+    torch.manual_seed(123)
+    other_ckpt = tmp_path / "other"
+    save_pretrained(build_model(CDTConfig.from_preset("tiny"), "cdt"), other_ckpt)
+    sid = httpx.post(replicas[0].url + "/v1/sessions", json={"kind": "encode"}).json()["id"]
+    assert push(replicas[0].url, sid, 0, frames[:1]).status_code == 200
+    with Server(other_ckpt, tmp_path / "other.log", redis_url=REDIS_URL, session_key_prefix=prefix) as other:
+        r = push(other.url, sid, 1, frames[1:5])
+        assert r.status_code == 409 and r.json()["error"]["code"] == "model_mismatch"
+    assert push(replicas[1].url, sid, 1, frames[1:5]).status_code == 200
+
+
+def test_expired_and_deleted_sessions_leave_no_keys(replicas, prefix, frames):
+    url = replicas[0].url
+    short = httpx.post(url + "/v1/sessions", json={"kind": "encode", "ttl_s": 1}).json()["id"]
+    assert push(url, short, 0, frames[:5]).status_code == 200
+    gone = httpx.post(url + "/v1/sessions", json={"kind": "encode"}).json()["id"]
+    assert push(url, gone, 0, frames[:5]).status_code == 200
+    assert httpx.delete(f"{url}/v1/sessions/{gone}").status_code == 204
+    time.sleep(1.5)
+    for sid in (short, gone):
+        r = httpx.get(f"{url}/v1/sessions/{sid}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
+        assert push(url, sid, 1, frames[5:9]).status_code == 404
+    keys = [k.decode() for k in redis.Redis.from_url(REDIS_URL).scan_iter(f"{prefix}*")]
+    assert not [k for k in keys if short in k or gone in k]
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server to run a private Redis")
+def test_redis_stopped_gives_503_and_whole_clips_keep_working(tiny_checkpoint, tmp_path, frames):
+    port = free_port()
+
+    def start_redis():
+        subprocess.run(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                        "no", "--daemonize", "yes", "--dir", str(tmp_path), "--logfile", str(tmp_path / "r.log")],
+                       check=True)
+        client = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                return client.ping()
+            except redis.ConnectionError:
+                time.sleep(0.05)
+
+    start_redis()
+    url_redis = f"redis://127.0.0.1:{port}/0"
+    with Server(tiny_checkpoint, tmp_path / "s.log", redis_url=url_redis) as server:
+        sid = httpx.post(server.url + "/v1/sessions", json={"kind": "encode"}).json()["id"]
+        redis.Redis(port=port).shutdown(nosave=True)
+        for response in (push(server.url, sid, 0, frames[:5]),
+                         httpx.post(server.url + "/v1/sessions", json={"kind": "encode"}),
+                         httpx.get(f"{server.url}/v1/sessions/{sid}")):
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "session_store_unavailable"
+        assert httpx.get(server.url + "/readyz").status_code == 503
+        encoded = httpx.post(server.url + "/v1/encode", content=npy_bytes(frames[:5]), headers=NPY, timeout=60)
+        assert encoded.status_code == 200
+        start_redis()
+        sid = httpx.post(server.url + "/v1/sessions", json={"kind": "encode"}).json()["id"]
+        assert push(server.url, sid, 0, frames[:5]).status_code == 200
+        assert httpx.get(server.url + "/readyz").status_code == 200
+    redis.Redis(port=port).shutdown(nosave=True)
