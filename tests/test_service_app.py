@@ -1,0 +1,226 @@
+"""The service in process (httpx ASGITransport against the real app and model):
+overload and backpressure, timeouts, clean shutdown, the upload limit while
+streaming, request options, settings, readiness with Redis, the async client."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from media import frames_to_tensor
+from media.latents_file import latents_from_bytes
+from service import Settings, create_app
+from service.client import AsyncClient, Overloaded
+from service.errors import GatewayTimeout, Unavailable
+from service.metrics import Metrics
+from service.settings import SettingsError
+from service.workers import WorkerPool
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def frames(t: int = 9, h: int = 32, w: int = 40, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (t, h, w, 3), dtype=np.uint8)
+
+
+def run_app(settings: Settings, scenario):
+    """Run `scenario(app)` inside the app's lifespan (model loaded, pool started)."""
+    app = create_app(settings)
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            return await scenario(app)
+
+    return asyncio.run(main())
+
+
+def client_for(app) -> AsyncClient:
+    return AsyncClient("http://service", transport=httpx.ASGITransport(app=app))
+
+
+def http_for(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service")
+
+
+# --- 3. overload ---------------------------------------------------------------------------
+
+def test_requests_beyond_the_queue_get_429_while_accepted_ones_complete(tiny_checkpoint, tmp_path):
+    source = tmp_path / "clip.npy"
+    source.write_bytes(npy_bytes(frames(17, 64, 64)))
+
+    async def scenario(app):
+        async with client_for(app) as client:
+            results = await asyncio.gather(*(client.encode_file(source) for _ in range(5)), return_exceptions=True)
+            # Once the burst is over the server takes work again.
+            after = await client.encode_file(source)
+        return results, after, app.state.metrics
+
+    results, after, metrics = run_app(Settings(checkpoint=tiny_checkpoint, queue_size=1), scenario)
+    accepted = [r for r in results if isinstance(r, bytes)]
+    refused = [r for r in results if isinstance(r, Overloaded)]
+    # Capacity is queue_size waiting + 1 running.
+    assert len(accepted) == 2 and len(refused) == 3, results
+    assert all(latents_from_bytes(r).frames == 17 for r in accepted + [after])
+    assert all(r.code == "overloaded" and r.retry_after >= 1 for r in refused)
+    assert metrics.rejected_total.labels("queue_full")._value.get() >= 3
+
+
+# --- worker pool: timeouts and shutdown ----------------------------------------------------
+
+def sleeper(seconds: float, ran: list):
+    def job(model):
+        time.sleep(seconds)
+        ran.append(seconds)
+        return seconds
+    return job
+
+
+def test_timeouts_are_504_while_computing_and_503_while_waiting(tiny_model):
+    ran: list = []
+
+    async def scenario():
+        pool = WorkerPool(tiny_model, queue_size=4, timeout_s=0.3, metrics=Metrics())
+        pool.start()
+        running = asyncio.ensure_future(pool.run("slow", sleeper(0.6, ran)))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(pool.run("queued", sleeper(0.01, ran)))
+        outcomes = await asyncio.gather(running, waiting, return_exceptions=True)
+        later = await pool.run("fast", sleeper(0.0, ran))
+        await pool.stop()
+        return outcomes, later
+
+    (computing, waited), later = asyncio.run(scenario())
+    assert isinstance(computing, GatewayTimeout) and computing.code == "compute_timeout"
+    assert isinstance(waited, Unavailable) and waited.code == "queue_timeout"
+    assert later == 0.0 and ran == [0.6, 0.0]  # the expired queued job never ran
+
+
+def test_stop_finishes_accepted_jobs_and_refuses_new_ones(tiny_model):
+    ran: list = []
+
+    async def scenario():
+        pool = WorkerPool(tiny_model, queue_size=4, timeout_s=30, metrics=Metrics())
+        pool.start()
+        jobs = [asyncio.ensure_future(pool.run("job", sleeper(0.1 * i, ran))) for i in range(1, 4)]
+        await asyncio.sleep(0.01)
+        await pool.stop()
+        with pytest.raises(Unavailable, match="shutting down"):
+            await pool.run("late", sleeper(0, ran))
+        return await asyncio.gather(*jobs)
+
+    assert asyncio.run(scenario()) == pytest.approx([0.1, 0.2, 0.3])
+    assert len(ran) == 3
+
+
+def test_model_runs_off_the_event_loop(tiny_model):
+    async def scenario():
+        pool = WorkerPool(tiny_model, queue_size=1, timeout_s=30, metrics=Metrics())
+        pool.start()
+        loop_thread = threading.get_ident()
+        job_thread = await pool.run("where", lambda model: threading.get_ident())
+        await pool.stop()
+        return loop_thread, job_thread
+
+    loop_thread, job_thread = asyncio.run(scenario())
+    assert loop_thread != job_thread
+
+
+# --- upload limit, options -----------------------------------------------------------------
+
+def test_upload_limit_stops_reading_a_chunked_body(tiny_checkpoint):
+    sent = []
+
+    async def body():
+        for _ in range(200):
+            sent.append(1)
+            yield b"\0" * 1024
+
+    async def scenario(app):
+        async with http_for(app) as http:
+            return await http.post("/v1/encode", content=body(), headers={"content-type": "video/mp4"})
+
+    response = run_app(Settings(checkpoint=tiny_checkpoint, max_upload_mb=16 / 1024), scenario)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
+    assert "content-length" not in response.request.headers  # really chunked
+    assert len(sent) <= 18  # refused at 16 KiB, not after the 200 KiB
+
+
+def test_encode_options_and_float_input(tiny_checkpoint):
+    clip = frames(6, 27, 21)
+    as_float = frames_to_tensor(clip)[0].numpy()  # (3,T,H,W) in [-1,1]
+
+    async def scenario(app):
+        async with http_for(app) as http:
+            post = lambda body, **params: http.post("/v1/encode", content=body, params=params,  # noqa: E731
+                                                    headers={"content-type": "application/x-npy"})
+            return {
+                "uint8": await post(npy_bytes(clip)),
+                "float": await post(npy_bytes(as_float), fps=12.5),
+                "first4": await post(npy_bytes(clip), frames=4, size=16),
+                "too_few": await post(npy_bytes(clip), frames=7),
+                "out_of_range": await post(npy_bytes(as_float * 2)),
+                "too_long": await post(npy_bytes(frames(9, 16, 16))),
+                "too_wide": await post(npy_bytes(frames(1, 16, 80))),
+            }
+
+    r = run_app(Settings(checkpoint=tiny_checkpoint, max_frames=8, max_side=64), scenario)
+    uint8, floats = latents_from_bytes(r["uint8"].content), latents_from_bytes(r["float"].content)
+    assert torch.equal(uint8.latents, floats.latents) and (uint8.fps, floats.fps) == (30.0, 12.5)
+    first4 = latents_from_bytes(r["first4"].content)
+    assert (first4.frames, first4.height, first4.width) == (4, 21, 16)  # short side 21 -> 16
+    codes = {k: (v.status_code, v.json()["error"]["code"]) for k, v in r.items() if k not in ("uint8", "float", "first4")}
+    assert codes == {"too_few": (422, "too_few_frames"), "out_of_range": (422, "invalid_tensor"),
+                     "too_long": (413, "clip_too_large"), "too_wide": (413, "clip_too_large")}
+
+
+# --- settings, readiness -------------------------------------------------------------------
+
+def test_settings_from_environment():
+    s = Settings.from_env({"CDT_API_KEYS": "a, b,,", "CDT_QUEUE_SIZE": "3", "CDT_REDIS_URL": "",
+                           "CDT_DEVICE": "cuda:1", "CDT_MAX_UPLOAD_MB": "0.5"})
+    assert s.api_keys == ("a", "b") and s.queue_size == 3 and s.redis_url is None
+    assert s.compute_dtype == "bf16" and Settings().compute_dtype == "fp32"  # CPU default: fp32 is faster here
+    assert s.max_upload_bytes == 512 * 1024
+    with pytest.raises(SettingsError, match="CDT_DEVICE.*CDT_QUEUE_SIZE|CDT_QUEUE_SIZE.*CDT_DEVICE"):
+        Settings.from_env({"CDT_DEVICE": "tpu", "CDT_QUEUE_SIZE": "x"})
+
+
+@pytest.mark.parametrize("url, ready", [("redis://127.0.0.1:6379/0", True), ("redis://127.0.0.1:1/0", False)])
+def test_readyz_checks_the_session_store(tiny_checkpoint, url, ready):
+    async def scenario(app):
+        async with http_for(app) as http:
+            return await http.get("/readyz"), await http.get("/healthz")
+
+    readyz, healthz = run_app(Settings(checkpoint=tiny_checkpoint, redis_url=url), scenario)
+    assert healthz.status_code == 200
+    assert readyz.status_code == (200 if ready else 503)
+    if not ready:
+        assert readyz.json()["error"]["code"] == "not_ready" and "session_store" in readyz.json()["error"]["message"]
+
+
+def test_async_client_round_trip(tiny_checkpoint, tmp_path):
+    source = tmp_path / "clip.npy"
+    source.write_bytes(npy_bytes(frames(5, 16, 24)))
+
+    async def scenario(app):
+        async with client_for(app) as client:
+            await client.encode_file(source, tmp_path / "latents.safetensors")
+            decoded = await client.decode_file(tmp_path / "latents.safetensors", tmp_path / "out.npy", seed=1)
+            return decoded, await client.models(), await client.ready()
+
+    decoded, models, ready = run_app(Settings(checkpoint=tiny_checkpoint), scenario)
+    assert np.load(io.BytesIO(decoded)).shape == (5, 16, 24, 3) and (tmp_path / "out.npy").is_file()
+    assert models[0]["preset"] == "tiny" and ready
