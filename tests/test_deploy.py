@@ -1,0 +1,321 @@
+"""Deploy files: validated by real validators (no Docker engine or cluster runs here), and
+checked for the properties that matter in production: keys on, no sticky sessions, every
+replica load-balanced and scraped, Redis bounded with a non-evicting policy, probes on the
+right endpoints, and a dashboard that only queries metrics the service exports.
+
+Validators: Debian's `docker-compose` (1.29, `config`), installed by .ci/run; and the
+PyPI package `kubernetes-validate` (bundled OpenAPI schemas, offline), in the dev extra.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml", reason="PyYAML comes with the dev extra (kubernetes-validate)")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "cdt-service.json"
+SERVICE_PORT = 8000
+SECRETS = {"CDT_API_KEYS": "test-key-1,test-key-2", "GRAFANA_ADMIN_PASSWORD": "test-password"}
+
+# Session metrics agreed for issue 6 (streaming sessions), used by the dashboard before
+# service/ declares them. Once declared there, their type must match (checked below).
+PENDING_METRICS = {
+    "cdt_active_sessions": ("gauge", set()),
+    "cdt_session_state_bytes": ("histogram", set()),
+    "cdt_session_store_seconds": ("histogram", {"op"}),
+    "cdt_chunk_seconds": ("histogram", set()),
+}
+# Labels Prometheus adds or histograms carry on every series.
+IMPLICIT_LABELS = {"le", "instance", "job", "quantile"}
+
+
+# ---------------------------------------------------------------- docker compose
+
+
+def compose(*args: str, env: dict[str, str], compose_file: Path = ROOT / "docker-compose.yml"):
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (.ci/run installs Debian's docker-compose package)")
+    # An empty --env-file: a developer's own .env must not change what is validated.
+    with tempfile.NamedTemporaryFile(suffix=".env") as empty:
+        return subprocess.run([binary, "-f", str(compose_file), "--project-directory", str(compose_file.parent),
+                               "--env-file", empty.name, *args], capture_output=True, text=True, timeout=60,
+                              env={"PATH": "/usr/bin:/bin", **env}, cwd=compose_file.parent)
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict:
+    result = compose("config", env=SECRETS)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def replicas(config: dict) -> list[str]:
+    image = config["services"]["cdt-1"]["image"]
+    return sorted(name for name, svc in config["services"].items() if svc.get("image") == image)
+
+
+def test_compose_validator_rejects_an_invalid_file(tmp_path):
+    bad = tmp_path / "docker-compose.yml"
+    bad.write_text("services:\n  api:\n    image: x\n    mem_limt: 1g\n")
+    result = compose("config", "-q", env={}, compose_file=bad)
+    assert result.returncode != 0 and "mem_limt" in result.stderr
+
+
+def test_compose_validates(rendered):
+    assert {"redis", "lb", "prometheus", "grafana"} <= set(rendered["services"])
+
+
+def test_compose_refuses_to_render_without_api_keys():
+    result = compose("config", "-q", env={"GRAFANA_ADMIN_PASSWORD": "x"})
+    assert result.returncode != 0 and "CDT_API_KEYS" in result.stderr
+
+
+def test_replicas_share_redis_and_require_keys(rendered):
+    names = replicas(rendered)
+    assert len(names) >= 2, names
+    for name in names:
+        env = rendered["services"][name]["environment"]
+        assert env["CDT_API_KEYS"] == SECRETS["CDT_API_KEYS"]
+        assert env["CDT_REDIS_URL"].startswith("redis://redis:")
+        assert rendered["services"][name]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_redis_is_bounded_and_never_evicts_session_state(rendered):
+    redis = rendered["services"]["redis"]
+    command = redis["command"]
+    assert command[command.index("--maxmemory") + 1] == "768mb"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert redis.get("mem_limit"), "the container needs a memory limit above maxmemory"
+
+
+def nginx_upstream() -> tuple[str, list[str]]:
+    text = (DEPLOY / "nginx.conf").read_text()
+    code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())  # comments may say "sticky"
+    block = re.search(r"upstream\s+cdt\s*\{(.*?)\}", code, re.S)
+    assert block, "nginx.conf has no upstream cdt"
+    return code, re.findall(r"^\s*server\s+(\S+?)(?:\s|;)", block.group(1), re.M)
+
+
+def test_load_balancer_has_every_replica_and_no_sticky_sessions(rendered):
+    code, servers = nginx_upstream()
+    assert sorted(servers) == [f"{name}:{SERVICE_PORT}" for name in replicas(rendered)]
+    for directive in ("ip_hash", "hash ", "sticky", "sticky_cookie_insert"):
+        assert directive not in code, f"nginx.conf pins clients to replicas with {directive!r}"
+    assert re.search(r"proxy_pass\s+http://cdt;", code)
+    assert re.search(r"location\s*=\s*/metrics\s*\{\s*return 404;", code), "/metrics must not be public"
+
+
+def test_prometheus_scrapes_every_replica(rendered):
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    job = next(job for job in config["scrape_configs"] if job["job_name"] == "cdt")
+    targets = sorted(t for group in job["static_configs"] for t in group["targets"])
+    assert targets == [f"{name}:{SERVICE_PORT}" for name in replicas(rendered)]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+
+
+def test_grafana_is_provisioned(rendered):
+    mounts = {v.split(":")[1] if isinstance(v, str) else v["target"] for v in rendered["services"]["grafana"]["volumes"]}
+    assert {"/etc/grafana/provisioning", "/var/lib/grafana/dashboards"} <= mounts
+    provision = DEPLOY / "grafana" / "provisioning"
+    source = yaml.safe_load((provision / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    provider = yaml.safe_load((provision / "dashboards" / "cdt.yml").read_text())["providers"][0]
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    assert source["url"] == "http://prometheus:9090"
+    uids = {p["datasource"]["uid"] for p in json.loads(DASHBOARD.read_text())["panels"]}
+    assert uids == {source["uid"]}
+
+
+# ---------------------------------------------------------------- settings and image
+
+
+def known_settings() -> set[str]:
+    from service.settings import Settings
+
+    return set(Settings.env_names().values())
+
+
+def test_deploy_settings_are_ones_the_service_reads(rendered):
+    known = known_settings()
+    compose_env = rendered["services"]["cdt-1"]["environment"]
+    configmap = yaml.safe_load((K8S / "configmap.yaml").read_text())["data"]
+    for source, names in (("docker-compose", compose_env), ("configmap", configmap)):
+        unknown = {n for n in names if n.startswith("CDT_")} - known
+        assert not unknown, f"{source} sets variables the service does not read: {unknown}"
+    assert {"CDT_CHECKPOINT", "CDT_REDIS_URL", "CDT_QUEUE_SIZE"} <= set(configmap)
+
+
+def dockerfile() -> str:
+    return (ROOT / "Dockerfile").read_text()
+
+
+def test_dockerfile_is_multistage_nonroot_with_healthcheck():
+    text = dockerfile()
+    assert len(re.findall(r"^FROM\s", text, re.M)) >= 2
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.M), "the base image must be selectable"
+    user = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert user and user[-1].split(":")[0] not in ("0", "root")
+    assert re.search(r"^HEALTHCHECK .*\n?.*127\.0\.0\.1:%d/healthz" % SERVICE_PORT, text, re.M)
+    assert re.search(r'^CMD .*"--port", "%d"' % SERVICE_PORT, text, re.M)
+    assert re.search(r"^COPY .* \. /app", text, re.M) and "CDT_CHECKPOINT=/app/checkpoints/cdt-tiny" in text
+
+
+def test_dockerfile_torch_pin_matches_pyproject():
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pinned = next(d for d in deps if d.replace(" ", "").startswith("torch=="))
+    assert re.search(r"^ARG TORCH_VERSION=%s$" % re.escape(pinned.split("==")[1]), dockerfile(), re.M)
+
+
+def test_dockerignore_keeps_the_checkpoint_and_drops_the_venv():
+    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
+                if p.strip() and not p.startswith("#")]
+    assert {".git", ".venv"} <= set(patterns)
+    assert not any(p.lstrip("/").startswith(("checkpoints", "model", "service", "cli", "media")) for p in patterns)
+
+
+# ---------------------------------------------------------------- kubernetes
+
+
+def k8s_documents() -> list[tuple[Path, dict]]:
+    files = sorted(K8S.glob("*.yaml")) + sorted((K8S / "examples").glob("*.yaml"))
+    return [(f, doc) for f in files for doc in yaml.safe_load_all(f.read_text()) if doc]
+
+
+def kinds() -> dict[str, dict]:
+    return {f"{d['kind']}/{d['metadata']['name']}": d for _, d in k8s_documents()}
+
+
+def k8s_validate(doc: dict) -> None:
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the dev extra")
+    kv.validate(doc, kv.latest_version(), strict=True)
+
+
+def test_k8s_manifests_pass_the_schema():
+    docs = k8s_documents()
+    assert len(docs) >= 8
+    for path, doc in docs:
+        try:
+            k8s_validate(doc)
+        except Exception as exc:  # noqa: BLE001 - name the file in the failure
+            pytest.fail(f"{path.relative_to(ROOT)} {doc['kind']}: {exc}")
+
+
+def test_k8s_validator_rejects_an_invalid_manifest():
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the dev extra")
+    bad = json.loads(json.dumps(kinds()["Deployment/cdt"]))
+    bad["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["paht"] = "/readyz"
+    with pytest.raises(kv.ValidationError):
+        k8s_validate(bad)
+
+
+def test_k8s_deployment_probes_security_and_wiring():
+    docs = kinds()
+    deployment = docs["Deployment/cdt"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
+    uid = int(re.findall(r"^USER\s+(\d+)", dockerfile(), re.M)[-1])
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == uid
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert deployment["spec"]["replicas"] >= 2
+    refs = {next(iter(v.values()))["name"] for v in container["envFrom"]}
+    assert refs == {"cdt-config", "cdt-api-keys"}
+    assert "ConfigMap/cdt-config" in docs and "Secret/cdt-api-keys" in docs
+    assert docs["ConfigMap/cdt-config"]["data"]["CDT_REDIS_URL"].startswith("redis://cdt-redis:")
+    assert "Service/cdt-redis" in docs
+
+    service = docs["Service/cdt"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"].get("sessionAffinity", "None") == "None", "no sticky sessions"
+    port = service["spec"]["ports"][0]["targetPort"]
+    assert port == "http" and container["ports"][0]["containerPort"] == SERVICE_PORT
+
+    hpa = docs["HorizontalPodAutoscaler/cdt"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "cdt" and hpa["spec"]["minReplicas"] >= 2
+
+
+def test_k8s_redis_never_evicts_session_state():
+    args = kinds()["Deployment/cdt-redis"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction" and "--maxmemory" in args
+
+
+# ---------------------------------------------------------------- dashboard
+
+
+def exported_metrics() -> dict[str, tuple[str, set[str]]]:
+    """name -> (type, labels) for every collector declared under service/."""
+    found = {}
+    pattern = re.compile(r"\b(Counter|Gauge|Histogram|Summary|Info)\(\s*[\"'](\w+)[\"']\s*,\s*[\"'][^\"']*[\"']"
+                         r"(?:\s*,\s*\[([^\]]*)\])?")
+    for path in (ROOT / "service").rglob("*.py"):
+        for kind, name, labels in pattern.findall(path.read_text()):
+            found[name] = (kind.lower(), set(re.findall(r"[\"'](\w+)[\"']", labels or "")))
+    return found
+
+
+def series_names(name: str, kind: str) -> set[str]:
+    return {"histogram": {f"{name}_bucket", f"{name}_sum", f"{name}_count"},
+            "summary": {name, f"{name}_sum", f"{name}_count"},
+            "counter": {f"{name.removesuffix('_total')}_total"},
+            "info": {f"{name}_info"}}.get(kind, {name})
+
+
+def test_pending_session_metrics_keep_their_agreed_type():
+    exported = exported_metrics()
+    assert "cdt_request_seconds" in exported, "service/ must declare its metrics"
+    for name, (kind, labels) in PENDING_METRICS.items():
+        if name in exported:
+            assert exported[name][0] == kind and labels <= exported[name][1], (name, exported[name])
+
+
+def test_dashboard_queries_only_exported_metrics_and_labels():
+    exported = exported_metrics()
+    metrics = {**{n: v for n, v in PENDING_METRICS.items() if n not in exported}, **exported}
+    series = {s: name for name, (kind, _) in metrics.items() for s in series_names(name, kind)}
+    exprs = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
+    assert exprs
+    for expr in exprs:
+        used = set(re.findall(r"\bcdt_\w+", expr))
+        assert used, expr
+        unknown = used - set(series)
+        assert not unknown, f"{expr}: the service exports no {unknown}"
+        labels = set(re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr))
+        labels = {x.strip() for group in labels for x in group.split(",") if x.strip()}
+        labels |= set(re.findall(r"(\w+)\s*(?:=~|!=|!~|=)\s*\"", expr))
+        allowed = IMPLICIT_LABELS.union(*(metrics[series[s]][1] for s in used))
+        assert labels <= allowed, f"{expr}: labels {labels - allowed} are not on {used}"
+
+
+def test_dashboard_has_the_required_panels():
+    panels = {p["title"]: [t["expr"] for t in p["targets"]] for p in json.loads(DASHBOARD.read_text())["panels"]}
+
+    def panel(*words: str) -> list[str]:
+        matches = [exprs for title, exprs in panels.items() if all(w in title.lower() for w in words)]
+        assert matches, f"no panel titled with {words}: {list(panels)}"
+        return matches[0]
+
+    latency = panel("latency", "endpoint")
+    for quantile in ("0.5", "0.95", "0.99"):
+        assert any(f"histogram_quantile({quantile}," in e and "cdt_request_seconds_bucket" in e
+                   and "endpoint" in e for e in latency), quantile
+    assert any('status="429"' in e for e in panel("429"))
+    assert any("cdt_queue_depth" in e for e in panel("queue depth"))
+    assert any("cdt_active_sessions" in e for e in panel("active sessions"))
+    assert any("cdt_session_state_bytes" in e for e in panel("state bytes"))
+    assert any("cdt_session_store_seconds" in e for e in panel("store latency"))
