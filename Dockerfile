@@ -13,6 +13,8 @@ ARG BASE_IMAGE=python:3.11-slim
 # --- base: a Python interpreter, whatever the base image (CUDA images ship none) ------
 FROM ${BASE_IMAGE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# The distro's python3 for whichever base was chosen: no one version pin fits every base.
+# hadolint ignore=DL3008
 RUN if ! command -v python3 >/dev/null; then \
       apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
       && rm -rf /var/lib/apt/lists/*; \

