@@ -1,0 +1,95 @@
+"""The training objective of both tokenizers (cdt-paper Eq. 11):
+
+    L = w(t) * ||x0 - x0_hat||^2  +  lambda * KL  +  eta * LPIPS(x0, x0_hat)
+
+CDT: x0_hat is the U-Net's x0 estimate from x_t at a random level t, weighted by
+w(t) = clamp(SNR(t), snr_min, snr_max). Pure min(SNR, 5) gives w ~ 0 at t = T-1, yet
+1-step decoding evaluates the network exactly there (on x_T = 0.8*eps), so the lower
+bound (1 by default) keeps that point trained. A `terminal_fraction` of batch items is
+moreover trained exactly as 1-step inference runs: t = T-1 on x_T = noise_scale*eps
+(q_sample at T-1 would give ~1.0*eps, a different input scale from inference).
+
+VAE baseline: x0_hat is the deterministic decoder's output, weight 1; same KL and LPIPS.
+
+KL is the posterior's per-item sum divided by the item's pixel elements, so with a
+per-element MSE, lambda keeps the balance of the usual summed-loss convention
+(lambda = 1e-6 as in latent-diffusion autoencoders).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Objective(nn.Module):
+    """Wraps the tokenizer so that DistributedDataParallel sees one forward per step."""
+
+    def __init__(self, model: nn.Module, loss: dict, lpips: nn.Module | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = loss
+        self.lpips = lpips
+
+    def forward(self, video: torch.Tensor, gen: torch.Generator, lpips_weight: float = 0.0):
+        post = self.model.posterior(video)
+        z = post.sample(gen)
+        x0_hat, weight, terminal = self.reconstruct(video, z, gen)
+        mse = (x0_hat - video).pow(2).flatten(1).mean(1)
+        kl = post.kl() / video[0].numel()
+        loss = (weight * mse).mean() + self.cfg["kl_weight"] * kl.mean()
+        stats = {"mse": mse.mean().item(), "kl": kl.mean().item()}
+        if terminal.any():
+            stats["mse_terminal"] = mse[terminal].mean().item()
+        if lpips_weight > 0:
+            if self.lpips is None:
+                raise ValueError("lpips_weight > 0 but no LPIPS network was built (set loss.lpips_weights)")
+            perceptual = self.lpips(frames_as_images(x0_hat), frames_as_images(video)).mean()
+            loss = loss + lpips_weight * perceptual
+            stats["lpips"] = perceptual.item()
+        stats["loss"] = loss.item()
+        return loss, stats
+
+    def reconstruct(self, video: torch.Tensor, z: torch.Tensor, gen: torch.Generator):
+        """(x0_hat, per-item weight, per-item mask of terminal-step items)."""
+        b = video.shape[0]
+        if self.model.kind == "vae":
+            x0_hat = self.model.decode_frames(z, steps=1, seed=0, start=0, cache=None)
+            return x0_hat, torch.ones(b), torch.zeros(b, dtype=torch.bool)
+        schedule = self.model.schedule
+        last = schedule.num_timesteps - 1
+        t = torch.randint(0, schedule.num_timesteps, (b,), generator=gen)
+        terminal = torch.rand(b, generator=gen) < self.cfg["terminal_fraction"]
+        t = torch.where(terminal, torch.full_like(t, last), t)
+        noise = torch.randn(video.shape, generator=gen)
+        x_t = schedule.q_sample(video, t, noise)
+        # Exactly the 1-step decoder's input: x_T = noise_scale * eps.
+        x_t = torch.where(terminal.view(-1, 1, 1, 1, 1), self.model.config.noise_scale * noise, x_t)
+        weight = schedule.snr(t).clamp(self.cfg["snr_min"], self.cfg["snr_max"])
+        ctx = self.model.contexts(z)
+        return self.model.denoise(x_t, t, ctx), weight, terminal
+
+
+def frames_as_images(video: torch.Tensor) -> torch.Tensor:
+    """(B,3,T,H,W) -> (B*T,3,H,W): LPIPS is an image metric, applied per frame."""
+    b, c, t, h, w = video.shape
+    return video.transpose(1, 2).reshape(b * t, c, h, w)
+
+
+def build_lpips(weights: str | None) -> nn.Module | None:
+    """The LPIPS network from local backbone weights; None (LPIPS off) without a path.
+
+    Nothing is downloaded. The network comes from `media.metrics.LPIPS(weights_path)`
+    when the media layer provides it."""
+    if not weights:
+        return None
+    try:
+        from media.metrics import LPIPS
+    except ImportError:
+        raise ValueError(
+            f"loss.lpips_weights={weights!r} is set, but this checkout has no media.metrics.LPIPS "
+            "to load it with; set loss.lpips_weights=null (LPIPS off)"
+        ) from None
+    net = LPIPS(weights)
+    net.requires_grad_(False)
+    return net.eval()
