@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from .codecs import Body, Kind, classify
 from .errors import BadParameter, PayloadTooLarge, Unavailable
 from .metrics import Metrics
 from .settings import Settings
@@ -42,3 +43,13 @@ async def read_body(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise PayloadTooLarge(f"the body passed the limit of {limit} bytes (CDT_MAX_UPLOAD_MB)")
     return bytes(body)
+
+
+async def receive_body(request: Request, accepted: tuple[Kind, ...], settings: Settings, pool: WorkerPool,
+                       metrics: Metrics) -> Body:
+    """The classified body of a request that will run a model job. Capacity is checked
+    first, so an overloaded server answers 429 without taking the upload."""
+    pool.check_capacity()
+    data = await read_body(request, settings.max_upload_bytes)
+    metrics.bytes_total.labels(request.scope["route"].path, "in").inc(len(data))
+    return classify(request.headers.get("content-type"), data, accepted)

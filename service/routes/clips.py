@@ -2,8 +2,7 @@
 
 Each route reads the body under the upload limit, decodes it in a thread (PyAV and
 numpy block), runs the model job on the worker pool and encodes the response in a
-thread. Capacity is checked before the body is read, so an overloaded server answers
-429 without taking the upload.
+thread.
 """
 
 from __future__ import annotations
@@ -23,13 +22,12 @@ from ..codecs import (
     ClipOptions,
     Kind,
     Limits,
-    classify,
     decode_clip,
     decode_latents,
     encode_frames,
     encode_latents,
 )
-from ..deps import get_metrics, get_pool, get_settings, read_body
+from ..deps import get_metrics, get_pool, get_settings, receive_body
 from ..metrics import Metrics
 from ..ops import decode_clip as decode_job
 from ..ops import encode_clip as encode_job
@@ -82,13 +80,10 @@ async def encode(
     pool: WorkerPool = Depends(get_pool),
     metrics: Metrics = Depends(get_metrics),
 ) -> Response:
-    pool.check_capacity()
-    data = await read_body(request, settings.max_upload_bytes)
-    metrics.bytes_total.labels("/v1/encode", "in").inc(len(data))
-    body = classify(request.headers.get("content-type"), data, (Kind.VIDEO, Kind.NPY, Kind.SAFETENSORS))
+    body = await receive_body(request, (Kind.VIDEO, Kind.NPY, Kind.SAFETENSORS), settings, pool, metrics)
     with metrics.media(f"decode_{body.kind.value}"):
         clip = await asyncio.to_thread(decode_clip, body, ClipOptions(frames, size, fps), _limits(settings))
-    del data, body
+    del body
     with model_errors():
         item = await pool.run("encode", lambda model: encode_job(model, clip.video, clip.fps))
     metrics.frames_total.labels("encode").inc(item.frames)
@@ -116,13 +111,10 @@ async def decode(
     pool: WorkerPool = Depends(get_pool),
     metrics: Metrics = Depends(get_metrics),
 ) -> Response:
-    pool.check_capacity()
-    data = await read_body(request, settings.max_upload_bytes)
-    metrics.bytes_total.labels("/v1/decode", "in").inc(len(data))
-    body = classify(request.headers.get("content-type"), data, (Kind.SAFETENSORS,))
+    body = await receive_body(request, (Kind.SAFETENSORS,), settings, pool, metrics)
     with metrics.media("decode_latents"):
         item = await asyncio.to_thread(decode_latents, body, pool.model.content_hash(), _limits(settings))
-    del data, body
+    del body
     with model_errors():
         frames = await pool.run("decode", lambda model: decode_job(model, item, steps, seed))
     metrics.frames_total.labels("decode").inc(len(frames))
