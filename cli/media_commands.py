@@ -102,6 +102,20 @@ def _positive(text: str) -> int:
     return value
 
 
+def _rate(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _crf(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 51:
+        raise argparse.ArgumentTypeError(f"must be in 0..51, got {value}")
+    return value
+
+
 def _add_model_args(parser) -> None:
     parser.add_argument("--checkpoint", type=Path, metavar="DIR",
                         help=f"checkpoint directory (default {DEFAULT_CHECKPOINT})")
@@ -112,14 +126,14 @@ def _add_model_args(parser) -> None:
 def _add_input_args(parser) -> None:
     parser.add_argument("--frames", type=_positive, metavar="N", help="use the first N frames (error if fewer)")
     parser.add_argument("--size", type=_positive, metavar="S", help="resize so the short side is S")
-    parser.add_argument("--fps", type=float, default=FALLBACK_FPS,
+    parser.add_argument("--fps", type=_rate, default=FALLBACK_FPS,
                         help=f"frame rate recorded for inputs that carry none, e.g. .npy (default {FALLBACK_FPS:g})")
 
 
 def _add_decode_args(parser) -> None:
     parser.add_argument("--steps", type=_positive, default=1, help="diffusion decoding steps (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="decoding noise seed (default 0)")
-    parser.add_argument("--crf", type=int, default=18, help="x264 quality of .mp4 output, 0..51 (default 18)")
+    parser.add_argument("--crf", type=_crf, default=18, help="x264 quality of .mp4 output, 0..51 (default 18)")
 
 
 def load_model(args) -> Tokenizer:
