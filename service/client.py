@@ -4,16 +4,36 @@
         latents = client.encode_file("clip.mp4", frames=17)
         video = client.decode_file("clip.safetensors", output="out.mp4", seed=0)
 
+Long videos stream through a session, chunk by chunk, retrying a chunk on
+connection errors with the same seq:
+
+        latents = client.stream_encode("long.mp4", chunk_frames=16)
+        frames = client.stream_decode(latents, chunk_latents=4, seed=0)
+
 Every error response becomes a `ServiceError` subclass chosen by status, carrying the
 service's error `code` and `message` (`Overloaded` also carries `retry_after`).
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+
+from .stream_client import (
+    Retrying,
+    assemble_latents,
+    chunk_info,
+    concat_frames,
+    frame_chunks,
+    latent_chunks,
+    npy_body,
+    parse_latents_source,
+    read_latents,
+)
 
 DEFAULT_TIMEOUT_S = 600.0
 _CONTENT_TYPES = {".npy": "application/x-npy", ".safetensors": "application/x-safetensors",
@@ -132,6 +152,51 @@ class Client:
 
     def ready(self) -> bool:
         return self._http.get("/readyz").is_success
+
+    # --- streaming sessions ---------------------------------------------------------------
+    def _session(self, spec: dict, retry: Retrying) -> str:
+        response = retry.send(lambda: self._http.post("/v1/sessions", json=spec))
+        raise_for_error(response)
+        return response.json()["id"]
+
+    def _push(self, url: str, body: bytes, params: dict, retry: Retrying) -> httpx.Response:
+        response = retry.send(lambda: self._http.post(url, content=body, params=params,
+                                                      headers={"content-type": "application/x-npy"}))
+        raise_for_error(response)
+        return response
+
+    def stream_encode(self, source: str | Path | np.ndarray, chunk_frames: int = 16, *, fps: float | None = None,
+                      retry: Retrying | None = None) -> bytes:
+        """Encode a video file (decoded lazily, chunk by chunk) or uint8 (T,H,W,3) frames
+        through an encode session; returns a latents file, as /v1/encode would."""
+        retry = retry or Retrying()
+        chunks, source_fps = frame_chunks(source, chunk_frames)
+        model = self.models()[0]
+        sid = self._session({"kind": "encode"}, retry)
+        parts = []
+        for seq, chunk in enumerate(chunks):
+            parts.append(read_latents(self._push(f"/v1/sessions/{sid}/chunks/{seq}", npy_body(chunk), {}, retry)
+                                      .content))
+        finish = retry.send(lambda: self._http.post(f"/v1/sessions/{sid}/finish"))
+        raise_for_error(finish)
+        parts.append(read_latents(finish.content))
+        return assemble_latents(parts, chunk_info(finish), model, fps or source_fps or 30.0)
+
+    def stream_decode(self, latents: str | Path | bytes | np.ndarray, chunk_latents: int = 2, *, steps: int = 1,
+                      seed: int = 0, retry: Retrying | None = None) -> np.ndarray:
+        """Decode a latents file (or (1,16,T,h,w) array) through a decode session; returns
+        uint8 (T,H,W,3) frames, cropped to the original size when the file records it."""
+        retry = retry or Retrying()
+        array, item = parse_latents_source(latents)
+        spec = {"kind": "decode", "steps": steps, "seed": seed}
+        if item is not None:
+            spec.update(height=item.height, width=item.width, frames=item.frames, fps=item.fps)
+        sid = self._session(spec, retry)
+        parts = [np.load(io.BytesIO(self._push(f"/v1/sessions/{sid}/chunks/{seq}", npy_body(chunk),
+                                               {"format": "npy"}, retry).content), allow_pickle=False)
+                 for seq, chunk in enumerate(latent_chunks(array, chunk_latents))]
+        raise_for_error(retry.send(lambda: self._http.post(f"/v1/sessions/{sid}/finish")))
+        return concat_frames(parts)
 
     def close(self) -> None:
         self._http.close()

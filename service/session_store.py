@@ -150,8 +150,12 @@ class RedisSessionStore:
     """Sessions in Redis: one hash per session with a TTL, plus a zset of live ids (scored by
     expiry) for the live-session limit. Writes are Lua scripts: atomic compare-and-set."""
 
-    def __init__(self, url: str, prefix: str = "cdt:", timeout_s: float = 5.0) -> None:
-        self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    def __init__(self, url: str, prefix: str = "cdt:", connect_timeout_s: float = 2.0,
+                 io_timeout_s: float = 60.0) -> None:
+        # A dead Redis is noticed by the short connect timeout; the I/O timeout must let a
+        # state of a few hundred MB (large frames) cross the wire.
+        self._redis = aioredis.Redis.from_url(url, socket_timeout=io_timeout_s,
+                                              socket_connect_timeout=connect_timeout_s)
         self._prefix = prefix
         self._index = prefix + "sessions"
         self._save = self._redis.register_script(_SAVE)

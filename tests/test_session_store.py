@@ -128,7 +128,7 @@ def test_saving_refreshes_the_ttl(make_store):
 
 def test_unreachable_redis_raises_store_unavailable():
     async def scenario():
-        store = RedisSessionStore("redis://127.0.0.1:1/0", timeout_s=0.5)
+        store = RedisSessionStore("redis://127.0.0.1:1/0", connect_timeout_s=0.5)
         with pytest.raises(SessionStoreUnavailable):
             await store.ping()
         with pytest.raises(SessionStoreUnavailable):

@@ -182,3 +182,45 @@ def test_redis_stopped_gives_503_and_whole_clips_keep_working(tiny_checkpoint, t
         assert push(server.url, sid, 0, frames[:5]).status_code == 200
         assert httpx.get(server.url + "/readyz").status_code == 200
     redis.Redis(port=port).shutdown(nosave=True)
+
+
+class LoseResponses(httpx.HTTPTransport):
+    """Delivers every request, but drops the response of the chosen chunk pushes, as a
+    connection cut after the server answered would."""
+
+    def __init__(self, lose: set[int]) -> None:
+        super().__init__()
+        self.lose, self.seen = lose, 0
+
+    def handle_request(self, request):
+        response = super().handle_request(request)
+        if "/chunks/" in request.url.path:
+            self.seen += 1
+            if self.seen in self.lose:
+                response.read()
+                raise httpx.ReadError("connection lost after the server answered", request=request)
+        return response
+
+
+def test_client_streams_and_retries_lost_answers_with_the_same_seq(replicas, shared_videos, tmp_path):
+    from media import write_video
+    from service.client import Client
+    from service.stream_client import Retrying
+    from tests.session_helpers import real_frames
+
+    clip = tmp_path / "clip.mp4"
+    source = real_frames(shared_videos, 21)
+    write_video(clip, source, fps=20)
+    url = replicas[0].url
+    whole = httpx.post(url + "/v1/encode", content=clip.read_bytes(), headers={"content-type": "video/mp4"},
+                       timeout=60)
+    transport = LoseResponses(lose={2, 4})
+    with Client(url, transport=transport) as client:
+        streamed = client.stream_encode(clip, chunk_frames=6, retry=Retrying(backoff_s=0.01))
+        assert transport.seen == 6  # 4 chunks + 2 retries
+        assert (latents_of(streamed) - latents_of(whole.content)).abs().max().item() < 1e-5
+        frames = client.stream_decode(streamed, chunk_latents=2, seed=4)
+    reference = httpx.post(url + "/v1/decode?seed=4&format=npy", content=whole.content,
+                           headers={"content-type": "application/x-safetensors"}, timeout=60)
+    diff = np.abs(frames.astype(int) - npy_array(reference.content).astype(int))
+    assert frames.shape == source.shape and diff.max() <= 1

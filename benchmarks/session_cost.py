@@ -1,0 +1,83 @@
+"""Cost of keeping a streaming session's state in Redis between chunks.
+
+For encode and decode sessions at each size: the exported FeatureCache size after a
+steady-state chunk (4 frames / 1 latent frame), the chunk's compute time, and the
+time to save then load that state through `RedisSessionStore` against a real Redis,
+as a fraction of the compute. Medians of --repeats runs.
+
+    .venv/bin/python -m benchmarks.session_cost [--sizes 256 512] [--preset tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import sys
+import time
+
+import torch
+
+from benchmarks import report
+from model import CDTConfig, StreamingDecoder, StreamingEncoder, build_model
+from service.session_store import RedisSessionStore, SessionRecord
+
+
+def chunk_streams(model, size: int):
+    """(kind, stream primed with its first chunk, function pushing one steady-state chunk)."""
+    enc = StreamingEncoder(model)
+    enc.push(torch.rand(1, 3, 1, size, size) * 2 - 1)
+    dec = StreamingDecoder(model, steps=1, seed=0)
+    dec.push(torch.randn(1, 16, 1, size // 8, size // 8))
+    return [
+        ("encode", enc, lambda: enc.push(torch.rand(1, 3, 4, size, size) * 2 - 1)),
+        ("decode", dec, lambda: dec.push(torch.randn(1, 16, 1, size // 8, size // 8))),
+    ]
+
+
+async def store_round_trip(store: RedisSessionStore, state: bytes, repeats: int) -> float:
+    sid = secrets.token_hex(8)
+    assert await store.create(sid, SessionRecord({"bench": True}), ttl_s=60, max_sessions=10**6)
+    times = []
+    for version in range(1, repeats + 1):
+        start = time.perf_counter()
+        assert await store.save(sid, SessionRecord({"bench": True}, state, b""), version, ttl_s=60)
+        loaded = await store.load(sid)
+        times.append(time.perf_counter() - start)
+        assert len(loaded.state) == len(state)
+    await store.delete(sid)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = build_model(CDTConfig.from_preset(args.preset), "cdt").eval()
+    store = RedisSessionStore(args.redis_url, prefix=f"cdt-bench-{secrets.token_hex(4)}:")
+    rows = []
+    loop = asyncio.new_event_loop()
+    for size in args.sizes:
+        for kind, stream, push in chunk_streams(model, size):
+            with torch.inference_mode():
+                compute = report.median_time(push, args.repeats)
+            state = stream.export_state()
+            store_s = loop.run_until_complete(store_round_trip(store, state, args.repeats))
+            rows.append({"kind": kind, "size": f"{size}x{size}", "state_mb": len(state) / 2**20,
+                         "chunk_compute_s": compute, "save_load_s": store_s, "store_share": store_s / compute})
+    loop.run_until_complete(store.close())
+    worst = max(r["store_share"] for r in rows)
+    notes = (f"Chunks: 4 frames (encode) or 1 latent frame = 4 frames (decode, 1 step), {args.preset} preset, "
+             f"fp32 state. Store time = one compare-and-set save plus one load of the state through "
+             f"RedisSessionStore on loopback. Worst store share of chunk compute: **{worst:.1%}** (target < 10%).")
+    command = "python -m benchmarks.session_cost " + " ".join(sys.argv[1:])
+    path = report.write("session_cost", command.strip(), {"preset": args.preset, "worst_share": worst}, rows, notes)
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
