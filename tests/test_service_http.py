@@ -5,6 +5,7 @@ checkpoint, clips cut from the shared set. Issue 5's checks 1 (round trip equals
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import av
@@ -137,7 +139,7 @@ def test_encode_npy_format_carries_metadata_header(http, clip):
                          headers={"content-type": "video/mp4"})
     assert response.status_code == 200 and response.headers["content-type"] == "application/x-npy"
     latents = np.load(io.BytesIO(response.content), allow_pickle=False)
-    meta = __import__("json").loads(response.headers["x-cdt-metadata"])
+    meta = json.loads(response.headers["x-cdt-metadata"])
     assert latents.shape == (1, 16, 3, 4, 3) and (meta["frames"], meta["height"], meta["width"]) == ("6", "27", "21")
 
 
@@ -272,3 +274,36 @@ def test_models_and_openapi_describe_the_service(client, server, tiny_checkpoint
     assert {"video/mp4", "application/x-npy", "application/x-safetensors"} <= set(encode["requestBody"]["content"])
     assert "application/x-safetensors" in encode["responses"]["200"]["content"]
     assert "video/mp4" in spec["paths"]["/v1/decode"]["post"]["responses"]["200"]["content"]
+
+
+# --- clean shutdown ------------------------------------------------------------------------
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def test_sigterm_finishes_accepted_requests(tiny_checkpoint, tmp_path):
+    proc, url = start_server(tiny_checkpoint, tmp_path / "log.txt", queue_size="4")
+    body = npy_bytes(np.random.default_rng(0).integers(0, 256, (17, 64, 64, 3), dtype=np.uint8))
+    post = lambda: httpx.post(url + "/v1/encode", content=body, timeout=120,  # noqa: E731
+                              headers={"content-type": "application/x-npy"})
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(post) for _ in range(3)]
+            deadline = time.monotonic() + 60
+            while metric(url, "cdt_jobs_in_flight") + metric(url, "cdt_queue_depth") < 3:
+                assert time.monotonic() < deadline, "the three jobs were never all accepted"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            responses = [f.result() for f in futures]
+        assert [r.status_code for r in responses] == [200] * 3
+        assert all(latents_from_bytes(r.content).frames == 17 for r in responses)
+        # uvicorn re-raises the signal once the graceful shutdown is over.
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Traceback" not in (tmp_path / "log.txt").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
