@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 
 import numpy as np
@@ -119,3 +120,14 @@ def test_ddp_two_processes_stay_in_sync(clip_dir, tmp_path):
     torch.manual_seed(config["seed"])
     initial = build_model(CDTConfig.from_preset("tiny"), "cdt").state_dict()
     assert not torch.equal(initial["unet.out_conv.conv.weight"], ranks[0]["params"]["unet.out_conv.conv.weight"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown config key"),
+    ("stages.0.frames=8", "1+4k"),
+    ("stages.0.crop=40", "multiple of 16"),
+    ("stages.0.lpips_weight=0.01", "lpips_weights"),
+])
+def test_config_rejects_bad_options(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(None, [override])

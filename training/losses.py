@@ -25,7 +25,7 @@ from torch import nn
 class Objective(nn.Module):
     """Wraps the tokenizer so that DistributedDataParallel sees one forward per step."""
 
-    def __init__(self, model: nn.Module, loss: dict, lpips: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module, loss: dict, lpips=None) -> None:
         super().__init__()
         self.model = model
         self.cfg = loss
@@ -44,7 +44,7 @@ class Objective(nn.Module):
         if lpips_weight > 0:
             if self.lpips is None:
                 raise ValueError("lpips_weight > 0 but no LPIPS network was built (set loss.lpips_weights)")
-            perceptual = self.lpips(frames_as_images(x0_hat), frames_as_images(video)).mean()
+            perceptual = self.lpips.distance(frames_as_images(x0_hat), frames_as_images(video)).mean()
             loss = loss + lpips_weight * perceptual
             stats["lpips"] = perceptual.item()
         stats["loss"] = loss.item()
@@ -76,20 +76,18 @@ def frames_as_images(video: torch.Tensor) -> torch.Tensor:
     return video.transpose(1, 2).reshape(b * t, c, h, w)
 
 
-def build_lpips(weights: str | None) -> nn.Module | None:
-    """The LPIPS network from local backbone weights; None (LPIPS off) without a path.
+def build_lpips(weights: str | list[str] | None):
+    """LPIPS from local weights (`media.lpips`: backbone file, optionally the linear
+    heads); None, i.e. LPIPS off, without a path. Nothing is downloaded.
 
-    Nothing is downloaded. The network comes from `media.metrics.LPIPS(weights_path)`
-    when the media layer provides it."""
+    Training needs gradients through the distance: the network must offer
+    `distance(x, y)` on (N,3,H,W) tensors in [-1,1] without `no_grad`."""
     if not weights:
         return None
-    try:
-        from media.metrics import LPIPS
-    except ImportError:
-        raise ValueError(
-            f"loss.lpips_weights={weights!r} is set, but this checkout has no media.metrics.LPIPS "
-            "to load it with; set loss.lpips_weights=null (LPIPS off)"
-        ) from None
-    net = LPIPS(weights)
-    net.requires_grad_(False)
-    return net.eval()
+    from media.lpips import load_lpips
+
+    net = load_lpips(*([weights] if isinstance(weights, str) else weights))
+    if not callable(getattr(net, "distance", None)):
+        raise ValueError("media.lpips.LPIPS only scores clips without gradients (evaluation); the LPIPS "
+                         "training loss needs a differentiable distance(x, y). Set loss.lpips_weights=null")
+    return net

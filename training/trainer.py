@@ -131,8 +131,9 @@ def prepare_run(run_dir: str | Path, config: dict) -> Path:
 def train(run_dir: str | Path, stop_at: int | None = None, progress: bool = True):
     """Run (or continue) the run in `run_dir` up to `stop_at` or the config's last step.
 
-    Returns (model, last logged train stats of this rank). SIGTERM/SIGINT stop at the next step boundary
-    after writing a checkpoint."""
+    Returns (model, last logged train stats of this rank). SIGTERM/SIGINT stop at the
+    next step boundary after writing a checkpoint. On CPUs shared with other work, start
+    it with OMP_WAIT_POLICY=PASSIVE (see docs/results.md: 3x less CPU per step)."""
     run_dir = Path(run_dir)
     config = json.loads((run_dir / CONFIG_FILE).read_text())
     rank, world = init_distributed()
@@ -199,12 +200,12 @@ def train(run_dir: str | Path, stop_at: int | None = None, progress: bool = True
     bar = tqdm(total=stop, initial=step, disable=rank != 0 or not progress, mininterval=10, dynamic_ncols=True)
     last_save, tick, window, stats = time.time(), time.time(), [], {}
 
+    model.train()
     while step < stop and not stop_requested:
         stage = stage_at(config, step)
         lr = lr_at(step, optim, total)
         for group in opt.param_groups:
             group["lr"] = lr
-        model.train()
         for micro in range(accum):
             video = next(batches)
             sync = world == 1 or micro == accum - 1
@@ -234,11 +235,11 @@ def train(run_dir: str | Path, stop_at: int | None = None, progress: bool = True
         if rank == 0 and (step % val["every"] == 0 or step == total):
             write_log({"kind": "val", "step": step, "steps": val["steps"], "size": val["size"],
                        "frames": val["frames"], **validate(ema, val_set, val["steps"])})
-            tick = time.time()  # validation time is not training wall time
         due = step % train_cfg["ckpt_every_steps"] == 0 or now - last_save > 60 * train_cfg["ckpt_every_minutes"]
         if due or step == stop or stop_requested:
             checkpoint()
             last_save = time.time()
+        tick = time.time()  # validation and checkpoint time is not training wall time
     bar.close()
     for sig, handler in previous_handlers.items():
         signal.signal(sig, handler)
