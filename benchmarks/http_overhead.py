@@ -17,7 +17,6 @@ import argparse
 import io
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +31,7 @@ from service.ops import decode_clip, encode_clip
 
 from . import report
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_service_http import start_server, stop_server  # noqa: E402  (the tests' real-server launcher)
+from tests.servers import Server  # noqa: E402  (the tests' real-server launcher)
 
 SHAPE = (17, 256, 256)
 SEED = 0
@@ -67,7 +65,8 @@ def main() -> None:
             with torch.inference_mode():
                 return decode_clip(model, encode_clip(model, frames_to_tensor(frames), 30.0), 1, SEED)
 
-        proc, url = start_server(checkpoint, Path(tmp) / "server.log")
+        server = Server(checkpoint, Path(tmp) / "server.log").wait_ready()
+        url = server.url
         try:
             with httpx.Client(base_url=url, timeout=600) as http:
                 def over_http() -> np.ndarray:
@@ -90,7 +89,7 @@ def main() -> None:
                         if name == "http":
                             times["server_compute"].append(compute_seconds(http) - compute_before)
         finally:
-            stop_server(proc)
+            server.stop()
     median = {name: statistics.median(values) for name, values in times.items()}
     ratio = median["http"] / median["direct"]
     # Wall time of the HTTP run outside the model jobs (transfer, codecs, queueing), per run:

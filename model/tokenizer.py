@@ -13,7 +13,6 @@ import hashlib
 import torch
 from torch import nn
 
-from .cache import FeatureCache
 from .config import SPACE_FACTOR, TIME_FACTOR, CDTConfig
 from .decoder import ConditionAdapter, TimeEmbedding, UNet, UpStage
 from .diffusion import CosineSchedule, frame_noise

@@ -1,4 +1,5 @@
-"""Real service processes for end-to-end tests: `cdt serve` under uvicorn on a free port."""
+"""Real service processes for end-to-end tests and benchmarks: `cdt serve` under uvicorn
+on a free port, configured by CDT_* variables."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class Server:
             cwd=REPO, env=environ, stdout=self._log, stderr=subprocess.STDOUT)
         self._log_path = log
 
-    def wait_ready(self, timeout_s: float = 120.0, path: str = "/healthz") -> "Server":
+    def wait_ready(self, timeout_s: float = 120.0, path: str = "/readyz") -> "Server":
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
-import socket
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -29,55 +25,18 @@ from media import encode_frames, load_frames, read_video, write_video
 from media.latents_file import latents_from_bytes, latents_to_bytes
 from model import CDTConfig, build_model
 from service.client import Client, Conflict, Forbidden, InvalidInput, Unauthorized
+from tests.servers import Server
 
-CDT = Path(sys.executable).parent / "cdt"
 KEY = "test-key-1"
 UPLOAD_MB = 1
 STARTUP_TIMEOUT_S = 120
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(checkpoint: Path, log: Path, **env: str) -> tuple[subprocess.Popen, str]:
-    """`cdt serve` on a free port with CDT_* variables from `env`; waits for /readyz."""
-    port = free_port()
-    environ = {**os.environ, "CDT_CHECKPOINT": str(checkpoint), **{f"CDT_{k.upper()}": v for k, v in env.items()}}
-    proc = subprocess.Popen([str(CDT), "serve", "--port", str(port), "--log-level", "warning"], env=environ,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S} s: {log.read_text()[-2000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
-    proc, url = start_server(tiny_checkpoint, tmp_path_factory.mktemp("server") / "log.txt", api_keys=KEY,
-                             max_upload_mb=str(UPLOAD_MB))
-    yield url
-    stop_server(proc)
+    with Server(tiny_checkpoint, tmp_path_factory.mktemp("server") / "log.txt", api_keys=KEY,
+                max_upload_mb=str(UPLOAD_MB)) as running:
+        yield running.url
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +245,8 @@ def metric(url: str, name: str) -> float:
 
 
 def test_sigterm_finishes_accepted_requests(tiny_checkpoint, tmp_path):
-    proc, url = start_server(tiny_checkpoint, tmp_path / "log.txt", queue_size="4")
+    server = Server(tiny_checkpoint, tmp_path / "log.txt", queue_size="4").wait_ready()
+    proc, url = server.process, server.url
     body = npy_bytes(np.random.default_rng(0).integers(0, 256, (17, 64, 64, 3), dtype=np.uint8))
     post = lambda: httpx.post(url + "/v1/encode", content=body, timeout=120,  # noqa: E731
                               headers={"content-type": "application/x-npy"})
@@ -305,5 +265,4 @@ def test_sigterm_finishes_accepted_requests(tiny_checkpoint, tmp_path):
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
         assert "Traceback" not in (tmp_path / "log.txt").read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        server.stop()
