@@ -31,14 +31,6 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "cdt-service.json"
 SERVICE_PORT = 8000
 SECRETS = {"CDT_API_KEYS": "test-key-1,test-key-2", "GRAFANA_ADMIN_PASSWORD": "test-password"}
 
-# Session metrics agreed for issue 6 (streaming sessions), used by the dashboard before
-# service/ declares them. Once declared there, their type must match (checked below).
-PENDING_METRICS = {
-    "cdt_active_sessions": ("gauge", set()),
-    "cdt_session_state_bytes": ("histogram", set()),
-    "cdt_session_store_seconds": ("histogram", {"op"}),
-    "cdt_chunk_seconds": ("histogram", set()),
-}
 # Labels Prometheus adds or histograms carry on every series.
 IMPLICIT_LABELS = {"le", "instance", "job", "quantile"}
 
@@ -313,12 +305,13 @@ def series_names(name: str, kind: str) -> set[str]:
             "info": {f"{name}_info"}}.get(kind, {name})
 
 
-def test_pending_session_metrics_keep_their_agreed_type():
+def test_service_declares_the_metrics_the_dashboard_needs():
     exported = exported_metrics()
-    assert "cdt_request_seconds" in exported, "service/ must declare its metrics"
-    for name, (kind, labels) in PENDING_METRICS.items():
-        if name in exported:
-            assert exported[name][0] == kind and labels <= exported[name][1], (name, exported[name])
+    for name, kind in (("cdt_request_seconds", "histogram"), ("cdt_queue_depth", "gauge"),
+                       ("cdt_active_sessions", "gauge"), ("cdt_session_state_bytes", "histogram"),
+                       ("cdt_session_store_seconds", "histogram")):
+        assert exported.get(name, ("missing",))[0] == kind, (name, exported.get(name))
+    assert {"endpoint", "status"} <= exported["cdt_request_seconds"][1]
 
 
 def promql_names(expr: str) -> tuple[set[str], set[str]]:
@@ -345,8 +338,7 @@ def test_promql_parser_rejects_a_broken_query():
 
 
 def test_dashboard_queries_only_exported_metrics_and_labels():
-    exported = exported_metrics()
-    metrics = {**{n: v for n, v in PENDING_METRICS.items() if n not in exported}, **exported}
+    metrics = exported_metrics()
     series = {s: name for name, (kind, _) in metrics.items() for s in series_names(name, kind)}
     exprs = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
     assert exprs
