@@ -53,9 +53,12 @@ class CosineSchedule:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if steps > self.num_timesteps:
             raise ValueError(f"steps must be <= {self.num_timesteps}, got {steps}")
-        # Descending linspace, so that a single step lands on T-1 (not on 0).
-        grid = torch.linspace(self.num_timesteps - 1, 0, steps, dtype=torch.float64).round().long()
-        return grid.tolist()
+        # Descending linspace, so that a single step lands on T-1 (not on 0). Plain Python
+        # (round half to even, like torch.round): no tensor, so it also runs under fake tensors.
+        top = self.num_timesteps - 1
+        if steps == 1:
+            return [top]
+        return [round(top - i * top / (steps - 1)) for i in range(steps)]
 
     def ddim_step(self, x_t: torch.Tensor, x0: torch.Tensor, t: int, t_next: int) -> torch.Tensor:
         """Deterministic (eta=0) DDIM move from level t to level t_next given x0."""
