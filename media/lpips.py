@@ -74,7 +74,8 @@ class LPIPS:
         except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
             reason = str(exc).splitlines()[-1].strip()
             raise ValueError(f"LPIPS weights do not fit the {self.arch} backbone ({reason})") from None
-        heads = {int(m.group(1)): v.float() for k, v in state.items() if (m := re.fullmatch(r"lin(\d)\.model\.\d\.weight", k))}
+        heads = {int(m.group(1)): v.float() for k, v in state.items()
+                 if (m := re.fullmatch(r"lin(\d)\.model\.\d\.weight", k))}
         self.learned = bool(heads)
         self.heads = [heads[i].flatten() for i in range(len(_TAPS[self.arch]))] if heads else None
         kind = "learned LPIPS v0.1 heads" if self.learned else "unlearned (uniform) channel weights"

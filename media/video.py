@@ -296,7 +296,8 @@ class VideoWriter:
         """Append uint8 (T,H,W,3) frames."""
         check_frames(frames)
         if frames.shape[1:3] != (self.height, self.width):
-            raise ValueError(f"frames are {frames.shape[2]}x{frames.shape[1]}, the writer is {self.width}x{self.height}")
+            raise ValueError(f"frames are {frames.shape[2]}x{frames.shape[1]}, "
+                             f"the writer is {self.width}x{self.height}")
         even = np.pad(frames, ((0, 0), (0, self.height % 2), (0, self.width % 2), (0, 0)), mode="edge")
         for rgb in even:
             self._container.mux(self._stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))

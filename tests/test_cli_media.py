@@ -78,8 +78,8 @@ def test_chunked_decode_equals_whole_clip(capsys, latents, tiny_checkpoint, tmp_
     outputs = {}
     for name, extra in [("whole", ()), ("chunked", ("--chunk", "1"))]:
         path = tmp_path / f"{name}.safetensors"
-        code, _, _ = run(capsys, "decode", latents, "-o", path, "--checkpoint", tiny_checkpoint, "--steps", "2",
-                         "--seed", "5", "--quiet", *extra)
+        code, _, _ = run(capsys, "decode", latents, "-o", path, "--checkpoint", tiny_checkpoint, "--seed", "5",
+                         "--quiet", *extra)
         assert code == 0
         outputs[name] = load_frames(path)[0].astype(int)
     # The float outputs agree within 1e-4 (tests/test_media.py); after uint8 rounding a
@@ -102,8 +102,8 @@ def test_reconstruct_prints_psnr_ssim_against_the_input(capsys, clip, tiny_check
 
 def test_eval_json_reports_clips_mean_and_protocol(capsys, shared_videos, tiny_checkpoint):
     videos = [shared_videos / "cotracker__cat.mp4", shared_videos / "mmaction2__test.avi"]
-    code, out, _ = run(capsys, "eval", "--checkpoint", tiny_checkpoint, "--videos", *videos, "--frames", "5",
-                       "--size", "32", "--json", "--quiet")
+    code, out, _ = run(capsys, "eval", "--checkpoint", tiny_checkpoint, "--videos", *videos, "--frames", "3",
+                       "--size", "16", "--json", "--quiet")
     assert code == 0
     report = json.loads(out)
     assert [c["path"] for c in report["clips"]] == [str(v) for v in videos]
@@ -111,10 +111,10 @@ def test_eval_json_reports_clips_mean_and_protocol(capsys, shared_videos, tiny_c
         assert 0 < c["psnr"] < 100 and -1 <= c["ssim"] <= 1 and "lpips" not in c
     assert report["mean"]["psnr"] == pytest.approx(np.mean([c["psnr"] for c in report["clips"]]))
     assert report["mean"]["ssim"] == pytest.approx(np.mean([c["ssim"] for c in report["clips"]]))
-    assert report["protocol"]["frames"] == 5 and report["protocol"]["crop"] == [32, 32]
+    assert report["protocol"]["frames"] == 3 and report["protocol"]["crop"] == [16, 16]
     assert "skipped" in report["protocol"]["lpips"]
-    code, out, _ = run(capsys, "eval", "--checkpoint", tiny_checkpoint, "--videos", videos[0], "--frames", "5",
-                       "--size", "32", "--quiet")
+    code, out, _ = run(capsys, "eval", "--checkpoint", tiny_checkpoint, "--videos", videos[0], "--frames", "3",
+                       "--size", "16", "--quiet")
     assert code == 0 and "LPIPS skipped" in out
     assert f"PSNR {report['clips'][0]['psnr']:.2f} dB" in out
 
@@ -122,8 +122,9 @@ def test_eval_json_reports_clips_mean_and_protocol(capsys, shared_videos, tiny_c
 def test_eval_with_local_lpips_weights(capsys, shared_videos, tiny_checkpoint, tmp_path):
     weights = tmp_path / "alexnet.safetensors"
     save_file({f"features.{k}": v for k, v in _features(_ALEX).state_dict().items()}, str(weights))
-    code, out, _ = run(capsys, "eval", "--checkpoint", tiny_checkpoint, "--videos", shared_videos / "cotracker__cat.mp4",
-                       "--frames", "5", "--size", "32", "--lpips-weights", weights, "--json", "--quiet")
+    code, out, _ = run(capsys, "eval", "--checkpoint", tiny_checkpoint,
+                       "--videos", shared_videos / "cotracker__cat.mp4", "--frames", "1", "--size", "32",
+                       "--lpips-weights", weights, "--json", "--quiet")
     assert code == 0
     report = json.loads(out)
     assert report["clips"][0]["lpips"] > 0 and report["mean"]["lpips"] == report["clips"][0]["lpips"]
@@ -185,7 +186,8 @@ def test_missing_default_checkpoint_says_how_to_make_one(capsys, clip, tmp_path,
 
 
 def test_console_script_reports_corrupt_input_without_traceback(bad_inputs, tiny_checkpoint):
-    result = subprocess.run([CDT, "encode", bad_inputs["root"] / "notes.mp4", "-o", bad_inputs["root"] / "x.safetensors",
+    root = bad_inputs["root"]
+    result = subprocess.run([CDT, "encode", root / "notes.mp4", "-o", root / "x.safetensors",
                              "--checkpoint", tiny_checkpoint], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -147,12 +147,13 @@ def test_rotation_metadata_is_applied(tmp_path):
 
 def test_reading_stops_once_enough_frames_are_decoded(shared_videos):
     path = shared_videos / "mmaction2__test.mp4"  # 300 frames
-    t0 = time.perf_counter()
+    # CPU time of this process (decoder threads included): other jobs on the machine do not count.
+    t0 = time.process_time()
     read_video(path, num_frames=5)
-    partial = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    partial = time.process_time() - t0
+    t0 = time.process_time()
     whole = read_video(path)
-    full = time.perf_counter() - t0
+    full = time.process_time() - t0
     assert len(whole.frames) == 300
     assert partial < full / 4
 
@@ -299,16 +300,16 @@ def test_frames_files_never_unpickle(tmp_path):
 
 @pytest.fixture(scope="module")
 def odd_frames(shared_videos) -> np.ndarray:
-    """10 real frames (not 1+4k) of odd size 27x21."""
-    return read_video(shared_videos / "cotracker__cat.mp4", num_frames=10, size=27, crop=(27, 21)).frames
+    """6 real frames (not 1+4k) of odd size 27x21."""
+    return read_video(shared_videos / "cotracker__cat.mp4", num_frames=6, size=27, crop=(27, 21)).frames
 
 
 def test_streamed_encode_equals_whole_clip(tiny_model, odd_frames):
     whole = encode_frames(tiny_model, [odd_frames], fps=20.0, streamed=False)
-    chunks = [odd_frames[i : i + 4] for i in range(0, 10, 4)]
+    chunks = [odd_frames[i : i + 4] for i in range(0, 6, 4)]
     streamed = encode_frames(tiny_model, chunks, fps=20.0, streamed=True)
-    assert whole.latents.shape == (1, 16, 4, 4, 3)
-    assert (whole.frames, whole.height, whole.width, whole.padding) == (10, 27, 21, Padding(3, 5, 3))
+    assert whole.latents.shape == (1, 16, 3, 4, 3)
+    assert (whole.frames, whole.height, whole.width, whole.padding) == (6, 27, 21, Padding(3, 5, 3))
     assert whole.model_hash == tiny_model.content_hash() and whole.dtype == "fp32"
     assert (streamed.latents - whole.latents).abs().max() <= 1e-5
 
@@ -317,7 +318,7 @@ def test_streamed_decode_equals_whole_clip_and_crops_back(tiny_model, odd_frames
     item = encode_frames(tiny_model, [odd_frames], fps=20.0, streamed=False)
     whole = torch.cat(list(decode_video(tiny_model, item, steps=2, seed=7)), dim=2)
     streamed = torch.cat(list(decode_video(tiny_model, item, steps=2, seed=7, chunk=1)), dim=2)
-    assert whole.shape == (1, 3, 10, 27, 21)
+    assert whole.shape == (1, 3, 6, 27, 21)
     assert (streamed - whole).abs().max() <= 1e-4
     other_seed = torch.cat(list(decode_video(tiny_model, item, steps=2, seed=8)), dim=2)
     assert (other_seed - whole).abs().max() > 1e-3
