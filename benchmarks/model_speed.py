@@ -169,6 +169,8 @@ def main() -> None:
                                  "GFLOP/call": m["flops"] / 1e9, "GFLOP/s": gflops,
                                  "% of conv3d peak": 100 * gflops / peak["gflops"]})
     bf16 = "measured" if "bf16" in dtypes else BF16_UNAVAILABLE
+    last = results[f"fp32 {args.frames}x{args.sizes[-1]}x{args.sizes[-1]}"]["models"]
+    round_s = sum(m["reconstruct"]["seconds"] for m in last.values())
     command = (f"python -m benchmarks.model_speed --repeats {args.repeats} --warmup {args.warmup} "
                f"--sizes {' '.join(map(str, args.sizes))}"
                + (f" --project-sizes {' '.join(map(str, args.project_sizes))}" if args.project_sizes else "")
@@ -179,16 +181,18 @@ def main() -> None:
         "Reconstruct = encode + decode in the same round. 'CDT speedup' = this model's seconds / CDT-S's "
         "seconds (> 1: CDT-S is faster). FLOPs are counted by torch.utils.flop_counter on fake tensors "
         f"(same modules, no compute). conv3d peak here: {peak['gflops']:.1f} GFLOP/s ({peak['shape']}, fp32).\n\n"
-        "Rows marked 'projected' were not timed: one 17x256x256 round of the three models is about "
-        "4x a 17x128x128 round (~an hour on this shared 2-core CPU). Their seconds are the counted FLOPs at that "
-        "size divided by the GFLOP/s each model achieved at the last timed size, so their speedups are "
-        "FLOP-and-efficiency ratios, not measurements.\n\n"
-        f"bf16: {bf16} (torch.ops.mkldnn._is_mkldnn_bf16_supported() = "
+        + (f"Rows marked 'projected' were not timed: a round there costs about (side / {args.sizes[-1]})^2 "
+           f"times a {args.sizes[-1]} round ({round_s:.0f} s here), times warm-up + repeats, too long for this "
+           "shared 2-core CPU. Their seconds are the FLOPs counted at that size divided by the GFLOP/s each "
+           "model achieved at the last timed size, so their speedups are FLOP-and-efficiency ratios, not "
+           "measurements.\n\n" if args.project_sizes else "")
+        + f"bf16: {bf16} (torch.ops.mkldnn._is_mkldnn_bf16_supported() = "
         f"{bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}, CUDA = {torch.cuda.is_available()}): without "
         "AVX512-BF16/AMX PyTorch falls back to a scalar bf16 conv3d that is orders of magnitude slower than "
         "fp32 (benchmarks/results/precision.md), so a bf16 row would measure that fallback, not the models.\n\n"
         "Caveat: this 2-core machine was shared with a training run and other engineers while this ran, so "
-        "absolute seconds are inflated and noisy; ratios come from interleaved rounds in one process."
+        "absolute seconds are inflated and noisy, and '% of conv3d peak' (peak taken in a few seconds at the "
+        "start) understates what an idle machine reaches; ratios come from interleaved rounds in one process."
     )
     data = {"frames": args.frames, "sizes": args.sizes, "project_sizes": args.project_sizes,
             "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
