@@ -106,6 +106,13 @@ def load_state(run_dir: Path) -> dict:
     return torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint: a killed run redoes those steps on resume."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(row + "\n" for row in rows))
+
+
 def init_distributed() -> tuple[int, int]:
     """(rank, world size); a gloo process group when started by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -157,6 +164,8 @@ def train(run_dir: str | Path, stop_at: int | None = None, progress: bool = True
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         step, wall = state["step"], state["wall_seconds"]
+        if rank == 0:
+            truncate_log(run_dir / LOG_FILE, step)
 
     lpips = build_lpips(config["loss"]["lpips_weights"])
     objective = Objective(model, config["loss"], lpips)
