@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from media.video import read_video, write_video
-from model import CDTConfig, build_model, from_pretrained
+from model import CDTConfig, build_model, from_pretrained, save_pretrained
 from training.config import load_config
 from training.data import ClipBatches, build_cache, list_videos
 from training.trainer import export, prepare_run, train
@@ -133,3 +133,19 @@ def test_ddp_two_processes_stay_in_sync(clip_dir, tmp_path):
 def test_config_rejects_bad_options(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         load_config(None, [override])
+
+
+def test_init_from_starts_a_run_from_a_checkpoint(clip_dir, tmp_path):
+    torch.manual_seed(12345)  # not the run's seed: its own init would not match
+    checkpoint = tmp_path / "start"
+    save_pretrained(build_model(CDTConfig.from_preset("tiny"), "cdt"), checkpoint)
+    config = tiny_config(clip_dir, tmp_path / "cache", **{"model.init_from": str(checkpoint)})
+    run = prepare_run(tmp_path / "warm", config)
+    model, _ = train(run, stop_at=0, progress=False)  # no step: the weights are the checkpoint's
+    source = from_pretrained(checkpoint)
+    for (name, a), b in zip(model.state_dict().items(), source.state_dict().values()):
+        assert torch.equal(a, b), name
+    vae = tiny_config(clip_dir, tmp_path / "cache", **{"model.init_from": str(checkpoint), "model.kind": "vae"})
+    with pytest.raises(ValueError, match="cannot start"):
+        train(prepare_run(tmp_path / "mismatch", vae), stop_at=0, progress=False)
+

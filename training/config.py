@@ -16,7 +16,9 @@ from typing import Any
 DEFAULTS: dict[str, Any] = {
     "name": "run",
     "seed": 0,
-    "model": {"preset": "tiny", "kind": "cdt"},
+    # init_from: a checkpoint directory whose weights start a new run (model and EMA), e.g.
+    # the shipped checkpoint when the run directory that made it is gone.
+    "model": {"preset": "tiny", "kind": "cdt", "init_from": None},
     "data": {
         # Videos come from `manifest` (rows of the given split) or, if set, from `videos`
         # (a list of files or folders).

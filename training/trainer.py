@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from media.metrics import psnr, ssim
 from media.video import frames_to_tensor, tensor_to_frames
-from model import CDTConfig, build_model, save_pretrained
+from model import CDTConfig, build_model, from_pretrained, save_pretrained
 
 from .config import stage_at, total_steps
 from .data import ClipBatches, batch_loader, build_cache, split_videos, val_clips
@@ -106,6 +106,15 @@ def load_state(run_dir: Path) -> dict:
     return torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def warm_start_weights(checkpoint: str | Path, model) -> dict:
+    """The weights of a checkpoint of the same preset and kind, in float32."""
+    source = from_pretrained(checkpoint)
+    if source.kind != model.kind or source.config != model.config:
+        raise ValueError(f"init_from {checkpoint}: a {source.config.preset} {source.kind} checkpoint cannot start "
+                         f"a {model.config.preset} {model.kind} run")
+    return source.state_dict()
+
+
 def truncate_log(path: Path, step: int) -> None:
     """Drop rows logged after the checkpoint: a killed run redoes those steps on resume."""
     if path.exists():
@@ -152,6 +161,8 @@ def train(run_dir: str | Path, stop_at: int | None = None, progress: bool = True
 
     torch.manual_seed(config["seed"])  # identical initial weights on every rank
     model = build_model(CDTConfig.from_preset(config["model"]["preset"]), config["model"]["kind"])
+    if config["model"]["init_from"]:
+        model.load_state_dict(warm_start_weights(config["model"]["init_from"], model))
     ema = build_model(model.config, model.kind).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=optim["lr"], betas=tuple(optim["betas"]),
