@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Test processes and the servers they start share the CPU: OpenMP threads that spin while
+# waiting burn it for nothing (3x more CPU per training step measured; docs/results.md).
+# Set before torch loads its OpenMP runtime; subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
