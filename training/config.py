@@ -13,6 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+# The shared clips sit beside the repository (../shared), wherever it is cloned.
+SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
+
 DEFAULTS: dict[str, Any] = {
     "name": "run",
     "seed": 0,
@@ -22,7 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "data": {
         # Videos come from `manifest` (rows of the given split) or, if set, from `videos`
         # (a list of files or folders).
-        "manifest": "/work/shared/data/videos/MANIFEST.tsv",
+        "manifest": str(SHARED_VIDEOS / "MANIFEST.tsv"),
         "videos": None,
         "val_videos": None,
         "cache_dir": "runs/_cache",
