@@ -24,9 +24,10 @@ from prometheus_client import Gauge, Histogram
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from media import pad_spatial, tensor_to_frames
+from media import Padding, pad_spatial, tensor_to_frames
 from model import CacheFormatError, CacheMismatchError, StreamingDecoder, StreamingEncoder, Tokenizer, dtype_name
 from model.config import LATENT_CHANNELS, SPACE_FACTOR
+from model.tokenizer import pixel_frames
 
 from .codecs import NPY, SAFETENSORS, Body, ClipOptions, Kind, Limits, decode_clip, encode_frames
 from .errors import BadParameter, Conflict, InvalidInput, NotFound, PayloadTooLarge, ServiceError, Unavailable
@@ -236,10 +237,10 @@ class Sessions:
         info = {"format": CHUNK_FORMAT, "session": meta["id"], "latent_start": start,
                 "latent_count": latents.shape[2], "frames_in": meta["frames_in"], "finished": meta["finished"],
                 "height": meta["height"], "width": meta["width"], "model_hash": self.model_hash}
-        if meta["finished"]:
-            padding = (-(meta["frames_in"] - 1)) % 4
-            info.update(frames=meta["frames_in"], pad_frames=padding, pad_height=(-meta["height"]) % SPACE_FACTOR,
-                        pad_width=(-meta["width"]) % SPACE_FACTOR)
+        if meta["finished"]:  # what a client needs to write the whole clip's latents file
+            padding = Padding.for_shape(meta["frames_in"], meta["height"], meta["width"])
+            info.update(frames=meta["frames_in"], pad_frames=padding.frames, pad_height=padding.height,
+                        pad_width=padding.width)
         # The finished session keeps no feature cache: only what a replayed finish needs.
         return encode_latent_chunk(latents, info, fmt), (b"" if meta["finished"] else new_state), meta
 
@@ -251,7 +252,7 @@ class Sessions:
             return ChunkResult(json.dumps(summary).encode(), "application/json", {}), b"", meta
         latents = parse_latent_chunk(body)
         _, _, m, h, w = latents.shape
-        if 4 * m > self.settings.max_frames + 3:  # per chunk: a stream itself may be any length
+        if pixel_frames(m, first_chunk=False) > self.settings.max_frames + 3:  # per chunk; a stream has no limit
             raise PayloadTooLarge(f"a chunk of {m} latent frames decodes to more than {self.settings.max_frames} "
                                   "frames; send fewer per chunk", code="clip_too_large")
         height, width = meta["height"] or h * SPACE_FACTOR, meta["width"] or w * SPACE_FACTOR
@@ -270,12 +271,12 @@ class Sessions:
         video, new_state = await self._run("session_decode", job)
         start = meta["frames_out"]
         keep = video.shape[2] if meta["frames"] is None else max(0, min(video.shape[2], meta["frames"] - start))
-        frames = tensor_to_frames(video[:, :, :keep, :height, :width])
         meta["next_seq"] += 1
         meta["latents_in"] += m
         meta["frames_out"] += keep
-        body_bytes, media_type = await asyncio.to_thread(encode_frames, frames, meta["fps"], fmt) if keep else (
-            b"", "application/octet-stream")
+        body_bytes, media_type = (await asyncio.to_thread(frames_body, video[:, :, :keep, :height, :width],
+                                                          meta["fps"], fmt)
+                                  if keep else (b"", "application/octet-stream"))
         headers = {CHUNK_HEADER: json.dumps({"session": meta["id"], "frame_start": start, "frame_count": keep})}
         return ChunkResult(body_bytes, media_type, headers), new_state, meta
 
@@ -307,6 +308,11 @@ def encode_latent_chunk(latents: torch.Tensor, info: dict[str, Any], fmt: str) -
         return ChunkResult(buffer.getvalue(), NPY, headers)
     meta = {"cdt_chunk": json.dumps(info, sort_keys=True), "format": CHUNK_FORMAT}
     return ChunkResult(st_save({"latents": latents.contiguous()}, metadata=meta), SAFETENSORS, headers)
+
+
+def frames_body(video: torch.Tensor, fps: float, fmt: str) -> tuple[bytes, str]:
+    """Float (1,3,n,H,W) frames as an mp4/npy/safetensors body of uint8 frames."""
+    return encode_frames(tensor_to_frames(video), fps, fmt)
 
 
 def parse_latent_chunk(body: Body) -> torch.Tensor:

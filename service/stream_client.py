@@ -16,10 +16,11 @@ from typing import Callable, Iterable, Iterator
 
 import httpx
 import numpy as np
+import torch
 from safetensors.numpy import load as st_load_numpy
 
 from media import LatentsFile, Padding, VideoReader
-from media.latents_file import latents_from_bytes
+from media.latents_file import latents_from_bytes, latents_to_bytes
 
 RETRYABLE_STATUS = (429, 502, 503, 504)
 
@@ -78,9 +79,6 @@ def read_latents(data: bytes) -> np.ndarray:
 
 def assemble_latents(parts: list[np.ndarray], finish_info: dict, model: dict, fps: float) -> bytes:
     """A latents file (the /v1/encode format) from a finished encode session's chunks."""
-    from media.latents_file import latents_to_bytes  # local: torch only when assembling
-    import torch
-
     item = LatentsFile(
         latents=torch.from_numpy(np.concatenate(parts, axis=2)),
         model_hash=model["hash"], preset=model["preset"], model_kind=model["kind"], dtype=model["dtype"],
