@@ -34,10 +34,6 @@ class CDTRunner:
 
     def __init__(self) -> None:
         self.model = build_model(CDTConfig.from_preset("small"), "cdt").eval()
-        # DDIM timesteps come from a tensor's .tolist(), which fake tensors (FLOP counting)
-        # cannot answer: compute them once, for real.
-        timesteps = self.model.schedule.ddim_timesteps(1)
-        self.model.schedule.ddim_timesteps = lambda steps: timesteps if steps == 1 else None
 
     def encode(self, video):
         return self.model.encode(video)
