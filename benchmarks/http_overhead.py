@@ -1,7 +1,7 @@
 """Overhead of the HTTP service over the direct model call, for one whole-clip
 reconstruct (encode then decode) of 17x256x256 uint8 frames.
 
-Direct: `encode_clip` + `decode_clip` (the service's own model jobs) in this process.
+Direct: `media.encode_video` + `service.ops.decode_clip` (the service's own model jobs) in this process.
 HTTP: the same clip as npy to /v1/encode, the latents to /v1/decode (npy frames back),
 against a real `cdt serve` process on this machine. Both use a random-init tiny-preset
 checkpoint in fp32 on the CPU, with torch's default thread count in each process.
@@ -27,7 +27,8 @@ import torch
 
 from media import frames_to_tensor
 from model import CDTConfig, build_model, from_pretrained, save_pretrained
-from service.ops import decode_clip, encode_clip
+from media import encode_video
+from service.ops import decode_clip
 
 from . import report
 
@@ -63,7 +64,7 @@ def main() -> None:
 
         def direct() -> np.ndarray:
             with torch.inference_mode():
-                return decode_clip(model, encode_clip(model, frames_to_tensor(frames), 30.0), 1, SEED)
+                return decode_clip(model, encode_video(model, frames_to_tensor(frames), 30.0), 1, SEED)
 
         server = Server(checkpoint, Path(tmp) / "server.log").wait_ready()
         url = server.url

@@ -4,7 +4,7 @@ May import `model`, never `service` or `training`."""
 
 from pathlib import Path
 
-from .codec import decode_frames, decode_video, encode_frames
+from .codec import decode_frames, decode_video, encode_frames, encode_video
 from .frames_file import FramesFileError, load_frames, save_frames
 from .latents_file import LatentsFile, LatentsFileError, ModelMismatchError, load_latents, save_latents
 from .metrics import psnr, ssim
@@ -37,6 +37,7 @@ __all__ = [
     "decode_frames",
     "decode_video",
     "encode_frames",
+    "encode_video",
     "frames_to_tensor",
     "load_frames",
     "load_latents",

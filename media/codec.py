@@ -20,36 +20,46 @@ from .video import frames_to_tensor, tensor_to_frames
 
 
 @torch.no_grad()
+def encode_video(model: Tokenizer, video: torch.Tensor, fps: float) -> LatentsFile:
+    """Encode a whole float (1,3,T,H,W) clip in [-1,1] in one call."""
+    count, height, width = video.shape[2:]
+    latents = model.encode(pad_video(video.to(model.device))[0])
+    return latents_file(model, latents, count, height, width, fps)
+
+
+@torch.no_grad()
 def encode_frames(model: Tokenizer, chunks: Iterable[np.ndarray], fps: float, streamed: bool) -> LatentsFile:
     """Encode a clip given as successive uint8 (n,H,W,3) chunks.
 
     `streamed` pushes each chunk through a StreamingEncoder as it arrives; otherwise
     the chunks are joined and encoded in one call."""
-    if streamed:
-        encoder = StreamingEncoder(model)
-        parts, count, shape = [], 0, None
-        for chunk in chunks:
-            count, shape = count + len(chunk), chunk.shape[1:3]
-            parts.append(encoder.push(pad_spatial(frames_to_tensor(chunk))))
-        if count == 0:
-            raise ValueError("no frames to encode")
-        parts.append(encoder.finish())
-        latents = torch.cat(parts, dim=2)
-    else:
-        frames = np.concatenate(list(chunks))
-        count, shape = len(frames), frames.shape[1:3]
-        latents = model.encode(pad_video(frames_to_tensor(frames).to(model.device))[0])
+    if not streamed:
+        return encode_video(model, frames_to_tensor(np.concatenate(list(chunks))), fps)
+    encoder = StreamingEncoder(model)
+    parts, count, shape = [], 0, None
+    for chunk in chunks:
+        count, shape = count + len(chunk), chunk.shape[1:3]
+        parts.append(encoder.push(pad_spatial(frames_to_tensor(chunk))))
+    if count == 0:
+        raise ValueError("no frames to encode")
+    parts.append(encoder.finish())
+    return latents_file(model, torch.cat(parts, dim=2), count, *shape, fps)
+
+
+def latents_file(model: Tokenizer, latents: torch.Tensor, frames: int, height: int, width: int,
+                 fps: float) -> LatentsFile:
+    """The latents of a clip of `frames` frames of height x width, with their metadata."""
     return LatentsFile(
         latents=latents.float().cpu(),
         model_hash=model.content_hash(),
         preset=model.config.preset,
         model_kind=model.kind,
         dtype=dtype_name(model.compute_dtype),
-        frames=count,
-        height=shape[0],
-        width=shape[1],
+        frames=frames,
+        height=height,
+        width=width,
         fps=fps,
-        padding=Padding.for_shape(count, *shape),
+        padding=Padding.for_shape(frames, height, width),
     )
 
 

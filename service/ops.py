@@ -10,31 +10,12 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
-import torch
 
-from media import LatentsFile, decode_frames, pad_video
+from media import LatentsFile, decode_frames
 from model import Tokenizer, dtype_name
 from model.config import SPACE_FACTOR, TIME_FACTOR
 
 from .errors import InvalidInput
-
-
-def encode_clip(model: Tokenizer, video: torch.Tensor, fps: float) -> LatentsFile:
-    """Whole-clip encode of float (1,3,T,H,W); the same computation as `cdt encode`."""
-    frames, height, width = video.shape[2:]
-    padded, padding = pad_video(video.to(model.device))
-    return LatentsFile(
-        latents=model.encode(padded).float().cpu(),
-        model_hash=model.content_hash(),
-        preset=model.config.preset,
-        model_kind=model.kind,
-        dtype=dtype_name(model.compute_dtype),
-        frames=frames,
-        height=height,
-        width=width,
-        fps=fps,
-        padding=padding,
-    )
 
 
 def decode_clip(model: Tokenizer, item: LatentsFile, steps: int, seed: int) -> np.ndarray:

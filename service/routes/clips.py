@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
+from media import encode_video
+
 from ..auth import require_api_key
 from ..codecs import (
     METADATA_HEADER,
@@ -30,7 +32,6 @@ from ..codecs import (
 from ..deps import get_metrics, get_pool, get_settings, receive_body
 from ..metrics import Metrics
 from ..ops import decode_clip as decode_job
-from ..ops import encode_clip as encode_job
 from ..ops import model_errors
 from ..settings import Settings
 from ..workers import WorkerPool
@@ -85,7 +86,7 @@ async def encode(
         clip = await asyncio.to_thread(decode_clip, body, ClipOptions(frames, size, fps), _limits(settings))
     del body
     with model_errors():
-        item = await pool.run("encode", lambda model: encode_job(model, clip.video, clip.fps))
+        item = await pool.run("encode", lambda model: encode_video(model, clip.video, clip.fps))
     metrics.frames_total.labels("encode").inc(item.frames)
     with metrics.media(f"encode_latents_{format}"):
         content, media_type, headers = await asyncio.to_thread(encode_latents, item, format)
