@@ -26,7 +26,7 @@ def register(sub) -> None:
     train.set_defaults(run=run_train)
 
     export = sub.add_parser("export", help="write a served checkpoint from a run's EMA weights")
-    export.add_argument("--run", required=True, metavar="RUN_DIR")
+    export.add_argument("--run", dest="run_dir", required=True, metavar="RUN_DIR")
     export.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
     export.add_argument("--dtype", default="bf16", choices=("fp32", "bf16"), help="storage dtype (default bf16)")
     export.set_defaults(run=run_export)
@@ -55,5 +55,5 @@ def run_train(args) -> int:
 def run_export(args) -> int:
     from training.trainer import export
 
-    print(json.dumps(export(args.run, args.output, dtype=args.dtype)))
+    print(json.dumps(export(args.run_dir, args.output, dtype=args.dtype)))
     return 0

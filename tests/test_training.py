@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from cli.main import main as cdt_main
 from media.video import read_video, write_video
 from model import CDTConfig, build_model, from_pretrained, save_pretrained
 from training.config import load_config
@@ -92,6 +93,8 @@ def test_resume_continues_exactly(clip_dir, tmp_path):
     assert info["step"] == 2 and loaded.content_hash() == info["hash"]
     name = "encoder.stem.conv.conv.weight"
     assert torch.equal(loaded.state_dict()[name], ema[name].to(torch.bfloat16).float())
+    assert cdt_main(["export", "--run", str(parts), "-o", str(tmp_path / "cli")]) == 0
+    assert from_pretrained(tmp_path / "cli").content_hash() == info["hash"]
 
 
 def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out_dir: str) -> None:
