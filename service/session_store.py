@@ -2,7 +2,8 @@
 
 A session record is small JSON metadata plus two binary blobs: the model's exported
 FeatureCache (safetensors bytes) and the last chunk's response (kept so a retried
-`seq` gets the same bytes without applying the chunk twice). Every write is a
+`seq` gets the same bytes without applying the chunk twice). The blobs can reach
+hundreds of MB, so reads that only need the metadata (status, delete) skip them. Every write is a
 compare-and-set on an integer version (WATCH/MULTI in Redis), so two replicas racing
 on one session cannot both apply a chunk.
 
@@ -33,17 +34,20 @@ class SessionRecord:
     response: bytes = b""
     version: int = 0
     expires_at: float = 0.0  # unix seconds; refreshed by every write
+    stored_state_bytes: int | None = None  # the state's size when it was not loaded
 
     @property
     def state_bytes(self) -> int:
-        return len(self.state)
+        return len(self.state) if self.stored_state_bytes is None else self.stored_state_bytes
 
 
 class SessionStore(Protocol):
     async def create(self, session_id: str, record: SessionRecord, ttl_s: float, max_sessions: int) -> bool:
         """Store a new record at version 1. False when `max_sessions` are live."""
 
-    async def load(self, session_id: str) -> SessionRecord | None: ...
+    async def load(self, session_id: str, blobs: bool = True) -> SessionRecord | None:
+        """The record, or None. blobs=False leaves state and response empty (state_bytes
+        still reports the stored state's size)."""
 
     async def save(self, session_id: str, record: SessionRecord, expected_version: int, ttl_s: float) -> bool:
         """Write `record` as version expected_version+1 if the stored version is still
@@ -80,14 +84,17 @@ class MemorySessionStore:
             self._records[session_id] = record
             return True
 
-    async def load(self, session_id):
+    async def load(self, session_id, blobs=True):
         async with self._lock:
             self._prune(time.time())
             record = self._records.get(session_id)
             if record is None:
                 return None
-            return SessionRecord(dict(record.meta), record.state, record.response, record.version,
-                                 record.expires_at)
+            if blobs:
+                return SessionRecord(dict(record.meta), record.state, record.response, record.version,
+                                     record.expires_at)
+            return SessionRecord(dict(record.meta), version=record.version, expires_at=record.expires_at,
+                                 stored_state_bytes=len(record.state))
 
     async def save(self, session_id, record, expected_version, ttl_s) -> bool:
         async with self._lock:
@@ -168,13 +175,22 @@ class RedisSessionStore:
             record.version, record.expires_at = 1, time.time() + ttl_s
         return result == 1
 
-    async def load(self, session_id):
-        fields = await self._call(self._redis.hgetall(self._key(session_id)))
-        if not fields:
+    async def load(self, session_id, blobs=True):
+        key = self._key(session_id)
+        if blobs:
+            fields = await self._call(self._redis.hgetall(key))
+            if not fields:
+                return None
+            return SessionRecord(meta=json.loads(fields[b"meta"]), state=fields[b"state"],
+                                 response=fields[b"response"], version=int(fields[b"version"]),
+                                 expires_at=int(fields[b"expires_ms"]) / 1000)
+        async with self._redis.pipeline(transaction=True) as pipe:  # one consistent snapshot
+            pipe.hmget(key, "meta", "version", "expires_ms").hstrlen(key, "state")
+            (meta, version, expires_ms), state_bytes = await self._call(pipe.execute())
+        if meta is None:
             return None
-        return SessionRecord(meta=json.loads(fields[b"meta"]), state=fields[b"state"],
-                             response=fields[b"response"], version=int(fields[b"version"]),
-                             expires_at=int(fields[b"expires_ms"]) / 1000)
+        return SessionRecord(meta=json.loads(meta), version=int(version), expires_at=int(expires_ms) / 1000,
+                             stored_state_bytes=int(state_bytes))
 
     async def save(self, session_id, record, expected_version, ttl_s) -> bool:
         # WATCH/MULTI rather than a script: a script would copy a state of hundreds of MB

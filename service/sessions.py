@@ -104,8 +104,8 @@ class Sessions:
         finally:
             self.metrics.store_seconds.labels(op).observe(time.perf_counter() - start)
 
-    async def _load(self, session_id: str, owner: str) -> SessionRecord:
-        record = await self._store("load", self.store.load(session_id))
+    async def _load(self, session_id: str, owner: str, blobs: bool = True) -> SessionRecord:
+        record = await self._store("load", self.store.load(session_id, blobs))
         # Another owner's session is reported exactly like a missing one.
         if record is None or record.meta.get("owner") != owner:
             raise NotFound(f"session {session_id} does not exist (unknown, expired or deleted)",
@@ -144,10 +144,10 @@ class Sessions:
         return self.describe(SessionRecord(meta, expires_at=time.time() + ttl))
 
     async def get(self, session_id: str, owner: str) -> dict[str, Any]:
-        return self.describe(await self._load(session_id, owner))
+        return self.describe(await self._load(session_id, owner, blobs=False))
 
     async def delete(self, session_id: str, owner: str) -> None:
-        await self._load(session_id, owner)
+        await self._load(session_id, owner, blobs=False)
         await self._store("delete", self.store.delete(session_id))
         await self.refresh_active()
 

@@ -60,6 +60,24 @@ def test_create_load_save_compare_and_set(make_store):
     run(scenario())
 
 
+def test_metadata_load_skips_the_blobs(make_store):
+    factory, _ = make_store
+
+    async def scenario():
+        store = factory()
+        assert await store.create("m1", record(3), ttl_s=60, max_sessions=10)
+        assert await store.save("m1", record(4), expected_version=1, ttl_s=60)
+        full, brief = await store.load("m1"), await store.load("m1", blobs=False)
+        assert brief.meta == full.meta and brief.version == full.version == 2
+        assert brief.expires_at == pytest.approx(full.expires_at, abs=1e-3)
+        assert brief.state == b"" and brief.response == b""
+        assert brief.state_bytes == full.state_bytes == 1000
+        assert await store.load("missing", blobs=False) is None
+        await store.close()
+
+    run(scenario())
+
+
 def test_concurrent_writers_one_wins(make_store):
     factory, _ = make_store
 
