@@ -4,8 +4,8 @@ All three are built with random weights from their default configs (no download)
 CDT `small`, diffusers' `AutoencoderKLHunyuanVideo()` and `AutoencoderKLWan()`. Each
 repeat is one interleaved round over the models (encode then decode), so load from
 other processes on the machine hits every model alike; reconstruct is that round's
-encode + decode. The untimed warm-up run of each model is also the FLOP-counting run
-(torch.utils.flop_counter), so achieved GFLOP/s = counted FLOPs / median seconds,
+encode + decode. FLOPs are counted by torch.utils.flop_counter on fake tensors (the same
+modules, nothing computed), so achieved GFLOP/s = counted FLOPs / median seconds,
 reported against the machine's conv3d peak measured here with a large conv3d.
 
     .venv/bin/pip install -e ".[bench]"

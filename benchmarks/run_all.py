@@ -32,6 +32,7 @@ SUITE: dict[str, list[str]] = {
     "http_overhead": [],
     "session_cost": [],
     "load_test": [],
+    "train_speed": [],
 }
 
 
