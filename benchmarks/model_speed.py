@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import report
-from model import CDTConfig, build_model
+from model import CDTConfig, bf16_is_fast, build_model
 
 BF16_UNAVAILABLE = "not measurable on this CPU"
 
@@ -65,12 +65,12 @@ class DiffusersRunner:
             self.model.to(dtype)
 
 
-def conv3d_peak(repeats: int) -> dict:
-    """Best GFLOP/s of large fp32 conv3d layers, the kernels these models spend their time in."""
+def conv3d_peak(repeats: int, dtype: torch.dtype) -> dict:
+    """Best GFLOP/s of large conv3d layers, the kernels these models spend their time in."""
     best = {"gflops": 0.0}
     for channels, frames, side in ((128, 8, 64), (256, 8, 32)):
-        x = torch.randn(1, channels, frames, side, side)
-        w = torch.randn(channels, channels, 3, 3, 3)
+        x = torch.randn(1, channels, frames, side, side, dtype=dtype)
+        w = torch.randn(channels, channels, 3, 3, 3, dtype=dtype)
         flops = 2 * channels * channels * 27 * frames * side * side  # padding=1 keeps the size
         with torch.inference_mode():
             seconds = report.median_time(lambda: F.conv3d(x, w, padding=1), repeats)
@@ -116,10 +116,6 @@ def measure(runners, frames: int, side: int, repeats: int, warmup: int) -> dict:
             for name, ops in times.items()}
 
 
-def bf16_supported() -> bool:
-    return torch.cuda.is_available() or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=17)
@@ -135,12 +131,12 @@ def main() -> None:
 
     runners = [CDTRunner(), DiffusersRunner(AutoencoderKLHunyuanVideo), DiffusersRunner(AutoencoderKLWan)]
     cdt = runners[0].name
-    peak = conv3d_peak(max(args.repeats, 2))
-    dtypes = ["fp32"] + (["bf16"] if bf16_supported() else [])
+    dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if bf16_is_fast() else {})}
+    peaks = {name: conv3d_peak(max(args.repeats, 2), dtype) for name, dtype in dtypes.items()}
     results, rows = {}, []
-    for dtype in dtypes:
+    for dtype, torch_dtype in dtypes.items():
         for r in runners:
-            r.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+            r.to(torch_dtype)
         rate = {}  # (model, op) -> GFLOP/s at the last timed size, for projections
         for side in args.sizes + args.project_sizes:
             shape = f"{args.frames}x{side}x{side}"
@@ -163,36 +159,38 @@ def main() -> None:
                                  "seconds": m["seconds"] if timed else f"~{m['seconds']:.0f} (projected)",
                                  "CDT speedup (x)": m["seconds"] / res[cdt][op]["seconds"],
                                  "GFLOP/call": m["flops"] / 1e9, "GFLOP/s": gflops,
-                                 "% of conv3d peak": 100 * gflops / peak["gflops"]})
+                                 "% of conv3d peak": 100 * gflops / peaks[dtype]["gflops"]})
     bf16 = "measured" if "bf16" in dtypes else BF16_UNAVAILABLE
     last = results[f"fp32 {args.frames}x{args.sizes[-1]}x{args.sizes[-1]}"]["models"]
     round_s = sum(m["reconstruct"]["seconds"] for m in last.values())
     command = (f"python -m benchmarks.model_speed --repeats {args.repeats} --warmup {args.warmup} "
                f"--sizes {' '.join(map(str, args.sizes))}"
                + (f" --project-sizes {' '.join(map(str, args.project_sizes))}" if args.project_sizes else "")
-               + f" --frames {args.frames}")
+               + f" --frames {args.frames} --threads {args.threads}")
     notes = (
-        f"Medians of {args.repeats} interleaved rounds after {args.warmup} untimed warm-up round(s), fp32, "
+        f"Medians of {args.repeats} interleaved rounds after {args.warmup} untimed warm-up round(s) per dtype, "
         f"torch.set_num_threads({args.threads}), random weights, batch 1; CDT decode is 1 DDIM step. "
         "Reconstruct = encode + decode in the same round. 'CDT speedup' = this model's seconds / CDT-S's "
         "seconds (> 1: CDT-S is faster). FLOPs are counted by torch.utils.flop_counter on fake tensors "
-        f"(same modules, no compute). conv3d peak here: {peak['gflops']:.1f} GFLOP/s ({peak['shape']}, fp32).\n\n"
+        "(same modules, no compute). conv3d peak here, each dtype's rows against their own: "
+        + ", ".join(f"{name} {p['gflops']:.1f} GFLOP/s ({p['shape']})" for name, p in peaks.items()) + ".\n\n"
         + (f"Rows marked 'projected' were not timed: a round there costs about (side / {args.sizes[-1]})^2 "
            f"times a {args.sizes[-1]} round ({round_s:.0f} s here), times warm-up + repeats, too long for this "
            "shared 2-core CPU. Their seconds are the FLOPs counted at that size divided by the GFLOP/s each "
            "model achieved at the last timed size, so their speedups are FLOP-and-efficiency ratios, not "
            "measurements.\n\n" if args.project_sizes else "")
-        + f"bf16: {bf16} (torch.ops.mkldnn._is_mkldnn_bf16_supported() = "
-        f"{bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}, CUDA = {torch.cuda.is_available()}): without "
-        "AVX512-BF16/AMX PyTorch falls back to a scalar bf16 conv3d that is orders of magnitude slower than "
-        "fp32 (benchmarks/results/precision.md), so a bf16 row would measure that fallback, not the models.\n\n"
-        "Caveat: this 2-core machine was shared with a training run and other engineers while this ran, so "
-        "absolute seconds are inflated and noisy, and '% of conv3d peak' (peak taken in a few seconds at the "
-        "start) understates what an idle machine reaches; ratios come from interleaved rounds in one process."
+        + ("bf16: weights and activations in bf16 (CDT keeps its KL head and time embedding in fp32), on this "
+           "CPU's AVX512-BF16/AMX kernels.\n\n" if "bf16" in dtypes else
+           f"bf16: {BF16_UNAVAILABLE}: without AVX512-BF16/AMX PyTorch falls back to a scalar bf16 conv3d that is "
+           "orders of magnitude slower than fp32 (benchmarks/results/precision.md), so a bf16 row would measure "
+           "that fallback, not the models.\n\n")
+        + "Caveat: on a 2-core machine shared with other jobs (a training run, here) absolute seconds are "
+        "inflated and noisy, and '% of conv3d peak' (peak taken in a few seconds at the start) understates what "
+        "an idle machine reaches; ratios come from interleaved rounds in one process."
     )
     data = {"frames": args.frames, "sizes": args.sizes, "project_sizes": args.project_sizes,
             "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
-            "conv3d_peak": peak, "bf16": bf16, "results": results}
+            "conv3d_peak": peaks, "bf16": bf16, "results": results}
     path = report.write("model_speed", command, data, rows, notes)
     print(path.read_text())
 

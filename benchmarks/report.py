@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -11,12 +12,24 @@ from typing import Callable
 
 import torch
 
+from model import bf16_is_fast
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def cpu_model() -> str:
+    """The CPU's model name: our sessions land on different machines (AMD without bf16
+    arithmetic, Intel with AMX), so every result names the one it was measured on."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+
+
 def machine() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()}
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": cpu_model(), "cores": os.cpu_count(), "bf16_hardware": bf16_is_fast()}
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -35,7 +48,7 @@ def write(name: str, command: str, data: dict, table: list[dict], notes: str = "
     RESULTS.mkdir(exist_ok=True)
     payload = {"benchmark": name, "command": command, "machine": machine(), **data, "rows": table}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    lines = [f"# {name}", "", f"Command: `{command}`", ""]
+    lines = [f"# {name}", "", f"Command: `{command}`", "", f"Machine: {json.dumps(payload['machine'])}", ""]
     if table:
         keys = list(table[0])
         lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]

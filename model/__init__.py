@@ -5,7 +5,7 @@ from .checkpoint import CheckpointError, from_pretrained, save_pretrained
 from .config import PRESETS, CDTConfig
 from .diffusion import CosineSchedule, frame_noise
 from .streaming import CacheMismatchError, StreamingDecoder, StreamingEncoder, pad_frames
-from .tokenizer import CDT, Tokenizer, VAEBaseline, build_model, dtype_name, parse_dtype
+from .tokenizer import CDT, Tokenizer, VAEBaseline, bf16_is_fast, build_model, dtype_name, parse_dtype
 
 __all__ = [
     "CDT",
@@ -20,6 +20,7 @@ __all__ = [
     "StreamingEncoder",
     "Tokenizer",
     "VAEBaseline",
+    "bf16_is_fast",
     "build_model",
     "dtype_name",
     "frame_noise",

@@ -40,6 +40,13 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return SUPPORTED_DTYPES[dtype]
 
 
+def bf16_is_fast(device: str | torch.device = "cpu") -> bool:
+    """Whether bf16 has hardware arithmetic here: a CUDA device, or a CPU whose oneDNN
+    reports bf16 kernels (AVX512-BF16/AMX). Elsewhere PyTorch falls back to a scalar bf16
+    convolution several times slower than fp32 (benchmarks/results/precision.md)."""
+    return torch.device(device).type == "cuda" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def validate_video(video: torch.Tensor) -> None:
     if not isinstance(video, torch.Tensor) or video.dim() != 5:
         shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__

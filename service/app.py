@@ -9,11 +9,12 @@ environment once per process.
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from model import Tokenizer, from_pretrained
+from model import Tokenizer, bf16_is_fast, from_pretrained
 
 from .errors import install_handlers
 from .metrics import Metrics, RequestMetricsMiddleware
@@ -23,6 +24,9 @@ from .session_store import open_store
 from .sessions import Sessions
 from .settings import Settings
 from .workers import WorkerPool
+
+
+log = logging.getLogger("cdt.service")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -37,6 +41,9 @@ def check_checkpoint(settings: Settings) -> None:
 
 def load_model(settings: Settings) -> Tokenizer:
     check_checkpoint(settings)
+    if settings.compute_dtype == "bf16" and not bf16_is_fast(settings.device):
+        log.warning("CDT_DTYPE=bf16 on a CPU without bf16 arithmetic (AVX512-BF16/AMX): PyTorch's fallback "
+                    "is several times slower than fp32 here; unset CDT_DTYPE to compute in fp32")
     return from_pretrained(settings.checkpoint, device=settings.device, dtype=settings.compute_dtype).eval()
 
 
