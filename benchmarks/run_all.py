@@ -27,7 +27,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SUITE: dict[str, list[str]] = {
     "model_speed": [],
     "precision": [],
-    "stream_memory": ["--lengths", "17", "129", "257"],
+    "stream_memory": [],
     "encode_memory": [],
     "http_overhead": [],
     "session_cost": [],

@@ -1,4 +1,4 @@
-"""Peak memory of streaming encode + decode: 17 vs 129 frames at one resolution.
+"""Peak memory of streaming encode + decode: 17 vs 129 vs 257 frames at one resolution.
 
 Each length runs in a fresh subprocess (peak RSS is per process). Frames are made
 chunk by chunk, so the only thing that could grow with length is the model's own
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--chunk", type=int, default=4, help="frames per chunk after the first")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[17, 129])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[17, 129, 257])
     args = parser.parse_args()
     rows = [run(n, args.size, args.preset, args.chunk) for n in args.lengths]
     ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
