@@ -63,11 +63,13 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 class LPIPS:
-    """Perceptual distance between uint8 (T,H,W,3) clips (lower is closer), mean over frames."""
+    """Perceptual distance (lower is closer): `score` between uint8 (T,H,W,3) clips, mean
+    over frames, for evaluation; `distance` between float images with gradients, for the
+    training loss. The network itself is frozen."""
 
     def __init__(self, state: dict[str, torch.Tensor]) -> None:
         self.arch = "vgg16" if "features.28.weight" in state else "alex"
-        self.features = _features(_LAYOUTS[self.arch]).eval()
+        self.features = _features(_LAYOUTS[self.arch]).eval().requires_grad_(False)
         backbone = {k: v.float() for k, v in state.items() if k.startswith("features.")}
         try:
             self.features.load_state_dict({k.removeprefix("features."): v for k, v in backbone.items()})
@@ -81,7 +83,6 @@ class LPIPS:
         kind = "learned LPIPS v0.1 heads" if self.learned else "unlearned (uniform) channel weights"
         self.description = f"LPIPS {self.arch}, {kind}"
 
-    @torch.no_grad()
     def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
         out, taps = (x - _SHIFT) / _SCALE, []
         for index, layer in enumerate(self.features):
@@ -92,7 +93,13 @@ class LPIPS:
                 break
         return taps
 
-    def _distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-image distance between (N,3,H,W) float images in [-1,1]; differentiable."""
+        if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"LPIPS compares two (N,3,H,W) batches, got {tuple(x.shape)} and {tuple(y.shape)}")
+        if min(x.shape[2:]) < MIN_SIDE:
+            raise ValueError(f"LPIPS needs frames of at least {MIN_SIDE}x{MIN_SIDE}, got {tuple(x.shape[2:])}")
+        x, y = x.float(), y.float()
         total = torch.zeros(x.shape[0])
         for i, (fx, fy) in enumerate(zip(self._taps(x), self._taps(y))):
             diff = (fx - fy) ** 2
@@ -103,12 +110,11 @@ class LPIPS:
     def score(self, reference: np.ndarray, test: np.ndarray) -> float:
         if reference.shape != test.shape:
             raise ValueError(f"clips differ in shape: {reference.shape} vs {test.shape}")
-        if min(reference.shape[1:3]) < MIN_SIDE:
-            raise ValueError(f"LPIPS needs frames of at least {MIN_SIDE}x{MIN_SIDE}, got {reference.shape[1:3]}")
         distances = []
         for i in range(0, len(reference), _FRAMES_PER_BATCH):
             x, y = (_to_input(a[i : i + _FRAMES_PER_BATCH]) for a in (reference, test))
-            distances.append(self._distance(x, y))
+            with torch.no_grad():
+                distances.append(self.distance(x, y))
         return float(torch.cat(distances).mean())
 
 

@@ -39,3 +39,19 @@ def shared_videos() -> Path:
     if not SHARED_VIDEOS.is_dir():
         pytest.fail(f"shared clips not found at {SHARED_VIDEOS}")
     return SHARED_VIDEOS
+
+
+@pytest.fixture(scope="session")
+def alexnet_weights(tmp_path_factory) -> Path:
+    """Randomly initialised AlexNet features in torchvision's key layout, plus LPIPS heads
+    (the real weights cannot be fetched here; the code path is the same)."""
+    from safetensors.torch import save_file
+
+    from media.lpips import _ALEX, _features
+
+    torch.manual_seed(0)
+    state = {f"features.{k}": v for k, v in _features(_ALEX).state_dict().items()}
+    state.update({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 192, 384, 256, 256))})
+    path = tmp_path_factory.mktemp("lpips") / "alex.safetensors"
+    save_file(state, str(path))
+    return path

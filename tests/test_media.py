@@ -37,7 +37,7 @@ from media import (
 )
 from media.frames_file import FramesFileError
 from media.latents_file import latents_from_bytes, latents_to_bytes
-from media.lpips import LPIPS_SKIPPED, _ALEX, _features, load_lpips
+from media.lpips import LPIPS_SKIPPED, load_lpips
 from media.metrics import PSNR_CAP
 from media.video import DISPLAY_SIZE_TAG, resize_short_side
 from model import from_pretrained
@@ -383,17 +383,6 @@ def test_metrics_reject_mismatched_or_tiny_clips():
 
 
 # --- LPIPS -------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def alexnet_weights(tmp_path_factory) -> Path:
-    """Randomly initialised AlexNet features in torchvision's key layout, plus LPIPS heads."""
-    torch.manual_seed(0)
-    state = {f"features.{k}": v for k, v in _features(_ALEX).state_dict().items()}
-    state.update({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 192, 384, 256, 256))})
-    path = tmp_path_factory.mktemp("lpips") / "alex.safetensors"
-    save_file(state, str(path))
-    return path
-
 
 def test_lpips_is_zero_for_identical_clips_and_grows_with_distortion(alexnet_weights):
     lpips = load_lpips(alexnet_weights)

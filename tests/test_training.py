@@ -20,6 +20,7 @@ from media.video import read_video, write_video
 from model import CDTConfig, build_model, from_pretrained, save_pretrained
 from training.config import load_config
 from training.data import ClipBatches, build_cache, list_videos
+from training.losses import Objective, build_lpips
 from training.trainer import export, prepare_run, train
 
 CLIPS = ("cotracker__cat.mp4", "propainter__tennis.mp4", "cotracker__bear.mp4")
@@ -125,6 +126,29 @@ def test_ddp_two_processes_stay_in_sync(clip_dir, tmp_path):
     torch.manual_seed(config["seed"])
     initial = build_model(CDTConfig.from_preset("tiny"), "cdt").state_dict()
     assert not torch.equal(initial["unet.out_conv.conv.weight"], ranks[0]["params"]["unet.out_conv.conv.weight"])
+
+
+def test_lpips_term_adds_to_the_loss_and_trains_the_decoder_only(alexnet_weights):
+    torch.manual_seed(0)
+    model = build_model(CDTConfig.from_preset("tiny"), "vae")
+    lpips = build_lpips(str(alexnet_weights))
+    objective = Objective(model, load_config(None, [])["loss"], lpips)
+    video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    plain, _ = objective(video, torch.Generator().manual_seed(1), 0.0)
+    loss, stats = objective(video, torch.Generator().manual_seed(1), 0.5)
+    assert stats["lpips"] > 0 and loss.item() == pytest.approx(plain.item() + 0.5 * stats["lpips"], rel=1e-5)
+    (loss - plain).backward()  # the gradient of the LPIPS term alone
+    assert model.vae_decoder.out_conv.conv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in lpips.features.parameters())  # the LPIPS network stays frozen
+
+
+def test_a_run_with_lpips_logs_it(clip_dir, tmp_path, alexnet_weights):
+    config = tiny_config(clip_dir, tmp_path / "cache", **{"loss.lpips_weights": str(alexnet_weights)})
+    config["stages"][0]["lpips_weight"] = 0.1
+    run = prepare_run(tmp_path / "lpips", config)
+    train(run, progress=False)
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert all(r["lpips"] > 0 for r in rows if r["kind"] == "train")
 
 
 @pytest.mark.parametrize("override, message", [

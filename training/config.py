@@ -41,8 +41,9 @@ DEFAULTS: dict[str, Any] = {
         "snr_min": 1.0,
         "snr_max": 5.0,
         "terminal_fraction": 0.25,  # batch items trained at t=T-1 on x_T = noise_scale*eps
-        "lpips_weight": 0.0,
-        "lpips_weights": None,  # path to backbone weights; required when lpips_weight > 0
+        # LPIPS backbone (+ optional heads) weights, by path; each stage sets its own
+        # lpips_weight (eta), which needs these.
+        "lpips_weights": None,
     },
     "optim": {
         "lr": 4e-4,

@@ -78,16 +78,9 @@ def frames_as_images(video: torch.Tensor) -> torch.Tensor:
 
 def build_lpips(weights: str | list[str] | None):
     """LPIPS from local weights (`media.lpips`: backbone file, optionally the linear
-    heads); None, i.e. LPIPS off, without a path. Nothing is downloaded.
-
-    Training needs gradients through the distance: the network must offer
-    `distance(x, y)` on (N,3,H,W) tensors in [-1,1] without `no_grad`."""
+    heads); None, i.e. LPIPS off, without a path. Nothing is downloaded."""
     if not weights:
         return None
     from media.lpips import load_lpips
 
-    net = load_lpips(*([weights] if isinstance(weights, str) else weights))
-    if not callable(getattr(net, "distance", None)):
-        raise ValueError("media.lpips.LPIPS only scores clips without gradients (evaluation); the LPIPS "
-                         "training loss needs a differentiable distance(x, y). Set loss.lpips_weights=null")
-    return net
+    return load_lpips(*([weights] if isinstance(weights, str) else weights))
