@@ -27,8 +27,9 @@ class Settings(BaseModel):
 
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint directory served")
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
-    # None = bf16 on CUDA, fp32 on CPU: bf16 is ~5x slower than fp32 on CPUs without
-    # AVX512-BF16/AMX (benchmarks/results/precision.md).
+    # None = bf16 on CUDA, fp32 on CPU, whatever the CPU: sessions are pinned to a dtype, so
+    # a per-node default would break failover between unlike nodes. bf16 is ~2x faster on
+    # CPUs with AVX512-BF16/AMX and ~5x slower without (benchmarks/results/precision.md).
     dtype: str | None = Field(None, description="fp32 or bf16 (default: bf16 on CUDA, fp32 on CPU)")
     redis_url: str | None = Field(None, description="session store; in-process store when unset")
     api_keys: tuple[str, ...] = Field((), description="accepted Bearer keys; auth is off when empty")

@@ -78,6 +78,26 @@ def test_streaming_decode_equals_whole_clip(tiny_model, latents, whole_decodes, 
     assert (streamed - whole).abs().max().item() < 1e-4
 
 
+def test_bf16_channels_last_streams_like_the_whole_clip(tiny_checkpoint, clip):
+    """bf16 computes in channels-last weights; cached activations are exported contiguous
+    and cut back in: streaming with a state round trip must still equal one whole pass."""
+    model = from_pretrained(tiny_checkpoint, dtype="bf16").eval()
+    assert model.encoder.stem.conv.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    clip = clip[:, :, :13]
+    with torch.inference_mode():
+        whole = model.encode(clip)
+        enc = StreamingEncoder(model)
+        first = enc.push(clip[:, :, :1])
+        enc = StreamingEncoder.from_state(model, enc.export_state())
+        streamed = torch.cat([first, enc.push(clip[:, :, 1:6]), enc.push(clip[:, :, 6:]), enc.finish()], dim=2)
+        assert torch.equal(streamed, whole)
+        frames = model.decode(whole, steps=2, seed=3)
+        dec = StreamingDecoder(model, steps=2, seed=3)
+        head = dec.push(whole[:, :, :2])
+        dec = StreamingDecoder.from_state(model, dec.export_state())
+        assert torch.equal(torch.cat([head, dec.push(whole[:, :, 2:])], dim=2), frames)
+
+
 def test_multistep_decoding_keeps_one_cache_per_step(tiny_model, latents):
     one, three = StreamingDecoder(tiny_model, steps=1), StreamingDecoder(tiny_model, steps=3)
     one.push(latents[:, :, :2])
