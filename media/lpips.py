@@ -84,7 +84,7 @@ class LPIPS:
         self.description = f"LPIPS {self.arch}, {kind}"
 
     def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out, taps = (x - _SHIFT) / _SCALE, []
+        out, taps = (x - _SHIFT.to(x.device)) / _SCALE.to(x.device), []
         for index, layer in enumerate(self.features):
             out = layer(out)
             if index in _TAPS[self.arch]:
@@ -100,10 +100,12 @@ class LPIPS:
         if min(x.shape[2:]) < MIN_SIDE:
             raise ValueError(f"LPIPS needs frames of at least {MIN_SIDE}x{MIN_SIDE}, got {tuple(x.shape[2:])}")
         x, y = x.float(), y.float()
-        total = torch.zeros(x.shape[0])
+        self.features.to(x.device)  # the training loss runs wherever the decoder does
+        total = torch.zeros(x.shape[0], device=x.device)
         for i, (fx, fy) in enumerate(zip(self._taps(x), self._taps(y))):
             diff = (fx - fy) ** 2
-            weighted = (diff * self.heads[i].view(1, -1, 1, 1)).sum(dim=1) if self.learned else diff.sum(dim=1)
+            weighted = ((diff * self.heads[i].to(x.device).view(1, -1, 1, 1)).sum(dim=1) if self.learned
+                        else diff.sum(dim=1))
             total += weighted.mean(dim=(1, 2))
         return total
 
