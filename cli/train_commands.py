@@ -22,6 +22,8 @@ def register(sub) -> None:
                        help="config overrides for a new run, e.g. optim.lr=3e-4 stages.0.steps=500")
     train.add_argument("--run-dir", help="run directory for a new run (default runs/<name>)")
     train.add_argument("--stop-at", type=int, help="stop after this step (the LR schedule still spans the config)")
+    train.add_argument("--threads", type=int, help="CPU threads for this process, overriding train.threads (also "
+                       "on --resume: a run may continue on a machine with another core count)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=run_train)
 
@@ -46,7 +48,7 @@ def run_train(args) -> int:
         config = load_config(args.config, args.overrides)
         run_dir = Path(args.run_dir or Path("runs") / config["name"])
         prepare_run(run_dir, config)
-    _, stats = train(run_dir, stop_at=args.stop_at, progress=not args.quiet)
+    _, stats = train(run_dir, stop_at=args.stop_at, progress=not args.quiet, threads=args.threads)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"run": str(run_dir), **stats}))
     return 0

@@ -98,6 +98,19 @@ def test_resume_continues_exactly(clip_dir, tmp_path):
     assert from_pretrained(tmp_path / "cli").content_hash() == info["hash"]
 
 
+def test_cli_resume_may_change_the_thread_count(clip_dir, tmp_path):
+    run = prepare_run(tmp_path / "run", tiny_config(clip_dir, tmp_path / "cache"))
+    before = torch.get_num_threads()
+    try:
+        train(run, stop_at=1, progress=False)
+        assert torch.get_num_threads() == 2  # the config's train.threads
+        assert cdt_main(["train", "--resume", str(run), "--threads", "1", "--quiet"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert [step for step, _ in train_losses(run)] == [1, 2]
+
+
 def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     model, stats = train(run_dir, progress=False)

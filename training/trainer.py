@@ -144,8 +144,9 @@ def prepare_run(run_dir: str | Path, config: dict) -> Path:
     return run_dir
 
 
-def train(run_dir: str | Path, stop_at: int | None = None, progress: bool = True):
-    """Run (or continue) the run in `run_dir` up to `stop_at` or the config's last step.
+def train(run_dir: str | Path, stop_at: int | None = None, progress: bool = True, threads: int | None = None):
+    """Run (or continue) the run in `run_dir` up to `stop_at` or the config's last step,
+    on `threads` CPU threads (default: the config's `train.threads`).
 
     Returns (model, last logged train stats of this rank). SIGTERM/SIGINT stop at the
     next step boundary after writing a checkpoint. On CPUs shared with other work, start
@@ -154,7 +155,7 @@ def train(run_dir: str | Path, stop_at: int | None = None, progress: bool = True
     config = json.loads((run_dir / CONFIG_FILE).read_text())
     rank, world = init_distributed()
     train_cfg, optim, data = config["train"], config["optim"], config["data"]
-    torch.set_num_threads(max(1, train_cfg["threads"] // world))
+    torch.set_num_threads(max(1, (threads or train_cfg["threads"]) // world))
     total = total_steps(config)
     stop = min(total, stop_at if stop_at is not None else total)
     accum = optim["accum"]
