@@ -15,6 +15,7 @@ from .layers import (
     ChannelLayerNorm,
     Downsample,
     LinearAttention,
+    PointwiseConv3d,
     ResnetBlock,
     TimeDownsample,
     TimeUpsample,
@@ -40,7 +41,7 @@ class Lift(nn.Module):
 
     def __init__(self, latent: int, widths: tuple[int, ...], time_pad: str) -> None:
         super().__init__()
-        self.direct = nn.Conv3d(latent, widths[-1], 1)
+        self.direct = PointwiseConv3d(latent, widths[-1])
         self.branch_in = CausalConv3d(latent, widths[0], (3, 3, 3), time_pad)
         self.branch = ResnetChain(widths, time_pad)
 

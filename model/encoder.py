@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import CDTConfig
-from .layers import Block, Cache, CausalConv3d, Downsample, ResnetBlock, TimeDownsample
+from .layers import Block, Cache, CausalConv3d, Downsample, PointwiseConv3d, ResnetBlock, TimeDownsample
 
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -48,7 +48,7 @@ class KLHead(nn.Module):
 
     def __init__(self, cin: int, branch: tuple[int, ...], latent: int, time_pad: str) -> None:
         super().__init__()
-        self.direct = nn.Conv3d(cin, 2 * latent, 1)
+        self.direct = PointwiseConv3d(cin, 2 * latent)
         self.branch = ResnetChain((cin, *branch), time_pad)
         self.branch_out = CausalConv3d(branch[-1], 2 * latent, (3, 3, 3), time_pad)
 

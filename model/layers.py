@@ -30,6 +30,27 @@ def assign_cache_keys(root: nn.Module) -> None:
             module.cache_key = name
 
 
+class PointwiseConv3d(nn.Conv3d):
+    """1x1x1 Conv3d computed as one batched matrix product on the (B, C, T*H*W) view.
+
+    Same parameters and state-dict keys as nn.Conv3d(cin, cout, 1). On the CPU oneDNN's
+    1x1x1 convolution measured 1.4-2x slower than this GEMM at 2 threads (it reorders
+    the activations into its blocked layout first); a non-contiguous input (e.g. bf16's
+    channels-last) keeps the convolution, which needs no copy for it."""
+
+    def __init__(self, cin: int, cout: int, bias: bool = True) -> None:
+        super().__init__(cin, cout, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_contiguous():
+            return super().forward(x)
+        b, c = x.shape[:2]
+        weight = self.weight.view(self.out_channels, c).expand(b, -1, -1)
+        flat = x.view(b, c, -1)
+        y = torch.bmm(weight, flat) if self.bias is None else torch.baddbmm(self.bias.view(1, -1, 1), weight, flat)
+        return y.view(b, self.out_channels, *x.shape[2:])
+
+
 class CausalConv3d(Stateful):
     """Conv3d padded on the left in time only; the cache holds the last kt-1 input frames."""
 
@@ -100,7 +121,7 @@ class ResnetBlock(nn.Module):
         self.block1 = Block(cin, cout, first_kernel, time_pad)
         self.temb = nn.Linear(temb_dim, cout) if temb_dim else None
         self.block2 = Block(cout, cout, (3, 3, 3), time_pad)
-        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.skip = PointwiseConv3d(cin, cout) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None, cache: Cache = None) -> torch.Tensor:
         h = self.block1(x, cache)
@@ -182,7 +203,7 @@ class TimeUpsample(Stateful):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv3d(channels, 2 * channels, 1)
+        self.conv = PointwiseConv3d(channels, 2 * channels)
         with torch.no_grad():  # identity-like: both new frames start as copies
             eye = torch.eye(channels)[:, :, None, None, None]
             self.conv.weight.mul_(0.1).add_(torch.cat([eye, eye], 0))
@@ -207,8 +228,8 @@ class LinearAttention(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.norm = ChannelLayerNorm(channels)
-        self.qkv = nn.Conv3d(channels, 3 * channels, 1, bias=False)
-        self.out = nn.Conv3d(channels, channels, 1)
+        self.qkv = PointwiseConv3d(channels, 3 * channels, bias=False)
+        self.out = PointwiseConv3d(channels, channels)
         self.scale = 1.0 / math.sqrt(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
