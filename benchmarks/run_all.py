@@ -33,6 +33,7 @@ SUITE: dict[str, list[str]] = {
     "session_cost": [],
     "load_test": [],
     "train_speed": [],
+    "profile_cdt": [],
 }
 
 
@@ -111,6 +112,8 @@ def compose() -> Path:
         path = report.RESULTS / f"{name}.md"
         if path.is_file():
             lines += ["", "#" + path.read_text().strip()]  # each result's title becomes a section
+            if "cpu" not in load(name)["machine"]:
+                lines += ["", "Machine: not recorded (measured before results named their CPU)."]
         else:
             lines += ["", f"## {name}", "", "Not run yet."]
     DOC.parent.mkdir(exist_ok=True)
