@@ -31,24 +31,36 @@ def assign_cache_keys(root: nn.Module) -> None:
 
 
 class PointwiseConv3d(nn.Conv3d):
-    """1x1x1 Conv3d computed as one batched matrix product on the (B, C, T*H*W) view.
+    """1x1x1 Conv3d computed as one matrix product over the channels.
 
     Same parameters and state-dict keys as nn.Conv3d(cin, cout, 1). On the CPU oneDNN's
-    1x1x1 convolution measured 1.4-2x slower than this GEMM at 2 threads (it reorders
-    the activations into its blocked layout first); a non-contiguous input (e.g. bf16's
-    channels-last) keeps the convolution, which needs no copy for it."""
+    1x1x1 convolution measured 1.4-2x slower than a GEMM at 2 threads (it reorders the
+    activations into its blocked layout first), and a float32 channels-last input fell
+    back to PyTorch's reference convolution. Both layouts have a copy-free GEMM view:
+    (B, C, THW) for contiguous input, (B*THW, C) for float32 channels-last. bf16
+    channels-last keeps oneDNN's convolution: it is fast there, and unlike the GEMM its
+    result does not depend on the chunk length, so streaming stays bit-identical."""
 
     def __init__(self, cin: int, cout: int, bias: bool = True) -> None:
         super().__init__(cin, cout, 1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.view(self.out_channels, self.in_channels)
+        if x.dtype == torch.float32 and _memory_format(x) == torch.channels_last_3d:
+            return F.linear(x.permute(0, 2, 3, 4, 1), weight, self.bias).permute(0, 4, 1, 2, 3)
         if not x.is_contiguous():
             return super().forward(x)
-        b, c = x.shape[:2]
-        weight = self.weight.view(self.out_channels, c).expand(b, -1, -1)
-        flat = x.view(b, c, -1)
+        b = x.shape[0]
+        flat = x.view(b, self.in_channels, -1)
+        weight = weight.expand(b, -1, -1)
         y = torch.bmm(weight, flat) if self.bias is None else torch.baddbmm(self.bias.view(1, -1, 1), weight, flat)
         return y.view(b, self.out_channels, *x.shape[2:])
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 class CausalConv3d(Stateful):
@@ -80,7 +92,10 @@ class CausalConv3d(Stateful):
         past = cache.get(self.cache_key) if cache is not None else None
         if past is None:
             past = self._left_pad(x)
-        x = torch.cat([past.to(x.dtype), x], dim=2)
+        # cat copies at memory speed only when both parts share a layout; activations
+        # are channels-last after the first LayerNorm, and a mixed cat was 4x slower.
+        past = past.to(x.dtype).contiguous(memory_format=_memory_format(x))
+        x = torch.cat([past, x], dim=2)
         if cache is not None:
             cache.set(self.cache_key, x[:, :, -self.context :])
         return self.conv(x)
@@ -234,12 +249,13 @@ class LinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
-        qkv = self.qkv(self.norm(x))  # (B, 3C, T, H, W)
-        qkv = qkv.permute(0, 2, 1, 3, 4).reshape(b * t, 3, c, h * w).float()
-        q, k, v = qkv.unbind(1)
-        q = q.softmax(dim=1) * self.scale
-        k = k.softmax(dim=2)
-        context = torch.bmm(k, v.transpose(1, 2))  # (BT, C, C)
-        out = torch.bmm(context.transpose(1, 2), q)  # (BT, C, N)
-        out = out.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4).to(x.dtype)
+        qkv = self.qkv(self.norm(x))  # (B, 3C, T, H, W), channels-last in memory
+        # (BT, N, 3C) is a free view of channels-last activations.
+        qkv = qkv.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, 3 * c).float()
+        q, k, v = qkv.split(c, dim=2)
+        q = q.softmax(dim=2) * self.scale
+        k = k.softmax(dim=1)
+        context = torch.bmm(k.transpose(1, 2), v)  # (BT, C, C)
+        out = torch.bmm(q, context)  # (BT, N, C)
+        out = out.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3).to(x.dtype)
         return x + self.out(out)

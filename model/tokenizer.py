@@ -111,7 +111,9 @@ class Tokenizer(nn.Module):
         bf16 weights go channels-last (NDHWC), the layout of oneDNN's AMX kernels:
         reconstruct ran 1.23x faster on an AMX CPU with bit-identical output
         (benchmarks/results/precision.md); activations follow the weights' layout.
-        fp32 stays contiguous: channels-last measured 0.83x on a CPU without AMX.
+        fp32 weights stay contiguous: channels-last weights measured 0.83x on a CPU
+        without AMX. Activations are channels-last in both dtypes after the first
+        LayerNorm (a free view there), and the layers keep them so.
 
         The identity hash is taken first: it names the weights as loaded, whatever
         dtype they are later computed in."""
