@@ -17,6 +17,7 @@ import sys
 import time
 
 import torch
+from redis.utils import HIREDIS_AVAILABLE
 
 from benchmarks import report
 from model import CDTConfig, StreamingDecoder, StreamingEncoder, build_model
@@ -80,7 +81,8 @@ def main() -> None:
     worst_large = max(r["store_share"] for r in rows if r["chunk_frames"] == largest)
     notes = (f"{args.preset} preset, fp32 state, decode with 1 DDIM step. The state's size does not depend on "
              f"the chunk's length, so its cost is amortised by longer chunks. Store time = one compare-and-set "
-             f"save plus one load of the state through RedisSessionStore on loopback. Worst store share of chunk "
+             f"save plus one load of the state through RedisSessionStore on loopback (reply parser: "
+             f"{'hiredis' if HIREDIS_AVAILABLE else 'pure Python'}). Worst store share of chunk "
              f"compute: **{worst:.1%}** over all rows, **{worst_large:.1%}** with {largest}-frame chunks "
              f"(target < 10%).")
     command = "python -m benchmarks.session_cost " + " ".join(sys.argv[1:])
