@@ -24,6 +24,9 @@ def register(sub) -> None:
     train.add_argument("--stop-at", type=int, help="stop after this step (the LR schedule still spans the config)")
     train.add_argument("--threads", type=int, help="CPU threads for this process, overriding train.threads (also "
                        "on --resume: a run may continue on a machine with another core count)")
+    train.add_argument("--bf16", choices=("on", "off"), help="bf16 autocast for this process, overriding "
+                       "train.bf16 (also on --resume); worth it on CPUs with AMX and on GPUs, see "
+                       "benchmarks/results/train_speed.md")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=run_train)
 
@@ -48,7 +51,8 @@ def run_train(args) -> int:
         config = load_config(args.config, args.overrides)
         run_dir = Path(args.run_dir or Path("runs") / config["name"])
         prepare_run(run_dir, config)
-    _, stats = train(run_dir, stop_at=args.stop_at, progress=not args.quiet, threads=args.threads)
+    bf16 = None if args.bf16 is None else args.bf16 == "on"
+    _, stats = train(run_dir, stop_at=args.stop_at, progress=not args.quiet, threads=args.threads, bf16=bf16)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"run": str(run_dir), **stats}))
     return 0

@@ -8,7 +8,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -22,6 +27,8 @@ from training.config import load_config
 from training.data import ClipBatches, build_cache, list_videos
 from training.losses import Objective, build_lpips
 from training.trainer import export, prepare_run, train
+
+from tests.conftest import REPO
 
 CLIPS = ("cotracker__cat.mp4", "propainter__tennis.mp4", "cotracker__bear.mp4")
 
@@ -109,6 +116,56 @@ def test_cli_resume_may_change_the_thread_count(clip_dir, tmp_path):
     finally:
         torch.set_num_threads(before)
     assert [step for step, _ in train_losses(run)] == [1, 2]
+
+
+def test_cli_resume_may_switch_bf16_autocast(clip_dir, tmp_path, capsys):
+    """Two copies of one checkpoint resumed for the same step, one with bf16 autocast:
+    same batch, different arithmetic, so a close but different loss."""
+    run = prepare_run(tmp_path / "run", tiny_config(clip_dir, tmp_path / "cache"))
+    train(run, stop_at=1, progress=False)
+    twin = tmp_path / "twin"
+    shutil.copytree(run, twin)
+    assert cdt_main(["train", "--resume", str(run), "--stop-at", "2", "--quiet"]) == 0
+    assert "bf16 autocast off" in capsys.readouterr().out
+    assert cdt_main(["train", "--resume", str(twin), "--stop-at", "2", "--bf16", "on", "--quiet"]) == 0
+    assert "bf16 autocast on" in capsys.readouterr().out
+    (step, fp32), (twin_step, bf16) = train_losses(run)[-1], train_losses(twin)[-1]
+    assert step == twin_step == 2
+    assert fp32 != bf16 and bf16 == pytest.approx(fp32, rel=0.05)
+
+
+def test_sigterm_to_the_process_group_checkpoints_and_exits_cleanly(clip_dir, tmp_path):
+    """systemd or `kill -- -PGID` signal the trainer and its data workers together."""
+    config = tiny_config(clip_dir, tmp_path / "cache", **{"data.workers": 1, "stages.0.steps": 10_000})
+    run = prepare_run(tmp_path / "run", config)
+    train(run, stop_at=1, progress=False)
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "train", "--resume", str(run), "--quiet"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "log.jsonl").exists() or len(train_losses(run)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    assert "killed by signal" not in err
+    saved = torch.load(run / "state.pt", weights_only=True)["step"]
+    assert saved >= 2 and saved == train_losses(run)[-1][0]
+
+
+def test_non_finite_gradients_skip_the_update_and_then_stop_the_run(clip_dir, tmp_path):
+    config = tiny_config(clip_dir, tmp_path / "cache", **{"loss.kl_weight": float("inf"), "stages.0.steps": 100})
+    run = prepare_run(tmp_path / "run", config)
+    with pytest.raises(FloatingPointError, match="20 steps in a row"):
+        train(run, progress=False)
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped"]) for r in rows] == [(i, 1) for i in range(1, 20)]
+    assert not (run / "state.pt").exists()  # nothing was saved from a broken run
 
 
 def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out_dir: str) -> None:

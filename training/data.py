@@ -160,7 +160,16 @@ def batch_loader(dataset: ClipBatches, start: int, stop: int, workers: int) -> t
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=range(start, stop), num_workers=workers,
         prefetch_factor=4 if workers else None, persistent_workers=False,
+        worker_init_fn=_leave_process_group,
     )
+
+
+def _leave_process_group(_worker_id: int) -> None:
+    # A stop signal sent to the trainer's process group (`kill -- -PGID`, a terminal)
+    # must reach only the trainer, which checkpoints and then ends its workers: a
+    # worker killed first made the trainer crash without a checkpoint. Ignoring
+    # SIGTERM instead would also ignore multiprocessing's own terminate() at exit.
+    os.setpgrp()
 
 
 def val_clips(videos: list[Path], frames: int, size: int) -> list[np.ndarray]:

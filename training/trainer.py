@@ -38,6 +38,8 @@ STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "loss.png"
+# A run whose gradients stay non-finite this long is broken, not unlucky.
+MAX_NONFINITE_STEPS = 20
 
 
 def lr_at(step: int, optim: dict, total: int) -> float:
@@ -144,9 +146,12 @@ def prepare_run(run_dir: str | Path, config: dict) -> Path:
     return run_dir
 
 
-def train(run_dir: str | Path, stop_at: int | None = None, progress: bool = True, threads: int | None = None):
+def train(run_dir: str | Path, stop_at: int | None = None, progress: bool = True, threads: int | None = None,
+          bf16: bool | None = None):
     """Run (or continue) the run in `run_dir` up to `stop_at` or the config's last step,
-    on `threads` CPU threads (default: the config's `train.threads`).
+    on `threads` CPU threads and with bf16 autocast or not (defaults: the config's
+    `train.threads` and `train.bf16`; both are properties of the machine, so a resumed
+    run may change them).
 
     Returns (model, last logged train stats of this rank). SIGTERM/SIGINT stop at the
     next step boundary after writing a checkpoint. On CPUs shared with other work, start
@@ -183,8 +188,9 @@ def train(run_dir: str | Path, stop_at: int | None = None, progress: bool = True
     objective = Objective(model, config["loss"], lpips)
     if world > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective)
+    use_bf16 = train_cfg["bf16"] if bf16 is None else bf16
     autocast = torch.autocast("cpu" if model.device.type == "cpu" else "cuda", dtype=torch.bfloat16,
-                              enabled=train_cfg["bf16"])
+                              enabled=use_bf16)
 
     cache = build_cache(split_videos(data, "train"), data["cache_dir"], data["short_side"], data["max_frames"],
                         data["decode_workers"])
@@ -217,9 +223,11 @@ def train(run_dir: str | Path, stop_at: int | None = None, progress: bool = True
         kind, preset = model.kind, config["model"]["preset"]
         lpips_note = "on" if lpips is not None else "off (loss.lpips_weights not set)"
         print(f"{config['name']}: {preset} {kind}, {model.parameter_counts()['parameters']:,} params, "
-              f"world {world}, steps {step}->{stop} of {total}, LPIPS {lpips_note}", flush=True)
+              f"world {world}, steps {step}->{stop} of {total}, bf16 autocast {'on' if use_bf16 else 'off'}, "
+              f"LPIPS {lpips_note}", flush=True)
     bar = tqdm(total=stop, initial=step, disable=rank != 0 or not progress, mininterval=10, dynamic_ncols=True)
     last_save, tick, window, stats = time.time(), time.time(), [], {}
+    bad_in_a_row, skipped = 0, 0
 
     model.train()
     while step < stop and not stop_requested:
@@ -237,9 +245,20 @@ def train(run_dir: str | Path, stop_at: int | None = None, progress: bool = True
                 (loss / accum).backward()
             window.append(micro_stats)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim["grad_clip"]).item()
-        opt.step()
+        if math.isfinite(grad_norm):  # the same on every rank: DDP has averaged the gradients
+            opt.step()
+            ema_update(ema, model, optim["ema_decay"], step)
+            bad_in_a_row = 0
+        else:
+            # Skip the update, as loss scaling does: one bad batch must not turn the
+            # weights, the EMA and the next checkpoint into NaN.
+            bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+            if bad_in_a_row >= MAX_NONFINITE_STEPS:
+                raise FloatingPointError(
+                    f"gradients were not finite for {bad_in_a_row} steps in a row (up to step {step + 1}); "
+                    f"stopped without saving, {run_dir} keeps its last good checkpoint. One known cause: bf16 "
+                    "autocast on a CPU (train.bf16 / --bf16 on; see docs/results.md, 'Speed')")
         opt.zero_grad(set_to_none=True)
-        ema_update(ema, model, optim["ema_decay"], step)
         step += 1
         bar.update(1)
 
@@ -248,11 +267,11 @@ def train(run_dir: str | Path, stop_at: int | None = None, progress: bool = True
         if step % train_cfg["log_every"] == 0 or step == stop:
             keys = sorted({key for s in window for key in s})
             stats = {key: float(np.mean([s[key] for s in window if key in s])) for key in keys}
-            stats.update(kind="train", step=step, stage=stage["name"], lr=lr, grad_norm=grad_norm,
+            stats.update(kind="train", step=step, stage=stage["name"], lr=lr, grad_norm=grad_norm, skipped=skipped,
                          wall_seconds=round(wall, 1), frames=int(video.shape[2]), crop=int(video.shape[-1]))
             write_log(stats)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
-            window = []
+            window, skipped = [], 0
         if rank == 0 and (step % val["every"] == 0 or step == total):
             write_log({"kind": "val", "step": step, "steps": val["steps"], "size": val["size"],
                        "frames": val["frames"], **validate(ema, val_set, val["steps"])})
