@@ -4,8 +4,9 @@ One step is what `training.trainer` does per optimizer step: the objective's for
 and backward, gradient clipping and an AdamW step, on random clips of a stage's shape.
 CDT and VAE steps alternate within each round, so both see the same machine load; the
 table reports median wall seconds and median CPU seconds (process time, all threads)
-per step. bf16 is compared at a small shape: without AVX512-BF16/AMX the CPU falls back
-to a scalar bf16 convolution (benchmarks/results/precision.md).
+per step. bf16 autocast is compared at the stage-1 shape where the CPU has bf16
+arithmetic, else at a small shape: without AVX512-BF16/AMX the CPU falls back to a
+scalar bf16 convolution (benchmarks/results/precision.md).
 
     .venv/bin/python -m benchmarks.train_speed [--repeats 5] [--threads 2]
 """
@@ -20,7 +21,7 @@ import time
 import torch
 
 from benchmarks import report
-from model import CDTConfig, build_model
+from model import CDTConfig, bf16_is_fast, build_model
 from training.config import DEFAULTS
 from training.losses import Objective
 
@@ -36,6 +37,7 @@ class Step:
         self.video = torch.rand(batch, 3, frames, crop, crop) * 2 - 1
         self.bf16 = bf16
         self.calls = 0
+        self.nonfinite = 0  # steps whose gradient norm was inf/NaN (the trainer skips those)
 
     def __call__(self) -> tuple[float, float]:
         """(wall seconds, CPU seconds) of one step."""
@@ -45,7 +47,7 @@ class Step:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             loss, _ = self.objective(self.video, gen)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.nonfinite += not torch.isfinite(torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)).item()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return time.perf_counter() - wall, time.process_time() - cpu
@@ -60,7 +62,8 @@ def interleaved(steps: dict[str, Step], repeats: int) -> dict[str, dict]:
     for _ in range(repeats):
         for name, step in steps.items():
             samples[name].append(step())
-    return {name: {"wall": statistics.median(s[0] for s in runs), "cpu": statistics.median(s[1] for s in runs)}
+    return {name: {"wall": statistics.median(s[0] for s in runs), "cpu": statistics.median(s[1] for s in runs),
+                   "non-finite grads": f"{steps[name].nonfinite} of {steps[name].calls}"}
             for name, runs in samples.items()}
 
 
@@ -74,23 +77,30 @@ def main() -> None:
 
     # The stage shapes of training/configs/tiny_{cdt,vae}.json.
     rows = []
-    for label, batch, frames, crop in (("stage 1", 4, 9, 64), ("stage 2", 2, 17, 96)):
-        res = interleaved({kind: Step(kind, batch, frames, crop) for kind in ("cdt", "vae")}, args.repeats)
-        for kind in ("cdt", "vae"):
-            rows.append({"case": f"{label}, {kind}, fp32", "shape": f"{batch}x{frames}x{crop}x{crop}",
-                         "wall s/step": res[kind]["wall"], "CPU s/step": res[kind]["cpu"],
-                         "ratio": res[kind]["wall"] / res["cdt"]["wall"]})
-    res = interleaved({"fp32": Step("cdt", 1, 5, 32), "bf16": Step("cdt", 1, 5, 32, bf16=True)}, args.bf16_repeats)
-    for dtype in ("fp32", "bf16"):
-        rows.append({"case": f"cdt, {dtype}" + (" autocast" if dtype == "bf16" else ""), "shape": "1x5x32x32",
-                     "wall s/step": res[dtype]["wall"], "CPU s/step": res[dtype]["cpu"],
-                     "ratio": res[dtype]["wall"] / res["fp32"]["wall"]})
+
+    def add_rows(label: str, shape: tuple[int, int, int, int], res: dict, base: str) -> None:
+        for name, r in res.items():
+            rows.append({"case": f"{label}, {name}", "shape": "x".join(map(str, shape)), "wall s/step": r["wall"],
+                         "CPU s/step": r["cpu"], "ratio": r["wall"] / res[base]["wall"],
+                         "non-finite grads": r["non-finite grads"]})
+
+    for label, shape in (("stage 1", (4, 9, 64, 64)), ("stage 2", (2, 17, 96, 96))):
+        add_rows(label, shape, interleaved({f"{kind}, fp32": Step(kind, *shape[:3]) for kind in ("cdt", "vae")},
+                                           args.repeats), "cdt, fp32")
+    # Where bf16 is slow (no AVX512-BF16/AMX) a stage-sized bf16 step would take minutes.
+    # Stage 1 mixes in batches of 1-frame images, so both clip lengths are measured.
+    shapes = (("stage 1", (4, 9, 64, 64)), ("stage 1 images", (4, 1, 64, 64))) if bf16_is_fast("cpu") else \
+        (("small", (1, 5, 32, 32)),)
+    for label, shape in shapes:
+        steps = {"cdt, fp32": Step("cdt", *shape[:3]), "cdt, bf16 autocast": Step("cdt", *shape[:3], bf16=True)}
+        add_rows(label, shape, interleaved(steps, args.bf16_repeats), "cdt, fp32")
 
     notes = (f"torch.set_num_threads({args.threads}); medians of {args.repeats} interleaved steps "
-             f"({args.bf16_repeats} for the bf16 pair) after one warm-up step each. 'ratio' is wall seconds "
+             f"({args.bf16_repeats} for the bf16 pairs) after one warm-up step each. 'ratio' is wall seconds "
              "relative to the first row of its group (CDT fp32): > 1 is slower. A step = forward + backward + "
              "clip + AdamW, random clips, random init; data loading and EMA are not included. CPU s/step "
-             "above wall s/step means the threads ran in parallel.")
+             "above wall s/step means the threads ran in parallel. 'non-finite grads': steps whose gradient norm "
+             "was inf/NaN, out of all steps run (warm-up included); the trainer skips those updates.")
     command = "python -m benchmarks.train_speed " + " ".join(sys.argv[1:])
     path = report.write("train_speed", command.strip(), {"threads": args.threads, "repeats": args.repeats}, rows,
                         notes)
