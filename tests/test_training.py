@@ -161,8 +161,10 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_cleanly(clip_dir, tm
 def test_non_finite_gradients_skip_the_update_and_then_stop_the_run(clip_dir, tmp_path):
     config = tiny_config(clip_dir, tmp_path / "cache", **{"loss.kl_weight": float("inf"), "stages.0.steps": 100})
     run = prepare_run(tmp_path / "run", config)
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(FloatingPointError, match="20 steps in a row"):
         train(run, progress=False)
+    assert signal.getsignal(signal.SIGTERM) is handler  # a failed run gives the caller its handlers back
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [(r["step"], r["skipped"]) for r in rows] == [(i, 1) for i in range(1, 20)]
     assert not (run / "state.pt").exists()  # nothing was saved from a broken run

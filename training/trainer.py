@@ -229,62 +229,64 @@ def train(run_dir: str | Path, stop_at: int | None = None, progress: bool = True
     last_save, tick, window, stats = time.time(), time.time(), [], {}
     bad_in_a_row, skipped = 0, 0
 
-    model.train()
-    while step < stop and not stop_requested:
-        stage = stage_at(config, step)
-        lr = lr_at(step, optim, total)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        for micro in range(accum):
-            video = next(batches)
-            sync = world == 1 or micro == accum - 1
-            with contextlib.nullcontext() if sync else objective.no_sync():
-                with autocast:
-                    loss, micro_stats = objective(video, step_generator(config["seed"], step, micro, rank),
-                                                  stage["lpips_weight"])
-                (loss / accum).backward()
-            window.append(micro_stats)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim["grad_clip"]).item()
-        if math.isfinite(grad_norm):  # the same on every rank: DDP has averaged the gradients
-            opt.step()
-            ema_update(ema, model, optim["ema_decay"], step)
-            bad_in_a_row = 0
-        else:
-            # Skip the update, as loss scaling does: one bad batch must not turn the
-            # weights, the EMA and the next checkpoint into NaN.
-            bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
-            if bad_in_a_row >= MAX_NONFINITE_STEPS:
-                raise FloatingPointError(
-                    f"gradients were not finite for {bad_in_a_row} steps in a row (up to step {step + 1}); "
-                    f"stopped without saving, {run_dir} keeps its last good checkpoint. One known cause: bf16 "
-                    "autocast on a CPU (train.bf16 / --bf16 on; see docs/results.md, 'Speed')")
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
+    try:
+        model.train()
+        while step < stop and not stop_requested:
+            stage = stage_at(config, step)
+            lr = lr_at(step, optim, total)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            for micro in range(accum):
+                video = next(batches)
+                sync = world == 1 or micro == accum - 1
+                with contextlib.nullcontext() if sync else objective.no_sync():
+                    with autocast:
+                        loss, micro_stats = objective(video, step_generator(config["seed"], step, micro, rank),
+                                                      stage["lpips_weight"])
+                    (loss / accum).backward()
+                window.append(micro_stats)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim["grad_clip"]).item()
+            if math.isfinite(grad_norm):  # the same on every rank: DDP has averaged the gradients
+                opt.step()
+                ema_update(ema, model, optim["ema_decay"], step)
+                bad_in_a_row = 0
+            else:
+                # Skip the update, as loss scaling does: one bad batch must not turn the
+                # weights, the EMA and the next checkpoint into NaN.
+                bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+                if bad_in_a_row >= MAX_NONFINITE_STEPS:
+                    raise FloatingPointError(
+                        f"gradients were not finite for {bad_in_a_row} steps in a row (up to step {step + 1}); "
+                        f"stopped without saving, {run_dir} keeps its last good checkpoint. One known cause: bf16 "
+                        "autocast on a CPU (train.bf16 / --bf16 on; see docs/results.md, 'Speed')")
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
 
-        now = time.time()
-        wall, tick = wall + now - tick, now
-        if step % train_cfg["log_every"] == 0 or step == stop:
-            keys = sorted({key for s in window for key in s})
-            stats = {key: float(np.mean([s[key] for s in window if key in s])) for key in keys}
-            stats.update(kind="train", step=step, stage=stage["name"], lr=lr, grad_norm=grad_norm, skipped=skipped,
-                         wall_seconds=round(wall, 1), frames=int(video.shape[2]), crop=int(video.shape[-1]))
-            write_log(stats)
-            bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
-            window, skipped = [], 0
-        if rank == 0 and (step % val["every"] == 0 or step == total):
-            write_log({"kind": "val", "step": step, "steps": val["steps"], "size": val["size"],
-                       "frames": val["frames"], **validate(ema, val_set, val["steps"])})
-        due = step % train_cfg["ckpt_every_steps"] == 0 or now - last_save > 60 * train_cfg["ckpt_every_minutes"]
-        if due or step == stop or stop_requested:
-            checkpoint()
-            last_save = time.time()
-        tick = time.time()  # validation and checkpoint time is not training wall time
-    bar.close()
-    for sig, handler in previous_handlers.items():
-        signal.signal(sig, handler)
-    if log is not None:
-        log.close()
+            now = time.time()
+            wall, tick = wall + now - tick, now
+            if step % train_cfg["log_every"] == 0 or step == stop:
+                keys = sorted({key for s in window for key in s})
+                stats = {key: float(np.mean([s[key] for s in window if key in s])) for key in keys}
+                stats.update(kind="train", step=step, stage=stage["name"], lr=lr, grad_norm=grad_norm, skipped=skipped,
+                             wall_seconds=round(wall, 1), frames=int(video.shape[2]), crop=int(video.shape[-1]))
+                write_log(stats)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
+                window, skipped = [], 0
+            if rank == 0 and (step % val["every"] == 0 or step == total):
+                write_log({"kind": "val", "step": step, "steps": val["steps"], "size": val["size"],
+                           "frames": val["frames"], **validate(ema, val_set, val["steps"])})
+            due = step % train_cfg["ckpt_every_steps"] == 0 or now - last_save > 60 * train_cfg["ckpt_every_minutes"]
+            if due or step == stop or stop_requested:
+                checkpoint()
+                last_save = time.time()
+            tick = time.time()  # validation and checkpoint time is not training wall time
+    finally:  # also when the run fails: the caller gets its signal handlers back
+        bar.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        if log is not None:
+            log.close()
     return model, stats
 
 
