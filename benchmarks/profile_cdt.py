@@ -1,7 +1,7 @@
 """Where CDT reconstruct spends its time: torch.profiler's top operators by self time.
 
 It backs the model-speed reading in the README (time outside the convolutions: the
-causal time padding's `cat`, LayerNorm's layout copies, PyTorch's slow conv path).
+causal time padding's `cat`, attention, PyTorch's slow conv path).
 
     .venv/bin/python -m benchmarks.profile_cdt [--preset small] [--frames 9] [--size 128] [--threads 2]
 """
@@ -41,8 +41,7 @@ def main() -> None:
     notes = (f"Reconstruct (encode + 1-step decode) of a random-init CDT `{args.preset}`, "
              f"{args.frames}x{args.size}x{args.size}, fp32, torch.set_num_threads({args.threads}), one profiled "
              "run after a warm-up. Convolutions are `mkldnn_convolution` and `slow_conv3d_forward` (PyTorch's "
-             "reference path, taken for small inputs); `cat` is mostly the causal time padding; `copy_`/`clone` "
-             "mostly layout copies around LayerNorm.")
+             "reference path, taken for small inputs); `cat` is the causal time padding.")
     command = "python -m benchmarks.profile_cdt " + " ".join(sys.argv[1:])
     path = report.write("profile_cdt", command.strip(), vars(args), rows, notes)
     print(path.read_text())
