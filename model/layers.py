@@ -30,6 +30,24 @@ def assign_cache_keys(root: nn.Module) -> None:
             module.cache_key = name
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _with_past(x: torch.Tensor, past: torch.Tensor | None, frames: int, time_pad: str) -> torch.Tensor:
+    """x with `frames` earlier frames prepended along time: the cached `past`, or at a
+    stream's start a padding (copies of the first frame, or zeros).
+
+    The past takes x's dtype and memory layout: activations are channels-last after the
+    first LayerNorm, and a cat of mixed layouts measured 4x slower than a same-layout one."""
+    if past is None:
+        first = x[:, :, :1]
+        past = (first if time_pad == "replicate" else torch.zeros_like(first)).expand(-1, -1, frames, -1, -1)
+    return torch.cat([past.to(x.dtype).contiguous(memory_format=_memory_format(x)), x], dim=2)
+
+
 class PointwiseConv3d(nn.Conv3d):
     """1x1x1 Conv3d computed as one matrix product over the channels.
 
@@ -57,12 +75,6 @@ class PointwiseConv3d(nn.Conv3d):
         return y.view(b, self.out_channels, *x.shape[2:])
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
 class CausalConv3d(Stateful):
     """Conv3d padded on the left in time only; the cache holds the last kt-1 input frames."""
 
@@ -80,22 +92,10 @@ class CausalConv3d(Stateful):
         self.time_pad = time_pad
         self.conv = nn.Conv3d(cin, cout, kernel, padding=(0, kh // 2, kw // 2), bias=bias)
 
-    def _left_pad(self, x: torch.Tensor) -> torch.Tensor:
-        first = x[:, :, :1]
-        if self.time_pad == "replicate":
-            return first.expand(-1, -1, self.context, -1, -1)
-        return torch.zeros_like(first).expand(-1, -1, self.context, -1, -1)
-
     def forward(self, x: torch.Tensor, cache: Cache = None) -> torch.Tensor:
         if self.context == 0:
             return self.conv(x)
-        past = cache.get(self.cache_key) if cache is not None else None
-        if past is None:
-            past = self._left_pad(x)
-        # cat copies at memory speed only when both parts share a layout; activations
-        # are channels-last after the first LayerNorm, and a mixed cat was 4x slower.
-        past = past.to(x.dtype).contiguous(memory_format=_memory_format(x))
-        x = torch.cat([past, x], dim=2)
+        x = _with_past(x, cache.get(self.cache_key) if cache is not None else None, self.context, self.time_pad)
         if cache is not None:
             cache.set(self.cache_key, x[:, :, -self.context :])
         return self.conv(x)
@@ -198,12 +198,7 @@ class TimeDownsample(Stateful):
             self.conv.weight[:, :, 2, 0, 0] += torch.eye(channels)
 
     def forward(self, x: torch.Tensor, cache: Cache = None) -> torch.Tensor:
-        past = cache.get(self.cache_key) if cache is not None else None
-        if past is None:
-            first = x[:, :, :1]
-            pad = first if self.time_pad == "replicate" else torch.zeros_like(first)
-            past = pad.expand(-1, -1, 2, -1, -1)
-        x = torch.cat([past.to(x.dtype), x], dim=2)
+        x = _with_past(x, cache.get(self.cache_key) if cache is not None else None, 2, self.time_pad)
         n_out = (x.shape[2] - 3) // 2 + 1 if x.shape[2] >= 3 else 0
         if cache is not None:
             cache.set(self.cache_key, x[:, :, 2 * n_out :])
