@@ -2,8 +2,10 @@
 
 For encode and decode sessions at each size and chunk length: the exported
 FeatureCache size after a steady-state chunk, the chunk's compute time, and the
-time to save then load that state through `RedisSessionStore` against a real Redis,
-as a fraction of the compute. Medians of --repeats runs.
+time to save then load that state against a real Redis, as a fraction of the compute:
+once as when another replica takes the next chunk (`RedisSessionStore`: the state is
+read back), once as when the same replica does (`LocalStateCache` in front: only the
+metadata is read back). Medians of --repeats runs.
 
     .venv/bin/python -m benchmarks.session_cost [--sizes 256 512] [--preset tiny]
 """
@@ -21,7 +23,7 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from benchmarks import report
 from model import CDTConfig, StreamingDecoder, StreamingEncoder, build_model
-from service.session_store import RedisSessionStore, SessionRecord
+from service.session_store import LocalStateCache, RedisSessionStore, SessionRecord, SessionStore
 
 
 def chunk_streams(model, size: int, frames: int):
@@ -37,7 +39,7 @@ def chunk_streams(model, size: int, frames: int):
     ]
 
 
-async def store_round_trip(store: RedisSessionStore, state: bytes, repeats: int) -> float:
+async def store_round_trip(store: SessionStore, state: bytes, repeats: int) -> float:
     sid = secrets.token_hex(8)
     assert await store.create(sid, SessionRecord({"bench": True}), ttl_s=60, max_sessions=10**6)
     times = []
@@ -63,6 +65,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(CDTConfig.from_preset(args.preset), "cdt").eval()
     store = RedisSessionStore(args.redis_url, prefix=f"cdt-bench-{secrets.token_hex(4)}:")
+    same_replica = LocalStateCache(store, max_bytes=2**31)
     rows = []
     loop = asyncio.new_event_loop()
     for size in args.sizes:
@@ -71,23 +74,31 @@ def main() -> None:
                 with torch.inference_mode():
                     compute = report.median_time(push, args.repeats)
                 state = stream.export_state()
-                store_s = loop.run_until_complete(store_round_trip(store, state, args.repeats))
+                other_s = loop.run_until_complete(store_round_trip(store, state, args.repeats))
+                same_s = loop.run_until_complete(store_round_trip(same_replica, state, args.repeats))
                 rows.append({"kind": kind, "size": f"{size}x{size}", "chunk_frames": frames,
-                             "state_mb": len(state) / 2**20, "chunk_compute_s": compute, "save_load_s": store_s,
-                             "store_share": store_s / compute})
-    loop.run_until_complete(store.close())
-    worst = max(r["store_share"] for r in rows)
+                             "state_mb": len(state) / 2**20, "chunk_compute_s": compute,
+                             "save_load_s": other_s, "store_share": other_s / compute,
+                             "save_load_same_replica_s": same_s, "store_share_same_replica": same_s / compute})
+    loop.run_until_complete(same_replica.close())
     largest = max(args.chunk_frames)
-    worst_large = max(r["store_share"] for r in rows if r["chunk_frames"] == largest)
+    summary = {"preset": args.preset}
+    for suffix in ("", "_same_replica"):
+        summary["worst_share" + suffix] = max(r["store_share" + suffix] for r in rows)
+        summary["worst_share_largest_chunk" + suffix] = max(r["store_share" + suffix] for r in rows
+                                                            if r["chunk_frames"] == largest)
     notes = (f"{args.preset} preset, fp32 state, decode with 1 DDIM step. The state's size does not depend on "
              f"the chunk's length, so its cost is amortised by longer chunks. Store time = one compare-and-set "
-             f"save plus one load of the state through RedisSessionStore on loopback (reply parser: "
-             f"{'hiredis' if HIREDIS_AVAILABLE else 'pure Python'}). Worst store share of chunk "
-             f"compute: **{worst:.1%}** over all rows, **{worst_large:.1%}** with {largest}-frame chunks "
+             f"save plus one load on loopback (reply parser: {'hiredis' if HIREDIS_AVAILABLE else 'pure Python'}): "
+             f"`save_load_s` when another replica continues the session (the state is read back), "
+             f"`save_load_same_replica_s` when the replica that wrote it does (LocalStateCache: only the "
+             f"metadata is read). Worst store share of chunk compute, other replica / same replica: "
+             f"**{summary['worst_share']:.1%}** / **{summary['worst_share_same_replica']:.1%}** over all rows, "
+             f"**{summary['worst_share_largest_chunk']:.1%}** / "
+             f"**{summary['worst_share_largest_chunk_same_replica']:.1%}** with {largest}-frame chunks "
              f"(target < 10%).")
     command = "python -m benchmarks.session_cost " + " ".join(sys.argv[1:])
-    path = report.write("session_cost", command.strip(), {"preset": args.preset, "worst_share": worst,
-                                                           "worst_share_largest_chunk": worst_large}, rows, notes)
+    path = report.write("session_cost", command.strip(), summary, rows, notes)
     print(path.read_text())
 
 

@@ -59,7 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool = WorkerPool(model, settings.queue_size, settings.request_timeout_s, metrics)
         pool.start()
         app.state.pool = pool
-        app.state.store = open_store(settings.redis_url, settings.session_key_prefix)
+        app.state.store = open_store(settings.redis_url, settings.session_key_prefix,
+                                     settings.session_local_cache_bytes)
         app.state.sessions = Sessions(app.state.store, pool, settings, metrics)
         try:
             yield

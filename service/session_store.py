@@ -9,6 +9,9 @@ on one session cannot both apply a chunk.
 
 Two implementations share the interface: `RedisSessionStore` (any replica can continue
 any session) and `MemorySessionStore` (single replica; the default without Redis).
+`LocalStateCache` sits in front of the Redis one and keeps this replica's last writes, so
+a session that comes back to the replica that served its previous chunk skips reading
+its state over the network.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,6 +39,7 @@ class SessionRecord:
     version: int = 0
     expires_at: float = 0.0  # unix seconds; refreshed by every write
     stored_state_bytes: int | None = None  # the state's size when it was not loaded
+    local: bool = False  # the blobs came from this replica's LocalStateCache, not the store
 
     @property
     def state_bytes(self) -> int:
@@ -239,5 +244,79 @@ class RedisSessionStore:
         await self._redis.aclose()
 
 
-def open_store(redis_url: str | None, prefix: str = "cdt:") -> SessionStore:
-    return RedisSessionStore(redis_url, prefix) if redis_url else MemorySessionStore()
+class LocalStateCache:
+    """A shared store plus a copy of the blobs this replica last wrote per session, up to
+    `max_bytes` (least recently used first out).
+
+    A full load first reads only the metadata; when the stored version is the one this
+    replica wrote, its own copy of the blobs is that version's, and the state (tens to
+    hundreds of MB) does not cross the network. Any other version (another replica wrote
+    since) is read in full. Writes always go to the shared store before they return, so
+    every replica can still continue every session; the copy only saves reads.
+    """
+
+    def __init__(self, store: SessionStore, max_bytes: int) -> None:
+        self._store, self._max_bytes = store, max_bytes
+        self._copies: OrderedDict[str, SessionRecord] = OrderedDict()
+        self._bytes = 0
+
+    def _forget(self, session_id: str) -> None:
+        copy = self._copies.pop(session_id, None)
+        if copy is not None:
+            self._bytes -= len(copy.state) + len(copy.response)
+
+    def _keep(self, session_id: str, record: SessionRecord) -> None:
+        self._forget(session_id)
+        size = len(record.state) + len(record.response)
+        if size > self._max_bytes:
+            return
+        while self._bytes + size > self._max_bytes:
+            self._forget(next(iter(self._copies)))
+        self._copies[session_id] = SessionRecord({}, record.state, record.response, record.version)
+        self._bytes += size
+
+    async def create(self, session_id, record, ttl_s, max_sessions) -> bool:
+        return await self._store.create(session_id, record, ttl_s, max_sessions)
+
+    async def load(self, session_id, blobs=True):
+        if not blobs:
+            return await self._store.load(session_id, blobs=False)
+        brief = await self._store.load(session_id, blobs=False)
+        copy = self._copies.get(session_id)
+        if brief is None or copy is None or copy.version != brief.version:
+            self._forget(session_id)
+            return None if brief is None else await self._store.load(session_id)
+        self._copies.move_to_end(session_id)
+        return SessionRecord(brief.meta, copy.state, copy.response, brief.version, brief.expires_at, local=True)
+
+    async def save(self, session_id, record, expected_version, ttl_s) -> bool:
+        # Forget first: if the write fails midway, the stored version is unknown.
+        self._forget(session_id)
+        saved = await self._store.save(session_id, record, expected_version, ttl_s)
+        if saved:
+            self._keep(session_id, record)
+        return saved
+
+    async def delete(self, session_id) -> bool:
+        self._forget(session_id)
+        return await self._store.delete(session_id)
+
+    async def live_count(self) -> int:
+        return await self._store.live_count()
+
+    async def ping(self) -> None:
+        await self._store.ping()
+
+    async def close(self) -> None:
+        self._copies.clear()
+        self._bytes = 0
+        await self._store.close()
+
+
+def open_store(redis_url: str | None, prefix: str = "cdt:", local_cache_bytes: int = 0) -> SessionStore:
+    """Redis when a URL is given (with this replica's copies in front when
+    `local_cache_bytes` > 0), else the in-process store."""
+    if not redis_url:
+        return MemorySessionStore()
+    store = RedisSessionStore(redis_url, prefix)
+    return LocalStateCache(store, local_cache_bytes) if local_cache_bytes > 0 else store

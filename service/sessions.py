@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -73,6 +73,8 @@ class SessionMetrics:
                                      ["kind"], buckets=STATE_BUCKETS, registry=r)
         self.store_seconds = Histogram("cdt_session_store_seconds", "session store latency", ["op"],
                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.state_reads = Counter("cdt_session_state_reads", "session states read: local copy or store",
+                                   ["source"], registry=r)
         self.chunk_seconds = Histogram("cdt_chunk_seconds", "chunk latency: load, compute, save", ["kind"],
                                        buckets=LATENCY_BUCKETS, registry=r)
 
@@ -106,6 +108,8 @@ class Sessions:
 
     async def _load(self, session_id: str, owner: str, blobs: bool = True) -> SessionRecord:
         record = await self._store("load", self.store.load(session_id, blobs))
+        if record is not None and blobs:
+            self.metrics.state_reads.labels("local" if record.local else "store").inc()
         # Another owner's session is reported exactly like a missing one.
         if record is None or record.meta.get("owner") != owner:
             raise NotFound(f"session {session_id} does not exist (unknown, expired or deleted)",

@@ -42,6 +42,9 @@ class Settings(BaseModel):
                                "session may ask for)")
     max_sessions: int = Field(1000, ge=1, description="live streaming sessions in the store (all replicas)")
     max_session_state_mb: float = Field(512.0, gt=0, description="largest feature-cache state of one session")
+    session_local_cache_mb: float = Field(512.0, ge=0, description="with Redis: this replica's copy of the "
+                                          "session states it wrote last, reused while the store holds that "
+                                          "version (skips reading the state back); 0 turns it off")
     session_key_prefix: str = Field("cdt:", min_length=1, description="Redis key prefix (several deployments "
                                     "may share one Redis)")
 
@@ -79,6 +82,10 @@ class Settings(BaseModel):
     @property
     def max_state_bytes(self) -> int:
         return int(self.max_session_state_mb * 1024 * 1024)
+
+    @property
+    def session_local_cache_bytes(self) -> int:
+        return int(self.session_local_cache_mb * 1024 * 1024)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -116,17 +116,31 @@ def test_nginx_parser_rejects_a_broken_config(tmp_path):
     assert crossplane.parse(str(bad))["status"] == "failed"
 
 
-def test_load_balancer_has_every_replica_and_no_sticky_sessions(rendered):
+def test_load_balancer_has_every_replica_and_session_affinity_only(rendered):
     directives = nginx_directives()
-    (upstream,) = [d for d in directives if d["directive"] == "upstream" and d["args"] == ["cdt"]]
-    servers = [d["args"][0] for d in upstream["block"] if d["directive"] == "server"]
-    assert sorted(servers) == [f"{name}:{SERVICE_PORT}" for name in replicas(rendered)]
+    upstreams = {d["args"][0]: d["block"] for d in directives if d["directive"] == "upstream"}
+    assert set(upstreams) == {"cdt", "cdt_sessions"}
+    for block in upstreams.values():
+        servers = [d["args"][0] for d in block if d["directive"] == "server"]
+        assert sorted(servers) == [f"{name}:{SERVICE_PORT}" for name in replicas(rendered)]
+    # Clients are never pinned; a session's chunks prefer one replica by a hash of its id.
     names = {d["directive"] for d in directives}
-    for sticky in ("ip_hash", "hash", "sticky", "sticky_cookie_insert", "sticky_route"):
+    for sticky in ("ip_hash", "sticky", "sticky_cookie_insert", "sticky_route"):
         assert sticky not in names, f"nginx.conf pins clients to replicas with {sticky!r}"
-    assert any(d["directive"] == "proxy_pass" and d["args"] == ["http://cdt"] for d in directives)
-    (metrics,) = [d for d in directives if d["directive"] == "location" and d["args"] == ["=", "/metrics"]]
-    assert [(d["directive"], d["args"]) for d in metrics["block"]] == [("return", ["404"])], "/metrics is private"
+    assert [d["args"] for d in upstreams["cdt"] if d["directive"] == "hash"] == []
+    assert [d["args"] for d in upstreams["cdt_sessions"] if d["directive"] == "hash"] == [["$cdt_session", "consistent"]]
+    locations = {d["args"][-1]: d for d in directives if d["directive"] == "location"}
+    proxied = {path: [a["args"] for a in d["block"] if a["directive"] == "proxy_pass"] for path, d in locations.items()}
+    assert proxied["/"] == [["http://cdt"]]
+    (session_path,) = [p for p, passes in proxied.items() if passes == [["http://cdt_sessions"]]]
+    assert locations[session_path]["args"][0] == "~"
+    pattern = re.compile(session_path.replace("(?<", "(?P<"))  # PCRE's named group in Python's spelling
+    for path, session in (("/v1/sessions/AbC-_9/chunks/3", "AbC-_9"), ("/v1/sessions/AbC-_9", "AbC-_9"),
+                          ("/v1/sessions", None), ("/v1/encode", None)):
+        match = pattern.match(path)
+        assert (match and match["cdt_session"]) == session, path
+    assert [(d["directive"], d["args"]) for d in locations["/metrics"]["block"]] == [("return", ["404"])], \
+        "/metrics is private"
 
 
 def test_prometheus_scrapes_every_replica(rendered):

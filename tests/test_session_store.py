@@ -1,4 +1,5 @@
-"""Both session stores against the same contract; the Redis one against the real server."""
+"""The session stores against the same contract (Redis ones against the real server), and
+what the replica-local copies in front of Redis may and may not reuse."""
 
 import asyncio
 import secrets
@@ -8,6 +9,7 @@ import pytest
 import redis
 
 from service.session_store import (
+    LocalStateCache,
     MemorySessionStore,
     RedisSessionStore,
     SessionRecord,
@@ -21,7 +23,13 @@ def run(coro):
     return asyncio.run(coro)
 
 
-@pytest.fixture(params=["memory", "redis"])
+def clean(prefix: str) -> None:
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{prefix}*"):
+        client.delete(key)
+
+
+@pytest.fixture(params=["memory", "redis", "redis+local"])
 def make_store(request):
     """A factory (each asyncio.run needs its own connection pool) and the key prefix."""
     prefix = f"cdt-test-{secrets.token_hex(4)}:"
@@ -29,10 +37,18 @@ def make_store(request):
         store = MemorySessionStore()
         yield (lambda: store), prefix
         return
-    yield (lambda: RedisSessionStore(REDIS_URL, prefix)), prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{prefix}*"):
-        client.delete(key)
+    if request.param == "redis":
+        yield (lambda: RedisSessionStore(REDIS_URL, prefix)), prefix
+    else:
+        yield (lambda: LocalStateCache(RedisSessionStore(REDIS_URL, prefix), 1 << 20)), prefix
+    clean(prefix)
+
+
+@pytest.fixture
+def prefix():
+    value = f"cdt-test-{secrets.token_hex(4)}:"
+    yield value
+    clean(value)
 
 
 def record(n: int = 0) -> SessionRecord:
@@ -124,7 +140,7 @@ def test_expiry_frees_the_session_and_its_keys(make_store):
         await store.close()
 
     run(scenario())
-    if isinstance(factory(), RedisSessionStore):
+    if not isinstance(factory(), MemorySessionStore):
         time.sleep(0.5)
         assert list(redis.Redis.from_url(REDIS_URL).scan_iter(f"{prefix}*")) == []
 
@@ -151,6 +167,69 @@ def test_unreachable_redis_raises_store_unavailable():
             await store.ping()
         with pytest.raises(SessionStoreUnavailable):
             await store.load("x")
+        await store.close()
+
+    run(scenario())
+
+
+def test_local_copy_is_reused_only_for_the_version_this_replica_wrote(prefix):
+    async def scenario():
+        a = LocalStateCache(RedisSessionStore(REDIS_URL, prefix), 1 << 20)
+        b = LocalStateCache(RedisSessionStore(REDIS_URL, prefix), 1 << 20)
+        assert await a.create("s", record(0), ttl_s=60, max_sessions=10)
+        assert not (await a.load("s")).local  # created elsewhere: nothing local yet
+        assert await a.save("s", record(1), expected_version=1, ttl_s=60)
+        hit = await a.load("s")
+        assert hit.local and (hit.version, hit.state, hit.response) == (2, record(1).state, b"r1")
+        assert hit.meta == record(1).meta and hit.expires_at > time.time()
+        # Replica b writes the next version: a's copy is stale and must not be used.
+        from_b = await b.load("s")
+        assert not from_b.local and from_b.state == record(1).state
+        assert await b.save("s", record(2), expected_version=2, ttl_s=60)
+        fresh = await a.load("s")
+        assert not fresh.local and (fresh.version, fresh.state) == (3, record(2).state)
+        # a lost a race with its stale version: it keeps no copy of anything.
+        assert not await a.save("s", record(9), expected_version=2, ttl_s=60)
+        assert not (await a.load("s")).local
+        assert (await b.load("s")).local
+        assert await b.delete("s")
+        assert await a.load("s") is None and await b.load("s") is None
+        await a.close()
+        await b.close()
+
+    run(scenario())
+
+
+def test_local_copies_skip_reading_the_stored_state(prefix):
+    """A hit reads no blob: bytes changed behind the store's back (same version) are not seen."""
+    async def scenario():
+        store = LocalStateCache(RedisSessionStore(REDIS_URL, prefix), 1 << 20)
+        assert await store.create("s", record(0), ttl_s=60, max_sessions=10)
+        assert await store.save("s", record(1), expected_version=1, ttl_s=60)
+        redis.Redis.from_url(REDIS_URL).hset(f"{prefix}session:s", "state", b"other")
+        assert (await store.load("s")).state == record(1).state
+        assert (await store.load("s", blobs=False)).state_bytes == len(b"other")
+        await store.close()
+
+    run(scenario())
+
+
+def test_local_copies_stay_within_their_byte_budget(prefix):
+    size = len(record(1).state) + len(record(1).response)  # 1,002 bytes per copy
+
+    async def scenario():
+        store = LocalStateCache(RedisSessionStore(REDIS_URL, prefix), 2 * size)
+        for sid in "abc":
+            assert await store.create(sid, record(0), ttl_s=60, max_sessions=10)
+            assert await store.save(sid, record(1), expected_version=1, ttl_s=60)
+        # Least recently used out: "a" went when "c" arrived; after reading b then c, a new
+        # copy of "a" pushes out "b".
+        assert [(await store.load(sid)).local for sid in "abc"] == [False, True, True]
+        assert await store.save("a", record(1), expected_version=2, ttl_s=60)
+        assert [(await store.load(sid)).local for sid in "abc"] == [True, False, True]
+        big = SessionRecord(meta={}, state=b"x" * (2 * size + 1))
+        assert await store.save("b", big, expected_version=2, ttl_s=60)
+        assert not (await store.load("b")).local  # larger than the whole budget: never kept
         await store.close()
 
     run(scenario())

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import redis
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from model import CDTConfig, build_model, save_pretrained
 from tests.servers import Server, free_port
@@ -88,6 +89,35 @@ def test_decode_handoff_alternating_replicas(replicas, frames, whole):
         parts.append(npy_array(r.content))
     diff = np.abs(np.concatenate(parts).astype(int) - npy_array(reference.content).astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+def state_reads(url: str) -> dict[str, float]:
+    """cdt_session_state_reads_total by source, from the replica's /metrics."""
+    reads = {"local": 0.0, "store": 0.0}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == "cdt_session_state_reads_total":
+                reads[sample.labels["source"]] = sample.value
+    return reads
+
+
+def test_a_replica_reuses_its_copy_only_while_it_wrote_the_last_chunk(replicas, frames, whole):
+    before = [state_reads(r.url) for r in replicas]
+    sid = httpx.post(replicas[0].url + "/v1/sessions", json={"kind": "encode"}).json()["id"]
+    parts = []
+    chunks = split(len(frames), [1, 8, 8, 8, 8])
+    assert len(chunks) == 5
+    for seq, ((a, b), replica) in enumerate(zip(chunks, [0, 0, 0, 1, 0])):
+        r = push(replicas[replica].url, sid, seq, frames[a:b])
+        assert r.status_code == 200, r.text
+        parts.append(latents_of(r.content))
+    parts.append(latents_of(httpx.post(f"{replicas[0].url}/v1/sessions/{sid}/finish", timeout=60).content))
+    assert (torch.cat(parts, dim=2) - latents_of(whole)).abs().max().item() < 1e-5
+    after = [state_reads(r.url) for r in replicas]
+    delta = [{k: after[i][k] - before[i][k] for k in ("local", "store")} for i in range(2)]
+    # Replica 0: chunk 0 (nothing written yet) and chunk 4 (replica 1 wrote chunk 3) come
+    # from Redis; chunks 1 and 2 and the finish from its own copy.
+    assert delta == [{"local": 3, "store": 2}, {"local": 0, "store": 1}]
 
 
 def test_replica_killed_after_a_chunk(tiny_checkpoint, tmp_path, prefix, replicas, frames, whole):
