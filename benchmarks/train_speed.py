@@ -4,7 +4,7 @@ One step is what `training.trainer` does per optimizer step: the objective's for
 and backward, gradient clipping and an AdamW step, on random clips of a stage's shape.
 CDT and VAE steps alternate within each round, so both see the same machine load; the
 table reports median wall seconds and median CPU seconds (process time, all threads)
-per step. bf16 autocast is compared at the stage-1 shape where the CPU has bf16
+per step. bf16 autocast is compared at both stages' shapes where the CPU has bf16
 arithmetic, else at a small shape: without AVX512-BF16/AMX the CPU falls back to a
 scalar bf16 convolution (benchmarks/results/precision.md).
 
@@ -88,9 +88,9 @@ def main() -> None:
         add_rows(label, shape, interleaved({f"{kind}, fp32": Step(kind, *shape[:3]) for kind in ("cdt", "vae")},
                                            args.repeats), "cdt, fp32")
     # Where bf16 is slow (no AVX512-BF16/AMX) a stage-sized bf16 step would take minutes.
-    # Stage 1 mixes in batches of 1-frame images, so both clip lengths are measured.
-    shapes = (("stage 1", (4, 9, 64, 64)), ("stage 1 images", (4, 1, 64, 64))) if bf16_is_fast("cpu") else \
-        (("small", (1, 5, 32, 32)),)
+    # Both stages mix in batches of 1-frame images, so both clip lengths are measured.
+    shapes = (("stage 1", (4, 9, 64, 64)), ("stage 1 images", (4, 1, 64, 64)), ("stage 2", (2, 17, 96, 96)),
+              ("stage 2 images", (2, 1, 96, 96))) if bf16_is_fast("cpu") else (("small", (1, 5, 32, 32)),)
     for label, shape in shapes:
         steps = {"cdt, fp32": Step("cdt", *shape[:3]), "cdt, bf16 autocast": Step("cdt", *shape[:3], bf16=True)}
         add_rows(label, shape, interleaved(steps, args.bf16_repeats), "cdt, fp32")

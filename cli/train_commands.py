@@ -25,8 +25,8 @@ def register(sub) -> None:
     train.add_argument("--threads", type=int, help="CPU threads for this process, overriding train.threads (also "
                        "on --resume: a run may continue on a machine with another core count)")
     train.add_argument("--bf16", choices=("on", "off"), help="bf16 autocast for this process, overriding "
-                       "train.bf16 (also on --resume); worth it on CPUs with AMX and on GPUs, see "
-                       "benchmarks/results/train_speed.md")
+                       "train.bf16 (also on --resume); worth it on GPUs and on CPUs with bf16 arithmetic, "
+                       "but check for NaN gradients first: see docs/results.md, 'Speed'")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=run_train)
 
