@@ -22,6 +22,11 @@ class SettingsError(ValueError):
     """An environment variable with an invalid value."""
 
 
+def mib(megabytes: float) -> int:
+    """A size setting in MiB, as bytes."""
+    return int(megabytes * 1024 * 1024)
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -81,15 +86,15 @@ class Settings(BaseModel):
 
     @property
     def max_state_bytes(self) -> int:
-        return int(self.max_session_state_mb * 1024 * 1024)
+        return mib(self.max_session_state_mb)
 
     @property
     def session_local_cache_bytes(self) -> int:
-        return int(self.session_local_cache_mb * 1024 * 1024)
+        return mib(self.session_local_cache_mb)
 
     @property
     def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
+        return mib(self.max_upload_mb)
 
     @classmethod
     def env_names(cls) -> dict[str, str]:

@@ -23,32 +23,25 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def clean(prefix: str) -> None:
+@pytest.fixture
+def prefix():
+    """A fresh Redis key prefix; its keys are removed afterwards."""
+    value = f"cdt-test-{secrets.token_hex(4)}:"
+    yield value
     client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{prefix}*"):
+    for key in client.scan_iter(f"{value}*"):
         client.delete(key)
 
 
 @pytest.fixture(params=["memory", "redis", "redis+local"])
-def make_store(request):
+def make_store(request, prefix):
     """A factory (each asyncio.run needs its own connection pool) and the key prefix."""
-    prefix = f"cdt-test-{secrets.token_hex(4)}:"
     if request.param == "memory":
         store = MemorySessionStore()
-        yield (lambda: store), prefix
-        return
+        return (lambda: store), prefix
     if request.param == "redis":
-        yield (lambda: RedisSessionStore(REDIS_URL, prefix)), prefix
-    else:
-        yield (lambda: LocalStateCache(RedisSessionStore(REDIS_URL, prefix), 1 << 20)), prefix
-    clean(prefix)
-
-
-@pytest.fixture
-def prefix():
-    value = f"cdt-test-{secrets.token_hex(4)}:"
-    yield value
-    clean(value)
+        return (lambda: RedisSessionStore(REDIS_URL, prefix)), prefix
+    return (lambda: LocalStateCache(RedisSessionStore(REDIS_URL, prefix), 1 << 20)), prefix
 
 
 def record(n: int = 0) -> SessionRecord:
