@@ -248,10 +248,11 @@ class LocalStateCache:
     """A shared store plus a copy of the blobs this replica last wrote per session, up to
     `max_bytes` (least recently used first out).
 
-    A full load first reads only the metadata; when the stored version is the one this
-    replica wrote, its own copy of the blobs is that version's, and the state (tens to
-    hundreds of MB) does not cross the network. Any other version (another replica wrote
-    since) is read in full. Writes always go to the shared store before they return, so
+    A full load of a session it holds a copy of first reads only the metadata; when the
+    stored version is the one this replica wrote, its own copy of the blobs is that
+    version's, and the state (tens to hundreds of MB) does not cross the network. Any
+    other version (another replica wrote since), or a session with no copy here, is read
+    in full. Writes always go to the shared store before they return, so
     every replica can still continue every session; the copy only saves reads.
     """
 
@@ -281,9 +282,11 @@ class LocalStateCache:
     async def load(self, session_id, blobs=True):
         if not blobs:
             return await self._store.load(session_id, blobs=False)
-        brief = await self._store.load(session_id, blobs=False)
         copy = self._copies.get(session_id)
-        if brief is None or copy is None or copy.version != brief.version:
+        if copy is None:  # nothing to compare: one full read, not a metadata read first
+            return await self._store.load(session_id)
+        brief = await self._store.load(session_id, blobs=False)
+        if brief is None or copy.version != brief.version:
             self._forget(session_id)
             return None if brief is None else await self._store.load(session_id)
         self._copies.move_to_end(session_id)

@@ -207,6 +207,28 @@ def test_local_copies_skip_reading_the_stored_state(prefix):
     run(scenario())
 
 
+def test_a_replica_without_a_copy_reads_the_session_in_one_command(prefix):
+    """The handoff case: no copy to compare versions with, so no metadata read first."""
+    def calls():
+        stats = redis.Redis.from_url(REDIS_URL).info("commandstats")
+        return {cmd: stats.get(f"cmdstat_{cmd}", {}).get("calls", 0) for cmd in ("hgetall", "hmget", "hstrlen")}
+
+    async def scenario():
+        writer = LocalStateCache(RedisSessionStore(REDIS_URL, prefix), 1 << 20)
+        reader = LocalStateCache(RedisSessionStore(REDIS_URL, prefix), 1 << 20)
+        assert await writer.create("s", record(0), ttl_s=60, max_sessions=10)
+        assert await writer.save("s", record(1), expected_version=1, ttl_s=60)
+        before = calls()
+        loaded = await reader.load("s")
+        after = calls()
+        assert not loaded.local and loaded.state == record(1).state
+        assert {cmd: after[cmd] - before[cmd] for cmd in after} == {"hgetall": 1, "hmget": 0, "hstrlen": 0}
+        await writer.close()
+        await reader.close()
+
+    run(scenario())
+
+
 def test_local_copies_stay_within_their_byte_budget(prefix):
     size = len(record(1).state) + len(record(1).response)  # 1,002 bytes per copy
 
