@@ -77,6 +77,19 @@ def test_cache_and_clip_shapes(clip_dir, tmp_path):
     assert not torch.equal(batch, ClipBatches(files, lambda i: stage, seed=0, rank=1, max_stride=3)[7])
 
 
+def test_channel_permute_reorders_colours_of_the_same_clip(clip_dir, tmp_path):
+    files = build_cache(list_videos([clip_dir]), tmp_path / "cache", short_side=40, max_frames=10, workers=2)
+    stage = {"frames": 5, "crop": 32, "batch": 1, "image_ratio": 0.0}
+    plain = ClipBatches(files, lambda i: stage, seed=0, max_stride=3)
+    permuted = ClipBatches(files, lambda i: stage, seed=0, max_stride=3, channel_permute=1.0)
+    orders = set()
+    for i in range(20):
+        a, b = plain[i][0], permuted[i][0]  # (3,T,H,W); the permutation is drawn after the crop
+        order = tuple(next(c for c in range(3) if torch.equal(b[k], a[c])) for k in range(3))
+        orders.add(order)
+    assert len(orders) > 2  # not always the identity, not one fixed order
+
+
 def test_resume_continues_exactly(clip_dir, tmp_path):
     config = tiny_config(clip_dir, tmp_path / "cache")
     whole = prepare_run(tmp_path / "whole", config)

@@ -33,6 +33,9 @@ DEFAULTS: dict[str, Any] = {
         "max_frames": 300,  # first frames kept per video: bounds cache size and decode time
         "max_stride": 3,  # temporal stride drawn from 1..max_stride (variable fps)
         "min_region": 1.0,  # smallest crop region, as a multiple of the crop size
+        # Share of clips whose RGB channels are randomly reordered: widens a small set's
+        # colour range (a clip of saturated blue is rare in ours) at no decode cost.
+        "channel_permute": 0.0,
         "workers": 1,  # DataLoader workers cutting clips from the cache
         "decode_workers": 2,  # processes decoding videos into the cache
     },
@@ -129,6 +132,8 @@ def validate(config: dict) -> dict:
             raise ValueError(f"stage {i}: crop {stage['crop']} exceeds data.short_side")
         if stage["lpips_weight"] > 0 and not config["loss"]["lpips_weights"]:
             raise ValueError(f"stage {i}: lpips_weight > 0 needs loss.lpips_weights (a path; nothing is downloaded)")
+    if not 0.0 <= config["data"]["channel_permute"] <= 1.0:
+        raise ValueError(f"data.channel_permute is a probability, got {config['data']['channel_permute']}")
     if config["model"]["kind"] not in ("cdt", "vae"):
         raise ValueError(f"model.kind must be 'cdt' or 'vae', got {config['model']['kind']!r}")
     if not 0 <= config["loss"]["snr_min"] <= config["loss"]["snr_max"]:

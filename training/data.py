@@ -104,11 +104,12 @@ class ClipBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, cache_files: list[Path], stage_of, seed: int, rank: int = 0,
-                 max_stride: int = 1, min_region: float = 1.0) -> None:
+                 max_stride: int = 1, min_region: float = 1.0, channel_permute: float = 0.0) -> None:
         self.cache_files = [str(p) for p in cache_files]
         self.stage_of = stage_of
         self.seed, self.rank = seed, rank
         self.max_stride, self.min_region = max_stride, min_region
+        self.channel_permute = channel_permute
         self._arrays: list[np.ndarray] | None = None  # opened lazily in each worker
 
     def arrays(self) -> list[np.ndarray]:
@@ -144,6 +145,9 @@ class ClipBatches(torch.utils.data.Dataset):
         top, left = int(rng.integers(0, h - region + 1)), int(rng.integers(0, w - region + 1))
         # np.array copies out of the read-only memmap.
         clip = np.array(video[start : start + span : stride, top : top + region, left : left + region])
+        # Drawn only when enabled, so runs without it keep their exact clip sequence.
+        if self.channel_permute and rng.random() < self.channel_permute:
+            clip = clip[..., rng.permutation(3)]
         return resize_clip(clip, crop)
 
 

@@ -195,7 +195,7 @@ def train(run_dir: str | Path, stop_at: int | None = None, progress: bool = True
     cache = build_cache(split_videos(data, "train"), data["cache_dir"], data["short_side"], data["max_frames"],
                         data["decode_workers"])
     dataset = ClipBatches(cache, functools.partial(stage_of_batch, config, accum), config["seed"], rank,
-                          data["max_stride"], data["min_region"])
+                          data["max_stride"], data["min_region"], data["channel_permute"])
     batches = iter(batch_loader(dataset, step * accum, stop * accum, data["workers"]))
     val = config["val"]
     val_set = val_clips(split_videos(data, "val")[: val["max_clips"]], val["frames"], val["size"]) if rank == 0 else []
