@@ -118,6 +118,15 @@ def test_resume_continues_exactly(clip_dir, tmp_path):
     assert from_pretrained(tmp_path / "cli").content_hash() == info["hash"]
 
 
+def test_a_run_written_before_an_option_existed_resumes_with_its_default(clip_dir, tmp_path):
+    run = prepare_run(tmp_path / "run", tiny_config(clip_dir, tmp_path / "cache"))
+    stored = json.loads((run / "config.json").read_text())
+    del stored["data"]["channel_permute"]  # as written before the option was added
+    (run / "config.json").write_text(json.dumps(stored))
+    train(run, stop_at=1, progress=False)
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == 1
+
+
 def test_cli_resume_may_change_the_thread_count(clip_dir, tmp_path):
     run = prepare_run(tmp_path / "run", tiny_config(clip_dir, tmp_path / "cache"))
     before = torch.get_num_threads()

@@ -29,7 +29,7 @@ from media.metrics import psnr, ssim
 from media.video import frames_to_tensor, tensor_to_frames
 from model import CDTConfig, build_model, from_pretrained, save_pretrained
 
-from .config import stage_at, total_steps
+from .config import DEFAULTS, merge, stage_at, total_steps
 from .data import ClipBatches, batch_loader, build_cache, split_videos, val_clips
 from .losses import Objective, build_lpips
 from .plot import plot_log
@@ -146,6 +146,12 @@ def prepare_run(run_dir: str | Path, config: dict) -> Path:
     return run_dir
 
 
+def read_run_config(run_dir: Path) -> dict:
+    """The run's config over today's defaults: a run directory written before an option
+    existed resumes with that option's default, which keeps its old behaviour."""
+    return merge(DEFAULTS, json.loads((run_dir / CONFIG_FILE).read_text()))
+
+
 def train(run_dir: str | Path, stop_at: int | None = None, progress: bool = True, threads: int | None = None,
           bf16: bool | None = None):
     """Run (or continue) the run in `run_dir` up to `stop_at` or the config's last step,
@@ -157,7 +163,7 @@ def train(run_dir: str | Path, stop_at: int | None = None, progress: bool = True
     next step boundary after writing a checkpoint. On CPUs shared with other work, start
     it with OMP_WAIT_POLICY=PASSIVE (see docs/results.md: 3x less CPU per step)."""
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / CONFIG_FILE).read_text())
+    config = read_run_config(run_dir)
     rank, world = init_distributed()
     train_cfg, optim, data = config["train"], config["optim"], config["data"]
     torch.set_num_threads(max(1, (threads or train_cfg["threads"]) // world))
@@ -293,7 +299,7 @@ def train(run_dir: str | Path, stop_at: int | None = None, progress: bool = True
 def export(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16") -> dict:
     """Write the run's EMA weights as a served checkpoint (`from_pretrained` loads it)."""
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / CONFIG_FILE).read_text())
+    config = read_run_config(run_dir)
     state = load_state(run_dir)
     model = build_model(CDTConfig.from_preset(config["model"]["preset"]), config["model"]["kind"])
     model.load_state_dict(state["ema"])
