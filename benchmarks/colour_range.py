@@ -13,12 +13,14 @@ decoder, dropped it: the probe behind the aquarium val clip's blue-to-cyan.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
+import numpy as np
 import torch
 
 from benchmarks import report
+from media.metrics import psnr
+from media.video import frames_to_tensor, tensor_to_frames
 from model import from_pretrained
 
 SWATCHES = {
@@ -36,22 +38,17 @@ SWATCHES = {
 }
 
 
-def swatch(rgb: tuple[int, int, int], frames: int = 5, size: int = 64) -> torch.Tensor:
-    x = (torch.tensor(rgb, dtype=torch.float32) / 127.5 - 1).view(1, 3, 1, 1, 1)
-    return x.expand(1, 3, frames, size, size).contiguous()
-
-
-def reconstruct_swatch(model, x: torch.Tensor) -> tuple[list[int], float, torch.Tensor]:
-    """(mean output colour of the last frame's centre, PSNR of the whole clip in dB, latent)."""
+def reconstruct_swatch(model, rgb: tuple[int, int, int], frames: int = 5, size: int = 64
+                       ) -> tuple[list[int], float, torch.Tensor]:
+    """(mean output colour of the last frame's centre, PSNR of the whole clip in dB, latent),
+    on uint8 frames as `cdt eval` scores them."""
+    clip = np.full((frames, size, size, 3), rgb, dtype=np.uint8)
     with torch.inference_mode():
-        latent = model.encode(x)
-        y = model.decode(latent, steps=1, seed=0).clamp(-1, 1)
-    # uint8 rounding as `cdt eval` does, so the PSNR is on the same scale.
-    x8, y8 = ((x + 1) * 127.5).round(), ((y + 1) * 127.5).round()
-    mse = ((x8 - y8) ** 2).mean().item()
-    quarter = x.shape[-1] // 4
-    centre = y8[0, :, -1, quarter:-quarter, quarter:-quarter].mean((1, 2))
-    return [int(v) for v in centre.round().tolist()], 10 * math.log10(255**2 / max(mse, 1e-10)), latent
+        latent = model.encode(frames_to_tensor(clip))
+        decoded = tensor_to_frames(model.decode(latent, steps=1, seed=0))
+    quarter = size // 4
+    centre = decoded[-1, quarter:-quarter, quarter:-quarter].reshape(-1, 3).mean(0)
+    return [int(v) for v in centre.round()], psnr(clip, decoded), latent
 
 
 def main() -> None:
@@ -60,14 +57,15 @@ def main() -> None:
     parser.add_argument("--name", default="colour_range", help="results file name under benchmarks/results")
     args = parser.parse_args()
     models = {path: from_pretrained(path).eval() for path in args.checkpoint}
-    grey_latents = {path: reconstruct_swatch(model, swatch(SWATCHES["mid grey"]))[2] for path, model in models.items()}
+    results = {(name, path): reconstruct_swatch(model, rgb)
+               for name, rgb in SWATCHES.items() for path, model in models.items()}
     rows = []
     for name, rgb in SWATCHES.items():
         row: dict = {"swatch": name, "rgb": str(list(rgb))}
-        for path, model in models.items():
-            colour, psnr, latent = reconstruct_swatch(model, swatch(rgb))
-            row[f"{path}: out"], row[f"{path}: PSNR dB"] = str(colour), psnr
-            row[f"{path}: latent to grey"] = (latent - grey_latents[path]).norm().item()
+        for path in models:
+            colour, score, latent = results[name, path]
+            row[f"{path}: out"], row[f"{path}: PSNR dB"] = str(colour), score
+            row[f"{path}: latent to grey"] = (latent - results["mid grey", path][2]).norm().item()
         rows.append(row)
     means = {path: sum(r[f"{path}: PSNR dB"] for r in rows) / len(rows) for path in models}
     notes = "Mean PSNR over the swatches: " + ", ".join(f"`{p}` {v:.2f} dB" for p, v in means.items()) + "."
