@@ -1,9 +1,10 @@
 """CDT video tokenizer: pure PyTorch model code (no web, no storage services)."""
 
 from .cache import CacheFormatError, FeatureCache
-from .checkpoint import CheckpointError, from_pretrained, save_pretrained
+from .checkpoint import CheckpointError, from_pretrained, record_receptive_field, save_pretrained
 from .config import PRESETS, CDTConfig
 from .diffusion import CosineSchedule, frame_noise
+from .receptive_field import ReceptiveField, measure_receptive_field
 from .streaming import CacheMismatchError, StreamingDecoder, StreamingEncoder, pad_frames
 from .tokenizer import CDT, Tokenizer, VAEBaseline, bf16_is_fast, build_model, dtype_name, parse_dtype
 
@@ -16,6 +17,7 @@ __all__ = [
     "CheckpointError",
     "CosineSchedule",
     "FeatureCache",
+    "ReceptiveField",
     "StreamingDecoder",
     "StreamingEncoder",
     "Tokenizer",
@@ -25,7 +27,9 @@ __all__ = [
     "dtype_name",
     "frame_noise",
     "from_pretrained",
+    "measure_receptive_field",
     "pad_frames",
     "parse_dtype",
+    "record_receptive_field",
     "save_pretrained",
 ]

@@ -2,8 +2,13 @@
 
 Each stateful layer owns one key (its module path, assigned once when the model is
 built). A layer reads its entry before processing a chunk and writes it back after.
-A missing entry means "this is the first chunk of the stream". Multi-step decoding
-keeps one namespace per DDIM step through `scope`.
+Multi-step decoding keeps one namespace per DDIM step through `scope`.
+
+The `started` flag tells a layer what a missing entry means. In a cache that has not
+started, it is the first chunk of the stream: the layer pads as for a clip's first
+frame. In a started cache (a stream resumed mid-way with no history), it is steady
+state with an unknown past: the layer pads with as many frames as it would have cached.
+The stream object sets the flag after its first non-empty chunk.
 
 State exports to bytes as safetensors (tensors) with a JSON metadata header, and
 imports again in any process; nothing is ever pickled.
@@ -21,6 +26,7 @@ from safetensors.torch import save as st_save
 CACHE_FORMAT = "cdt-feature-cache"
 CACHE_FORMAT_VERSION = 1
 _META_KEY = "cdt_cache"
+STARTED_KEY = "started"
 
 
 class CacheFormatError(ValueError):
@@ -34,7 +40,7 @@ class FeatureCache:
         self.tensors: dict[str, torch.Tensor] = {}
         self.meta: dict[str, Any] = dict(meta or {})
 
-    # Layers use these three.
+    # Layers use get, set, scope and started.
     def get(self, key: str) -> torch.Tensor | None:
         return self.tensors.get(key)
 
@@ -45,6 +51,15 @@ class FeatureCache:
     def scope(self, prefix: str) -> "CacheScope":
         return CacheScope(self, prefix)
 
+    @property
+    def started(self) -> bool:
+        """Whether the stream is past its start; kept in `meta`, so it travels with exports."""
+        return bool(self.meta.get(STARTED_KEY, False))
+
+    @started.setter
+    def started(self, value: bool) -> None:
+        self.meta[STARTED_KEY] = bool(value)
+
     def __len__(self) -> int:
         return len(self.tensors)
 
@@ -52,6 +67,7 @@ class FeatureCache:
         return iter(self.tensors)
 
     def nbytes(self) -> int:
+        """Bytes held by the cached tensors (the state's size without the metadata)."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def to(self, device: torch.device | str) -> "FeatureCache":
@@ -95,6 +111,10 @@ class CacheScope:
 
     def scope(self, prefix: str) -> "CacheScope":
         return CacheScope(self._cache, self._prefix + prefix)
+
+    @property
+    def started(self) -> bool:
+        return self._cache.started
 
 
 def read_metadata(data: bytes) -> dict[str, str]:

@@ -1,11 +1,17 @@
-"""Checkpoint directories: `config.json` + `model.safetensors` + `model.sha256`.
+"""Checkpoint directories: `config.json` + `model.safetensors` + `model.sha256`, and
+`receptive_field.json`.
 
 The hash covers the config and the weights (`hash_state`); loading recomputes it and
 refuses a directory whose weights or config were changed. Nothing is unpickled.
+
+`receptive_field.json` records the streams' measured temporal receptive fields
+(model/receptive_field.py) with the hash they were measured for. It stays out of the
+hash: loading uses a record whose hash matches, and measures the model otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import CDTConfig
+from .receptive_field import MEASURED_BY, ReceptiveField, measure
 from .tokenizer import Tokenizer, build_model, hash_state, parse_dtype
 
 CHECKPOINT_FORMAT = "cdt-checkpoint"
@@ -21,6 +28,11 @@ CHECKPOINT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 HASH_FILE = "model.sha256"
+RECEPTIVE_FIELD_FILE = "receptive_field.json"
+RECEPTIVE_FIELD_FORMAT = "cdt-receptive-field"
+RECEPTIVE_FIELD_VERSION = 1
+RECEPTIVE_FIELD_UNITS = {"encode": "pixel frames",
+                         "decode": "latent frames: decode_base + decode_per_step * DDIM steps"}
 
 
 class CheckpointError(ValueError):
@@ -42,6 +54,7 @@ def save_pretrained(model: Tokenizer, directory: str | Path, dtype: str | torch.
     (directory / CONFIG_FILE).write_text(json.dumps(header, indent=2, sort_keys=True) + "\n")
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"content_hash": digest, "kind": model.kind})
     (directory / HASH_FILE).write_text(digest + "\n")
+    write_receptive_field(directory, model.receptive_field_record(), digest)
     return digest
 
 
@@ -49,13 +62,18 @@ def read_header(directory: str | Path) -> dict:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory}: not a checkpoint directory (no {CONFIG_FILE})")
+    return _read_versioned_json(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+
+
+def _read_versioned_json(path: Path, fmt: str, version: int) -> dict:
+    """A JSON object whose "format" and "version" must be `fmt` and `version`."""
     try:
-        header = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
-    if header.get("format") != CHECKPOINT_FORMAT or header.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} file")
-    return header
+    if data.get("format") != fmt or data.get("version") != version:
+        raise CheckpointError(f"{path}: not a {fmt} v{version} file")
+    return data
 
 
 def from_pretrained(
@@ -86,4 +104,30 @@ def from_pretrained(
         raise CheckpointError(f"{directory}: weights do not fit the config (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})")
     model._hash = actual
+    model._receptive_field = read_receptive_field(directory, actual)
     return model.set_precision(dtype).to(device).eval()
+
+
+def write_receptive_field(directory: str | Path, field: ReceptiveField, digest: str) -> None:
+    record = {"format": RECEPTIVE_FIELD_FORMAT, "version": RECEPTIVE_FIELD_VERSION, "model_hash": digest,
+              "measured_by": MEASURED_BY, "units": RECEPTIVE_FIELD_UNITS, **dataclasses.asdict(field)}
+    (Path(directory) / RECEPTIVE_FIELD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def read_receptive_field(directory: str | Path, digest: str) -> ReceptiveField | None:
+    """The recorded receptive fields, or None if there is no record for these weights."""
+    path = Path(directory) / RECEPTIVE_FIELD_FILE
+    if not path.is_file():
+        return None
+    record = _read_versioned_json(path, RECEPTIVE_FIELD_FORMAT, RECEPTIVE_FIELD_VERSION)
+    if record.get("model_hash") != digest:
+        return None
+    return ReceptiveField(**{f.name: int(record[f.name]) for f in dataclasses.fields(ReceptiveField)})
+
+
+def record_receptive_field(directory: str | Path) -> ReceptiveField:
+    """Measure a saved checkpoint's receptive fields and write its record."""
+    model = from_pretrained(directory)
+    field = measure(model)
+    write_receptive_field(directory, field, model.content_hash())
+    return field

@@ -5,6 +5,13 @@ whole-clip processing.
 Layers that carry state between chunks subclass `Stateful`; the model assigns each
 a unique `cache_key` once at construction. The state itself lives in a FeatureCache
 passed to `forward` (None = process a standalone clip).
+
+A layer without a cache entry pads the missing past (zeros or copies of the chunk's
+first frame, per `time_pad`) with as many frames as its position in the stream calls
+for: at a stream's start (or for a standalone clip) the first-frame padding, in a
+started cache (a stream resumed mid-way) the number of frames it keeps in steady state.
+No layer keeps any other history, so a stream's state depends only on a bounded window
+of recent inputs (model/receptive_field.py).
 """
 
 from __future__ import annotations
@@ -37,8 +44,8 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def _with_past(x: torch.Tensor, past: torch.Tensor | None, frames: int, time_pad: str) -> torch.Tensor:
-    """x with `frames` earlier frames prepended along time: the cached `past`, or at a
-    stream's start a padding (copies of the first frame, or zeros).
+    """x with earlier frames prepended along time: the cached `past`, or without one
+    `frames` frames of padding (copies of the first frame, or zeros).
 
     The past takes x's dtype and memory layout: activations are channels-last after the
     first LayerNorm, and a cat of mixed layouts measured 4x slower than a same-layout one."""
@@ -76,7 +83,9 @@ class PointwiseConv3d(nn.Conv3d):
 
 
 class CausalConv3d(Stateful):
-    """Conv3d padded on the left in time only; the cache holds the last kt-1 input frames."""
+    """Conv3d padded on the left in time only; the cache holds the last kt-1 input frames.
+
+    A missing past is kt-1 frames at a stream's start and in steady state alike."""
 
     def __init__(
         self,
@@ -190,6 +199,9 @@ class TimeDownsample(Stateful):
     output (1 frame after each aligned chunk).
     """
 
+    START_PAD = 2  # so that a stream's first frame makes its first output
+    STEADY_PAD = 1  # the frame left over by an aligned chunk
+
     def __init__(self, channels: int, time_pad: str = "zeros") -> None:
         super().__init__()
         self.time_pad = time_pad
@@ -198,7 +210,10 @@ class TimeDownsample(Stateful):
             self.conv.weight[:, :, 2, 0, 0] += torch.eye(channels)
 
     def forward(self, x: torch.Tensor, cache: Cache = None) -> torch.Tensor:
-        x = _with_past(x, cache.get(self.cache_key) if cache is not None else None, 2, self.time_pad)
+        past = cache.get(self.cache_key) if cache is not None else None
+        # Mid-stream, padding the start's 2 frames would shift the stride phase by one.
+        missing = self.STEADY_PAD if cache is not None and cache.started else self.START_PAD
+        x = _with_past(x, past, missing, self.time_pad)
         n_out = (x.shape[2] - 3) // 2 + 1 if x.shape[2] >= 3 else 0
         if cache is not None:
             cache.set(self.cache_key, x[:, :, 2 * n_out :])
@@ -207,9 +222,10 @@ class TimeDownsample(Stateful):
         return self.conv(x[:, :, : 2 * n_out + 1])
 
 
-class TimeUpsample(Stateful):
+class TimeUpsample(nn.Module):
     """Per pixel, 1x1 conv to 2C channels, interleaved into 2T frames. The first output
-    frame of a stream is dropped, so 1+k frames become 1+2k."""
+    frame of a stream (a cache not yet started, or a standalone clip) is dropped, so
+    1+k frames become 1+2k. It keeps no state."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -221,9 +237,7 @@ class TimeUpsample(Stateful):
     def forward(self, x: torch.Tensor, cache: Cache = None) -> torch.Tensor:
         b, c, t, h, w = x.shape
         y = self.conv(x).reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
-        first = cache is None or cache.get(self.cache_key) is None
-        if cache is not None and t > 0:
-            cache.set(self.cache_key, torch.ones(()))  # marks "stream has started"
+        first = cache is None or not cache.started
         return y[:, :, 1:] if first and t > 0 else y
 
 

@@ -9,6 +9,12 @@ The decoder takes latent chunks of any length and emits the pixel frames they de
 to: 1+4(m-1) for the first chunk, 4m afterwards.
 
 Concatenated outputs equal the whole-clip `encode`/`decode` up to float rounding.
+
+`resume` starts either stream in the middle of a video with no history, keeping the
+original frame indexing: its layers pad the unknown past as in steady state. Once the
+inputs since the resume point cover the model's receptive field
+(model/receptive_field.py), its state and outputs equal those of the uninterrupted
+stream, so replaying a log of recent chunks rebuilds a stream anywhere.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ from typing import Any
 
 import torch
 
-from .cache import FeatureCache
+from .cache import STARTED_KEY, FeatureCache
 from .config import SPACE_FACTOR, TIME_FACTOR
-from .tokenizer import Tokenizer, dtype_name, pixel_frames, validate_latents
+from .tokenizer import (Tokenizer, dtype_name, frames_for_latents, latent_frames_for, pixel_frames,
+                        validate_latents)
 
 PENDING_KEY = "pending_frames"
 
@@ -38,14 +45,17 @@ def pad_frames(video: torch.Tensor) -> torch.Tensor:
 
 class _Stream:
     kind = ""
+    progress_key = ""  # the meta counter that is non-zero once the stream has started
 
     def __init__(self, model: Tokenizer, cache: FeatureCache | None, meta: dict[str, Any]) -> None:
         self.model = model
         if cache is None:
             cache = FeatureCache({"kind": self.kind, "model_hash": model.content_hash(),
                                   "model_kind": model.kind, "dtype": dtype_name(model.compute_dtype), **meta})
+            cache.started = False
         else:
             self._check(cache)
+            self._adopt_started_marks(cache)
             cache.to(model.device)
         self.cache = cache
 
@@ -62,6 +72,15 @@ class _Stream:
                     f"cache {key} is {cache.meta.get(key)!r}, this stream needs {value!r}"
                 )
 
+    def _adopt_started_marks(self, cache: FeatureCache) -> None:
+        """Caches exported without the `started` flag marked each started TimeUpsample
+        with a 0-d tensor instead: derive the flag from the counters, drop the marks."""
+        if STARTED_KEY in cache.meta:
+            return
+        cache.started = cache.meta.get(self.progress_key, 0) > 0
+        for key in [key for key, tensor in cache.tensors.items() if tensor.dim() == 0]:
+            del cache.tensors[key]
+
     def export_state(self) -> bytes:
         return self.cache.to_bytes()
 
@@ -72,10 +91,23 @@ class _Stream:
 
 class StreamingEncoder(_Stream):
     kind = "encode"
+    progress_key = "frames_encoded"
 
     def __init__(self, model: Tokenizer, cache: FeatureCache | None = None) -> None:
         super().__init__(model, cache, {"frames_in": 0, "frames_encoded": 0, "latents_out": 0,
                                         "shape": None, "steps": 0, "finished": False})
+
+    @classmethod
+    def resume(cls, model: Tokenizer, frames_done: int) -> "StreamingEncoder":
+        """A stream that has encoded `frames_done` frames (a group boundary: 1, 5, 9, ...)
+        with nothing pending, and remembers none of them."""
+        if frames_done < 1 or (frames_done - 1) % TIME_FACTOR:
+            raise ValueError(f"frames_done must be 1+{TIME_FACTOR}k (a group boundary), got {frames_done}")
+        stream = cls(model)
+        stream.meta.update(frames_in=frames_done, frames_encoded=frames_done,
+                           latents_out=latent_frames_for(frames_done))
+        stream.cache.started = True
+        return stream
 
     def _validate(self, frames: torch.Tensor) -> None:
         if not isinstance(frames, torch.Tensor) or frames.dim() != 5 or frames.shape[1] != 3:
@@ -120,6 +152,7 @@ class StreamingEncoder(_Stream):
         if frames.shape[2] == 0:
             return self._empty()
         latents = self.model.posterior(frames, self.cache).mean
+        self.cache.started = True
         self.meta["frames_encoded"] += frames.shape[2]
         self.meta["latents_out"] += latents.shape[2]
         return latents
@@ -127,7 +160,7 @@ class StreamingEncoder(_Stream):
     @torch.no_grad()
     def finish(self) -> torch.Tensor:
         """Encode the buffered remainder, padded by repeating its last frame; close."""
-        if self.meta["frames_in"] == 0:
+        if self.meta["frames_in"] == 0 or self.meta["shape"] is None:  # a resumed stream has frames_in
             raise ValueError("no frames were pushed to this stream")
         self.meta["finished"] = True
         pending = self.cache.tensors.pop(PENDING_KEY, None)
@@ -140,6 +173,7 @@ class StreamingEncoder(_Stream):
 
 class StreamingDecoder(_Stream):
     kind = "decode"
+    progress_key = "frames_out"
 
     def __init__(self, model: Tokenizer, steps: int = 1, seed: int = 0, cache: FeatureCache | None = None) -> None:
         if cache is None and model.kind == "cdt":
@@ -147,6 +181,18 @@ class StreamingDecoder(_Stream):
         model_steps = steps if model.kind == "cdt" else 1
         super().__init__(model, cache, {"steps": model_steps, "seed": int(seed), "latents_in": 0,
                                         "frames_out": 0, "shape": None})
+
+    @classmethod
+    def resume(cls, model: Tokenizer, steps: int, seed: int, latents_done: int) -> "StreamingDecoder":
+        """A stream that has decoded `latents_done` latent frames (>= 1) and remembers
+        none of them: the next frame's noise has its index in the whole video, and the
+        temporal upsamplers no longer drop a stream's first frame."""
+        if latents_done < 1:
+            raise ValueError(f"latents_done must be >= 1, got {latents_done}")
+        stream = cls(model, steps=steps, seed=seed)
+        stream.meta.update(latents_in=latents_done, frames_out=frames_for_latents(latents_done))
+        stream.cache.started = True
+        return stream
 
     @torch.no_grad()
     def push(self, latents: torch.Tensor) -> torch.Tensor:
@@ -162,6 +208,7 @@ class StreamingDecoder(_Stream):
         start = self.meta["frames_out"]
         video = self.model.decode_frames(latents.to(self.model.device), steps=self.meta["steps"],
                                          seed=self.meta["seed"], start=start, cache=self.cache)
+        self.cache.started = True
         self.meta["latents_in"] += m
         self.meta["frames_out"] += pixel_frames(m, first_chunk=start == 0)
         return video

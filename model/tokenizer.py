@@ -3,12 +3,14 @@
 Both share the encoder and the public API:
   encode(video) -> latents          video (B,3,1+4k,H,W) in [-1,1], H,W % 8 == 0
   decode(latents, steps, seed)      latents (B,16,1+k,H/8,W/8) -> video (B,3,1+4k,H,W)
-and a chunk-level `decode_frames` that the streaming decoder calls with a cache.
+and a chunk-level `decode_frames` that the streaming decoder calls with a cache, and
+the temporal receptive field of those streams (`receptive_field`).
 """
 
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +20,9 @@ from .decoder import ConditionAdapter, TimeEmbedding, UNet, UpStage
 from .diffusion import CosineSchedule, frame_noise
 from .encoder import Encoder, KLHead, Posterior, ResnetChain
 from .layers import Cache, CausalConv3d, ChannelLayerNorm, assign_cache_keys
+
+if TYPE_CHECKING:
+    from .receptive_field import ReceptiveField
 
 # Modules that stay in float32 whatever the compute dtype (numerically fragile).
 FP32_MODULES = (KLHead, TimeEmbedding)
@@ -91,6 +96,7 @@ class Tokenizer(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self._hash: str | None = None
+        self._receptive_field: ReceptiveField | None = None
 
     def _finish_init(self) -> None:
         assign_cache_keys(self)
@@ -136,6 +142,19 @@ class Tokenizer(nn.Module):
     def refresh_hash(self) -> str:
         self._hash = None
         return self.content_hash()
+
+    def receptive_field(self, kind: str, steps: int = 1) -> int:
+        """How many recent input frames a stream's state depends on: pixel frames for
+        "encode", latent frames for "decode" at `steps` DDIM steps."""
+        return self.receptive_field_record().frames(kind, steps)
+
+    def receptive_field_record(self) -> "ReceptiveField":
+        """The receptive fields recorded with the checkpoint, else measured once."""
+        if self._receptive_field is None:
+            from .receptive_field import measure  # it runs streams, whose module imports this one
+
+            self._receptive_field = measure(self)
+        return self._receptive_field
 
     def parameter_counts(self) -> dict[str, int]:
         total = sum(p.numel() for p in self.parameters())

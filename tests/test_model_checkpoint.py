@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from model import CDTConfig, CheckpointError, VAEBaseline, build_model, from_pretrained, save_pretrained
+from model import CDTConfig, CheckpointError, ReceptiveField, VAEBaseline, build_model, from_pretrained, save_pretrained
 
 
 def sample_video():
@@ -29,6 +29,33 @@ def test_vae_baseline_round_trip(tmp_path):
     z = vae.encode(sample_video())
     out = loaded.decode(z)
     assert out.shape == (1, 3, 5, 16, 16) and torch.equal(out, vae.decode(z))
+
+
+def test_receptive_field_is_recorded_beside_the_config(tiny_model, tmp_path, monkeypatch):
+    digest = save_pretrained(tiny_model, tmp_path / "ck")
+    record = json.loads((tmp_path / "ck" / "receptive_field.json").read_text())
+    field = tiny_model.receptive_field_record()
+    assert record["model_hash"] == digest and record["measured_by"] == "model.receptive_field.measure"
+    assert (record["encode"], record["decode_base"], record["decode_per_step"]) == (
+        field.encode, field.decode_base, field.decode_per_step)
+    assert "receptive" not in (tmp_path / "ck" / "config.json").read_text()  # the hash does not cover it
+
+    def measure(model):
+        raise AssertionError("a checkpoint with a record must not be measured")
+
+    monkeypatch.setattr("model.receptive_field.measure", measure)
+    assert from_pretrained(tmp_path / "ck").receptive_field("decode", 2) == field.decode_receptive_field(2)
+
+
+def test_a_record_of_other_weights_is_measured_again(tiny_model, tmp_path, monkeypatch):
+    save_pretrained(tiny_model, tmp_path / "ck")
+    path = tmp_path / "ck" / "receptive_field.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "model_hash": "0" * 64}))
+    monkeypatch.setattr("model.receptive_field.measure", lambda model: ReceptiveField(4, 2, 1))
+    loaded = from_pretrained(tmp_path / "ck")
+    assert loaded.content_hash() == record["model_hash"]
+    assert loaded.receptive_field("encode") == 4 and loaded.receptive_field("decode", 3) == 5
 
 
 def test_tampered_weights_are_detected(tiny_model, tmp_path):

@@ -67,7 +67,8 @@ def test_cli_init_writes_loadable_checkpoint(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     model = from_pretrained(out)
     assert model.content_hash() == printed["hash"]
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "model.sha256"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "model.sha256",
+                                               "receptive_field.json"}
     # The seed decides the weights.
     assert cdt_main(["init", "--preset", "tiny", "-o", str(tmp_path / "again"), "--seed", "3"]) == 0
     assert json.loads(capsys.readouterr().out)["hash"] == printed["hash"]

@@ -1,10 +1,12 @@
-"""Layers that replace a stock PyTorch module for speed must compute the same thing."""
+"""Layers that replace a stock PyTorch module for speed must compute the same thing, and
+stateful layers resumed mid-stream keep the stream's frame phase."""
 
 import pytest
 import torch
 from torch import nn
 
-from model.layers import PointwiseConv3d
+from model import FeatureCache
+from model.layers import PointwiseConv3d, TimeDownsample, TimeUpsample
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -21,3 +23,36 @@ def test_pointwise_conv_equals_a_1x1x1_conv3d(bias, layout):
     g_stock = torch.autograd.grad(y_stock.square().sum(), [x, stock.weight])
     for a, b in zip(g_fast, g_stock):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def started_cache() -> FeatureCache:
+    cache = FeatureCache()
+    cache.started = True
+    return cache
+
+
+@pytest.mark.parametrize("time_pad", ["zeros", "replicate"])
+def test_time_downsample_resumed_mid_stream_keeps_the_stride_phase(time_pad):
+    """Without its entry, a started cache pads the 1 frame of steady state: as if the
+    stream's previous frame were the padding (zeros, or a copy of the chunk's first)."""
+    torch.manual_seed(0)
+    layer = TimeDownsample(4, time_pad)
+    layer.cache_key = "down"
+    chunk = torch.randn(1, 4, 4, 3, 3)
+    previous = chunk[:, :, :1] if time_pad == "replicate" else torch.zeros_like(chunk[:, :, :1])
+    uninterrupted = FeatureCache()
+    layer(previous, uninterrupted)
+    uninterrupted.started = True
+    resumed = started_cache()
+    with torch.no_grad():
+        assert torch.equal(layer(chunk, resumed), layer(chunk, uninterrupted))
+    assert torch.equal(resumed.get("down"), uninterrupted.get("down"))
+
+
+def test_time_upsample_drops_the_first_frame_only_at_a_stream_start():
+    layer = TimeUpsample(4)
+    x = torch.randn(1, 4, 3, 2, 2)
+    with torch.no_grad():
+        assert layer(x).shape[2] == layer(x, FeatureCache()).shape[2] == 5
+        assert layer(x, started_cache()).shape[2] == 6
+        assert layer(x, started_cache().scope("step1/")).shape[2] == 6

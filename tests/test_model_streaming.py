@@ -8,7 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import CacheMismatchError, FeatureCache, StreamingDecoder, StreamingEncoder, from_pretrained
+from model import (CDTConfig, CacheMismatchError, FeatureCache, StreamingDecoder, StreamingEncoder, build_model,
+                   from_pretrained)
+from model.layers import TimeUpsample
 
 H, W = 32, 48  # 48 is not a multiple of the U-Net's 16x: exercises its odd-size path
 
@@ -96,6 +98,78 @@ def test_bf16_channels_last_streams_like_the_whole_clip(tiny_checkpoint, clip):
         head = dec.push(whole[:, :, :2])
         dec = StreamingDecoder.from_state(model, dec.export_state())
         assert torch.equal(torch.cat([head, dec.push(whole[:, :, 2:])], dim=2), frames)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+    torch.manual_seed(0)
+    return build_model(CDTConfig.from_preset("tiny"), "vae").eval()
+
+
+def test_vae_streaming_decode_equals_whole_clip(tiny_vae, latents):
+    whole = tiny_vae.decode(latents)
+    streamed = stream_decode(tiny_vae, latents, [1, 3, 5], steps=3, seed=7)  # steps are ignored
+    assert streamed.shape == whole.shape == (1, 3, 33, H, W)
+    assert (streamed - whole).abs().max().item() < 1e-5
+
+
+def test_resumed_encoder_continues_the_frame_indexing(tiny_model, clip):
+    enc = StreamingEncoder.resume(tiny_model, 9)
+    assert enc.cache.started and len(enc.cache) == 0
+    assert (enc.meta["frames_in"], enc.meta["frames_encoded"], enc.meta["latents_out"]) == (9, 9, 3)
+    assert enc.push(clip[:, :, :6]).shape[2] == 1  # 4-frame groups from the first push
+    assert enc.finish().shape[2] == 1
+    assert (enc.meta["frames_in"], enc.meta["latents_out"]) == (15, 5)
+    for bad in (0, 4, 6):
+        with pytest.raises(ValueError, match="group boundary"):
+            StreamingEncoder.resume(tiny_model, bad)
+    with pytest.raises(ValueError, match="no frames"):
+        StreamingEncoder.resume(tiny_model, 5).finish()
+
+
+def test_resumed_decoder_continues_the_frame_indexing(tiny_model, latents):
+    dec = StreamingDecoder.resume(tiny_model, steps=2, seed=7, latents_done=3)
+    assert dec.cache.started and (dec.meta["latents_in"], dec.meta["frames_out"]) == (3, 9)
+    assert dec.push(latents[:, :, 3:5]).shape[2] == 8  # no first frame is dropped
+    assert (dec.meta["latents_in"], dec.meta["frames_out"]) == (5, 17)
+    with pytest.raises(ValueError, match="latents_done"):
+        StreamingDecoder.resume(tiny_model, steps=1, seed=0, latents_done=0)
+
+
+def test_started_flag_travels_with_the_state(tiny_model, clip, latents):
+    enc = StreamingEncoder(tiny_model)
+    assert not enc.cache.started
+    enc.push(clip[:, :, :3])  # only frame 0 is encoded; 2 stay pending
+    assert StreamingEncoder.from_state(tiny_model, enc.export_state()).cache.started
+    dec = StreamingDecoder.resume(tiny_model, steps=1, seed=0, latents_done=2)
+    assert StreamingDecoder.from_state(tiny_model, dec.export_state()).cache.started
+    assert not StreamingDecoder.from_state(tiny_model, StreamingDecoder(tiny_model).export_state()).cache.started
+
+
+def test_state_exported_before_the_started_flag_continues(tiny_model, latents):
+    """Such exports marked each started TimeUpsample with a 0-d tensor under its path."""
+    dec = StreamingDecoder(tiny_model, steps=2, seed=7)
+    head = dec.push(latents[:, :, :2])
+    legacy = FeatureCache.from_bytes(dec.export_state())
+    del legacy.meta["started"]
+    for name, module in tiny_model.named_modules():
+        if isinstance(module, TimeUpsample):
+            for step in range(2):
+                legacy.set(f"step{step}/{name}", torch.ones(()))
+    resumed = StreamingDecoder.from_state(tiny_model, legacy.to_bytes())
+    assert resumed.cache.started and all(resumed.cache.get(key).dim() > 0 for key in resumed.cache)
+    streamed = torch.cat([head, resumed.push(latents[:, :, 2:4])], dim=2)
+    assert torch.equal(streamed, stream_decode(tiny_model, latents[:, :, :4], [2, 2], steps=2, seed=7))
+
+
+def test_state_size_stays_constant(tiny_model, clip):
+    enc = StreamingEncoder(tiny_model)
+    enc.push(clip[:, :, :1])
+    sizes = []
+    for start in range(1, 17, 4):
+        enc.push(clip[:, :, start : start + 4])
+        sizes.append(enc.cache.nbytes())
+    assert len(set(sizes)) == 1 and 0 < sizes[0] < len(enc.export_state())
 
 
 def test_multistep_decoding_keeps_one_cache_per_step(tiny_model, latents):
