@@ -1,7 +1,8 @@
 """Overhead of the HTTP service over the direct model call, for one whole-clip
 reconstruct (encode then decode) of 17x256x256 uint8 frames.
 
-Direct: `media.encode_video` + `service.ops.decode_clip` (the service's own model jobs) in this process.
+Direct: `media.encode_frames` + `media.decode_frames` streamed in the service's default chunks (8 frames,
+2 latent frames) in this process.
 HTTP: the same clip as npy to /v1/encode, the latents to /v1/decode (npy frames back),
 against a real `cdt serve` process on this machine. Both use a random-init tiny-preset
 checkpoint in fp32 on the CPU, with torch's default thread count in each process.
@@ -25,10 +26,9 @@ import httpx
 import numpy as np
 import torch
 
-from media import frames_to_tensor
+from media import decode_frames, encode_frames
 from model import CDTConfig, build_model, from_pretrained, save_pretrained
-from media import encode_video
-from service.ops import decode_clip
+from service.memory import MAX_CHUNK_FRAMES
 
 from . import report
 
@@ -64,7 +64,9 @@ def main() -> None:
 
         def direct() -> np.ndarray:
             with torch.inference_mode():
-                return decode_clip(model, encode_video(model, frames_to_tensor(frames), 30.0), 1, SEED)
+                chunks = (frames[i : i + MAX_CHUNK_FRAMES] for i in range(0, len(frames), MAX_CHUNK_FRAMES))
+                item = encode_frames(model, chunks, 30.0, streamed=True)
+                return np.concatenate(list(decode_frames(model, item, 1, SEED, chunk=MAX_CHUNK_FRAMES // 4)))
 
         server = Server(checkpoint, Path(tmp) / "server.log").wait_ready()
         url = server.url

@@ -1,11 +1,10 @@
-"""Cost of keeping a streaming session's state in Redis between chunks.
+"""Cost of a streaming session's store traffic between chunks.
 
-For encode and decode sessions at each size and chunk length: the exported
-FeatureCache size after a steady-state chunk, the chunk's compute time, and the
-time to save then load that state against a real Redis, as a fraction of the compute:
-once as when another replica takes the next chunk (`RedisSessionStore`: the state is
-read back), once as when the same replica does (`LocalStateCache` in front: only the
-metadata is read back). Medians of --repeats runs.
+For encode and decode sessions at each size and chunk length: a steady-state chunk's
+compute time, and the synchronous store time of a chunk on the replica that holds the
+session's hot stream (one load, one commit of the chunk input, response and metadata)
+against a real Redis, as a fraction of the compute; plus the FeatureCache size and the
+time to write it as a snapshot (off the response path). Medians of --repeats runs.
 
     .venv/bin/python -m benchmarks.session_cost [--sizes 256 512] [--preset tiny]
 """
@@ -23,7 +22,9 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from benchmarks import report
 from model import CDTConfig, StreamingDecoder, StreamingEncoder, build_model
-from service.session_store import LocalStateCache, RedisSessionStore, SessionRecord, SessionStore
+from service.session_store import RedisSessionStore, SessionStore
+
+SNAPSHOT_PART_BYTES = 64 * 2**20
 
 
 def chunk_streams(model, size: int, frames: int):
@@ -39,18 +40,34 @@ def chunk_streams(model, size: int, frames: int):
     ]
 
 
-async def store_round_trip(store: SessionStore, state: bytes, repeats: int) -> float:
+def chunk_bytes(tensor: torch.Tensor) -> bytes:
+    """A stand-in for a chunk body or response of the tensor's size."""
+    return tensor.float().numpy().tobytes()
+
+
+async def chunk_store_time(store: SessionStore, chunk: bytes, response: bytes, repeats: int) -> float:
+    """Median time of one chunk's synchronous store traffic: load, then commit."""
     sid = secrets.token_hex(8)
-    assert await store.create(sid, SessionRecord({"bench": True}), ttl_s=60, max_sessions=10**6)
+    assert await store.create(sid, {"bench": True}, ttl_s=60, max_sessions=10**6)
     times = []
     for version in range(1, repeats + 1):
         start = time.perf_counter()
-        assert await store.save(sid, SessionRecord({"bench": True}, state, b""), version, ttl_s=60)
         loaded = await store.load(sid)
+        assert await store.commit(sid, loaded.version, {"bench": True}, response, 60, (str(version), chunk),
+                                  [str(version - 1)])
         times.append(time.perf_counter() - start)
-        assert len(loaded.state) == len(state)
     await store.delete(sid)
     return sorted(times)[len(times) // 2]
+
+
+async def snapshot_time(store: SessionStore, state: bytes) -> float:
+    sid = secrets.token_hex(8)
+    assert await store.create(sid, {"bench": True}, ttl_s=60, max_sessions=10**6)
+    start = time.perf_counter()
+    assert await store.put_snapshot(sid, 0, state, SNAPSHOT_PART_BYTES)
+    elapsed = time.perf_counter() - start
+    await store.delete(sid)
+    return elapsed
 
 
 def main() -> None:
@@ -65,7 +82,6 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(CDTConfig.from_preset(args.preset), "cdt").eval()
     store = RedisSessionStore(args.redis_url, prefix=f"cdt-bench-{secrets.token_hex(4)}:")
-    same_replica = LocalStateCache(store, max_bytes=2**31)
     rows = []
     loop = asyncio.new_event_loop()
     for size in args.sizes:
@@ -73,30 +89,25 @@ def main() -> None:
             for kind, stream, push in chunk_streams(model, size, frames):
                 with torch.inference_mode():
                     compute = report.median_time(push, args.repeats)
+                    output = push()
+                inputs = (torch.rand(1, 3, frames, size, size) if kind == "encode"
+                          else torch.randn(1, 16, frames // 4, size // 8, size // 8))
+                chunk, response = chunk_bytes(inputs), chunk_bytes(output)
+                store_s = loop.run_until_complete(chunk_store_time(store, chunk, response, args.repeats))
                 state = stream.export_state()
-                other_s = loop.run_until_complete(store_round_trip(store, state, args.repeats))
-                same_s = loop.run_until_complete(store_round_trip(same_replica, state, args.repeats))
                 rows.append({"kind": kind, "size": f"{size}x{size}", "chunk_frames": frames,
-                             "state_mb": len(state) / 2**20, "chunk_compute_s": compute,
-                             "save_load_s": other_s, "store_share": other_s / compute,
-                             "save_load_same_replica_s": same_s, "store_share_same_replica": same_s / compute})
-    loop.run_until_complete(same_replica.close())
-    largest = max(args.chunk_frames)
-    summary = {"preset": args.preset}
-    for suffix in ("", "_same_replica"):
-        summary["worst_share" + suffix] = max(r["store_share" + suffix] for r in rows)
-        summary["worst_share_largest_chunk" + suffix] = max(r["store_share" + suffix] for r in rows
-                                                            if r["chunk_frames"] == largest)
-    notes = (f"{args.preset} preset, fp32 state, decode with 1 DDIM step. The state's size does not depend on "
-             f"the chunk's length, so its cost is amortised by longer chunks. Store time = one compare-and-set "
-             f"save plus one load on loopback (reply parser: {'hiredis' if HIREDIS_AVAILABLE else 'pure Python'}): "
-             f"`save_load_s` when another replica continues the session (the state is read back), "
-             f"`save_load_same_replica_s` when the replica that wrote it does (LocalStateCache: only the "
-             f"metadata is read). Worst store share of chunk compute, other replica / same replica: "
-             f"**{summary['worst_share']:.1%}** / **{summary['worst_share_same_replica']:.1%}** over all rows, "
-             f"**{summary['worst_share_largest_chunk']:.1%}** / "
-             f"**{summary['worst_share_largest_chunk_same_replica']:.1%}** with {largest}-frame chunks "
-             f"(target < 10%).")
+                             "chunk_mb": len(chunk) / 2**20, "response_mb": len(response) / 2**20,
+                             "chunk_compute_s": compute, "store_s": store_s, "store_share": store_s / compute,
+                             "state_mb": len(state) / 2**20,
+                             "snapshot_s": loop.run_until_complete(snapshot_time(store, state))})
+    loop.run_until_complete(store.close())
+    summary = {"preset": args.preset, "worst_store_share": max(r["store_share"] for r in rows)}
+    notes = (f"{args.preset} preset, fp32, decode with 1 DDIM step. Store time = one load plus one "
+             f"compare-and-set commit of the chunk input (float32 stand-in), the response and the metadata, on "
+             f"loopback (reply parser: {'hiredis' if HIREDIS_AVAILABLE else 'pure Python'}), when the replica "
+             f"holding the hot stream continues the session. Worst store share of chunk compute: "
+             f"**{summary['worst_store_share']:.1%}**. `snapshot_s`: writing the FeatureCache as a snapshot in "
+             f"{SNAPSHOT_PART_BYTES >> 20} MB parts, off the response path.")
     command = "python -m benchmarks.session_cost " + " ".join(sys.argv[1:])
     path = report.write("session_cost", command.strip(), summary, rows, notes)
     print(path.read_text())

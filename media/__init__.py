@@ -4,9 +4,18 @@ May import `model`, never `service` or `training`."""
 
 from pathlib import Path
 
-from .codec import decode_frames, decode_video, encode_frames, encode_video
+from .codec import (
+    crop_decoded,
+    decode_chunks,
+    decode_frames,
+    decode_video,
+    encode_chunks,
+    encode_frames,
+    encode_video,
+    latents_info,
+)
 from .frames_file import FramesFileError, load_frames, save_frames
-from .latents_file import LatentsFile, LatentsFileError, ModelMismatchError, load_latents, save_latents
+from .latents_file import LatentsFile, LatentsFileError, LatentsInfo, ModelMismatchError, load_latents, save_latents
 from .metrics import psnr, ssim
 from .padding import Padding, pad_spatial, pad_video
 from .video import (
@@ -28,17 +37,22 @@ __all__ = [
     "FramesFileError",
     "LatentsFile",
     "LatentsFileError",
+    "LatentsInfo",
     "ModelMismatchError",
     "Padding",
     "VideoClip",
     "VideoDecodeError",
     "VideoReader",
     "VideoWriter",
+    "crop_decoded",
+    "decode_chunks",
     "decode_frames",
     "decode_video",
+    "encode_chunks",
     "encode_frames",
     "encode_video",
     "frames_to_tensor",
+    "latents_info",
     "load_frames",
     "load_latents",
     "pad_spatial",

@@ -14,7 +14,7 @@ import torch
 
 from model import StreamingDecoder, StreamingEncoder, Tokenizer, dtype_name
 
-from .latents_file import LatentsFile
+from .latents_file import LatentsFile, LatentsInfo
 from .padding import Padding, pad_spatial, pad_video
 from .video import frames_to_tensor, tensor_to_frames
 
@@ -28,6 +28,19 @@ def encode_video(model: Tokenizer, video: torch.Tensor, fps: float) -> LatentsFi
 
 
 @torch.no_grad()
+def encode_chunks(model: Tokenizer, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Latents of a clip given as successive float (1,3,n,H,W) chunks in [-1,1], at their
+    original size: one yield per chunk (the latents of its complete 4-frame groups, maybe
+    none), then one for the tail, padded like a whole clip."""
+    encoder = StreamingEncoder(model)
+    for chunk in chunks:
+        yield encoder.push(pad_spatial(chunk.to(model.device)))
+    if encoder.meta["frames_in"] == 0:
+        raise ValueError("no frames to encode")
+    yield encoder.finish()
+
+
+@torch.no_grad()
 def encode_frames(model: Tokenizer, chunks: Iterable[np.ndarray], fps: float, streamed: bool) -> LatentsFile:
     """Encode a clip given as successive uint8 (n,H,W,3) chunks.
 
@@ -35,22 +48,21 @@ def encode_frames(model: Tokenizer, chunks: Iterable[np.ndarray], fps: float, st
     the chunks are joined and encoded in one call."""
     if not streamed:
         return encode_video(model, frames_to_tensor(np.concatenate(list(chunks))), fps)
-    encoder = StreamingEncoder(model)
-    parts, count, shape = [], 0, None
-    for chunk in chunks:
-        count, shape = count + len(chunk), chunk.shape[1:3]
-        parts.append(encoder.push(pad_spatial(frames_to_tensor(chunk))))
-    if count == 0:
-        raise ValueError("no frames to encode")
-    parts.append(encoder.finish())
-    return latents_file(model, torch.cat(parts, dim=2), count, *shape, fps)
+    count, shape = 0, None
+
+    def tensors() -> Iterator[torch.Tensor]:
+        nonlocal count, shape
+        for chunk in chunks:
+            count, shape = count + len(chunk), chunk.shape[1:3]
+            yield frames_to_tensor(chunk)
+
+    latents = torch.cat(list(encode_chunks(model, tensors())), dim=2)
+    return latents_file(model, latents, count, *shape, fps)
 
 
-def latents_file(model: Tokenizer, latents: torch.Tensor, frames: int, height: int, width: int,
-                 fps: float) -> LatentsFile:
-    """The latents of a clip of `frames` frames of height x width, with their metadata."""
-    return LatentsFile(
-        latents=latents.float().cpu(),
+def latents_info(model: Tokenizer, frames: int, height: int, width: int, fps: float) -> LatentsInfo:
+    """The metadata of `model`'s latents of a clip of `frames` frames of height x width."""
+    return LatentsInfo(
         model_hash=model.content_hash(),
         preset=model.config.preset,
         model_kind=model.kind,
@@ -63,6 +75,12 @@ def latents_file(model: Tokenizer, latents: torch.Tensor, frames: int, height: i
     )
 
 
+def latents_file(model: Tokenizer, latents: torch.Tensor, frames: int, height: int, width: int,
+                 fps: float) -> LatentsFile:
+    """The latents of a clip of `frames` frames of height x width, with their metadata."""
+    return LatentsFile(latents=latents.float().cpu(), **vars(latents_info(model, frames, height, width, fps)))
+
+
 @torch.no_grad()
 def decode_video(model: Tokenizer, item: LatentsFile, steps: int = 1, seed: int = 0,
                  chunk: int | None = None) -> Iterator[torch.Tensor]:
@@ -71,15 +89,28 @@ def decode_video(model: Tokenizer, item: LatentsFile, steps: int = 1, seed: int 
     decodes the whole clip in one call."""
     latents = item.latents.to(model.device)
     if chunk is None:
-        videos: Iterable[torch.Tensor] = [model.decode(latents, steps=steps, seed=seed)]
-    elif chunk < 1:
+        yield from crop_decoded(item, [model.decode(latents, steps=steps, seed=seed)])
+        return
+    if chunk < 1:
         raise ValueError(f"chunk must be >= 1 latent frame, got {chunk}")
-    else:
-        decoder = StreamingDecoder(model, steps=steps, seed=seed)
-        videos = (decoder.push(latents[:, :, i : i + chunk]) for i in range(0, latents.shape[2], chunk))
-    remaining = item.frames
+    parts = (latents[:, :, i : i + chunk] for i in range(0, latents.shape[2], chunk))
+    yield from decode_chunks(model, item, parts, steps, seed)
+
+
+@torch.no_grad()
+def decode_chunks(model: Tokenizer, info: LatentsInfo, chunks: Iterable[torch.Tensor], steps: int = 1,
+                  seed: int = 0) -> Iterator[torch.Tensor]:
+    """Decode successive latent chunks (1,16,m,h,w) of the clip `info` describes through a
+    StreamingDecoder: float (1,3,n,H,W) chunks, cropped to its size and length."""
+    decoder = StreamingDecoder(model, steps=steps, seed=seed)
+    yield from crop_decoded(info, (decoder.push(part.to(model.device)) for part in chunks))
+
+
+def crop_decoded(info: LatentsInfo, videos: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Decoded chunks cut to the original height, width and frame count (empty ones skipped)."""
+    remaining = info.frames
     for video in videos:
-        video = video[:, :, :remaining, : item.height, : item.width]
+        video = video[:, :, :remaining, : info.height, : info.width]
         remaining -= video.shape[2]
         if video.shape[2]:
             yield video

@@ -7,7 +7,7 @@ The same bytes serve files on disk (`save_latents`/`load_latents`) and HTTP bodi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -33,8 +33,10 @@ class ModelMismatchError(LatentsFileError):
 
 
 @dataclass
-class LatentsFile:
-    latents: torch.Tensor  # (1, 16, T', H'/8, W'/8)
+class LatentsInfo:
+    """What a latents file says about its latents: the model that made them and the clip
+    they decode to."""
+
     model_hash: str
     preset: str
     model_kind: str
@@ -52,25 +54,80 @@ class LatentsFile:
                 "(use the same checkpoint, or force to decode anyway)"
             )
 
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int, int]:
+        return (
+            1,
+            LATENT_CHANNELS,
+            1 + (self.frames + self.padding.frames - 1) // TIME_FACTOR,
+            (self.height + self.padding.height) // SPACE_FACTOR,
+            (self.width + self.padding.width) // SPACE_FACTOR,
+        )
+
+    def metadata(self) -> dict[str, str]:
+        """The file's string metadata."""
+        return {
+            "format": LATENTS_FORMAT,
+            "format_version": str(LATENTS_FORMAT_VERSION),
+            "model_hash": self.model_hash,
+            "preset": self.preset,
+            "model_kind": self.model_kind,
+            "dtype": self.dtype,
+            "frames": str(self.frames),
+            "height": str(self.height),
+            "width": str(self.width),
+            "fps": repr(float(self.fps)),
+            "pad_frames": str(self.padding.frames),
+            "pad_height": str(self.padding.height),
+            "pad_width": str(self.padding.width),
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], source: str = "latents") -> "LatentsInfo":
+        if meta.get("format") != LATENTS_FORMAT:
+            raise LatentsFileError(f"{source}: not a {LATENTS_FORMAT} file (format={meta.get('format')!r})")
+        if meta.get("format_version") != str(LATENTS_FORMAT_VERSION):
+            raise LatentsFileError(f"{source}: unsupported format version {meta.get('format_version')!r}")
+        try:
+            info = cls(
+                model_hash=meta["model_hash"],
+                preset=meta["preset"],
+                model_kind=meta["model_kind"],
+                dtype=meta["dtype"],
+                frames=int(meta["frames"]),
+                height=int(meta["height"]),
+                width=int(meta["width"]),
+                fps=float(meta["fps"]),
+                padding=Padding(int(meta["pad_frames"]), int(meta["pad_height"]), int(meta["pad_width"])),
+            )
+        except (KeyError, ValueError) as exc:
+            raise LatentsFileError(f"{source}: bad metadata ({exc})") from None
+        try:
+            if info.padding != Padding.for_shape(info.frames, info.height, info.width):
+                raise ValueError(f"padding {info.padding} does not fit {info.frames} frames of "
+                                 f"{info.height}x{info.width}")
+        except ValueError as exc:
+            raise LatentsFileError(f"{source}: {exc}") from None
+        return info
+
+    def check_latents(self, dtype_is_float: bool, shape: tuple[int, ...], source: str = "latents") -> None:
+        if tuple(shape) != self.latent_shape or not dtype_is_float:
+            raise LatentsFileError(f"{source}: latents {tuple(shape)} do not match the metadata (expected float "
+                                   f"{self.latent_shape})")
+
+
+@dataclass
+class LatentsFile(LatentsInfo):
+    latents: torch.Tensor  # (1, 16, T', H'/8, W'/8)
+
+    @property
+    def info(self) -> LatentsInfo:
+        return LatentsInfo(**{f.name: getattr(self, f.name) for f in fields(LatentsInfo)})
+
 
 def latents_to_bytes(item: LatentsFile) -> bytes:
-    meta = {
-        "format": LATENTS_FORMAT,
-        "format_version": str(LATENTS_FORMAT_VERSION),
-        "model_hash": item.model_hash,
-        "preset": item.preset,
-        "model_kind": item.model_kind,
-        "dtype": item.dtype,
-        "frames": str(item.frames),
-        "height": str(item.height),
-        "width": str(item.width),
-        "fps": repr(float(item.fps)),
-        "pad_frames": str(item.padding.frames),
-        "pad_height": str(item.padding.height),
-        "pad_width": str(item.padding.width),
-    }
-    _check_shape(item)
-    return st_save({TENSOR_NAME: item.latents.detach().cpu().contiguous()}, metadata=meta)
+    item.check_latents(item.latents.is_floating_point(), item.latents.shape)
+    return st_save({TENSOR_NAME: item.latents.detach().cpu().contiguous()}, metadata=item.metadata())
 
 
 def latents_from_bytes(data: bytes, model_hash: str | None = None, force: bool = False,
@@ -81,49 +138,14 @@ def latents_from_bytes(data: bytes, model_hash: str | None = None, force: bool =
         tensors = st_load(data)
     except Exception as exc:  # safetensors and the header parser raise several types
         raise LatentsFileError(f"{source}: not a safetensors file ({exc})") from None
-    if meta.get("format") != LATENTS_FORMAT:
-        raise LatentsFileError(f"{source}: not a {LATENTS_FORMAT} file (format={meta.get('format')!r})")
-    if meta.get("format_version") != str(LATENTS_FORMAT_VERSION):
-        raise LatentsFileError(f"{source}: unsupported format version {meta.get('format_version')!r}")
+    info = LatentsInfo.from_metadata(meta, source)
     if TENSOR_NAME not in tensors:
         raise LatentsFileError(f"{source}: no tensor named {TENSOR_NAME!r}")
-    try:
-        item = LatentsFile(
-            latents=tensors[TENSOR_NAME],
-            model_hash=meta["model_hash"],
-            preset=meta["preset"],
-            model_kind=meta["model_kind"],
-            dtype=meta["dtype"],
-            frames=int(meta["frames"]),
-            height=int(meta["height"]),
-            width=int(meta["width"]),
-            fps=float(meta["fps"]),
-            padding=Padding(int(meta["pad_frames"]), int(meta["pad_height"]), int(meta["pad_width"])),
-        )
-    except (KeyError, ValueError) as exc:
-        raise LatentsFileError(f"{source}: bad metadata ({exc})") from None
-    try:
-        _check_shape(item)
-    except ValueError as exc:
-        raise LatentsFileError(f"{source}: {exc}") from None
+    latents = tensors[TENSOR_NAME]
+    info.check_latents(latents.is_floating_point(), latents.shape, source)
     if model_hash is not None:
-        item.check_model(model_hash, force)
-    return item
-
-
-def _check_shape(item: LatentsFile) -> None:
-    if item.padding != Padding.for_shape(item.frames, item.height, item.width):
-        raise ValueError(f"padding {item.padding} does not fit {item.frames} frames of {item.height}x{item.width}")
-    expected = (
-        1,
-        LATENT_CHANNELS,
-        1 + (item.frames + item.padding.frames - 1) // TIME_FACTOR,
-        (item.height + item.padding.height) // SPACE_FACTOR,
-        (item.width + item.padding.width) // SPACE_FACTOR,
-    )
-    if tuple(item.latents.shape) != expected or not item.latents.is_floating_point():
-        raise ValueError(f"latents {item.latents.dtype} {tuple(item.latents.shape)} do not match the metadata "
-                         f"(expected float {expected})")
+        info.check_model(model_hash, force)
+    return LatentsFile(latents=latents, **vars(info))
 
 
 def save_latents(path: str | Path, item: LatentsFile) -> None:

@@ -16,7 +16,7 @@ import itertools
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import av
 import numpy as np
@@ -270,12 +270,22 @@ def check_frames(frames: np.ndarray) -> None:
         raise ValueError(f"frames have an empty dimension: {frames.shape}")
 
 
+# Fragmented mp4 (an empty moov up front, then self-contained fragments) needs no seek
+# back to write the index, so it can go to a pipe or an HTTP response as it is made.
+_FRAGMENTED = "empty_moov+default_base_moof"
+_FRAGMENT_US = 1_000_000  # one fragment per second of video: bounded muxer buffering
+
+
 class VideoWriter:
     """Incremental h264/yuv420p mp4 writer of uint8 RGB frames of one fixed size.
 
-    `crf` is x264's quality: 0 (lossless luma) .. 51 (worst), 18 is visually lossless."""
+    `target` is a path or a writable binary object (anything with `write(bytes)`).
+    `fragmented` writes a fragmented mp4 that needs no seeking, for targets that are
+    streams; players and PyAV read both kinds. `crf` is x264's quality: 0 (lossless
+    luma) .. 51 (worst), 18 is visually lossless."""
 
-    def __init__(self, path: str | Path, width: int, height: int, fps: float, crf: int = 18) -> None:
+    def __init__(self, target: str | Path | BinaryIO, width: int, height: int, fps: float, crf: int = 18,
+                 fragmented: bool = False) -> None:
         if not fps > 0:
             raise ValueError(f"fps must be > 0, got {fps}")
         if not 0 <= crf <= 51:
@@ -284,7 +294,10 @@ class VideoWriter:
             raise ValueError(f"frame size must be positive, got {width}x{height}")
         self.width, self.height = width, height
         # use_metadata_tags lets mp4 carry our own key; only odd sizes need it.
-        self._container = av.open(str(path), "w", format="mp4", options={"movflags": "use_metadata_tags"})
+        movflags = "use_metadata_tags" + (f"+{_FRAGMENTED}" if fragmented else "")
+        options = {"movflags": movflags, **({"frag_duration": str(_FRAGMENT_US)} if fragmented else {})}
+        self._container = av.open(target if not isinstance(target, Path) else str(target), "w", format="mp4",
+                                  options=options)
         if width % 2 or height % 2:
             self._container.metadata[DISPLAY_SIZE_TAG] = f"{width}x{height}"
         self._stream = self._container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))

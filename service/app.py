@@ -22,7 +22,8 @@ from .ops import model_card
 from .routes import ROUTERS
 from .session_store import open_store
 from .sessions import Sessions
-from .settings import Settings
+from .memory import default_budget
+from .settings import Settings, mib
 from .workers import WorkerPool
 
 
@@ -56,16 +57,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         model = await asyncio.to_thread(load_model, settings)
         metrics.model_info.info({k: str(v) for k, v in model_card(model, settings.device).items()
                                  if k != "compression"})
-        pool = WorkerPool(model, settings.queue_size, settings.request_timeout_s, metrics)
+        budget = mib(settings.memory_budget_mb) if settings.memory_budget_mb else default_budget(settings.device)
+        pool = WorkerPool(model, settings.queue_size, settings.request_timeout_s, metrics, budget)
         pool.start()
         app.state.pool = pool
-        app.state.store = open_store(settings.redis_url, settings.session_key_prefix,
-                                     settings.session_local_cache_bytes)
+        app.state.store = open_store(settings.redis_url, settings.session_key_prefix)
         app.state.sessions = Sessions(app.state.store, pool, settings, metrics)
         try:
             yield
         finally:
             await pool.stop()
+            await app.state.sessions.close()
             await app.state.store.close()
 
     app = FastAPI(

@@ -1,35 +1,31 @@
-"""Request and response codecs: body bytes <-> clips and latents, with validation.
+"""Request bodies: spooled to disk, recognised, validated, and read in chunks.
 
-Pure functions of bytes (no Request), shared by the whole-clip routes and sessions.
-Inputs are recognised by content type, and by magic bytes when the type is
-`application/octet-stream` or absent; a body whose magic says it is something else
-than declared (a PNG sent as video/mp4) is refused. Nothing is unpickled: npy goes
-through `np.load(..., allow_pickle=False)`, tensors through safetensors.
+A body is written to a temporary file as it arrives (never held in memory), then
+recognised by content type, and by magic bytes when the type is
+`application/octet-stream` or absent; a body whose magic says it is something else than
+declared (a PNG sent as video/mp4) is refused. Its header (npy, safetensors, container)
+is checked against the limits before any frame is decoded or allocated; the frames or
+latents are then read chunk by chunk as the model consumes them. Nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import enum
-import io
-import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.numpy import save as st_save_numpy
-from safetensors.torch import load as st_load_torch
 
-from media import LatentsFile, VideoReader, frames_to_tensor, write_video
-from media.frames_file import FRAMES_FORMAT
+from media import LatentsInfo, VideoReader, frames_to_tensor
 from media.frames_file import TENSOR_NAME as FRAMES_TENSOR
-from media.latents_file import LatentsFileError, ModelMismatchError, latents_from_bytes, latents_to_bytes
+from media.latents_file import TENSOR_NAME as LATENTS_TENSOR
+from media.latents_file import LatentsFileError, ModelMismatchError
+from media.tensor_headers import TensorHeaderError, TensorLayout, read_npy_header, read_safetensors_header, read_slab
 from media.video import VideoDecodeError, resize_short_side
-from model.cache import read_metadata
-from model.config import SPACE_FACTOR
+from model.config import LATENT_CHANNELS, SPACE_FACTOR
 
 from .errors import BadParameter, Conflict, InvalidInput, PayloadTooLarge, UnsupportedMedia
 
@@ -41,6 +37,7 @@ NPY = "application/x-npy"
 SAFETENSORS = "application/x-safetensors"
 OCTET_STREAM = "application/octet-stream"
 MP4 = "video/mp4"
+SNIFF_BYTES = 16  # enough for every magic below
 
 
 class Kind(enum.Enum):
@@ -50,7 +47,6 @@ class Kind(enum.Enum):
 
 
 _DECLARED = {NPY: Kind.NPY, SAFETENSORS: Kind.SAFETENSORS}
-_CONTAINER_SUFFIX = {b"ftyp": ".mp4", b"\x1a\x45\xdf\xa3": ".webm", b"AVI ": ".avi"}
 _IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF"}
 
 
@@ -68,53 +64,54 @@ class ClipOptions:
 
 
 @dataclass
-class Clip:
-    video: torch.Tensor  # float32 (1,3,T,H,W) in [-1,1]
-    fps: float
-
-
-@dataclass(frozen=True)
 class Body:
+    """A request body in a temporary file, deleted by `close()`."""
+
     kind: Kind
-    data: bytes
-    suffix: str = ""  # container file suffix that helps FFmpeg's probe
+    file: BinaryIO
+    size: int
+
+    @property
+    def path(self) -> Path:
+        return Path(self.file.name)
+
+    def read(self) -> bytes:
+        self.file.seek(0)
+        return self.file.read()
+
+    def close(self) -> None:
+        self.file.close()
 
 
-def _container_suffix(data: bytes) -> str | None:
-    if data[4:8] == b"ftyp":
-        return _CONTAINER_SUFFIX[b"ftyp"]
-    if data[:4] == b"\x1a\x45\xdf\xa3":
-        return _CONTAINER_SUFFIX[b"\x1a\x45\xdf\xa3"]
-    if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
-        return _CONTAINER_SUFFIX[b"AVI "]
+def container_suffix(head: bytes) -> str | None:
+    """The file suffix of a container recognised by its magic (it helps FFmpeg's probe)."""
+    if head[4:8] == b"ftyp":
+        return ".mp4"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return ".webm"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return ".avi"
     return None
 
 
-def _is_safetensors(data: bytes) -> bool:
-    """An 8-byte little-endian header length, then a JSON object that fits the body."""
-    if len(data) < 10:
-        return False
-    header = int.from_bytes(data[:8], "little")
-    return 2 <= header <= len(data) - 8 and data[8:9] == b"{"
-
-
-def sniff(data: bytes) -> Kind | None:
-    if data.startswith(b"\x93NUMPY"):
+def sniff(head: bytes, size: int) -> Kind | None:
+    if head.startswith(b"\x93NUMPY"):
         return Kind.NPY
-    if _is_safetensors(data):
+    # safetensors: an 8-byte little-endian header length, then a JSON object that fits.
+    if size >= 10 and 2 <= int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{":
         return Kind.SAFETENSORS
-    if _container_suffix(data):
+    if container_suffix(head):
         return Kind.VIDEO
     return None
 
 
-def classify(content_type: str | None, data: bytes, accepted: tuple[Kind, ...]) -> Body:
-    """The body's kind from its content type and magic bytes; 400 empty, 415 refused."""
-    if not data:
+def classify(content_type: str | None, head: bytes, size: int, accepted: tuple[Kind, ...]) -> Kind:
+    """The body's kind from its content type and first bytes; 400 empty, 415 refused."""
+    if size == 0:
         raise BadParameter("the request body is empty", code="empty_body")
     declared = (content_type or OCTET_STREAM).split(";")[0].strip().lower()
-    sniffed = sniff(data)
-    image = next((name for magic, name in _IMAGE_MAGIC.items() if data.startswith(magic)), None)
+    sniffed = sniff(head, size)
+    image = next((name for magic, name in _IMAGE_MAGIC.items() if head.startswith(magic)), None)
     if image:
         raise UnsupportedMedia(f"the body is a {image} image; send a video container or a frames tensor")
     if declared.startswith("video/"):
@@ -134,156 +131,241 @@ def classify(content_type: str | None, data: bytes, accepted: tuple[Kind, ...]) 
     if kind not in accepted:
         raise UnsupportedMedia(f"{kind.value} bodies are not accepted here; send "
                                f"{' or '.join(k.value for k in accepted)}")
-    return Body(kind, data, _container_suffix(data) or ".bin")
+    return kind
 
 
-# --- clips -------------------------------------------------------------------------------
+def spool(head: bytes) -> BinaryIO:
+    """A temporary file for a body starting with `head`, named as its container if any."""
+    return tempfile.NamedTemporaryFile(suffix=container_suffix(head) or ".bin")
 
-def decode_clip(body: Body, options: ClipOptions, limits: Limits) -> Clip:
-    """Frames of a video container or tensor body, with `options` applied and checked."""
+
+def body_from_bytes(content_type: str | None, data: bytes, accepted: tuple[Kind, ...]) -> Body:
+    """A Body of bytes already in memory (sessions' log replay, tests)."""
+    kind = classify(content_type, data[:SNIFF_BYTES], len(data), accepted)
+    file = spool(data[:SNIFF_BYTES])
+    file.write(data)
+    file.flush()
+    return Body(kind, file, len(data))
+
+
+# --- frames --------------------------------------------------------------------------------
+
+@dataclass
+class FrameSource:
+    """A clip's frames, read chunk by chunk: `chunks(n)` yields float (1,3,<=n,H,W) in
+    [-1,1] and counts them in `count`; the limits are enforced as frames are read."""
+
+    height: int
+    width: int
+    fps: float
+    read: Callable[[int], Iterator[torch.Tensor]]
+    count: int = field(default=0, init=False)
+
+    def chunks(self, n: int) -> Iterator[torch.Tensor]:
+        for chunk in self.read(n):
+            self.count += chunk.shape[2]
+            yield chunk
+
+
+def resized(height: int, width: int, size: int | None) -> tuple[int, int]:
+    """(height, width) after `resize_short_side` to `size` (None: unchanged)."""
+    if size is None:
+        return height, width
+    scale = size / min(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def open_frames(body: Body, options: ClipOptions, limits: Limits) -> FrameSource:
+    """The body's frames with `options` applied; sizes are checked now, lengths as read."""
     if body.kind is Kind.VIDEO:
-        clip = _read_container(body, options, limits)
-    else:
-        clip = _read_tensor(body, options)
-    _check_clip(clip.video, options, limits)
-    return clip
+        return _container_frames(body, options, limits)
+    layout, fps = _frames_layout(body)
+    return _tensor_frames(body, layout, fps, options, limits)
 
 
-def _read_container(body: Body, options: ClipOptions, limits: Limits) -> Clip:
+def read_clip(body: Body, options: ClipOptions, limits: Limits) -> tuple[torch.Tensor, float]:
+    """All of a body's frames at once, as float (1,3,T,H,W): for bodies of one chunk."""
+    source = open_frames(body, options, limits)
+    return torch.cat(list(source.chunks(limits.max_frames + 1)), dim=2), source.fps
+
+
+def _check_size(height: int, width: int, limits: Limits) -> None:
+    if max(height, width) > limits.max_side:
+        raise PayloadTooLarge(f"frames are {height}x{width}; the largest side served is {limits.max_side} "
+                              "(resize with size=S)", code="clip_too_large")
+    if min(height, width) < MIN_SIDE:
+        raise InvalidInput(f"frames are {height}x{width}; both sides must be at least {MIN_SIDE} pixels",
+                           code="video_too_small")
+
+
+def _too_long(limits: Limits) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the clip has more than {limits.max_frames} frames; send fewer (or frames=N)",
+                           code="clip_too_large")
+
+
+def _too_few(count: int, options: ClipOptions) -> InvalidInput:
+    return InvalidInput(f"the clip has {count} frames, frames={options.frames} asks for more", code="too_few_frames")
+
+
+def _container_frames(body: Body, options: ClipOptions, limits: Limits) -> FrameSource:
     # One frame past the limit tells "too long" apart from "exactly the limit".
     wanted = min(options.frames or limits.max_frames + 1, limits.max_frames + 1)
-    # PyAV reads from a path; the temporary file lives only for this call.
-    with tempfile.NamedTemporaryFile(suffix=body.suffix) as tmp:
-        tmp.write(body.data)
-        tmp.flush()
-        try:
-            with VideoReader(Path(tmp.name), num_frames=wanted, size=options.size) as reader:
-                frames = np.stack(list(reader))
-                fps = reader.fps
-        except VideoDecodeError as exc:
-            raise InvalidInput(str(exc).replace(tmp.name, "video"), code="undecodable_video") from None
-    return Clip(frames_to_tensor(frames), fps)
-
-
-def _read_tensor(body: Body, options: ClipOptions) -> Clip:
-    array, fps = _load_array(body)
-    if array.dtype == torch.uint8 and array.dim() == 4 and array.shape[3] == 3:
-        frames = array.numpy()[: options.frames]
-        if 0 in frames.shape:
-            raise InvalidInput(f"frames have an empty dimension: {tuple(frames.shape)}", code="invalid_tensor")
-        if options.size:
-            frames = resize_short_side(frames, options.size)
-        video = frames_to_tensor(frames)
-    elif array.is_floating_point() and array.dim() == 4 and array.shape[0] == 3:
-        video = array[:, : options.frames].float().unsqueeze(0)
-        if 0 in video.shape:
-            raise InvalidInput(f"frames have an empty dimension: {tuple(array.shape)}", code="invalid_tensor")
-        if not torch.isfinite(video).all() or video.abs().max() > 1:
-            raise InvalidInput("float frames must be finite and in [-1, 1]", code="invalid_tensor")
-        if options.size:
-            video = _resize_float(video, options.size)
-    else:
-        raise InvalidInput(f"frames must be uint8 (T,H,W,3) or float (3,T,H,W) in [-1,1], got "
-                           f"{str(array.dtype).removeprefix('torch.')} {tuple(array.shape)}", code="invalid_tensor")
-    return Clip(video, fps or options.fps or DEFAULT_FPS)
-
-
-def _load_array(body: Body) -> tuple[torch.Tensor, float | None]:
-    if body.kind is Kind.NPY:
-        try:
-            array = np.load(io.BytesIO(body.data), allow_pickle=False)
-        except ValueError as exc:
-            if "allow_pickle" in str(exc):
-                raise InvalidInput("npy holds Python objects (pickle); only numeric arrays are accepted",
-                                   code="invalid_tensor") from None
-            raise InvalidInput(f"not a valid npy file ({exc})", code="invalid_tensor") from None
-        except (OSError, EOFError) as exc:
-            raise InvalidInput(f"not a valid npy file ({exc})", code="invalid_tensor") from None
-        if not isinstance(array, np.ndarray) or array.dtype.kind not in "uf" or array.dtype.byteorder == ">":
-            raise InvalidInput(f"npy dtype {array.dtype} is not uint8 or a native float", code="invalid_tensor")
-        return torch.from_numpy(np.ascontiguousarray(array)), None
     try:
-        meta = read_metadata(body.data)
-        tensors = st_load_torch(body.data)
-    except (SafetensorError, ValueError) as exc:
-        raise InvalidInput(f"not a valid safetensors file ({exc})", code="invalid_tensor") from None
-    if FRAMES_TENSOR not in tensors and len(tensors) != 1:
+        reader = VideoReader(body.path, num_frames=wanted, size=options.size)
+    except VideoDecodeError as exc:
+        raise InvalidInput(str(exc).replace(str(body.path), "video"), code="undecodable_video") from None
+    try:
+        height, width = resized(reader.source_height, reader.source_width, options.size)
+        _check_size(height, width, limits)
+    except BaseException:
+        reader.close()
+        raise
+
+    def read(n: int) -> Iterator[torch.Tensor]:
+        count = 0
+        with reader:
+            try:
+                for frames in reader.chunks(n):
+                    count += len(frames)
+                    if count > limits.max_frames:
+                        raise _too_long(limits)
+                    yield frames_to_tensor(frames)
+            except VideoDecodeError as exc:
+                raise InvalidInput(str(exc).replace(str(body.path), "video"), code="undecodable_video") from None
+        if options.frames is not None and count < options.frames:
+            raise _too_few(count, options)
+
+    return FrameSource(height, width, reader.fps, read)
+
+
+def _frames_layout(body: Body) -> tuple[TensorLayout, float | None]:
+    """The frames tensor's layout in an npy or safetensors body, and its recorded fps."""
+    try:
+        if body.kind is Kind.NPY:
+            return read_npy_header(body.file), None
+        layouts, meta = read_safetensors_header(body.file)
+    except TensorHeaderError as exc:
+        raise InvalidInput(f"not a valid {body.kind.value} file ({exc})", code="invalid_tensor") from None
+    if FRAMES_TENSOR not in layouts and len(layouts) != 1:
         raise InvalidInput(f"safetensors frames need a tensor named {FRAMES_TENSOR!r} (or exactly one tensor), "
-                           f"got {sorted(tensors)}", code="invalid_tensor")
-    array = tensors.get(FRAMES_TENSOR, next(iter(tensors.values()), None))
+                           f"got {sorted(layouts)}", code="invalid_tensor")
+    layout = layouts.get(FRAMES_TENSOR) or next(iter(layouts.values()))
     try:
         fps = float(meta["fps"]) if "fps" in meta else None
     except ValueError:
         raise InvalidInput(f"bad fps metadata {meta['fps']!r}", code="invalid_tensor") from None
-    return array, fps if fps and fps > 0 else None
+    return layout, fps if fps and fps > 0 else None
 
 
-def _resize_float(video: torch.Tensor, size: int) -> torch.Tensor:
-    """The float counterpart of `resize_short_side` (same filter, no uint8 rounding)."""
-    _, _, t, h, w = video.shape
-    scale = size / min(h, w)
-    out = (max(1, round(h * scale)), max(1, round(w * scale)))
-    if out == (h, w):
-        return video
-    frames = F.interpolate(video[0].transpose(0, 1), size=out, mode="bicubic", align_corners=False, antialias=True)
-    return frames.clamp(-1, 1).transpose(0, 1).unsqueeze(0)
-
-
-def _check_clip(video: torch.Tensor, options: ClipOptions, limits: Limits) -> None:
-    t, h, w = video.shape[2:]
-    if options.frames is not None and t < options.frames:
-        raise InvalidInput(f"the clip has {t} frames, frames={options.frames} asks for more", code="too_few_frames")
+def _tensor_frames(body: Body, layout: TensorLayout, fps: float | None, options: ClipOptions,
+                   limits: Limits) -> FrameSource:
+    shape = layout.shape
+    if layout.dtype == "U8" and len(shape) == 4 and shape[3] == 3:
+        axis, (t, h, w) = 0, shape[:3]
+    elif layout.dtype != "U8" and len(shape) == 4 and shape[0] == 3:
+        axis, (t, h, w) = 1, shape[1:]
+    else:
+        raise InvalidInput(f"frames must be uint8 (T,H,W,3) or float (3,T,H,W) in [-1,1], got "
+                           f"{layout.dtype} {shape}", code="invalid_tensor")
+    if 0 in shape:
+        raise InvalidInput(f"frames have an empty dimension: {shape}", code="invalid_tensor")
+    t = min(t, options.frames or t)
     if t > limits.max_frames:
-        raise PayloadTooLarge(f"the clip has more than {limits.max_frames} frames; send fewer (or frames=N)",
-                              code="clip_too_large")
-    if max(h, w) > limits.max_side:
-        raise PayloadTooLarge(f"frames are {h}x{w}; the largest side served is {limits.max_side} "
-                              "(resize with size=S)", code="clip_too_large")
-    if min(h, w) < MIN_SIDE:
-        raise InvalidInput(f"frames are {h}x{w}; both sides must be at least {MIN_SIDE} pixels",
-                           code="video_too_small")
+        raise _too_long(limits)
+    if options.frames is not None and t < options.frames:
+        raise _too_few(t, options)
+    height, width = resized(h, w, options.size)
+    _check_size(height, width, limits)
+
+    def read(n: int) -> Iterator[torch.Tensor]:
+        for start in range(0, t, n):
+            part = read_slab(body.file, layout, axis, start, min(t, start + n))
+            yield _uint8_chunk(part, options) if axis == 0 else _float_chunk(part, options)
+
+    return FrameSource(height, width, fps or options.fps or DEFAULT_FPS, read)
 
 
-# --- latents -----------------------------------------------------------------------------
+def _uint8_chunk(frames: torch.Tensor, options: ClipOptions) -> torch.Tensor:
+    array = frames.numpy()
+    if options.size:
+        array = resize_short_side(array, options.size)
+    return frames_to_tensor(array)
 
-def decode_latents(body: Body, model_hash: str, limits: Limits) -> LatentsFile:
-    """A latents file made by this model, finite and within the limits."""
+
+def _float_chunk(frames: torch.Tensor, options: ClipOptions) -> torch.Tensor:
+    video = frames.float().unsqueeze(0)
+    if not torch.isfinite(video).all() or video.abs().max() > 1:
+        raise InvalidInput("float frames must be finite and in [-1, 1]", code="invalid_tensor")
+    if options.size:
+        h, w = video.shape[3:]
+        out = resized(h, w, options.size)
+        if out != (h, w):
+            # The float counterpart of `resize_short_side` (same filter, no uint8 rounding).
+            video = F.interpolate(video[0].transpose(0, 1), size=out, mode="bicubic", align_corners=False,
+                                  antialias=True).clamp(-1, 1).transpose(0, 1).unsqueeze(0)
+    return video
+
+
+# --- latents -------------------------------------------------------------------------------
+
+@dataclass
+class LatentsSource:
+    """A latents file's metadata, and its latents read `m` latent frames at a time."""
+
+    info: LatentsInfo
+    body: Body
+    layout: TensorLayout
+
+    def chunks(self, m: int) -> Iterator[torch.Tensor]:
+        total = self.layout.shape[2]
+        for start in range(0, total, m):
+            yield read_slab(self.body.file, self.layout, 2, start, min(total, start + m)).float()
+
+
+def open_latents(body: Body, model_hash: str, limits: Limits) -> LatentsSource:
+    """A latents file made by this model, finite and within the limits (the latents are
+    scanned in slices, never loaded whole)."""
     try:
-        item = latents_from_bytes(body.data, model_hash, source="latents")
+        layouts, meta = read_safetensors_header(body.file)
+        info = LatentsInfo.from_metadata(meta)
+        if LATENTS_TENSOR not in layouts:
+            raise LatentsFileError(f"latents: no tensor named {LATENTS_TENSOR!r}")
+        layout = layouts[LATENTS_TENSOR]
+        info.check_latents(layout.dtype != "U8", layout.shape)
+        info.check_model(model_hash)
     except ModelMismatchError as exc:
         raise Conflict(str(exc), code="model_mismatch") from None
-    except LatentsFileError as exc:
+    except (LatentsFileError, TensorHeaderError) as exc:
         raise InvalidInput(str(exc), code="invalid_latents") from None
-    if not torch.isfinite(item.latents).all():
-        raise InvalidInput("latents contain NaN or infinite values", code="invalid_latents")
-    if item.frames > limits.max_frames or max(item.height, item.width) > limits.max_side:
-        raise PayloadTooLarge(f"latents decode to {item.frames} frames of {item.height}x{item.width}; the limits are "
+    if info.frames > limits.max_frames or max(info.height, info.width) > limits.max_side:
+        raise PayloadTooLarge(f"latents decode to {info.frames} frames of {info.height}x{info.width}; the limits are "
                               f"{limits.max_frames} frames and {limits.max_side} pixels a side", code="clip_too_large")
-    return item
+    source = LatentsSource(info, body, layout)
+    if not all(torch.isfinite(part).all() for part in source.chunks(16)):
+        raise InvalidInput("latents contain NaN or infinite values", code="invalid_latents")
+    return source
 
 
-def latents_metadata(item: LatentsFile) -> dict[str, str]:
-    return read_metadata(latents_to_bytes(item))
-
-
-def encode_latents(item: LatentsFile, fmt: str) -> tuple[bytes, str, dict[str, str]]:
-    """(body, media type, headers). npy carries the metadata in a header instead."""
-    if fmt == "safetensors":
-        return latents_to_bytes(item), SAFETENSORS, {}
-    buffer = io.BytesIO()
-    np.save(buffer, item.latents.float().numpy(), allow_pickle=False)
-    return buffer.getvalue(), NPY, {METADATA_HEADER: json.dumps(latents_metadata(item), sort_keys=True)}
-
-
-def encode_frames(frames: np.ndarray, fps: float, fmt: str) -> tuple[bytes, str]:
-    """uint8 (T,H,W,3) as mp4 (h264, crf 18), npy or safetensors (tensor `frames`)."""
-    if fmt == "npy":
-        buffer = io.BytesIO()
-        np.save(buffer, np.ascontiguousarray(frames), allow_pickle=False)
-        return buffer.getvalue(), NPY
-    if fmt == "safetensors":
-        meta = {"format": FRAMES_FORMAT, "fps": repr(float(fps))}
-        return st_save_numpy({FRAMES_TENSOR: np.ascontiguousarray(frames)}, metadata=meta), SAFETENSORS
-    with tempfile.NamedTemporaryFile(suffix=".mp4") as tmp:
-        write_video(tmp.name, frames, fps)
-        return Path(tmp.name).read_bytes(), MP4
+def parse_latent_chunk(body: Body) -> torch.Tensor:
+    """Latents (1,16,m,h,w) from a chunk response, a whole latents file, or npy, in the
+    dtype they arrived in."""
+    try:
+        if body.kind is Kind.NPY:
+            layout = read_npy_header(body.file)
+        elif body.kind is Kind.SAFETENSORS:
+            layouts, _ = read_safetensors_header(body.file)
+            if LATENTS_TENSOR not in layouts:
+                raise InvalidInput("safetensors latents need a tensor named 'latents'", code="invalid_latents")
+            layout = layouts[LATENTS_TENSOR]
+        else:
+            raise InvalidInput("decode sessions take latents as safetensors or npy", code="invalid_latents")
+    except TensorHeaderError as exc:
+        raise InvalidInput(f"not a valid {body.kind.value} file ({exc})", code="invalid_latents") from None
+    shape = layout.shape
+    if len(shape) != 5 or shape[0] != 1 or shape[1] != LATENT_CHANNELS or 0 in shape[3:] or layout.dtype == "U8":
+        raise InvalidInput(f"latents must be float (1,{LATENT_CHANNELS},T,h,w), got {layout.dtype} {shape}",
+                           code="invalid_latents")
+    latents = read_slab(body.file, layout, 0, 0, 1)
+    if not torch.isfinite(latents).all():
+        raise InvalidInput("latents must be finite floats", code="invalid_latents")
+    return latents

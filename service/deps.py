@@ -1,11 +1,11 @@
 """FastAPI dependencies: the app's single settings, metrics and worker pool, and the
-request body read under the upload limit."""
+request body spooled to disk under the upload limit."""
 
 from __future__ import annotations
 
 from fastapi import Request
 
-from .codecs import Body, Kind, classify
+from .codecs import SNIFF_BYTES, Body, Kind, classify, spool
 from .errors import BadParameter, PayloadTooLarge, Unavailable
 from .metrics import Metrics
 from .settings import Settings
@@ -27,29 +27,41 @@ def get_pool(request: Request) -> WorkerPool:
     return pool
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` bytes: a declared
-    Content-Length over the limit is refused before reading anything, and a chunked
-    body is counted as it streams in, never buffered past the limit."""
+async def receive_body(request: Request, accepted: tuple[Kind, ...], settings: Settings, pool: WorkerPool,
+                       metrics: Metrics) -> Body:
+    """The classified body of a request that will run a model job, spooled to a temporary
+    file. Capacity is checked first, so an overloaded server answers 429 without taking
+    the upload. The body is refused with 413 as soon as it passes the upload limit: a
+    declared Content-Length over it before anything is read, a chunked body as it
+    streams in."""
+    pool.check_capacity()
+    limit = settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise BadParameter(f"bad Content-Length {declared!r}")
         if int(declared) > limit:
             raise PayloadTooLarge(f"the body is {int(declared)} bytes; the limit is {limit} (CDT_MAX_UPLOAD_MB)")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"the body passed the limit of {limit} bytes (CDT_MAX_UPLOAD_MB)")
-    return bytes(body)
-
-
-async def receive_body(request: Request, accepted: tuple[Kind, ...], settings: Settings, pool: WorkerPool,
-                       metrics: Metrics) -> Body:
-    """The classified body of a request that will run a model job. Capacity is checked
-    first, so an overloaded server answers 429 without taking the upload."""
-    pool.check_capacity()
-    data = await read_body(request, settings.max_upload_bytes)
-    metrics.bytes_total.labels(request.scope["route"].path, "in").inc(len(data))
-    return classify(request.headers.get("content-type"), data, accepted)
+    head, size, file = b"", 0, None
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the body passed the limit of {limit} bytes (CDT_MAX_UPLOAD_MB)")
+            if file is None:
+                head += chunk
+                if len(head) >= SNIFF_BYTES:
+                    file, chunk = spool(head), head
+            if file is not None:
+                file.write(chunk)
+        metrics.bytes_total.labels(request.scope["route"].path, "in").inc(size)
+        kind = classify(request.headers.get("content-type"), head[:SNIFF_BYTES], size, accepted)
+        if file is None:
+            file = spool(head)
+            file.write(head)
+        file.flush()
+        return Body(kind, file, size)
+    except BaseException:
+        if file is not None:
+            file.close()
+        raise

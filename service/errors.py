@@ -1,5 +1,6 @@
 """Service errors: each has an HTTP status and a stable machine-readable code, and is
-sent as JSON `{"error": {"code": ..., "message": ...}}` by the handlers installed here.
+sent as JSON `{"error": {"code": ..., "message": ...}}` by the handlers installed here
+(plus `details`, an object of figures, where an error has them: 413 `clip_too_large`).
 
 Codes are the contract with clients (`service.client` maps them back to exceptions);
 messages are for humans. Bad input never reaches a 500: codecs and routes raise one
@@ -22,11 +23,13 @@ class ServiceError(Exception):
     status = 500
     code = "internal_error"
 
-    def __init__(self, message: str, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, code: str | None = None, headers: dict[str, str] | None = None,
+                 details: dict | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.code = code or self.code
         self.headers = headers or {}
+        self.details = details  # machine-readable figures behind the message, when there are any
 
 
 class BadParameter(ServiceError):
@@ -63,6 +66,12 @@ class InvalidInput(ServiceError):
     status, code = 422, "invalid_input"
 
 
+class ClientClosedRequest(ServiceError):
+    """The client went away before the answer (nginx's 499); nobody reads this response."""
+
+    status, code = 499, "client_closed_request"
+
+
 class Overloaded(ServiceError):
     status, code = 429, "overloaded"
 
@@ -78,12 +87,13 @@ class GatewayTimeout(ServiceError):
     status, code = 504, "timeout"
 
 
-def error_body(code: str, message: str) -> dict:
-    return {"error": {"code": code, "message": message}}
+def error_body(code: str, message: str, details: dict | None = None) -> dict:
+    return {"error": {"code": code, "message": message, **({"details": details} if details else {})}}
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                   details: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
 
 
 # Framework-raised statuses (unknown route, wrong method) get codes in the same scheme.
@@ -93,7 +103,7 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        return error_response(exc.status, exc.code, exc.message, exc.headers, exc.details)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:

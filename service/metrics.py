@@ -36,6 +36,12 @@ class Metrics:
         self.queue_depth = Gauge("cdt_queue_depth", "jobs waiting for the model", registry=r)
         self.in_flight = Gauge("cdt_jobs_in_flight", "jobs running on the model", registry=r)
         self.rejected_total = Counter("cdt_jobs_rejected", "jobs refused or dropped", ["reason"], registry=r)
+        self.cancelled_total = Counter("cdt_requests_cancelled", "whole-clip requests stopped at a chunk boundary "
+                                       "because the client went away", ["op"], registry=r)
+        self.memory_budget = Gauge("cdt_memory_budget_bytes", "memory this replica admits requests into",
+                                   registry=r)
+        self.memory_reserved = Gauge("cdt_memory_reserved_bytes", "memory reserved by admitted requests",
+                                     registry=r)
         self.model_info = Info("cdt_model", "the served model", registry=r)
 
     @contextmanager

@@ -1,7 +1,6 @@
-"""Model jobs: plain functions of the model that the worker pool runs in its thread.
-
-Model-side ValueErrors (shapes the codecs let through) surface as 422 `invalid_input`
-through `model_errors`, never as 500.
+"""The model as the routes see it: its ValueErrors (shapes the codecs let through)
+surface as 422 `invalid_input` through `model_errors`, never as 500; `model_card`
+describes it.
 """
 
 from __future__ import annotations
@@ -9,18 +8,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-import numpy as np
-
-from media import LatentsFile, decode_frames
 from model import Tokenizer, dtype_name
 from model.config import SPACE_FACTOR, TIME_FACTOR
 
 from .errors import InvalidInput
-
-
-def decode_clip(model: Tokenizer, item: LatentsFile, steps: int, seed: int) -> np.ndarray:
-    """uint8 (T,H,W,3) frames cropped to the size and length in the latents' metadata."""
-    return np.concatenate(list(decode_frames(model, item, steps=steps, seed=seed)))
 
 
 @contextmanager
@@ -29,7 +20,6 @@ def model_errors() -> Iterator[None]:
         yield
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
-
 
 
 def model_card(model: Tokenizer, device: str) -> dict:

@@ -1,65 +1,103 @@
-"""Where streaming sessions live between chunks.
+"""The shared state of streaming sessions: what any replica needs to rebuild a session.
 
-A session record is small JSON metadata plus two binary blobs: the model's exported
-FeatureCache (safetensors bytes) and the last chunk's response (kept so a retried
-`seq` gets the same bytes without applying the chunk twice). The blobs can reach
-hundreds of MB, so reads that only need the metadata (status, delete) skip them. Every write is a
-compare-and-set on an integer version (WATCH/MULTI in Redis), so two replicas racing
-on one session cannot both apply a chunk.
+The replica serving a session keeps the model's FeatureCache in its own memory. The store keeps, per
+session, only what rebuilding it takes:
 
-Two implementations share the interface: `RedisSessionStore` (any replica can continue
-any session) and `MemorySessionStore` (single replica; the default without Redis).
-`LocalStateCache` sits in front of the Redis one and keeps this replica's last writes, so
-a session that comes back to the replica that served its previous chunk skips reading
-its state over the network.
+- metadata (a JSON-serialisable dict the store does not interpret) and an integer version;
+- the last chunk's response, so a retried `seq` gets the same bytes without applying the chunk twice;
+- a bounded log of recent chunk inputs, entries named by the caller;
+- optionally a snapshot of the FeatureCache, written off the response path and split into parts.
+
+Every chunk is one compare-and-set on the version (`commit`): metadata, response and log changes land
+together or not at all, so two replicas racing on one session cannot both apply a chunk. A snapshot is
+written beside the commits (its parts are keys of their own; only the final pointer switch touches the
+session), and it only ever replaces a snapshot with a lower label.
+
+`MemorySessionStore` serves a single replica; `RedisSessionStore` lets any replica continue any session.
+
+Redis layout, for key prefix P and session id I. Every key of a session contains the hash tag `{I}`, so a
+session lives in one cluster slot and each of its scripts runs on one node:
+
+- `Ps:{I}`: hash of version, meta, response, expires_ms, log_bytes and the current snapshot pointer
+  (snap_label, snap_token, snap_parts, snap_bytes);
+- `Ps:{I}:log`: hash of log entry name -> chunk input;
+- `Ps:{I}:snap:<label>:<token>:<i>`: string, part i of a snapshot. The token is random per write, so
+  parts are written once and never changed, and two writers of one label never share a key;
+- `Psessions`: zset of live session ids scored by expiry (unix ms), for the store-wide session limit.
+  It is global, so on a cluster it sits in a slot of its own and is only touched by single-key commands.
+
+Every key of a session expires with it: commits refresh the TTL of all of them.
+
+URL rule (`CDT_REDIS_URL`): `redis://` and `rediss://` URLs (redis-py's format) address a single Redis;
+`redis+cluster://host:port` and `rediss+cluster://host:port` address a Redis Cluster through any one of
+its nodes (the client discovers the others). redis-py has no URL scheme for a cluster; the `+cluster`
+suffix is this module's, and the URL without it goes to `RedisCluster.from_url`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
+import secrets
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, WatchError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import MovedError, RedisClusterException, RedisError
 
 
 class SessionStoreUnavailable(RuntimeError):
     """The store cannot be reached (maps to 503 session_store_unavailable)."""
 
 
-@dataclass
-class SessionRecord:
-    meta: dict[str, Any]
-    state: bytes = b""
-    response: bytes = b""
-    version: int = 0
-    expires_at: float = 0.0  # unix seconds; refreshed by every write
-    stored_state_bytes: int | None = None  # the state's size when it was not loaded
-    local: bool = False  # the blobs came from this replica's LocalStateCache, not the store
+@dataclass(frozen=True)
+class SnapshotRef:
+    """A stored snapshot: the caller's label, how many parts it was split into, its total size."""
 
-    @property
-    def state_bytes(self) -> int:
-        return len(self.state) if self.stored_state_bytes is None else self.stored_state_bytes
+    label: int
+    parts: int
+    nbytes: int
+
+
+@dataclass
+class StoredSession:
+    meta: dict[str, Any]
+    version: int
+    expires_at: float  # unix seconds; refreshed by every commit
+    response: bytes = b""  # empty when loaded with response=False
+    snapshot: SnapshotRef | None = None
+    log_bytes: int = 0  # total size of the log entries held
 
 
 class SessionStore(Protocol):
-    async def create(self, session_id: str, record: SessionRecord, ttl_s: float, max_sessions: int) -> bool:
-        """Store a new record at version 1. False when `max_sessions` are live."""
+    async def create(self, session_id: str, meta: dict[str, Any], ttl_s: float, max_sessions: int) -> bool:
+        """Store a new session at version 1. False when `max_sessions` are live (store-wide) or the id
+        is taken."""
 
-    async def load(self, session_id: str, blobs: bool = True) -> SessionRecord | None:
-        """The record, or None. blobs=False leaves state and response empty (state_bytes
-        still reports the stored state's size)."""
+    async def load(self, session_id: str, response: bool = True) -> StoredSession | None:
+        """The session, or None. response=False leaves the response out."""
 
-    async def save(self, session_id: str, record: SessionRecord, expected_version: int, ttl_s: float) -> bool:
-        """Write `record` as version expected_version+1 if the stored version is still
-        `expected_version`; refresh the TTL. False if another writer got there first or
+    async def commit(self, session_id: str, expected_version: int, meta: dict[str, Any], response: bytes,
+                     ttl_s: float, log_put: tuple[str, bytes] | None, log_drop: list[str]) -> bool:
+        """If the stored version is still `expected_version`, in one step: write meta and response,
+        delete the log entries named in `log_drop`, then add `log_put` (name, bytes), bump the version
+        and refresh the TTL of every key of the session. False if another writer got there first or
         the session is gone."""
 
-    async def delete(self, session_id: str) -> bool: ...
+    async def read_log(self, session_id: str, names: list[str]) -> dict[str, bytes]:
+        """The named log entries that exist."""
+
+    async def put_snapshot(self, session_id: str, label: int, data: bytes, part_bytes: int) -> bool:
+        """Store `data` in parts of at most `part_bytes` and make it the current snapshot if the session
+        still exists and its current snapshot (if any) has a lower label; the replaced snapshot is
+        deleted. False (and nothing kept) otherwise. Commits running meanwhile are not affected."""
+
+    async def read_snapshot(self, session_id: str) -> tuple[SnapshotRef, bytes] | None:
+        """The current snapshot and its bytes (all from one snapshot), or None when there is none."""
+
+    async def delete(self, session_id: str) -> bool:
+        """Remove the session with its log and snapshot. False if it did not exist."""
 
     async def live_count(self) -> int: ...
 
@@ -68,58 +106,92 @@ class SessionStore(Protocol):
     async def close(self) -> None: ...
 
 
+def _part_starts(nbytes: int, part_bytes: int) -> range:
+    """Offsets at which the parts of an `nbytes` snapshot begin."""
+    if part_bytes < 1:
+        raise ValueError(f"part_bytes must be positive, got {part_bytes}")
+    return range(0, nbytes, part_bytes)
+
+
+@dataclass
+class _MemorySession:
+    meta: dict[str, Any]
+    expires_at: float
+    version: int = 1
+    response: bytes = b""
+    log: dict[str, bytes] = field(default_factory=dict)
+    snapshot: tuple[SnapshotRef, bytes] | None = None
+
+
 class MemorySessionStore:
-    """In-process store for a single replica. Expiry is checked on access."""
+    """In-process store for a single replica. Expiry is checked on access. No method awaits between
+    reading and writing, so each runs as one step on the event loop and needs no lock."""
 
     def __init__(self) -> None:
-        self._records: dict[str, SessionRecord] = {}
-        self._lock = asyncio.Lock()
+        self._sessions: dict[str, _MemorySession] = {}
 
-    def _prune(self, now: float) -> None:
-        for key in [k for k, r in self._records.items() if r.expires_at <= now]:
-            del self._records[key]
+    def _live(self, session_id: str) -> _MemorySession | None:
+        self._prune()
+        return self._sessions.get(session_id)
 
-    async def create(self, session_id, record, ttl_s, max_sessions) -> bool:
-        async with self._lock:
-            now = time.time()
-            self._prune(now)
-            if len(self._records) >= max_sessions or session_id in self._records:
-                return False
-            record.version, record.expires_at = 1, now + ttl_s
-            self._records[session_id] = record
-            return True
+    def _prune(self) -> None:
+        now = time.time()
+        for session_id in [s for s, session in self._sessions.items() if session.expires_at <= now]:
+            del self._sessions[session_id]
 
-    async def load(self, session_id, blobs=True):
-        async with self._lock:
-            self._prune(time.time())
-            record = self._records.get(session_id)
-            if record is None:
-                return None
-            if blobs:
-                return SessionRecord(dict(record.meta), record.state, record.response, record.version,
-                                     record.expires_at)
-            return SessionRecord(dict(record.meta), version=record.version, expires_at=record.expires_at,
-                                 stored_state_bytes=len(record.state))
+    async def create(self, session_id, meta, ttl_s, max_sessions) -> bool:
+        self._prune()
+        if len(self._sessions) >= max_sessions or session_id in self._sessions:
+            return False
+        self._sessions[session_id] = _MemorySession(json.loads(json.dumps(meta)), time.time() + ttl_s)
+        return True
 
-    async def save(self, session_id, record, expected_version, ttl_s) -> bool:
-        async with self._lock:
-            now = time.time()
-            self._prune(now)
-            current = self._records.get(session_id)
-            if current is None or current.version != expected_version:
-                return False
-            record.version, record.expires_at = expected_version + 1, now + ttl_s
-            self._records[session_id] = record
-            return True
+    async def load(self, session_id, response=True):
+        session = self._live(session_id)
+        if session is None:
+            return None
+        return StoredSession(meta=json.loads(json.dumps(session.meta)), version=session.version,
+                             expires_at=session.expires_at, response=session.response if response else b"",
+                             snapshot=session.snapshot[0] if session.snapshot else None,
+                             log_bytes=sum(len(entry) for entry in session.log.values()))
+
+    async def commit(self, session_id, expected_version, meta, response, ttl_s, log_put, log_drop) -> bool:
+        session = self._live(session_id)
+        if session is None or session.version != expected_version:
+            return False
+        for name in log_drop:
+            session.log.pop(name, None)
+        if log_put is not None:
+            session.log[log_put[0]] = bytes(log_put[1])
+        session.meta, session.response = json.loads(json.dumps(meta)), bytes(response)
+        session.version += 1
+        session.expires_at = time.time() + ttl_s
+        return True
+
+    async def read_log(self, session_id, names) -> dict[str, bytes]:
+        session = self._live(session_id)
+        if session is None:
+            return {}
+        return {name: session.log[name] for name in names if name in session.log}
+
+    async def put_snapshot(self, session_id, label, data, part_bytes) -> bool:
+        parts = len(_part_starts(len(data), part_bytes))
+        session = self._live(session_id)
+        if session is None or (session.snapshot is not None and session.snapshot[0].label >= label):
+            return False
+        session.snapshot = (SnapshotRef(label, parts, len(data)), bytes(data))
+        return True
+
+    async def read_snapshot(self, session_id):
+        session = self._live(session_id)
+        return None if session is None else session.snapshot
 
     async def delete(self, session_id) -> bool:
-        async with self._lock:
-            return self._records.pop(session_id, None) is not None
+        return self._sessions.pop(session_id, None) is not None
 
     async def live_count(self) -> int:
-        async with self._lock:
-            self._prune(time.time())
-            return len(self._records)
+        self._prune()
+        return len(self._sessions)
 
     async def ping(self) -> None:
         return None
@@ -128,114 +200,265 @@ class MemorySessionStore:
         return None
 
 
-# KEYS[1] = session hash, KEYS[2] = index of live sessions (zset scored by expiry; it
-# expires with its longest-lived member, so no key outlives the sessions)
-# ARGV: max sessions, ttl ms, now ms, session id, meta, state, response
-_CREATE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[1]) then return -1 end
-local expires = tonumber(ARGV[3]) + tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], 'version', 1, 'meta', ARGV[5], 'state', ARGV[6], 'response', ARGV[7],
-           'expires_ms', expires)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], expires, ARGV[4])
-if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+# The part keys of a session's current snapshot. Scripts derive them from the session hash rather than
+# taking them in KEYS: they carry the session's hash tag, so they live in the slot the script runs on.
+_SNAPSHOT_PARTS = """
+local function snapshot_parts(session)
+  local snap = redis.call('HMGET', session, 'snap_label', 'snap_token', 'snap_parts')
+  local keys = {}
+  if snap[1] then
+    for i = 0, tonumber(snap[3]) - 1 do
+      keys[#keys + 1] = session .. ':snap:' .. snap[1] .. ':' .. snap[2] .. ':' .. i
+    end
+  end
+  return keys
+end
+"""
+
+# KEYS[1] = index. ARGV: now ms, expires ms, ttl ms, max sessions, session id.
+# The index expires with its longest-lived member, so it never outlives the sessions.
+_ADMIT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZSCORE', KEYS[1], ARGV[5]) then return 0 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return -1 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[5])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 return 1
 """
 
+# KEYS[1] = index. ARGV: now ms, expires ms, ttl ms, session id. Moves a listed session's expiry later.
+_TOUCH = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+redis.call('ZADD', KEYS[1], 'XX', 'GT', ARGV[2], ARGV[4])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+"""
+
+# KEYS[1] = index. ARGV: now ms.
+_COUNT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+return redis.call('ZCARD', KEYS[1])
+"""
+
+# KEYS[1] = session hash. ARGV: meta, ttl ms, expires ms.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'version', 1, 'meta', ARGV[1], 'response', '', 'expires_ms', ARGV[3], 'log_bytes', 0)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS[1] = session hash, KEYS[2] = log. ARGV: expected version, meta, response, ttl ms, expires ms,
+# '1' when an entry is put (ARGV[7] name, ARGV[8] bytes) else '0', then the names to drop.
+_COMMIT = _SNAPSHOT_PARTS + """
+local version = redis.call('HGET', KEYS[1], 'version')
+if not version or tonumber(version) ~= tonumber(ARGV[1]) then return 0 end
+local log_bytes = tonumber(redis.call('HGET', KEYS[1], 'log_bytes'))
+for i = 9, #ARGV do
+  log_bytes = log_bytes - redis.call('HSTRLEN', KEYS[2], ARGV[i])
+  redis.call('HDEL', KEYS[2], ARGV[i])
+end
+if ARGV[6] == '1' then
+  log_bytes = log_bytes - redis.call('HSTRLEN', KEYS[2], ARGV[7]) + string.len(ARGV[8])
+  redis.call('HSET', KEYS[2], ARGV[7], ARGV[8])
+end
+redis.call('HSET', KEYS[1], 'version', tonumber(version) + 1, 'meta', ARGV[2], 'response', ARGV[3],
+           'expires_ms', ARGV[5], 'log_bytes', log_bytes)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+for _, part in ipairs(snapshot_parts(KEYS[1])) do redis.call('PEXPIRE', part, ARGV[4]) end
+return 1
+"""
+
+# KEYS[1] = session hash, KEYS[2..] = the new snapshot's parts. ARGV: label, token, parts, bytes.
+# The new parts are already written; this makes them current or deletes them.
+_SWITCH_SNAPSHOT = _SNAPSHOT_PARTS + """
+local function discard()
+  for i = 2, #KEYS do redis.call('UNLINK', KEYS[i]) end
+  return 0
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return discard() end
+local current = redis.call('HGET', KEYS[1], 'snap_label')
+if current and tonumber(current) >= tonumber(ARGV[1]) then return discard() end
+-- parts carry a TTL while written: one that ran out leaves the snapshot incomplete
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then return discard() end
+end
+for _, part in ipairs(snapshot_parts(KEYS[1])) do redis.call('UNLINK', part) end
+redis.call('HSET', KEYS[1], 'snap_label', ARGV[1], 'snap_token', ARGV[2], 'snap_parts', ARGV[3],
+           'snap_bytes', ARGV[4])
+local ttl = redis.call('PTTL', KEYS[1])
+for i = 2, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
+return 1
+"""
+
+# KEYS[1] = session hash, KEYS[2] = log.
+_DELETE = _SNAPSHOT_PARTS + """
+local existed = redis.call('EXISTS', KEYS[1])
+for _, part in ipairs(snapshot_parts(KEYS[1])) do redis.call('UNLINK', part) end
+redis.call('UNLINK', KEYS[1], KEYS[2])
+return existed
+"""
+
+_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+_SESSION_FIELDS = ["version", "meta", "expires_ms", "log_bytes", "snap_label", "snap_parts", "snap_bytes"]
+# A reader that finds parts missing met a newer snapshot replacing the one it started on: it starts over
+# on the new one, a few times at most.
+_SNAPSHOT_READ_ATTEMPTS = 3
+
+
+def _client(url: str, **options) -> aioredis.Redis | RedisCluster:
+    """A cluster client for `redis+cluster://` and `rediss+cluster://` URLs, else a single-Redis one."""
+    scheme, _, rest = url.partition("://")
+    if scheme in _CLUSTER_SCHEMES:
+        return RedisCluster.from_url(f"{_CLUSTER_SCHEMES[scheme]}://{rest}", **options)
+    return aioredis.Redis.from_url(url, **options)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
 
 class RedisSessionStore:
-    """Sessions in Redis: one hash per session with a TTL, plus a zset of live ids (scored by
-    expiry) for the live-session limit. Creation is a Lua script (limit check and insert in
-    one step); saves are a compare-and-set on the version under WATCH/MULTI."""
+    """Sessions in a Redis or a Redis Cluster (layout in the module docstring). Every change to a
+    session's keys that must be atomic is one Lua script on the session's slot, reads are single-slot
+    commands, and the live-session index has scripts of its own: no command spans two slots."""
 
     def __init__(self, url: str, prefix: str = "cdt:", connect_timeout_s: float = 2.0,
                  io_timeout_s: float = 60.0) -> None:
-        # A dead Redis is noticed by the short connect timeout; the I/O timeout must let a
-        # state of a few hundred MB (large frames) cross the wire.
-        self._redis = aioredis.Redis.from_url(url, socket_timeout=io_timeout_s,
-                                              socket_connect_timeout=connect_timeout_s)
+        # A dead Redis is noticed by the short connect timeout; the I/O timeout must let a snapshot
+        # part or a large chunk input cross the wire.
+        self._redis = _client(url, socket_timeout=io_timeout_s, socket_connect_timeout=connect_timeout_s)
         self._prefix = prefix
         self._index = prefix + "sessions"
-        self._create = self._redis.register_script(_CREATE)
+        scripts = {"admit": _ADMIT, "touch": _TOUCH, "count": _COUNT, "create": _CREATE, "commit": _COMMIT,
+                   "switch": _SWITCH_SNAPSHOT, "delete": _DELETE}
+        self._scripts = {name: self._redis.register_script(source) for name, source in scripts.items()}
 
     def _key(self, session_id: str) -> str:
-        return f"{self._prefix}session:{session_id}"
+        return f"{self._prefix}s:{{{session_id}}}"
+
+    @staticmethod
+    def _log_key(session_key: str) -> str:
+        return f"{session_key}:log"
+
+    @staticmethod
+    def _part_key(session_key: str, label: int, token: str, index: int) -> str:
+        """Part `index` of a snapshot; `snapshot_parts` in the scripts builds the same names."""
+        return f"{session_key}:snap:{label}:{token}:{index}"
 
     async def _call(self, coro):
         try:
             return await coro
-        except (RedisError, OSError) as exc:
+        except MovedError as exc:
+            raise SessionStoreUnavailable(f"session store is a Redis Cluster ({exc}): address it with a "
+                                          "redis+cluster:// URL") from None
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise SessionStoreUnavailable(f"session store unreachable: {exc}") from None
 
-    def _args(self, session_id: str, record: SessionRecord, ttl_s: float) -> list:
-        return [int(ttl_s * 1000), int(time.time() * 1000), session_id, json.dumps(record.meta),
-                record.state, record.response]
+    async def _script(self, name: str, keys: list[str], args: list) -> Any:
+        return await self._call(self._scripts[name](keys=keys, args=args))
 
-    async def create(self, session_id, record, ttl_s, max_sessions) -> bool:
-        keys = [self._key(session_id), self._index]
-        result = await self._call(self._create(keys=keys, args=[max_sessions, *self._args(session_id, record, ttl_s)]))
-        if result == 1:
-            record.version, record.expires_at = 1, time.time() + ttl_s
-        return result == 1
-
-    async def load(self, session_id, blobs=True):
-        key = self._key(session_id)
-        if blobs:
-            fields = await self._call(self._redis.hgetall(key))
-            if not fields:
-                return None
-            return SessionRecord(meta=json.loads(fields[b"meta"]), state=fields[b"state"],
-                                 response=fields[b"response"], version=int(fields[b"version"]),
-                                 expires_at=int(fields[b"expires_ms"]) / 1000)
-        async with self._redis.pipeline(transaction=True) as pipe:  # one consistent snapshot
-            pipe.hmget(key, "meta", "version", "expires_ms").hstrlen(key, "state")
-            (meta, version, expires_ms), state_bytes = await self._call(pipe.execute())
-        if meta is None:
-            return None
-        return SessionRecord(meta=json.loads(meta), version=int(version), expires_at=int(expires_ms) / 1000,
-                             stored_state_bytes=int(state_bytes))
-
-    async def save(self, session_id, record, expected_version, ttl_s) -> bool:
-        # WATCH/MULTI rather than a script: a script would copy a state of hundreds of MB
-        # into Lua strings first (measured: saves took 1.6x as long).
-        key, ttl_ms = self._key(session_id), int(ttl_s * 1000)
-        expires_ms = int(time.time() * 1000) + ttl_ms
-        try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                await pipe.watch(key)
-                current = await pipe.hget(key, "version")
-                if current is None or int(current) != expected_version:
-                    return False
-                index_ttl_ms = await pipe.pttl(self._index)  # -2 absent, -1 no TTL
-                pipe.multi()
-                pipe.hset(key, mapping={"version": expected_version + 1, "meta": json.dumps(record.meta),
-                                        "state": record.state, "response": record.response,
-                                        "expires_ms": expires_ms})
-                pipe.pexpire(key, ttl_ms)
-                pipe.zadd(self._index, {session_id: expires_ms})
-                if index_ttl_ms < ttl_ms:
-                    pipe.pexpire(self._index, ttl_ms)
-                await pipe.execute()
-        except WatchError:
+    async def create(self, session_id, meta, ttl_s, max_sessions) -> bool:
+        ttl_ms, now_ms = int(ttl_s * 1000), _now_ms()
+        admitted = await self._script("admit", [self._index], [now_ms, now_ms + ttl_ms, ttl_ms, max_sessions,
+                                                               session_id])
+        if admitted != 1:
             return False
-        except (RedisError, OSError) as exc:
-            raise SessionStoreUnavailable(f"session store unreachable: {exc}") from None
-        record.version, record.expires_at = expected_version + 1, expires_ms / 1000
-        return True
+        try:
+            created = await self._script("create", [self._key(session_id)], [json.dumps(meta), ttl_ms,
+                                                                             now_ms + ttl_ms])
+        except SessionStoreUnavailable:
+            await self._unadmit(session_id)
+            raise
+        if not created:
+            await self._unadmit(session_id)
+        return bool(created)
+
+    async def _unadmit(self, session_id: str) -> None:
+        """Take back an index entry whose session was not written."""
+        try:
+            await self._call(self._redis.zrem(self._index, session_id))
+        except SessionStoreUnavailable:
+            pass  # the entry leaves the index when its expiry passes
+
+    async def load(self, session_id, response=True):
+        names = _SESSION_FIELDS + (["response"] if response else [])
+        fields = dict(zip(names, await self._call(self._redis.hmget(self._key(session_id), names))))
+        if fields["version"] is None:
+            return None
+        snapshot = None
+        if fields["snap_label"] is not None:
+            snapshot = SnapshotRef(int(fields["snap_label"]), int(fields["snap_parts"]), int(fields["snap_bytes"]))
+        return StoredSession(meta=json.loads(fields["meta"]), version=int(fields["version"]),
+                             expires_at=int(fields["expires_ms"]) / 1000, response=fields.get("response") or b"",
+                             snapshot=snapshot, log_bytes=int(fields["log_bytes"]))
+
+    async def commit(self, session_id, expected_version, meta, response, ttl_s, log_put, log_drop) -> bool:
+        ttl_ms, now_ms = int(ttl_s * 1000), _now_ms()
+        expires_ms = now_ms + ttl_ms
+        # The index first, so that an error there leaves nothing committed. Should the compare-and-set
+        # then fail, the later expiry is harmless: the winner sets the same, and a session that is gone
+        # is no longer listed (the touch adds no one).
+        await self._script("touch", [self._index], [now_ms, expires_ms, ttl_ms, session_id])
+        key = self._key(session_id)
+        put = ["1", *log_put] if log_put is not None else ["0", "", ""]
+        committed = await self._script("commit", [key, self._log_key(key)],
+                                       [expected_version, json.dumps(meta), response, ttl_ms, expires_ms, *put,
+                                        *log_drop])
+        return committed == 1
+
+    async def read_log(self, session_id, names) -> dict[str, bytes]:
+        if not names:
+            return {}
+        values = await self._call(self._redis.hmget(self._log_key(self._key(session_id)), names))
+        return {name: value for name, value in zip(names, values) if value is not None}
+
+    async def put_snapshot(self, session_id, label, data, part_bytes) -> bool:
+        key, view = self._key(session_id), memoryview(data)
+        parts = [view[start:start + part_bytes] for start in _part_starts(len(data), part_bytes)]
+        current, ttl_ms = await self._snapshot_label_and_ttl(key)
+        if ttl_ms <= 0 or (current is not None and current >= label):
+            return False  # gone, or a snapshot as new is already there: skip writing the parts
+        token = secrets.token_hex(8)
+        part_keys = [self._part_key(key, label, token, i) for i in range(len(parts))]
+        # Parts written before a failure here expire with the TTL they were written with.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for part_key, part in zip(part_keys, parts):
+                pipe.set(part_key, part, px=ttl_ms)
+            await self._call(pipe.execute())
+        switched = await self._script("switch", [key, *part_keys], [label, token, len(parts), len(data)])
+        return switched == 1
+
+    async def _snapshot_label_and_ttl(self, key: str) -> tuple[int | None, int]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(key, "snap_label").pttl(key)
+            label, ttl_ms = await self._call(pipe.execute())
+        return (None if label is None else int(label)), int(ttl_ms)
+
+    async def read_snapshot(self, session_id):
+        key = self._key(session_id)
+        for _ in range(_SNAPSHOT_READ_ATTEMPTS):
+            label, token, parts, nbytes = await self._call(
+                self._redis.hmget(key, ["snap_label", "snap_token", "snap_parts", "snap_bytes"]))
+            if label is None:
+                return None
+            ref = SnapshotRef(int(label), int(parts), int(nbytes))
+            part_keys = [self._part_key(key, ref.label, token.decode(), i) for i in range(ref.parts)]
+            values = await self._call(self._redis.mget(part_keys)) if part_keys else []
+            # Parts of one token are never rewritten, so a full set is one snapshot; a missing part
+            # means a newer snapshot (or a delete) removed this one mid-read.
+            if all(value is not None for value in values):
+                return ref, b"".join(values)
+        return None
 
     async def delete(self, session_id) -> bool:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self._key(session_id)).zrem(self._index, session_id)
-            deleted, _ = await self._call(pipe.execute())
-        return bool(deleted)
+        key = self._key(session_id)
+        existed = await self._script("delete", [key, self._log_key(key)], [])
+        await self._call(self._redis.zrem(self._index, session_id))
+        return bool(existed)
 
     async def live_count(self) -> int:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zremrangebyscore(self._index, "-inf", int(time.time() * 1000)).zcard(self._index)
-            _, count = await self._call(pipe.execute())
-        return int(count)
+        return int(await self._script("count", [self._index], [_now_ms()]))
 
     async def ping(self) -> None:
         await self._call(self._redis.ping())
@@ -244,82 +467,9 @@ class RedisSessionStore:
         await self._redis.aclose()
 
 
-class LocalStateCache:
-    """A shared store plus a copy of the blobs this replica last wrote per session, up to
-    `max_bytes` (least recently used first out).
-
-    A full load of a session it holds a copy of first reads only the metadata; when the
-    stored version is the one this replica wrote, its own copy of the blobs is that
-    version's, and the state (tens to hundreds of MB) does not cross the network. Any
-    other version (another replica wrote since), or a session with no copy here, is read
-    in full. Writes always go to the shared store before they return, so
-    every replica can still continue every session; the copy only saves reads.
-    """
-
-    def __init__(self, store: SessionStore, max_bytes: int) -> None:
-        self._store, self._max_bytes = store, max_bytes
-        self._copies: OrderedDict[str, SessionRecord] = OrderedDict()
-        self._bytes = 0
-
-    def _forget(self, session_id: str) -> None:
-        copy = self._copies.pop(session_id, None)
-        if copy is not None:
-            self._bytes -= len(copy.state) + len(copy.response)
-
-    def _keep(self, session_id: str, record: SessionRecord) -> None:
-        self._forget(session_id)
-        size = len(record.state) + len(record.response)
-        if size > self._max_bytes:
-            return
-        while self._bytes + size > self._max_bytes:
-            self._forget(next(iter(self._copies)))
-        self._copies[session_id] = SessionRecord({}, record.state, record.response, record.version)
-        self._bytes += size
-
-    async def create(self, session_id, record, ttl_s, max_sessions) -> bool:
-        return await self._store.create(session_id, record, ttl_s, max_sessions)
-
-    async def load(self, session_id, blobs=True):
-        if not blobs:
-            return await self._store.load(session_id, blobs=False)
-        copy = self._copies.get(session_id)
-        if copy is None:  # nothing to compare: one full read, not a metadata read first
-            return await self._store.load(session_id)
-        brief = await self._store.load(session_id, blobs=False)
-        if brief is None or copy.version != brief.version:
-            self._forget(session_id)
-            return None if brief is None else await self._store.load(session_id)
-        self._copies.move_to_end(session_id)
-        return SessionRecord(brief.meta, copy.state, copy.response, brief.version, brief.expires_at, local=True)
-
-    async def save(self, session_id, record, expected_version, ttl_s) -> bool:
-        # Forget first: if the write fails midway, the stored version is unknown.
-        self._forget(session_id)
-        saved = await self._store.save(session_id, record, expected_version, ttl_s)
-        if saved:
-            self._keep(session_id, record)
-        return saved
-
-    async def delete(self, session_id) -> bool:
-        self._forget(session_id)
-        return await self._store.delete(session_id)
-
-    async def live_count(self) -> int:
-        return await self._store.live_count()
-
-    async def ping(self) -> None:
-        await self._store.ping()
-
-    async def close(self) -> None:
-        self._copies.clear()
-        self._bytes = 0
-        await self._store.close()
-
-
-def open_store(redis_url: str | None, prefix: str = "cdt:", local_cache_bytes: int = 0) -> SessionStore:
-    """Redis when a URL is given (with this replica's copies in front when
-    `local_cache_bytes` > 0), else the in-process store."""
+def open_store(redis_url: str | None, prefix: str = "cdt:") -> SessionStore:
+    """Redis (single or cluster, by the URL rule in the module docstring) when a URL is given, else
+    the in-process store."""
     if not redis_url:
         return MemorySessionStore()
-    store = RedisSessionStore(redis_url, prefix)
-    return LocalStateCache(store, local_cache_bytes) if local_cache_bytes > 0 else store
+    return RedisSessionStore(redis_url, prefix)

@@ -1,10 +1,20 @@
-"""Streaming sessions: a long video (or latent sequence) in successive chunk requests,
-with the model's FeatureCache kept in the session store between them, so the next
-chunk may land on any replica.
+"""Streaming sessions: a long video (or latent sequence) in successive chunk requests.
 
-A chunk is applied exactly once: the store write is a compare-and-set on the record's
-version, and the response is stored with the state, so a retried `seq` (or a racing
-duplicate that lost the write) gets the winner's bytes back without a second apply.
+Session state lives in tiers:
+
+- hot: the live stream (StreamingEncoder/StreamingDecoder and its FeatureCache) stays in the
+  memory of the replica that computed it (`HotStreams`, LRU under CDT_SESSION_HOT_MB), tagged
+  with the store version it corresponds to;
+- store: the typed `SessionRecord`, the last response, and an input log: each chunk's request
+  body as received, kept while it is needed to cover the model's receptive field; optionally
+  a FeatureCache snapshot, written off the response path.
+
+A chunk is applied exactly once: its commit is a compare-and-set on the store version that
+writes the record, the response and the log change together, so a retried `seq` (or a racing
+duplicate that lost the write) gets the winner's bytes back without a second apply. A replica
+whose hot stream is missing, evicted or older than the stored version rebuilds it, in the same
+model job as the new chunk: from the snapshot plus the logged chunks after it (bit-identical),
+or by replaying the logged window from a resumed stream (equal within float rounding).
 """
 
 from __future__ import annotations
@@ -12,41 +22,59 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import secrets
 import time
+from collections import OrderedDict
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, AsyncIterator, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from prometheus_client import Counter, Gauge, Histogram
-from safetensors.torch import load as st_load
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save as st_save
 
 from media import Padding, pad_spatial, tensor_to_frames
 from model import CacheFormatError, CacheMismatchError, StreamingDecoder, StreamingEncoder, Tokenizer, dtype_name
-from model.config import LATENT_CHANNELS, SPACE_FACTOR
+from model.cache import FeatureCache
+from model.config import SPACE_FACTOR, TIME_FACTOR
 from model.tokenizer import pixel_frames
 
-from .codecs import NPY, SAFETENSORS, Body, ClipOptions, Kind, Limits, decode_clip, encode_frames
+from .codecs import NPY, SAFETENSORS, Body, ClipOptions, Kind, Limits, body_from_bytes, parse_latent_chunk, \
+    read_clip
 from .errors import BadParameter, Conflict, InvalidInput, NotFound, PayloadTooLarge, ServiceError, Unavailable
 from .metrics import LATENCY_BUCKETS, Metrics
-from .session_store import SessionRecord, SessionStore, SessionStoreUnavailable
+from .responses import encode_frames
+from .session_store import SessionStore, SessionStoreUnavailable, StoredSession
 from .settings import Settings
 from .workers import WorkerPool
+
+log = logging.getLogger("cdt.sessions")
 
 CHUNK_FORMAT = "cdt-latent-chunk"
 CHUNK_HEADER = "X-CDT-Chunk"  # chunk metadata as JSON, on every chunk response
 REPLAYED_HEADER = "X-CDT-Replayed"
+REBUILD_HEADER = "X-CDT-Rebuild"  # why this replica rebuilt the stream for this chunk
 FINISH = "finish"  # the `seq` recorded for a finish, so a retried finish replays too
-# State sizes: tens of kB (tiny, small frames) to hundreds of MB (large frames).
-STATE_BUCKETS = tuple(2.0**k for k in range(14, 32, 2))
+CHUNK_KINDS = (Kind.VIDEO, Kind.NPY, Kind.SAFETENSORS)
+# Sizes from kB (tiny model, small frames, one chunk) to GB (snapshots at 720p).
+BYTES_BUCKETS = tuple(2.0**k for k in range(10, 36, 2))
+EVICTED_MEMORY = 10_000  # evicted ids remembered to tell "evicted" from "missing" rebuilds
+
+Stream = StreamingEncoder | StreamingDecoder
 
 
 class TooManySessions(ServiceError):
     status, code = 429, "too_many_sessions"
 
+
+class SessionRaced(Exception):
+    """Another request advanced the session while this one was computing."""
+
+
+# --- records -------------------------------------------------------------------------------
 
 class SessionSpec(BaseModel):
     """Body of POST /v1/sessions."""
@@ -65,18 +93,90 @@ class SessionSpec(BaseModel):
     ttl_s: int | None = Field(None, ge=1, description="idle lifetime; at most CDT_SESSION_TTL_S")
 
 
-class SessionMetrics:
-    def __init__(self, metrics: Metrics) -> None:
-        r = metrics.registry
-        self.active = Gauge("cdt_active_sessions", "live streaming sessions (store-wide)", registry=r)
-        self.state_bytes = Histogram("cdt_session_state_bytes", "exported feature-cache size per chunk",
-                                     ["kind"], buckets=STATE_BUCKETS, registry=r)
-        self.store_seconds = Histogram("cdt_session_store_seconds", "session store latency", ["op"],
-                                       buckets=LATENCY_BUCKETS, registry=r)
-        self.state_reads = Counter("cdt_session_state_reads", "session states read: local copy or store",
-                                   ["source"], registry=r)
-        self.chunk_seconds = Histogram("cdt_chunk_seconds", "chunk latency: load, compute, save", ["kind"],
-                                       buckets=LATENCY_BUCKETS, registry=r)
+class Counters(BaseModel):
+    """A session's progress, in pixel frames and latent frames."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    latents_in: int = 0
+    latents_out: int = 0
+
+
+class LastResponse(BaseModel):
+    """What a retry of the last applied chunk (or finish) is answered with, beside the stored body."""
+
+    seq: int | Literal["finish"]
+    media_type: str
+    headers: dict[str, str]
+
+
+class LogEntry(BaseModel):
+    """A logged chunk input: its body is the store log entry named `name`, as received."""
+
+    seq: int
+    start: int  # input position: pixel frames (encode) or latent frames (decode) before this chunk
+    count: int  # input frames in this chunk, in the same unit
+    body_kind: Kind
+    content_type: str
+    nbytes: int
+
+    @property
+    def name(self) -> str:
+        return str(self.seq)
+
+
+class SessionRecord(BaseModel):
+    """A session's metadata as the store holds it."""
+
+    id: str
+    kind: Literal["encode", "decode"]
+    owner: str
+    model_hash: str
+    dtype: str
+    ttl_s: int
+    created_at: float
+    height: int | None
+    width: int | None
+    frames: int | None
+    steps: int
+    seed: int
+    fps: float
+    next_seq: int = 0
+    finished: bool = False
+    counters: Counters = Field(default_factory=Counters)
+    last: LastResponse | None = None
+    log: list[LogEntry] = Field(default_factory=list)
+
+    @property
+    def input_end(self) -> int:
+        """Input frames received so far, in the log's unit."""
+        return self.counters.frames_in if self.kind == "encode" else self.counters.latents_in
+
+
+class SessionInfo(BaseModel):
+    """A session as GET /v1/sessions/{id} and POST /v1/sessions describe it."""
+
+    id: str
+    kind: Literal["encode", "decode"]
+    state: Literal["open", "finished"]
+    next_seq: int
+    frames_in: int
+    frames_out: int
+    latents_in: int
+    latents_out: int
+    height: int | None
+    width: int | None
+    frames: int | None
+    steps: int
+    seed: int
+    model_hash: str
+    dtype: str
+    log_chunks: int = Field(description="chunks held in the input log")
+    log_bytes: int = Field(description="bytes of the input log in the store")
+    snapshot_seq: int | None = Field(description="seq after which the stored snapshot was taken, if any")
+    snapshot_bytes: int = Field(description="bytes of the stored snapshot (0 without one)")
+    expires_at: float
+    ttl_s: int
 
 
 @dataclass
@@ -86,214 +186,154 @@ class ChunkResult:
     headers: dict[str, str]
 
 
-class Sessions:
-    """Session operations; routes hand off to these and never touch the store."""
+# --- the input log's window ------------------------------------------------------------------
 
-    def __init__(self, store: SessionStore, pool: WorkerPool, settings: Settings, metrics: Metrics) -> None:
-        self.store, self.pool, self.settings = store, pool, settings
-        self.metrics = SessionMetrics(metrics)
-        model = pool.model
-        self.model_hash, self.dtype = model.content_hash(), dtype_name(model.compute_dtype)
-        self.limits = Limits(settings.max_frames, settings.max_side)
-
-    # --- store access, timed and mapped to HTTP errors -----------------------------------
-    async def _store(self, op: str, coro):
-        start = time.perf_counter()
-        try:
-            return await coro
-        except SessionStoreUnavailable as exc:
-            raise Unavailable(str(exc), code="session_store_unavailable") from None
-        finally:
-            self.metrics.store_seconds.labels(op).observe(time.perf_counter() - start)
-
-    async def _load(self, session_id: str, owner: str, blobs: bool = True) -> SessionRecord:
-        record = await self._store("load", self.store.load(session_id, blobs))
-        if record is not None and blobs:
-            self.metrics.state_reads.labels("local" if record.local else "store").inc()
-        # Another owner's session is reported exactly like a missing one.
-        if record is None or record.meta.get("owner") != owner:
-            raise NotFound(f"session {session_id} does not exist (unknown, expired or deleted)",
-                           code="session_not_found")
-        meta = record.meta
-        if meta["model_hash"] != self.model_hash or meta["dtype"] != self.dtype:
-            raise Conflict(f"session belongs to model {meta['model_hash'][:12]} ({meta['dtype']}); this replica "
-                           f"serves {self.model_hash[:12]} ({self.dtype})", code="model_mismatch")
-        return record
-
-    async def refresh_active(self) -> int:
-        count = await self._store("count", self.store.live_count())
-        self.metrics.active.set(count)
-        return count
-
-    # --- lifecycle ----------------------------------------------------------------------
-    async def create(self, spec: SessionSpec, owner: str) -> dict[str, Any]:
-        if spec.dtype is not None and spec.dtype != self.dtype:
-            raise Conflict(f"this replica computes in {self.dtype}, the session asks for {spec.dtype}",
-                           code="model_mismatch")
-        if spec.kind == "decode" and self.pool.model.kind == "cdt":
-            self.pool.model.schedule.ddim_timesteps(spec.steps)
-        ttl = min(spec.ttl_s or self.settings.session_ttl_s, self.settings.session_ttl_s)
-        session_id = secrets.token_urlsafe(24)  # 192 random bits: unguessable
-        meta = {**spec.model_dump(exclude={"ttl_s", "dtype"}), "id": session_id, "owner": owner,
-                "model_hash": self.model_hash, "dtype": self.dtype, "ttl_s": ttl, "next_seq": 0,
-                "finished": False, "created_at": time.time(), "frames_in": 0, "frames_out": 0,
-                "latents_in": 0, "latents_out": 0, "last": None}
-        created = await self._store("create", self.store.create(session_id, SessionRecord(meta), ttl,
-                                                                self.settings.max_sessions))
-        if not created:
-            raise TooManySessions(f"the limit of {self.settings.max_sessions} live sessions is reached; finish "
-                                  "or delete sessions, or retry later (CDT_MAX_SESSIONS)",
-                                  headers={"Retry-After": "30"})
-        await self.refresh_active()
-        return self.describe(SessionRecord(meta, expires_at=time.time() + ttl))
-
-    async def get(self, session_id: str, owner: str) -> dict[str, Any]:
-        return self.describe(await self._load(session_id, owner, blobs=False))
-
-    async def delete(self, session_id: str, owner: str) -> None:
-        await self._load(session_id, owner, blobs=False)
-        await self._store("delete", self.store.delete(session_id))
-        await self.refresh_active()
-
-    @staticmethod
-    def describe(record: SessionRecord) -> dict[str, Any]:
-        meta = record.meta
-        return {
-            "id": meta["id"], "kind": meta["kind"], "state": "finished" if meta["finished"] else "open",
-            "next_seq": meta["next_seq"], "frames_in": meta["frames_in"], "frames_out": meta["frames_out"],
-            "latents_in": meta["latents_in"], "latents_out": meta["latents_out"],
-            "height": meta["height"], "width": meta["width"], "steps": meta["steps"], "seed": meta["seed"],
-            "model_hash": meta["model_hash"], "dtype": meta["dtype"], "state_bytes": record.state_bytes,
-            "expires_at": record.expires_at, "ttl_s": meta["ttl_s"],
-        }
-
-    # --- chunks ---------------------------------------------------------------------------
-    async def push(self, session_id: str, seq: int, owner: str, body: Body | None, fmt: str | None) -> ChunkResult:
-        """Apply chunk `seq` (body None = finish) exactly once and return its output."""
-        start = time.perf_counter()
-        record = await self._load(session_id, owner)
-        meta = record.meta
-        fmt = output_format(meta["kind"], fmt)
-        label = FINISH if body is None else seq
-        replay = self._replay(record, label)
-        if replay is not None:
-            return replay
-        if meta["finished"]:
-            raise Conflict("the session is finished; start a new one", code="session_finished")
-        if body is not None and seq != meta["next_seq"]:
-            raise Conflict(f"expected chunk seq {meta['next_seq']}, got {seq}", code="seq_out_of_order",
-                           headers={"X-CDT-Expected-Seq": str(meta["next_seq"])})
-        if meta["kind"] == "encode":
-            result, state, meta = await self._encode_chunk(record, body, fmt)
-        else:
-            result, state, meta = await self._decode_chunk(record, body, fmt)
-        if len(state) > self.settings.max_state_bytes:
-            raise PayloadTooLarge(f"the session state would be {len(state)} bytes, over the limit of "
-                                  f"{self.settings.max_state_bytes} (CDT_MAX_SESSION_STATE_MB); use smaller frames",
-                                  code="session_state_too_large")
-        meta["last"] = {"seq": label, "media_type": result.media_type, "headers": result.headers}
-        saved = await self._store("save", self.store.save(session_id, SessionRecord(meta, state, result.body),
-                                                          record.version, meta["ttl_s"]))
-        if not saved:
-            # Another request applied a chunk first: answer as a retry of it, or refuse.
-            winner = await self._load(session_id, owner)
-            replay = self._replay(winner, label)
-            if replay is None:
-                raise Conflict(f"chunk {seq} raced with another write; expected seq {winner.meta['next_seq']}",
-                               code="seq_out_of_order")
-            return replay
-        self.metrics.state_bytes.labels(meta["kind"]).observe(len(state))
-        self.metrics.chunk_seconds.labels(meta["kind"]).observe(time.perf_counter() - start)
-        return result
-
-    @staticmethod
-    def _replay(record: SessionRecord, label: int | str) -> ChunkResult | None:
-        last = record.meta.get("last")
-        if last is None or last["seq"] != label:
-            return None
-        return ChunkResult(record.response, last["media_type"], {**last["headers"], REPLAYED_HEADER: "1"})
-
-    async def _encode_chunk(self, record: SessionRecord, body: Body | None, fmt: str):
-        meta = dict(record.meta)
-        video = None
-        if body is not None:
-            video = (await asyncio.to_thread(decode_clip, body, ClipOptions(), self.limits)).video
-            _, _, t, h, w = video.shape
-            meta["height"], meta["width"] = meta["height"] or h, meta["width"] or w
-            if (h, w) != (meta["height"], meta["width"]):
-                raise InvalidInput(f"chunk frames are {h}x{w}, the session is {meta['height']}x{meta['width']}",
-                                   code="chunk_shape_mismatch")
-        elif meta["frames_in"] == 0:
-            raise InvalidInput("nothing to finish: the session received no frames", code="empty_session")
-        state = record.state or None
-
-        def job(model: Tokenizer):
-            stream = StreamingEncoder.from_state(model, state) if state else StreamingEncoder(model)
-            out = stream.push(pad_spatial(video)) if video is not None else stream.finish()
-            return out.float().cpu(), stream.export_state()
-
-        latents, new_state = await self._run("session_encode", job)
-        start = meta["latents_out"]
-        meta["next_seq"] += body is not None
-        meta["frames_in"] += 0 if video is None else video.shape[2]
-        meta["latents_out"] += latents.shape[2]
-        meta["finished"] = body is None
-        info = {"format": CHUNK_FORMAT, "session": meta["id"], "latent_start": start,
-                "latent_count": latents.shape[2], "frames_in": meta["frames_in"], "finished": meta["finished"],
-                "height": meta["height"], "width": meta["width"], "model_hash": self.model_hash}
-        if meta["finished"]:  # what a client needs to write the whole clip's latents file
-            padding = Padding.for_shape(meta["frames_in"], meta["height"], meta["width"])
-            info.update(frames=meta["frames_in"], pad_frames=padding.frames, pad_height=padding.height,
-                        pad_width=padding.width)
-        # The finished session keeps no feature cache: only what a replayed finish needs.
-        return encode_latent_chunk(latents, info, fmt), (b"" if meta["finished"] else new_state), meta
-
-    async def _decode_chunk(self, record: SessionRecord, body: Body | None, fmt: str):
-        meta = dict(record.meta)
-        if body is None:
-            meta["finished"] = True
-            summary = {k: meta[k] for k in ("id", "latents_in", "frames_out", "height", "width")}
-            return ChunkResult(json.dumps(summary).encode(), "application/json", {}), b"", meta
-        latents = parse_latent_chunk(body)
-        _, _, m, h, w = latents.shape
-        if pixel_frames(m, first_chunk=False) > self.settings.max_frames + 3:  # per chunk; a stream has no limit
-            raise PayloadTooLarge(f"a chunk of {m} latent frames decodes to more than {self.settings.max_frames} "
-                                  "frames; send fewer per chunk", code="clip_too_large")
-        height, width = meta["height"] or h * SPACE_FACTOR, meta["width"] or w * SPACE_FACTOR
-        if height > h * SPACE_FACTOR or width > w * SPACE_FACTOR:
-            raise InvalidInput(f"latents decode to {h * SPACE_FACTOR}x{w * SPACE_FACTOR}, smaller than the "
-                               f"session's {height}x{width}", code="chunk_shape_mismatch")
-        meta["height"], meta["width"] = height, width
-        state = record.state or None
-        steps, seed = meta["steps"], meta["seed"]
-
-        def job(model: Tokenizer):
-            stream = (StreamingDecoder.from_state(model, state) if state
-                      else StreamingDecoder(model, steps=steps, seed=seed))
-            return stream.push(latents).cpu(), stream.export_state()
-
-        video, new_state = await self._run("session_decode", job)
-        start = meta["frames_out"]
-        keep = video.shape[2] if meta["frames"] is None else max(0, min(video.shape[2], meta["frames"] - start))
-        meta["next_seq"] += 1
-        meta["latents_in"] += m
-        meta["frames_out"] += keep
-        body_bytes, media_type = (await asyncio.to_thread(frames_body, video[:, :, :keep, :height, :width],
-                                                          meta["fps"], fmt)
-                                  if keep else (b"", "application/octet-stream"))
-        headers = {CHUNK_HEADER: json.dumps({"session": meta["id"], "frame_start": start, "frame_count": keep})}
-        return ChunkResult(body_bytes, media_type, headers), new_state, meta
-
-    async def _run(self, op: str, job):
-        try:
-            return await self.pool.run(op, job)
-        except (CacheMismatchError, CacheFormatError) as exc:
-            raise Conflict(f"session state does not fit this replica: {exc}", code="model_mismatch") from None
-        except ValueError as exc:
-            raise InvalidInput(str(exc)) from None
+def resume_position(kind: str, start: int) -> int:
+    """Where a stream rebuilt from a log entry starting at input `start` resumes: encode streams
+    resume on a group boundary (1+4k), the first at or after `start`."""
+    if kind == "decode" or start == 0:
+        return start
+    return 1 + TIME_FACTOR * -(-(start - 1) // TIME_FACTOR)
 
 
-# --- chunk bodies ------------------------------------------------------------------------
+def settled_inputs(kind: str, end: int) -> int:
+    """Inputs that the stream's state has consumed after `end` inputs: an encoder keeps the
+    frames past the last group boundary pending, not yet in its state."""
+    if kind == "decode" or end == 0:
+        return end
+    return 1 + TIME_FACTOR * ((end - 1) // TIME_FACTOR)
+
+
+def window(kind: str, entries: list[LogEntry], end: int, field: int) -> int:
+    """Index of the first entry to keep: the latest one from which a replay reaches `end` with
+    at least `field` inputs replayed (a log starting at 0 always rebuilds exactly)."""
+    keep = 0
+    for i, entry in enumerate(entries):
+        position = resume_position(kind, entry.start)
+        if position == 0 or settled_inputs(kind, end) - position >= field:
+            keep = i
+    return keep
+
+
+# --- hot streams -----------------------------------------------------------------------------
+
+@dataclass
+class HotEntry:
+    stream: Stream
+    version: int  # the store version the stream's state corresponds to
+    nbytes: int
+
+
+class HotStreams:
+    """The live streams of the sessions this replica serves, least recently used first, under a
+    byte budget. A stream is taken out while a chunk computes on it and put back after commit."""
+
+    def __init__(self, budget_bytes: int, evicted: Counter) -> None:
+        self.budget = budget_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict[str, HotEntry] = OrderedDict()
+        self._evicted: OrderedDict[str, None] = OrderedDict()
+        self._evictions = evicted
+
+    def take(self, session_id: str, version: int) -> tuple[Stream | None, str | None]:
+        """The session's stream if it is at `version`, else None and why not."""
+        entry = self._entries.pop(session_id, None)
+        if entry is None:
+            return None, "evicted" if session_id in self._evicted else "missing"
+        self.nbytes -= entry.nbytes
+        if entry.version != version:
+            return None, "stale"  # another replica advanced the session
+        return entry.stream, None
+
+    def put(self, session_id: str, stream: Stream, version: int) -> None:
+        entry = HotEntry(stream, version, stream.cache.nbytes())
+        self._evicted.pop(session_id, None)
+        self._entries[session_id] = entry
+        self.nbytes += entry.nbytes
+        while self.nbytes > self.budget:
+            self._evict_oldest()
+
+    def discard(self, session_id: str) -> None:
+        entry = self._entries.pop(session_id, None)
+        if entry is not None:
+            self.nbytes -= entry.nbytes
+
+    def _evict_oldest(self) -> None:
+        session_id, entry = self._entries.popitem(last=False)
+        self.nbytes -= entry.nbytes
+        self._evictions.inc()
+        self._evicted[session_id] = None
+        if len(self._evicted) > EVICTED_MEMORY:
+            self._evicted.popitem(last=False)
+
+
+# --- rebuilding ------------------------------------------------------------------------------
+
+@dataclass
+class Rebuild:
+    """What a stream is rebuilt from: a snapshot (or None: a fresh or resumed stream) and the
+    logged chunks to replay after it, with their bodies."""
+
+    reason: str
+    snapshot: bytes | None
+    entries: list[tuple[LogEntry, bytes]]
+
+    @property
+    def source(self) -> str:
+        if self.snapshot is not None:
+            return "snapshot"
+        return "window" if self.entries and self.entries[0][0].start > 0 else "start"
+
+
+def open_stream(model: Tokenizer, record: SessionRecord, position: int) -> Stream:
+    """A stream of the session's kind that has taken `position` inputs and remembers none."""
+    if record.kind == "encode":
+        return StreamingEncoder.resume(model, position) if position else StreamingEncoder(model)
+    if position:
+        return StreamingDecoder.resume(model, record.steps, record.seed, position)
+    return StreamingDecoder(model, steps=record.steps, seed=record.seed)
+
+
+def parse_chunk(kind: str, body: Body, limits: Limits) -> torch.Tensor:
+    """A chunk body's frames (float (1,3,n,H,W), unpadded) or latents (in their arrival dtype)."""
+    if kind == "encode":
+        return read_clip(body, ClipOptions(), limits)[0]
+    return parse_latent_chunk(body)
+
+
+def model_input(kind: str, chunk: torch.Tensor) -> torch.Tensor:
+    """What the stream takes for a parsed chunk: frames padded to multiples of 8, float latents."""
+    return pad_spatial(chunk) if kind == "encode" else chunk.float()
+
+
+def logged_input(kind: str, entry: LogEntry, data: bytes, limits: Limits) -> torch.Tensor:
+    """A logged chunk's model input, parsed by the same code as when it arrived."""
+    body = body_from_bytes(entry.content_type, data, (entry.body_kind,))
+    try:
+        return model_input(kind, parse_chunk(kind, body, limits))
+    finally:
+        body.close()
+
+
+def rebuild_stream(model: Tokenizer, record: SessionRecord, rebuild: Rebuild, limits: Limits) -> Stream:
+    """The session's stream at its stored version: the snapshot or a resumed stream, then the
+    logged chunks replayed with their original boundaries."""
+    if rebuild.snapshot is not None:
+        cls = StreamingEncoder if record.kind == "encode" else StreamingDecoder
+        stream, skip = cls.from_state(model, rebuild.snapshot), 0
+    else:
+        start = rebuild.entries[0][0].start if rebuild.entries else 0
+        position = resume_position(record.kind, start)
+        stream, skip = open_stream(model, record, position), position - start
+    for entry, data in rebuild.entries:
+        inputs = logged_input(record.kind, entry, data, limits)[:, :, skip:]
+        skip = max(0, skip - entry.count)
+        if inputs.shape[2]:
+            stream.push(inputs)
+    return stream
+
+
+# --- chunk outputs ---------------------------------------------------------------------------
 
 def output_format(kind: str, fmt: str | None) -> str:
     """Encode sessions return latents (safetensors by default), decode sessions frames (mp4)."""
@@ -314,31 +354,405 @@ def encode_latent_chunk(latents: torch.Tensor, info: dict[str, Any], fmt: str) -
     return ChunkResult(st_save({"latents": latents.contiguous()}, metadata=meta), SAFETENSORS, headers)
 
 
-def frames_body(video: torch.Tensor, fps: float, fmt: str) -> tuple[bytes, str]:
-    """Float (1,3,n,H,W) frames as an mp4/npy/safetensors body of uint8 frames."""
-    return encode_frames(tensor_to_frames(video), fps, fmt)
+def serialise_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
+    """A FeatureCache export of a stream's tensors and meta, taken as copies of the dict."""
+    cache = FeatureCache(meta)
+    cache.tensors = tensors
+    return cache.to_bytes()
 
 
-def parse_latent_chunk(body: Body) -> torch.Tensor:
-    """Latents (1,16,m,h,w) from a chunk response, a whole latents file, or npy."""
-    if body.kind is Kind.NPY:
+# --- metrics ---------------------------------------------------------------------------------
+
+class SessionMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        r = metrics.registry
+        self.active = Gauge("cdt_active_sessions", "live streaming sessions (store-wide)", registry=r)
+        self.store_seconds = Histogram("cdt_session_store_seconds", "session store latency", ["op"],
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.chunk_seconds = Histogram("cdt_chunk_seconds", "chunk latency: load, compute, commit", ["kind"],
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.hot_hits = Counter("cdt_session_hot_hits", "chunks computed on this replica's hot stream", registry=r)
+        self.hot_bytes = Gauge("cdt_session_hot_bytes", "feature-cache bytes of the hot streams", registry=r)
+        self.evictions = Counter("cdt_session_evictions", "hot streams evicted over CDT_SESSION_HOT_MB",
+                                 registry=r)
+        self.rebuilds = Counter("cdt_session_rebuilds", "streams rebuilt from the store: reason missing, stale or "
+                                "evicted; source snapshot, window (resumed mid-stream) or start",
+                                ["reason", "source"], registry=r)
+        self.rebuild_seconds = Histogram("cdt_session_rebuild_seconds", "time to rebuild a stream (in the model job)",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.log_bytes = Histogram("cdt_session_log_bytes", "input log bytes kept per commit",
+                                   buckets=BYTES_BUCKETS, registry=r)
+        self.snapshot_bytes = Histogram("cdt_session_snapshot_bytes", "snapshot size", buckets=BYTES_BUCKETS,
+                                        registry=r)
+        self.snapshot_seconds = Histogram("cdt_session_snapshot_seconds", "snapshot export and write, off the "
+                                          "response path", buckets=LATENCY_BUCKETS, registry=r)
+
+
+# --- sessions --------------------------------------------------------------------------------
+
+@dataclass
+class Applied:
+    """A computed chunk, not yet committed."""
+
+    result: ChunkResult
+    record: SessionRecord
+    stream: Stream | None  # None once the session is finished
+    rebuild: str | None  # the rebuild reason, if the stream was rebuilt
+
+
+class Sessions:
+    """Session operations; routes hand off to these and never touch the store."""
+
+    def __init__(self, store: SessionStore, pool: WorkerPool, settings: Settings, metrics: Metrics) -> None:
+        self.store, self.pool, self.settings = store, pool, settings
+        self.metrics = SessionMetrics(metrics)
+        model = pool.model
+        self.model_hash, self.dtype = model.content_hash(), dtype_name(model.compute_dtype)
+        self.limits = Limits(settings.max_frames, settings.max_side)
+        self.hot = HotStreams(settings.session_hot_bytes, self.metrics.evictions)
+        self._fields: dict[tuple[str, int], int] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._snapshotting: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
+
+    async def close(self) -> None:
+        """Let the snapshots in flight finish."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- store access, timed and mapped to HTTP errors -----------------------------------
+    async def _store(self, op: str, coro):
+        start = time.perf_counter()
         try:
-            latents = torch.from_numpy(np.load(io.BytesIO(body.data), allow_pickle=False).copy())
-        except (ValueError, OSError, EOFError) as exc:
-            raise InvalidInput(f"not a numeric npy array ({exc})", code="invalid_latents") from None
-    elif body.kind is Kind.SAFETENSORS:
+            return await coro
+        except SessionStoreUnavailable as exc:
+            raise Unavailable(str(exc), code="session_store_unavailable") from None
+        finally:
+            self.metrics.store_seconds.labels(op).observe(time.perf_counter() - start)
+
+    async def _load(self, session_id: str, owner: str, response: bool = True) -> tuple[StoredSession, SessionRecord]:
+        stored = await self._store("load", self.store.load(session_id, response))
+        # Another owner's session is reported exactly like a missing one.
+        if stored is None or stored.meta.get("owner") != owner:
+            raise NotFound(f"session {session_id} does not exist (unknown, expired or deleted)",
+                           code="session_not_found")
+        record = SessionRecord.model_validate(stored.meta)
+        if record.model_hash != self.model_hash or record.dtype != self.dtype:
+            raise Conflict(f"session belongs to model {record.model_hash[:12]} ({record.dtype}); this replica "
+                           f"serves {self.model_hash[:12]} ({self.dtype})", code="model_mismatch")
+        return stored, record
+
+    async def refresh_active(self) -> int:
+        count = await self._store("count", self.store.live_count())
+        self.metrics.active.set(count)
+        return count
+
+    @asynccontextmanager
+    async def _exclusive(self, session_id: str) -> AsyncIterator[None]:
+        """One chunk of a session at a time on this replica: a hot stream has one user."""
+        lock, users = self._locks.get(session_id, (asyncio.Lock(), 0))
+        self._locks[session_id] = (lock, users + 1)
         try:
-            tensors = st_load(body.data)
-        except Exception as exc:  # safetensors raises several types for bad input
-            raise InvalidInput(f"not a valid safetensors file ({exc})", code="invalid_latents") from None
-        if "latents" not in tensors:
-            raise InvalidInput("safetensors latents need a tensor named 'latents'", code="invalid_latents")
-        latents = tensors["latents"]
-    else:
-        raise InvalidInput("decode sessions take latents as safetensors or npy", code="invalid_latents")
-    if latents.dim() != 5 or latents.shape[0] != 1 or latents.shape[1] != LATENT_CHANNELS or 0 in latents.shape[3:]:
-        raise InvalidInput(f"latents must be (1,{LATENT_CHANNELS},T,h,w), got {tuple(latents.shape)}",
-                           code="invalid_latents")
-    if not latents.is_floating_point() or not torch.isfinite(latents).all():
-        raise InvalidInput("latents must be finite floats", code="invalid_latents")
-    return latents.float()
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[session_id]
+            if users == 1:
+                del self._locks[session_id]
+            else:
+                self._locks[session_id] = (lock, users - 1)
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def create(self, spec: SessionSpec, owner: str) -> SessionInfo:
+        if spec.dtype is not None and spec.dtype != self.dtype:
+            raise Conflict(f"this replica computes in {self.dtype}, the session asks for {spec.dtype}",
+                           code="model_mismatch")
+        if spec.kind == "decode" and self.pool.model.kind == "cdt":
+            self.pool.model.schedule.ddim_timesteps(spec.steps)
+        ttl = min(spec.ttl_s or self.settings.session_ttl_s, self.settings.session_ttl_s)
+        record = SessionRecord(**spec.model_dump(exclude={"ttl_s", "dtype"}), id=secrets.token_urlsafe(24),
+                               owner=owner, model_hash=self.model_hash, dtype=self.dtype, ttl_s=ttl,
+                               created_at=time.time())  # the id has 192 random bits: unguessable
+        created = await self._store("create", self.store.create(record.id, record.model_dump(mode="json"), ttl,
+                                                                self.settings.max_sessions))
+        if not created:
+            raise TooManySessions(f"the limit of {self.settings.max_sessions} live sessions is reached; finish "
+                                  "or delete sessions, or retry later (CDT_MAX_SESSIONS)",
+                                  headers={"Retry-After": "30"})
+        await self.refresh_active()
+        return describe(record, StoredSession(meta={}, version=1, expires_at=time.time() + ttl))
+
+    async def get(self, session_id: str, owner: str) -> SessionInfo:
+        stored, record = await self._load(session_id, owner, response=False)
+        return describe(record, stored)
+
+    async def delete(self, session_id: str, owner: str) -> None:
+        await self._load(session_id, owner, response=False)
+        await self._store("delete", self.store.delete(session_id))
+        self.hot.discard(session_id)
+        await self.refresh_active()
+
+    # --- chunks ---------------------------------------------------------------------------
+    async def push(self, session_id: str, seq: int, owner: str, body: Body, content_type: str,
+                   fmt: str | None) -> ChunkResult:
+        """Apply chunk `seq` exactly once and return its output."""
+        return await self._apply(session_id, seq, owner, body, content_type, fmt)
+
+    async def finish(self, session_id: str, owner: str, fmt: str | None) -> ChunkResult:
+        """Close the session (encode: flush the pending frames) exactly once."""
+        return await self._apply(session_id, FINISH, owner, None, "", fmt)
+
+    async def _apply(self, session_id: str, label: int | str, owner: str, body: Body | None, content_type: str,
+                     fmt: str | None) -> ChunkResult:
+        start = time.perf_counter()
+        async with self._exclusive(session_id):
+            stored, record = await self._load(session_id, owner)
+            fmt = output_format(record.kind, fmt)
+            replay = replayed(stored, record, label)
+            if replay is not None:
+                return replay
+            if record.finished:
+                raise Conflict("the session is finished; start a new one", code="session_finished")
+            if body is not None and label != record.next_seq:
+                raise Conflict(f"expected chunk seq {record.next_seq}, got {label}", code="seq_out_of_order",
+                               headers={"X-CDT-Expected-Seq": str(record.next_seq)})
+            try:
+                applied, log_put, log_drop = await self._compute(session_id, stored, record, body, content_type, fmt)
+            except SessionRaced:
+                return await self._winner(session_id, owner, label)
+            result = applied.result
+            applied.record.last = LastResponse(seq=label, media_type=result.media_type, headers=result.headers)
+            committed = await self._store("commit", self.store.commit(
+                session_id, stored.version, applied.record.model_dump(mode="json"), result.body,
+                applied.record.ttl_s, log_put, log_drop))
+            if not committed:
+                return await self._winner(session_id, owner, label)
+            self._after_commit(session_id, stored.version + 1, applied)
+        self.metrics.chunk_seconds.labels(record.kind).observe(time.perf_counter() - start)
+        if applied.rebuild is None:
+            return result
+        return ChunkResult(result.body, result.media_type, {**result.headers, REBUILD_HEADER: applied.rebuild})
+
+    async def _winner(self, session_id: str, owner: str, label: int | str) -> ChunkResult:
+        """Another request applied a chunk first: answer as a retry of it, or refuse."""
+        stored, record = await self._load(session_id, owner)
+        replay = replayed(stored, record, label)
+        if replay is None:
+            raise Conflict(f"chunk {label} raced with another write; expected seq {record.next_seq}",
+                           code="seq_out_of_order")
+        return replay
+
+    def _after_commit(self, session_id: str, version: int, applied: Applied) -> None:
+        stream = applied.stream
+        if stream is None:
+            self.hot.discard(session_id)
+        else:
+            self._maybe_snapshot(session_id, applied.record, stream)
+            self.hot.put(session_id, stream, version)
+        self.metrics.hot_bytes.set(self.hot.nbytes)
+        self.metrics.log_bytes.observe(sum(entry.nbytes for entry in applied.record.log))
+
+    async def _compute(self, session_id: str, stored: StoredSession, base: SessionRecord, body: Body | None,
+                       content_type: str, fmt: str) -> tuple[Applied, tuple[str, bytes] | None, list[str]]:
+        """Parse the chunk, plan the log, get the stream (hot or rebuilt) and run the chunk on it.
+        `base` is the stored record; the returned one is its successor."""
+        record = base.model_copy(deep=True)
+        if body is None:
+            if record.kind == "encode" and record.counters.frames_in == 0:
+                raise InvalidInput("nothing to finish: the session received no frames", code="empty_session")
+            log_put, log_drop = None, [entry.name for entry in record.log]
+            record.log = []
+            chunk = None
+        else:
+            chunk = await asyncio.to_thread(parse_chunk, record.kind, body, self.limits)
+            self._check_chunk(record, chunk)
+            entry = LogEntry(seq=record.next_seq, start=record.input_end, count=chunk.shape[2],
+                             body_kind=body.kind, content_type=content_type, nbytes=body.size)
+            log_put = (entry.name, await asyncio.to_thread(body.read))
+            log_drop = await self._plan_log(record, entry)
+        if record.kind == "decode" and chunk is None:
+            record.finished = True
+            summary = {"id": record.id, "latents_in": record.counters.latents_in,
+                       "frames_out": record.counters.frames_out, "height": record.height, "width": record.width}
+            return Applied(ChunkResult(json.dumps(summary).encode(), "application/json", {}), record, None,
+                           None), log_put, log_drop
+        stream, reason = self.hot.take(session_id, stored.version)
+        rebuild = None
+        if stream is not None:
+            self.metrics.hot_hits.inc()
+        elif base.next_seq > 0:
+            rebuild = await self._rebuild_source(session_id, stored, base, reason)
+        stream, output = await self._run_chunk(base, stream, rebuild, chunk)
+        applied = (self._encoded if record.kind == "encode" else self._decoded)(record, stream, chunk, output, fmt)
+        applied.rebuild = rebuild.reason if rebuild is not None else None
+        return applied, log_put, log_drop
+
+    def _check_chunk(self, record: SessionRecord, chunk: torch.Tensor) -> None:
+        """Validate the chunk against the session and record the frame size it fixes."""
+        _, _, n, h, w = chunk.shape
+        if record.kind == "encode":
+            record.height, record.width = record.height or h, record.width or w
+            if (h, w) != (record.height, record.width):
+                raise InvalidInput(f"chunk frames are {h}x{w}, the session is {record.height}x{record.width}",
+                                   code="chunk_shape_mismatch")
+            return
+        if pixel_frames(n, first_chunk=False) > self.settings.max_frames + 3:  # per chunk; a stream has no limit
+            raise PayloadTooLarge(f"a chunk of {n} latent frames decodes to more than {self.settings.max_frames} "
+                                  "frames; send fewer per chunk", code="clip_too_large")
+        height, width = record.height or h * SPACE_FACTOR, record.width or w * SPACE_FACTOR
+        if height > h * SPACE_FACTOR or width > w * SPACE_FACTOR:
+            raise InvalidInput(f"latents decode to {h * SPACE_FACTOR}x{w * SPACE_FACTOR}, smaller than the "
+                               f"session's {height}x{width}", code="chunk_shape_mismatch")
+        record.height, record.width = height, width
+
+    async def _plan_log(self, record: SessionRecord, entry: LogEntry) -> list[str]:
+        """Append `entry` to the record's log and drop the entries the window no longer needs;
+        the names dropped. 413 when the kept log is over CDT_MAX_SESSION_LOG_MB."""
+        entries = [*record.log, entry]
+        field = await self._receptive_field(record.kind, record.steps)
+        keep = window(record.kind, entries, entry.start + entry.count, field)
+        record.log = entries[keep:]
+        kept_bytes = sum(e.nbytes for e in record.log)
+        if kept_bytes > self.settings.max_session_log_bytes:
+            raise PayloadTooLarge(f"the session's input log would be {kept_bytes} bytes, over the limit of "
+                                  f"{self.settings.max_session_log_bytes} (CDT_MAX_SESSION_LOG_MB); send smaller "
+                                  "frames or a compressed container", code="session_log_too_large")
+        return [e.name for e in entries[:keep]]
+
+    async def _receptive_field(self, kind: str, steps: int) -> int:
+        """The model's receptive field in input frames, asked once per (kind, steps) in the model
+        thread (the model may measure it)."""
+        key = (kind, steps)
+        if key not in self._fields:
+            self._fields[key] = await self.pool.run("receptive_field", lambda model: model.receptive_field(*key))
+        return self._fields[key]
+
+    async def _rebuild_source(self, session_id: str, stored: StoredSession, record: SessionRecord,
+                              reason: str) -> Rebuild:
+        """The snapshot (when the log holds every chunk after it) or the log window to rebuild from."""
+        logged = {entry.seq: entry for entry in record.log}
+        ref = stored.snapshot
+        snapshot = None
+        if ref is not None and all(seq in logged for seq in range(ref.label + 1, record.next_seq)):
+            found = await self._store("read_snapshot", self.store.read_snapshot(session_id))
+            if found is not None and found[0].label == ref.label:
+                snapshot = found[1]
+        entries = record.log if snapshot is None else [e for e in record.log if e.seq > ref.label]
+        bodies = await self._store("read_log", self.store.read_log(session_id, [e.name for e in entries]))
+        if len(bodies) < len(entries):
+            raise SessionRaced()  # a commit since our load dropped entries: the session moved on
+        return Rebuild(reason, snapshot, [(e, bodies[e.name]) for e in entries])
+
+    async def _run_chunk(self, record: SessionRecord, stream: Stream | None, rebuild: Rebuild | None,
+                         chunk: torch.Tensor | None) -> tuple[Stream, torch.Tensor]:
+        """One model job: rebuild the stream if needed, then push the chunk (or finish)."""
+        limits = self.limits
+
+        def job(model: Tokenizer):
+            started = time.perf_counter()
+            current = stream
+            if current is None:
+                current = (rebuild_stream(model, record, rebuild, limits) if rebuild is not None
+                           else open_stream(model, record, 0))
+            rebuild_s = time.perf_counter() - started
+            if chunk is None:
+                output = current.finish()
+            else:
+                output = current.push(model_input(record.kind, chunk))
+            return current, output.float().cpu(), rebuild_s
+
+        try:
+            current, output, rebuild_s = await self.pool.run(f"session_{record.kind}", job)
+        except (CacheMismatchError, CacheFormatError) as exc:
+            raise Conflict(f"session state does not fit this replica: {exc}", code="model_mismatch") from None
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        if rebuild is not None:
+            self.metrics.rebuilds.labels(rebuild.reason, rebuild.source).inc()
+            self.metrics.rebuild_seconds.observe(rebuild_s)
+        return current, output
+
+    def _encoded(self, record: SessionRecord, stream: Stream, chunk: torch.Tensor | None, latents: torch.Tensor,
+                 fmt: str) -> Applied:
+        counters = record.counters
+        start = counters.latents_out
+        record.next_seq += chunk is not None
+        counters.frames_in += 0 if chunk is None else chunk.shape[2]
+        counters.latents_out += latents.shape[2]
+        record.finished = chunk is None
+        info = {"format": CHUNK_FORMAT, "session": record.id, "latent_start": start,
+                "latent_count": latents.shape[2], "frames_in": counters.frames_in, "finished": record.finished,
+                "height": record.height, "width": record.width, "model_hash": self.model_hash}
+        if record.finished:  # what a client needs to write the whole clip's latents file
+            padding = Padding.for_shape(counters.frames_in, record.height, record.width)
+            info.update(frames=counters.frames_in, pad_frames=padding.frames, pad_height=padding.height,
+                        pad_width=padding.width)
+        return Applied(encode_latent_chunk(latents, info, fmt), record, None if record.finished else stream, None)
+
+    def _decoded(self, record: SessionRecord, stream: Stream, chunk: torch.Tensor, video: torch.Tensor,
+                 fmt: str) -> Applied:
+        counters = record.counters
+        start = counters.frames_out
+        made = video.shape[2]
+        keep = made if record.frames is None else max(0, min(made, record.frames - start))
+        record.next_seq += 1
+        counters.latents_in += chunk.shape[2]
+        counters.frames_out += keep
+        if keep:
+            frames = tensor_to_frames(video[:, :, :keep, :record.height, :record.width])
+            body, media_type = encode_frames(frames, record.fps, fmt)
+        else:
+            body, media_type = b"", "application/octet-stream"
+        headers = {CHUNK_HEADER: json.dumps({"session": record.id, "frame_start": start, "frame_count": keep})}
+        return Applied(ChunkResult(body, media_type, headers), record, stream, None)
+
+    # --- snapshots ------------------------------------------------------------------------
+    def _maybe_snapshot(self, session_id: str, record: SessionRecord, stream: Stream) -> None:
+        """Start writing a snapshot of the stream, labelled with the seq just committed, when it is
+        due, fits CDT_SESSION_SNAPSHOT_MB and none of this session is in flight."""
+        settings = self.settings
+        if (settings.session_snapshot_bytes == 0 or record.next_seq % settings.session_snapshot_every
+                or session_id in self._snapshotting or stream.cache.nbytes() > settings.session_snapshot_bytes):
+            return
+        # FeatureCache.set replaces tensors and never mutates them, so copies of the dict and the
+        # meta taken now stay the state at this seq while the next chunks run on the stream.
+        tensors, meta = dict(stream.cache.tensors), json.loads(json.dumps(stream.cache.meta))
+        self._snapshotting.add(session_id)
+        task = asyncio.get_running_loop().create_task(
+            self._write_snapshot(session_id, record.next_seq - 1, tensors, meta))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write_snapshot(self, session_id: str, label: int, tensors: dict[str, torch.Tensor],
+                              meta: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        try:
+            data = await asyncio.to_thread(serialise_state, tensors, meta)
+            await self._store("snapshot", self.store.put_snapshot(session_id, label, data,
+                                                                  self.settings.session_snapshot_part_bytes))
+            self.metrics.snapshot_bytes.observe(len(data))
+            self.metrics.snapshot_seconds.observe(time.perf_counter() - started)
+        except Unavailable as exc:
+            log.warning("snapshot of session %s after chunk %d not written: %s", session_id, label, exc)
+        finally:
+            self._snapshotting.discard(session_id)
+
+
+def replayed(stored: StoredSession, record: SessionRecord, label: int | str) -> ChunkResult | None:
+    """The stored answer when `label` is the last applied chunk (a retry)."""
+    last = record.last
+    if last is None or last.seq != label:
+        return None
+    return ChunkResult(stored.response, last.media_type, {**last.headers, REPLAYED_HEADER: "1"})
+
+
+def describe(record: SessionRecord, stored: StoredSession) -> SessionInfo:
+    counters = record.counters
+    snapshot = stored.snapshot
+    return SessionInfo(
+        id=record.id, kind=record.kind, state="finished" if record.finished else "open", next_seq=record.next_seq,
+        frames_in=counters.frames_in, frames_out=counters.frames_out, latents_in=counters.latents_in,
+        latents_out=counters.latents_out, height=record.height, width=record.width, frames=record.frames,
+        steps=record.steps, seed=record.seed, model_hash=record.model_hash, dtype=record.dtype,
+        log_chunks=len(record.log), log_bytes=stored.log_bytes,
+        snapshot_seq=None if snapshot is None else snapshot.label,
+        snapshot_bytes=0 if snapshot is None else snapshot.nbytes, expires_at=stored.expires_at, ttl_s=record.ttl_s)

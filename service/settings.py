@@ -36,20 +36,33 @@ class Settings(BaseModel):
     # a per-node default would break failover between unlike nodes. bf16 is ~2x faster on
     # CPUs with AVX512-BF16/AMX and ~5x slower without (benchmarks/results/precision.md).
     dtype: str | None = Field(None, description="fp32 or bf16 (default: bf16 on CUDA, fp32 on CPU)")
-    redis_url: str | None = Field(None, description="session store; in-process store when unset")
+    redis_url: str | None = Field(None, description="session store: redis:// or rediss:// for one "
+                                      "Redis, redis+cluster://host:port for a Redis Cluster (any node); in-process "
+                                      "store when unset")
     api_keys: tuple[str, ...] = Field((), description="accepted Bearer keys; auth is off when empty")
     max_upload_mb: float = Field(256.0, gt=0, description="largest request body")
-    max_frames: int = Field(1024, ge=1, description="longest clip (frames) a request may encode or decode")
+    max_frames: int = Field(1024, ge=1, description="longest clip (frames) a request may encode or decode: it "
+                            "bounds a request's time, not its memory (requests stream in chunks)")
+    memory_budget_mb: float | None = Field(None, gt=0, description="memory this replica admits whole-clip "
+                                           "requests into (default: 80% of the machine's or cgroup's memory, or of "
+                                           "the CUDA device's free memory, beyond what is resident at start)")
     max_side: int = Field(2048, ge=8, description="largest height or width a request may encode or decode")
     queue_size: int = Field(8, ge=1, description="jobs waiting for the model beyond the running one")
-    request_timeout_s: float = Field(300.0, gt=0, description="queue wait + compute limit per request")
+    request_timeout_s: float = Field(300.0, gt=0, description="queue wait + compute limit per model job: a session "
+                                     "chunk, or one chunk of a whole-clip request")
     session_ttl_s: int = Field(3600, ge=1, description="idle lifetime of a streaming session (and the most a "
                                "session may ask for)")
     max_sessions: int = Field(1000, ge=1, description="live streaming sessions in the store (all replicas)")
-    max_session_state_mb: float = Field(512.0, gt=0, description="largest feature-cache state of one session")
-    session_local_cache_mb: float = Field(512.0, ge=0, description="with Redis: this replica's copy of the "
-                                          "session states it wrote last, reused while the store holds that "
-                                          "version (skips reading the state back); 0 turns it off")
+    session_hot_mb: float = Field(2048.0, ge=0, description="feature caches of the sessions this replica serves, "
+                                  "kept in its memory (LRU): a session whose cache was evicted is rebuilt from the "
+                                  "store on its next chunk")
+    max_session_log_mb: float = Field(512.0, gt=0, description="largest input log of one session: the chunk bodies "
+                                      "covering the model's receptive field (413 session_log_too_large beyond)")
+    session_snapshot_mb: float = Field(0.0, ge=0, description="largest feature cache written to the store as a "
+                                       "snapshot (off the response path); 0 = no snapshots, the store holds only "
+                                       "the log")
+    session_snapshot_every: int = Field(4, ge=1, description="chunks between snapshots of a session")
+    session_snapshot_part_mb: float = Field(64.0, gt=0, description="largest store value of a snapshot part")
     session_key_prefix: str = Field("cdt:", min_length=1, description="Redis key prefix (several deployments "
                                     "may share one Redis)")
 
@@ -85,12 +98,20 @@ class Settings(BaseModel):
         return self.dtype or ("bf16" if self.device.startswith("cuda") else "fp32")
 
     @property
-    def max_state_bytes(self) -> int:
-        return mib(self.max_session_state_mb)
+    def session_hot_bytes(self) -> int:
+        return mib(self.session_hot_mb)
 
     @property
-    def session_local_cache_bytes(self) -> int:
-        return mib(self.session_local_cache_mb)
+    def max_session_log_bytes(self) -> int:
+        return mib(self.max_session_log_mb)
+
+    @property
+    def session_snapshot_bytes(self) -> int:
+        return mib(self.session_snapshot_mb)
+
+    @property
+    def session_snapshot_part_bytes(self) -> int:
+        return max(1, mib(self.session_snapshot_part_mb))
 
     @property
     def max_upload_bytes(self) -> int:

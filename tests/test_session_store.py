@@ -1,250 +1,369 @@
-"""The session stores against the same contract (Redis ones against the real server), and
-what the replica-local copies in front of Redis may and may not reuse."""
+"""The session stores against one contract: in memory, on a single Redis and on a real 3-master Redis
+Cluster (never mocks). Redis tests also look at the keys themselves: TTLs, parts, slots."""
+
+from __future__ import annotations
 
 import asyncio
 import secrets
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import redis
 
 from service.session_store import (
-    LocalStateCache,
     MemorySessionStore,
     RedisSessionStore,
-    SessionRecord,
+    SessionStore,
     SessionStoreUnavailable,
+    SnapshotRef,
+    open_store,
 )
+from tests.redis_cluster import RedisClusterNodes, redis_cluster  # noqa: F401 (fixture)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+META = {"kind": "encode", "next_seq": 0}
 
 
 def run(coro):
     return asyncio.run(coro)
 
 
-@pytest.fixture
-def prefix():
-    """A fresh Redis key prefix; its keys are removed afterwards."""
-    value = f"cdt-test-{secrets.token_hex(4)}:"
-    yield value
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{value}*"):
-        client.delete(key)
+@dataclass
+class Backend:
+    """How to open a store on one backend (each asyncio.run needs its own connection pool), and the
+    Redis servers holding its keys (none in memory)."""
+
+    open: Callable[[], SessionStore]
+    prefix: str
+    node_urls: tuple[str, ...] = ()
+
+    def clients(self) -> list[redis.Redis]:
+        return [redis.Redis.from_url(url) for url in self.node_urls]
+
+    def located_keys(self, contains: str = "") -> list[tuple[redis.Redis, str]]:
+        """This test's keys on every node, each with a client of the node holding it."""
+        return [(client, key.decode()) for client in self.clients() for key in client.scan_iter(f"{self.prefix}*")
+                if contains in key.decode()]
+
+    def keys(self, contains: str = "") -> list[str]:
+        return sorted(key for _, key in self.located_keys(contains))
+
+    def remove_keys(self) -> None:
+        for client in self.clients():
+            for key in client.scan_iter(f"{self.prefix}*"):
+                client.delete(key)
 
 
-@pytest.fixture(params=["memory", "redis", "redis+local"])
-def make_store(request, prefix):
-    """A factory (each asyncio.run needs its own connection pool) and the key prefix."""
+@pytest.fixture(params=["memory", "redis", "cluster"])
+def backend(request):
+    """A store factory under a fresh key prefix; the prefix's keys are removed afterwards."""
+    prefix = f"cdt-test-{secrets.token_hex(4)}:"
     if request.param == "memory":
         store = MemorySessionStore()
-        return (lambda: store), prefix
-    if request.param == "redis":
-        return (lambda: RedisSessionStore(REDIS_URL, prefix)), prefix
-    return (lambda: LocalStateCache(RedisSessionStore(REDIS_URL, prefix), 1 << 20)), prefix
+        yield Backend(lambda: store, prefix)
+        return
+    url, node_urls = REDIS_URL, (REDIS_URL,)
+    if request.param == "cluster":
+        cluster: RedisClusterNodes = request.getfixturevalue("redis_cluster")
+        url, node_urls = cluster.url, cluster.node_urls
+    found = Backend(lambda: RedisSessionStore(url, prefix), prefix, node_urls)
+    yield found
+    found.remove_keys()
 
 
-def record(n: int = 0) -> SessionRecord:
-    return SessionRecord(meta={"kind": "encode", "seq": n}, state=bytes([n]) * 1000, response=b"r%d" % n)
+async def commit(store, sid, version, seq, ttl_s=60.0, log_put=None, log_drop=()):
+    """A commit in the shape the session layer makes: meta and response for chunk `seq`."""
+    return await store.commit(sid, version, {**META, "next_seq": seq + 1}, b"response %d" % seq, ttl_s,
+                              log_put, list(log_drop))
 
 
-def test_create_load_save_compare_and_set(make_store):
-    factory, _ = make_store
-
+def test_create_load_commit_compare_and_set(backend):
     async def scenario():
-        store = factory()
-        assert await store.create("s1", record(0), ttl_s=60, max_sessions=10)
+        store = backend.open()
+        assert await store.create("s1", META, ttl_s=60, max_sessions=10)
         loaded = await store.load("s1")
-        assert loaded.version == 1 and loaded.meta == {"kind": "encode", "seq": 0}
-        assert loaded.state == bytes([0]) * 1000 and loaded.response == b"r0"
-        assert await store.save("s1", record(1), expected_version=1, ttl_s=60)
-        # A writer holding the old version loses.
-        assert not await store.save("s1", record(2), expected_version=1, ttl_s=60)
+        assert (loaded.meta, loaded.version, loaded.response) == (META, 1, b"")
+        assert (loaded.snapshot, loaded.log_bytes) == (None, 0)
+        assert loaded.expires_at == pytest.approx(time.time() + 60, abs=5)
+        assert await commit(store, "s1", 1, seq=0)
+        assert not await commit(store, "s1", 1, seq=7)  # a writer holding the old version loses
         loaded = await store.load("s1")
-        assert loaded.version == 2 and loaded.meta["seq"] == 1 and loaded.state == bytes([1]) * 1000
+        assert (loaded.version, loaded.meta["next_seq"], loaded.response) == (2, 1, b"response 0")
+        brief = await store.load("s1", response=False)
+        assert (brief.version, brief.meta, brief.response) == (2, loaded.meta, b"")
         assert await store.load("missing") is None
-        assert not await store.save("missing", record(1), expected_version=1, ttl_s=60)
+        assert not await commit(store, "missing", 1, seq=0)
         await store.close()
 
     run(scenario())
 
 
-def test_metadata_load_skips_the_blobs(make_store):
-    factory, _ = make_store
-
+def test_racing_commits_exactly_one_wins(backend):
     async def scenario():
-        store = factory()
-        assert await store.create("m1", record(3), ttl_s=60, max_sessions=10)
-        assert await store.save("m1", record(4), expected_version=1, ttl_s=60)
-        full, brief = await store.load("m1"), await store.load("m1", blobs=False)
-        assert brief.meta == full.meta and brief.version == full.version == 2
-        assert brief.expires_at == pytest.approx(full.expires_at, abs=1e-3)
-        assert brief.state == b"" and brief.response == b""
-        assert brief.state_bytes == full.state_bytes == 1000
-        assert await store.load("missing", blobs=False) is None
-        await store.close()
-
-    run(scenario())
-
-
-def test_concurrent_writers_one_wins(make_store):
-    factory, _ = make_store
-
-    async def scenario():
-        store = factory()
-        assert await store.create("race", record(0), ttl_s=60, max_sessions=10)
-        results = await asyncio.gather(*[store.save("race", record(i), 1, 60) for i in range(1, 9)])
+        store = backend.open()
+        assert await store.create("race", META, ttl_s=60, max_sessions=10)
+        results = await asyncio.gather(*[commit(store, "race", 1, seq=i, log_put=(str(i), b"x" * i))
+                                         for i in range(1, 9)])
         assert sum(results) == 1
-        assert (await store.load("race")).version == 2
+        winner = results.index(True) + 1
+        loaded = await store.load("race")
+        assert (loaded.version, loaded.response, loaded.log_bytes) == (2, b"response %d" % winner, winner)
+        assert await store.read_log("race", [str(i) for i in range(1, 9)]) == {str(winner): b"x" * winner}
         await store.close()
 
     run(scenario())
 
 
-def test_live_session_limit_and_delete(make_store):
-    factory, _ = make_store
+def test_log_entries_put_drop_and_read(backend):
+    async def scenario():
+        store = backend.open()
+        assert await store.create("s", META, ttl_s=60, max_sessions=10)
+        for seq in range(4):
+            drop = [str(seq - 2)] if seq >= 2 else []  # keep a window of two entries
+            assert await commit(store, "s", seq + 1, seq, log_put=(str(seq), bytes([seq]) * 1000), log_drop=drop)
+        assert await store.read_log("s", ["0", "1", "2", "3", "9"]) == {"2": b"\x02" * 1000, "3": b"\x03" * 1000}
+        assert (await store.load("s")).log_bytes == 2000
+        # Drops apply before the put; a put replaces an entry of the same name; an empty commit keeps the log.
+        assert await commit(store, "s", 5, 4, log_put=("3", b"new"), log_drop=["3", "2", "never"])
+        assert await commit(store, "s", 6, 5)
+        assert await store.read_log("s", ["2", "3"]) == {"3": b"new"}
+        assert (await store.load("s")).log_bytes == 3
+        assert await store.read_log("s", []) == {} and await store.read_log("missing", ["3"]) == {}
+        await store.close()
+
+    run(scenario())
+
+
+def test_snapshot_is_split_into_parts_and_read_back_equal(backend):
+    data = secrets.token_bytes(10_000)
 
     async def scenario():
-        store = factory()
-        assert await store.create("a", record(), ttl_s=60, max_sessions=2)
-        assert await store.create("b", record(), ttl_s=60, max_sessions=2)
-        assert not await store.create("c", record(), ttl_s=60, max_sessions=2)
+        store = backend.open()
+        assert await store.create("s", META, ttl_s=60, max_sessions=10)
+        assert await store.read_snapshot("s") is None
+        assert await store.put_snapshot("s", label=3, data=data, part_bytes=1024)
+        assert (await store.load("s")).snapshot == SnapshotRef(label=3, parts=10, nbytes=10_000)
+        assert await store.read_snapshot("s") == (SnapshotRef(3, 10, 10_000), data)
+        with pytest.raises(ValueError):
+            await store.put_snapshot("s", label=4, data=data, part_bytes=0)
+        assert not await store.put_snapshot("missing", label=1, data=data, part_bytes=1024)
+        await store.close()
+
+    run(scenario())
+    if backend.node_urls:
+        values = [client.get(key) for client, key in backend.located_keys(":snap:")]
+        assert len(values) == 10
+        assert max(map(len, values)) == 1024 and sum(map(len, values)) == 10_000
+
+
+def test_snapshot_never_moves_backwards(backend):
+    async def scenario():
+        store = backend.open()
+        assert await store.create("s", META, ttl_s=60, max_sessions=10)
+        assert await store.put_snapshot("s", label=5, data=b"five" * 100, part_bytes=64)
+        assert not await store.put_snapshot("s", label=4, data=b"four", part_bytes=64)
+        assert not await store.put_snapshot("s", label=5, data=b"again", part_bytes=64)
+        assert await store.read_snapshot("s") == (SnapshotRef(5, 7, 400), b"five" * 100)
+        assert await store.put_snapshot("s", label=9, data=b"nine" * 10, part_bytes=64)
+        assert await store.read_snapshot("s") == (SnapshotRef(9, 1, 40), b"nine" * 10)
+        assert await store.put_snapshot("s", label=10, data=b"", part_bytes=64)
+        assert await store.read_snapshot("s") == (SnapshotRef(10, 0, 0), b"")
+        await store.close()
+
+    run(scenario())
+    if backend.node_urls:  # the replaced and the refused snapshots left no parts behind
+        assert backend.keys(":snap:") == []
+
+
+def test_snapshot_write_racing_commits(backend):
+    """Commits go on while a snapshot of many parts is written; neither disturbs the other."""
+    data = secrets.token_bytes(1 << 21)
+
+    async def scenario():
+        store = backend.open()
+        assert await store.create("s", META, ttl_s=60, max_sessions=10)
+
+        async def commits():
+            results = []
+            for seq in range(20):
+                results.append(await commit(store, "s", seq + 1, seq, log_put=(str(seq), b"in %d" % seq),
+                                            log_drop=[str(seq - 3)]))
+                await asyncio.sleep(0)
+            return results
+
+        async def snapshot():
+            stored = await store.put_snapshot("s", 7, data, part_bytes=1 << 16)
+            return stored, (await store.load("s", response=False)).version
+
+        committed, (stored, version_when_stored) = await asyncio.gather(commits(), snapshot())
+        assert committed == [True] * 20 and stored
+        if backend.node_urls:  # commits went on while the parts were written
+            assert 2 < version_when_stored < 21
+        loaded = await store.load("s")
+        assert (loaded.version, loaded.response, loaded.snapshot) == (21, b"response 19", SnapshotRef(7, 32, 1 << 21))
+        assert await store.read_snapshot("s") == (loaded.snapshot, data)
+        assert sorted(await store.read_log("s", [str(i) for i in range(20)])) == ["17", "18", "19"]
+        await store.close()
+
+    run(scenario())
+
+
+def test_readers_never_see_mixed_snapshot_parts(backend):
+    size = 1 << 18
+
+    async def scenario():
+        store = backend.open()
+        assert await store.create("s", META, ttl_s=60, max_sessions=10)
+
+        async def write():
+            for label in range(1, 16):
+                assert await store.put_snapshot("s", label, bytes([label]) * size, part_bytes=1 << 14)
+
+        async def read():
+            seen = []
+            for _ in range(40):
+                found = await store.read_snapshot("s")
+                if found is not None:
+                    ref, data = found
+                    assert data == bytes([ref.label]) * size
+                    seen.append(ref.label)
+                await asyncio.sleep(0)
+            return seen
+
+        _, seen = await asyncio.gather(write(), read())
+        assert seen == sorted(seen)  # a reader never goes back to an older snapshot
+        assert (await store.read_snapshot("s"))[0].label == 15
+        await store.close()
+
+    run(scenario())
+
+
+def test_commit_refreshes_the_ttl_of_every_key_and_expiry_leaves_none(backend):
+    async def scenario():
+        store = backend.open()
+        started = time.monotonic()
+        assert await store.create("s", META, ttl_s=1.0, max_sessions=1)
+        assert await commit(store, "s", 1, 0, ttl_s=1.0, log_put=("0", b"input"))
+        assert await store.put_snapshot("s", 1, b"z" * 5000, part_bytes=1000)
+        await asyncio.sleep(0.6 - (time.monotonic() - started))
+        assert await commit(store, "s", 2, 1, ttl_s=1.0)
+        refreshed = time.monotonic()
+        if backend.node_urls:  # every key of the session now expires with it, the index too
+            ttls = [client.pttl(key) for client, key in backend.located_keys()]
+            assert len(ttls) == 1 + 1 + 5 + 1 and min(ttls) > 700 and max(ttls) <= 1000
+        await asyncio.sleep(1.2 - (time.monotonic() - started))  # past the TTL given at creation
+        assert (await store.load("s")).version == 3
+        assert await store.read_log("s", ["0"]) == {"0": b"input"}
+        assert (await store.read_snapshot("s"))[1] == b"z" * 5000
+        await asyncio.sleep(1.3 - (time.monotonic() - refreshed))
+        assert await store.load("s") is None and await store.read_snapshot("s") is None
+        assert await store.live_count() == 0
+        assert await store.create("next", META, ttl_s=0.2, max_sessions=1)  # the expired one is not counted
+        await store.close()
+
+    run(scenario())
+    if backend.node_urls:
+        time.sleep(0.3)
+        assert backend.keys() == []
+
+
+def test_live_session_limit(backend):
+    async def scenario():
+        store = backend.open()
+        assert await store.create("a", META, ttl_s=60, max_sessions=2)
+        assert not await store.create("a", META, ttl_s=60, max_sessions=10)  # the id is taken
+        assert await store.create("b", META, ttl_s=60, max_sessions=2)
+        assert not await store.create("c", META, ttl_s=60, max_sessions=2)
         assert await store.live_count() == 2
         assert await store.delete("a")
-        assert not await store.delete("a")
-        assert await store.load("a") is None
-        assert await store.create("c", record(), ttl_s=60, max_sessions=2)
+        assert await store.live_count() == 1
+        assert await store.create("c", META, ttl_s=60, max_sessions=2)
         await store.close()
 
     run(scenario())
 
 
-def test_expiry_frees_the_session_and_its_keys(make_store):
-    factory, prefix = make_store
-
+def test_delete_removes_every_key_of_the_session(backend):
     async def scenario():
-        store = factory()
-        assert await store.create("short", record(), ttl_s=0.3, max_sessions=1)
-        assert await store.load("short") is not None
-        await asyncio.sleep(0.5)
-        assert await store.load("short") is None
-        assert await store.live_count() == 0
-        assert await store.create("next", record(), ttl_s=0.3, max_sessions=1)
+        store = backend.open()
+        for sid in ("doomed", "kept"):
+            assert await store.create(sid, META, ttl_s=60, max_sessions=10)
+            assert await commit(store, sid, 1, 0, log_put=("0", b"input"))
+            assert await store.put_snapshot(sid, 1, b"y" * 3000, part_bytes=1000)
+        if backend.node_urls:
+            assert len(backend.keys("doomed")) == 1 + 1 + 3
+        assert await store.delete("doomed")
+        assert not await store.delete("doomed")
+        assert await store.load("doomed") is None and await store.read_snapshot("doomed") is None
+        assert await store.read_log("doomed", ["0"]) == {}
+        assert not await store.put_snapshot("doomed", 2, b"late", part_bytes=1000)
+        assert (await store.read_snapshot("kept"))[1] == b"y" * 3000
+        assert await store.live_count() == 1
         await store.close()
 
     run(scenario())
-    if not isinstance(factory(), MemorySessionStore):
-        time.sleep(0.5)
-        assert list(redis.Redis.from_url(REDIS_URL).scan_iter(f"{prefix}*")) == []
+    if backend.node_urls:
+        assert backend.keys("doomed") == [] and len(backend.keys("kept")) == 1 + 1 + 3
 
 
-def test_saving_refreshes_the_ttl(make_store):
-    factory, _ = make_store
-
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "redis+cluster://127.0.0.1:1"])
+def test_unreachable_redis_raises_store_unavailable(url):
     async def scenario():
-        store = factory()
-        assert await store.create("s", record(), ttl_s=0.4, max_sessions=1)
-        await asyncio.sleep(0.25)
-        assert await store.save("s", record(1), 1, ttl_s=0.4)
-        await asyncio.sleep(0.25)
-        assert await store.load("s") is not None  # 0.5 s after creation, alive through the refresh
-        await store.close()
-
-    run(scenario())
-
-
-def test_unreachable_redis_raises_store_unavailable():
-    async def scenario():
-        store = RedisSessionStore("redis://127.0.0.1:1/0", connect_timeout_s=0.5)
+        store = RedisSessionStore(url, connect_timeout_s=0.5)
         with pytest.raises(SessionStoreUnavailable):
             await store.ping()
         with pytest.raises(SessionStoreUnavailable):
             await store.load("x")
+        with pytest.raises(SessionStoreUnavailable):
+            await commit(store, "x", 1, 0)
         await store.close()
 
     run(scenario())
 
 
-def test_local_copy_is_reused_only_for_the_version_this_replica_wrote(prefix):
+@pytest.mark.parametrize("sid", ["plain-id", "a}b{c"])
+def test_a_sessions_keys_share_one_cluster_slot(redis_cluster, sid):  # noqa: F811 (fixture)
+    prefix = f"cdt-test-{secrets.token_hex(4)}:"
+    backend = Backend(lambda: RedisSessionStore(redis_cluster.url, prefix), prefix, redis_cluster.node_urls)
+
     async def scenario():
-        a = LocalStateCache(RedisSessionStore(REDIS_URL, prefix), 1 << 20)
-        b = LocalStateCache(RedisSessionStore(REDIS_URL, prefix), 1 << 20)
-        assert await a.create("s", record(0), ttl_s=60, max_sessions=10)
-        assert not (await a.load("s")).local  # created elsewhere: nothing local yet
-        assert await a.save("s", record(1), expected_version=1, ttl_s=60)
-        hit = await a.load("s")
-        assert hit.local and (hit.version, hit.state, hit.response) == (2, record(1).state, b"r1")
-        assert hit.meta == record(1).meta and hit.expires_at > time.time()
-        # Replica b writes the next version: a's copy is stale and must not be used.
-        from_b = await b.load("s")
-        assert not from_b.local and from_b.state == record(1).state
-        assert await b.save("s", record(2), expected_version=2, ttl_s=60)
-        fresh = await a.load("s")
-        assert not fresh.local and (fresh.version, fresh.state) == (3, record(2).state)
-        # a lost a race with its stale version: it keeps no copy of anything.
-        assert not await a.save("s", record(9), expected_version=2, ttl_s=60)
-        assert not (await a.load("s")).local
-        assert (await b.load("s")).local
-        assert await b.delete("s")
-        assert await a.load("s") is None and await b.load("s") is None
-        await a.close()
-        await b.close()
-
-    run(scenario())
-
-
-def test_local_copies_skip_reading_the_stored_state(prefix):
-    """A hit reads no blob: bytes changed behind the store's back (same version) are not seen."""
-    async def scenario():
-        store = LocalStateCache(RedisSessionStore(REDIS_URL, prefix), 1 << 20)
-        assert await store.create("s", record(0), ttl_s=60, max_sessions=10)
-        assert await store.save("s", record(1), expected_version=1, ttl_s=60)
-        redis.Redis.from_url(REDIS_URL).hset(f"{prefix}session:s", "state", b"other")
-        assert (await store.load("s")).state == record(1).state
-        assert (await store.load("s", blobs=False)).state_bytes == len(b"other")
+        store = backend.open()
+        assert await store.create(sid, META, ttl_s=60, max_sessions=10)
+        assert await commit(store, sid, 1, 0, log_put=("0", b"input"))
+        assert await store.put_snapshot(sid, 1, b"w" * 6000, part_bytes=1000)
         await store.close()
 
     run(scenario())
+    try:
+        located = [(client, key) for client, key in backend.located_keys() if key != f"{prefix}sessions"]
+        assert len(located) == 1 + 1 + 6
+        assert len({client.execute_command("CLUSTER", "KEYSLOT", key) for client, key in located}) == 1
+        assert len({client.connection_pool.connection_kwargs["port"] for client, _ in located}) == 1
+    finally:
+        backend.remove_keys()
 
 
-def test_a_replica_without_a_copy_reads_the_session_in_one_command(prefix):
-    """The handoff case: no copy to compare versions with, so no metadata read first."""
-    def calls():
-        stats = redis.Redis.from_url(REDIS_URL).info("commandstats")
-        return {cmd: stats.get(f"cmdstat_{cmd}", {}).get("calls", 0) for cmd in ("hgetall", "hmget", "hstrlen")}
-
-    async def scenario():
-        writer = LocalStateCache(RedisSessionStore(REDIS_URL, prefix), 1 << 20)
-        reader = LocalStateCache(RedisSessionStore(REDIS_URL, prefix), 1 << 20)
-        assert await writer.create("s", record(0), ttl_s=60, max_sessions=10)
-        assert await writer.save("s", record(1), expected_version=1, ttl_s=60)
-        before = calls()
-        loaded = await reader.load("s")
-        after = calls()
-        assert not loaded.local and loaded.state == record(1).state
-        assert {cmd: after[cmd] - before[cmd] for cmd in after} == {"hgetall": 1, "hmget": 0, "hstrlen": 0}
-        await writer.close()
-        await reader.close()
-
-    run(scenario())
-
-
-def test_local_copies_stay_within_their_byte_budget(prefix):
-    size = len(record(1).state) + len(record(1).response)  # 1,002 bytes per copy
+def test_open_store_follows_the_url_rule(redis_cluster):  # noqa: F811 (fixture)
+    prefix = f"cdt-test-{secrets.token_hex(4)}:"
 
     async def scenario():
-        store = LocalStateCache(RedisSessionStore(REDIS_URL, prefix), 2 * size)
-        for sid in "abc":
-            assert await store.create(sid, record(0), ttl_s=60, max_sessions=10)
-            assert await store.save(sid, record(1), expected_version=1, ttl_s=60)
-        # Least recently used out: "a" went when "c" arrived; after reading b then c, a new
-        # copy of "a" pushes out "b".
-        assert [(await store.load(sid)).local for sid in "abc"] == [False, True, True]
-        assert await store.save("a", record(1), expected_version=2, ttl_s=60)
-        assert [(await store.load(sid)).local for sid in "abc"] == [True, False, True]
-        big = SessionRecord(meta={}, state=b"x" * (2 * size + 1))
-        assert await store.save("b", big, expected_version=2, ttl_s=60)
-        assert not (await store.load("b")).local  # larger than the whole budget: never kept
-        await store.close()
+        assert isinstance(open_store(None, prefix), MemorySessionStore)
+        cluster = open_store(redis_cluster.url, prefix)
+        assert await cluster.create("s", META, ttl_s=5, max_sessions=10)
+        assert (await cluster.load("s")).meta == META
+        assert await cluster.delete("s")
+        await cluster.close()
+        # A plain URL to one cluster node reaches only that node's slots: the error says what to use.
+        single = open_store(redis_cluster.node_urls[0], prefix)
+        errors = []
+        for sid in "abcdefgh":
+            try:
+                await single.load(sid)
+            except SessionStoreUnavailable as exc:
+                errors.append(str(exc))
+        assert errors and all("redis+cluster://" in error for error in errors)
+        await single.close()
 
     run(scenario())

@@ -1,10 +1,14 @@
 """Streaming sessions in process (in-memory store): equivalence with the whole-clip
-endpoints, exactly-once chunks, ownership, limits and errors."""
+endpoints, exactly-once chunks, ownership, limits and errors, and rebuilds of evicted
+streams from the input log and from snapshots."""
+
+import time
 
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.settings import Settings
@@ -90,7 +94,8 @@ def test_retry_replays_the_same_bytes_and_gaps_conflict(client, frames):
     assert first.status_code == again.status_code == 200
     assert again.content == first.content and again.headers.get("x-cdt-replayed") == "1"
     state = client.get(f"/v1/sessions/{sid}").json()
-    assert state["next_seq"] == 1 and state["frames_in"] == 5 and state["state_bytes"] > 0
+    assert state["next_seq"] == 1 and state["frames_in"] == 5
+    assert state["log_chunks"] == 1 and state["log_bytes"] == len(npy_bytes(frames[:5]))
     gap = client.post(f"/v1/sessions/{sid}/chunks/2", content=npy_bytes(frames[5:9]), headers=NPY)
     assert gap.status_code == 409 and gap.json()["error"]["code"] == "seq_out_of_order"
     assert gap.headers["x-cdt-expected-seq"] == "1"
@@ -119,12 +124,12 @@ def test_sessions_are_owned_by_their_key(tiny_checkpoint, frames):
 
 
 def test_session_limits(tiny_checkpoint, frames):
-    with make_client(tiny_checkpoint, max_sessions=1, max_session_state_mb=0.01) as c:
+    with make_client(tiny_checkpoint, max_sessions=1, max_session_log_mb=0.01) as c:
         sid = c.post("/v1/sessions", json={"kind": "encode"}).json()["id"]
         full = c.post("/v1/sessions", json={"kind": "encode"})
         assert full.status_code == 429 and full.json()["error"]["code"] == "too_many_sessions"
         big = c.post(f"/v1/sessions/{sid}/chunks/0", content=npy_bytes(frames[:5]), headers=NPY)
-        assert big.status_code == 413 and big.json()["error"]["code"] == "session_state_too_large"
+        assert big.status_code == 413 and big.json()["error"]["code"] == "session_log_too_large"
         assert c.get(f"/v1/sessions/{sid}").json()["next_seq"] == 0  # nothing was applied
 
 
@@ -148,3 +153,89 @@ def test_bad_session_requests(client, frames):
     nan = torch.full((1, 16, 1, 4, 4), float("nan")).numpy()
     bad = client.post(f"/v1/sessions/{dec}/chunks/0", content=npy_bytes(nan), headers=NPY)
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_latents"
+
+
+def metric(client, name: str, **labels) -> float:
+    """The sum of a metric's samples with the given labels, from /metrics."""
+    total = 0.0
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def wait_for_snapshot(client, sid: str, seq: int) -> None:
+    deadline = time.monotonic() + 30
+    while client.get(f"/v1/sessions/{sid}").json()["snapshot_seq"] != seq:
+        assert time.monotonic() < deadline, "snapshot not written"
+        time.sleep(0.05)
+
+
+def stream_with_rebuilds(client, frames, sizes, snapshot: bool) -> tuple[torch.Tensor, list[str]]:
+    """Encode in chunks (waiting for each chunk's snapshot when on); the latents and each
+    chunk's X-CDT-Rebuild header."""
+    sid = client.post("/v1/sessions", json={"kind": "encode"}).json()["id"]
+    parts, rebuilds = [], []
+    for seq, (a, b) in enumerate(split(len(frames), sizes)):
+        r = client.post(f"/v1/sessions/{sid}/chunks/{seq}", content=npy_bytes(frames[a:b]), headers=NPY)
+        assert r.status_code == 200, r.text
+        parts.append(latents_of(r.content))
+        rebuilds.append(r.headers.get("x-cdt-rebuild", ""))
+        if snapshot:
+            wait_for_snapshot(client, sid, seq)
+    r = client.post(f"/v1/sessions/{sid}/finish")
+    rebuilds.append(r.headers.get("x-cdt-rebuild", ""))
+    parts.append(latents_of(r.content))
+    return torch.cat(parts, dim=2), rebuilds
+
+
+@pytest.fixture(scope="module")
+def long_frames(shared_videos):
+    return real_frames(shared_videos, 87)  # past the tiny encoder's receptive field: the log is trimmed
+
+
+def test_evicted_streams_are_rebuilt_from_the_log_window(tiny_checkpoint, client, long_frames):
+    whole = latents_of(client.post("/v1/encode", content=npy_bytes(long_frames), headers=NPY).content)
+    with make_client(tiny_checkpoint, session_hot_mb=0.001) as c:  # no stream fits: every chunk rebuilds
+        streamed, rebuilds = stream_with_rebuilds(c, long_frames, [9, 30, 13, 35], snapshot=False)
+        assert (streamed - whole).abs().max().item() < 1e-5
+        assert rebuilds == ["", "evicted", "evicted", "evicted", "evicted"]
+        assert metric(c, "cdt_session_evictions_total") == 4
+        assert metric(c, "cdt_session_rebuilds_total", reason="evicted", source="start") >= 1
+        assert metric(c, "cdt_session_rebuilds_total", reason="evicted", source="window") >= 1
+        assert metric(c, "cdt_session_hot_hits_total") == 0
+
+
+def test_snapshot_rebuilds_are_bit_identical(tiny_checkpoint, client, long_frames):
+    sizes = [1, 8, 5, 11, 7]
+    chunks = len(split(40, sizes))
+    with make_client(tiny_checkpoint, session_hot_mb=0.001, session_snapshot_mb=64, session_snapshot_every=1,
+                     session_snapshot_part_mb=0.05) as c:
+        streamed, rebuilds = stream_with_rebuilds(c, long_frames[:40], sizes, snapshot=True)
+        _, reference, _ = stream_encode(client, long_frames[:40], sizes)
+        assert torch.equal(streamed, reference)
+        assert rebuilds[1:] == ["evicted"] * chunks
+        assert metric(c, "cdt_session_rebuilds_total", source="snapshot") == chunks
+        assert metric(c, "cdt_session_snapshot_bytes_count") == chunks
+
+
+def test_evicted_decode_streams_are_rebuilt_from_a_resumed_window(tiny_checkpoint):
+    # 75 latent frames of 2x2: past the tiny decoder's receptive field at 1 step, so the last
+    # chunks rebuild from a stream resumed mid-video (noise indexing continues).
+    latents = torch.randn(1, 16, 75, 2, 2, generator=torch.Generator().manual_seed(1))
+    sizes = [10, 50, 10, 5]
+    with make_client(tiny_checkpoint, session_hot_mb=0.001) as c:
+        outputs = {}
+        for name, chunks in (("whole", [75]), ("chunked", sizes)):
+            sid = c.post("/v1/sessions", json={"kind": "decode", "seed": 2}).json()["id"]
+            parts = []
+            for seq, (a, b) in enumerate(split(75, chunks)):
+                body = npy_bytes(latents[:, :, a:b].numpy())
+                r = c.post(f"/v1/sessions/{sid}/chunks/{seq}?format=npy", content=body, headers=NPY)
+                assert r.status_code == 200, r.text
+                parts.append(npy_array(r.content))
+            outputs[name] = np.concatenate(parts)
+        assert metric(c, "cdt_session_rebuilds_total", reason="evicted", source="window") >= 1
+    diff = np.abs(outputs["whole"].astype(int) - outputs["chunked"].astype(int))
+    assert outputs["whole"].shape == (1 + 4 * 74, 16, 16, 3) and diff.max() <= 1 and (diff > 0).mean() < 1e-3

@@ -1,11 +1,12 @@
-"""Sessions across real server processes sharing the real Redis: handoff between
-replicas, a replica killed mid-stream, racing duplicates, model pinning, expiry, and
-Redis going away."""
+"""Sessions across real server processes sharing the real Redis (and a 3-master Redis
+Cluster): handoff between replicas (stale hot streams rebuilt), a replica killed in the
+middle of a chunk, racing duplicates, model pinning, expiry, and Redis going away."""
 
 import concurrent.futures
 import secrets
 import shutil
 import subprocess
+import threading
 import time
 
 import httpx
@@ -16,6 +17,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from model import CDTConfig, build_model, save_pretrained
+from tests.redis_cluster import redis_cluster  # noqa: F401 (fixture)
 from tests.servers import Server, free_port
 from tests.session_helpers import latents_of, npy_array, npy_bytes, real_frames, split
 
@@ -33,16 +35,33 @@ def prefix():
         client.delete(key)
 
 
-@pytest.fixture(scope="module")
-def replicas(tiny_checkpoint, tmp_path_factory, prefix):
-    logs = tmp_path_factory.mktemp("logs")
-    servers = [Server(tiny_checkpoint, logs / f"r{i}.log", redis_url=REDIS_URL, session_key_prefix=prefix)
-               for i in range(2)]
+def start_replicas(checkpoint, logs, url: str, prefix: str) -> list[Server]:
+    servers = [Server(checkpoint, logs / f"r{i}.log", redis_url=url, session_key_prefix=prefix) for i in range(2)]
     try:
-        yield [s.wait_ready() for s in servers]
-    finally:
+        return [s.wait_ready() for s in servers]
+    except BaseException:
         for s in servers:
             s.stop()
+        raise
+
+
+@pytest.fixture(scope="module")
+def replicas(tiny_checkpoint, tmp_path_factory, prefix):
+    servers = start_replicas(tiny_checkpoint, tmp_path_factory.mktemp("logs"), REDIS_URL, prefix)
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_replicas(tiny_checkpoint, tmp_path_factory, redis_cluster):  # noqa: F811 (fixture)
+    servers = start_replicas(tiny_checkpoint, tmp_path_factory.mktemp("cluster-logs"), redis_cluster.url, "cdt:")
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+STORES = ["replicas", "cluster_replicas"]  # the two-replica tests run on a single Redis and on a cluster
 
 
 @pytest.fixture(scope="module")
@@ -62,82 +81,112 @@ def push(url, sid, seq, data, fmt="safetensors"):
                       headers=NPY, timeout=120)
 
 
-def test_encode_handoff_alternating_replicas(replicas, frames, whole):
+def rebuild_of(response) -> str:
+    return response.headers.get("x-cdt-rebuild", "")
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_encode_handoff_alternating_replicas(request, store, frames, whole):
+    replicas = request.getfixturevalue(store)
     sid = httpx.post(replicas[0].url + "/v1/sessions", json={"kind": "encode"}).json()["id"]
-    parts = []
+    parts, rebuilds = [], []
     for seq, (a, b) in enumerate(split(len(frames), SIZES)):
         r = push(replicas[seq % 2].url, sid, seq, frames[a:b])
         assert r.status_code == 200, r.text
         parts.append(latents_of(r.content))
+        rebuilds.append(rebuild_of(r))
     parts.append(latents_of(httpx.post(f"{replicas[1].url}/v1/sessions/{sid}/finish", timeout=60).content))
     streamed = torch.cat(parts, dim=2)
     assert (streamed - latents_of(whole)).abs().max().item() < 1e-5
+    # Chunk 1 lands where the session never was; every later one where the other replica advanced it.
+    assert rebuilds == ["", "missing"] + ["stale"] * (len(rebuilds) - 2)
 
 
-def test_decode_handoff_alternating_replicas(replicas, frames, whole):
-    reference = httpx.post(replicas[0].url + "/v1/decode?steps=2&seed=3&format=npy", content=whole,
+@pytest.mark.parametrize("store,steps", [("replicas", 1), ("replicas", 3), ("cluster_replicas", 1)])
+def test_decode_handoff_alternating_replicas(request, store, steps, frames, whole):
+    replicas = request.getfixturevalue(store)
+    reference = httpx.post(f"{replicas[0].url}/v1/decode?steps={steps}&seed=3&format=npy", content=whole,
                            headers={"content-type": "application/x-safetensors"}, timeout=120)
     assert reference.status_code == 200, reference.text
     latents = latents_of(whole)
     h, w = frames.shape[1:3]
-    spec = {"kind": "decode", "steps": 2, "seed": 3, "height": h, "width": w, "frames": len(frames)}
+    spec = {"kind": "decode", "steps": steps, "seed": 3, "height": h, "width": w, "frames": len(frames)}
     sid = httpx.post(replicas[1].url + "/v1/sessions", json=spec).json()["id"]
     parts = []
     for seq, (a, b) in enumerate(split(latents.shape[2], [1, 3, 2])):
         r = push(replicas[seq % 2].url, sid, seq, latents[:, :, a:b].numpy(), fmt="npy")
         assert r.status_code == 200, r.text
+        assert rebuild_of(r) == ("" if seq == 0 else "missing" if seq == 1 else "stale")
         parts.append(npy_array(r.content))
+    # uint8 output: equal up to a rounding flip where the float values sit on a .5 boundary.
     diff = np.abs(np.concatenate(parts).astype(int) - npy_array(reference.content).astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
-def state_reads(url: str) -> dict[str, float]:
-    """cdt_session_state_reads_total by source, from the replica's /metrics."""
-    reads = {"local": 0.0, "store": 0.0}
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
-        for sample in family.samples:
-            if sample.name == "cdt_session_state_reads_total":
-                reads[sample.labels["source"]] = sample.value
-    return reads
+def metric(url: str, name: str) -> float:
+    """The sum of a metric's samples on a replica's /metrics."""
+    return sum(sample.value for family in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+               for sample in family.samples if sample.name == name)
 
 
-def test_a_replica_reuses_its_copy_only_while_it_wrote_the_last_chunk(replicas, frames, whole):
-    before = [state_reads(r.url) for r in replicas]
+def test_a_replica_continues_on_its_hot_stream(replicas, frames, whole):
+    hits = [metric(r.url, "cdt_session_hot_hits_total") for r in replicas]
     sid = httpx.post(replicas[0].url + "/v1/sessions", json={"kind": "encode"}).json()["id"]
-    parts = []
+    parts, rebuilds = [], []
     chunks = split(len(frames), [1, 8, 8, 8, 8])
     assert len(chunks) == 5
     for seq, ((a, b), replica) in enumerate(zip(chunks, [0, 0, 0, 1, 0])):
         r = push(replicas[replica].url, sid, seq, frames[a:b])
         assert r.status_code == 200, r.text
         parts.append(latents_of(r.content))
-    parts.append(latents_of(httpx.post(f"{replicas[0].url}/v1/sessions/{sid}/finish", timeout=60).content))
+        rebuilds.append(rebuild_of(r))
+    finish = httpx.post(f"{replicas[0].url}/v1/sessions/{sid}/finish", timeout=60)
+    parts.append(latents_of(finish.content))
     assert (torch.cat(parts, dim=2) - latents_of(whole)).abs().max().item() < 1e-5
-    after = [state_reads(r.url) for r in replicas]
-    delta = [{k: after[i][k] - before[i][k] for k in ("local", "store")} for i in range(2)]
-    # Replica 0: chunk 0 (nothing written yet) and chunk 4 (replica 1 wrote chunk 3) come
-    # from Redis; chunks 1 and 2 and the finish from its own copy.
-    assert delta == [{"local": 3, "store": 2}, {"local": 0, "store": 1}]
+    assert rebuilds + [rebuild_of(finish)] == ["", "", "", "missing", "stale", ""]
+    # Replica 0 computed chunks 1, 2 and the finish on its hot stream.
+    assert [metric(r.url, "cdt_session_hot_hits_total") - h for r, h in zip(replicas, hits)] == [3, 0]
 
 
-def test_replica_killed_after_a_chunk(tiny_checkpoint, tmp_path, prefix, replicas, frames, whole):
+def in_flight(url: str) -> bool:
+    try:
+        return metric(url, "cdt_jobs_in_flight") > 0
+    except httpx.TransportError:
+        return False
+
+
+def test_replica_killed_in_the_middle_of_a_chunk(tiny_checkpoint, tmp_path, prefix, replicas, frames, whole):
     doomed = Server(tiny_checkpoint, tmp_path / "doomed.log", redis_url=REDIS_URL,
                     session_key_prefix=prefix).wait_ready()
+    chunks = split(len(frames), [1, 4, 28])
     try:
         sid = httpx.post(doomed.url + "/v1/sessions", json={"kind": "encode"}).json()["id"]
-        chunks = split(len(frames), SIZES)
-        parts = []
-        for seq, (a, b) in enumerate(chunks[:3]):
-            parts.append(latents_of(push(doomed.url, sid, seq, frames[a:b]).content))
-        doomed.kill()  # SIGKILL right after it answered chunk 2
+        parts = [latents_of(push(doomed.url, sid, seq, frames[a:b]).content) for seq, (a, b) in enumerate(chunks[:2])]
+        (a, b), lost = chunks[2], []
+        sender = threading.Thread(target=lambda: lost.append(_try_push(doomed.url, sid, 2, frames[a:b])))
+        sender.start()
+        deadline = time.monotonic() + 30
+        while not in_flight(doomed.url):
+            assert time.monotonic() < deadline, "chunk 2 never started computing"
+            time.sleep(0.005)
+        doomed.kill()  # SIGKILL while chunk 2 computes on the hot stream
+        sender.join(30)
     finally:
         doomed.stop()
-    for seq, (a, b) in enumerate(chunks[3:], start=3):
-        r = push(replicas[0].url, sid, seq, frames[a:b])
-        assert r.status_code == 200, r.text
-        parts.append(latents_of(r.content))
+    assert lost == [None]  # the client saw the connection drop
+    r = push(replicas[0].url, sid, 2, frames[a:b])  # the client's retry, on the other replica
+    assert r.status_code == 200, r.text
+    assert rebuild_of(r) == "missing" and "x-cdt-replayed" not in r.headers
+    parts.append(latents_of(r.content))
     parts.append(latents_of(httpx.post(f"{replicas[0].url}/v1/sessions/{sid}/finish", timeout=60).content))
     assert (torch.cat(parts, dim=2) - latents_of(whole)).abs().max().item() < 1e-5
+
+
+def _try_push(url, sid, seq, data):
+    try:
+        return push(url, sid, seq, data)
+    except httpx.TransportError:
+        return None
 
 
 def test_concurrent_duplicates_apply_once(replicas, frames):

@@ -1,40 +1,40 @@
-"""Whole-clip `/v1/encode` and `/v1/decode`.
+"""Whole-clip `/v1/encode` and `/v1/decode`, streamed through the model.
 
-Each route reads the body under the upload limit, decodes it in a thread (PyAV and
-numpy block), runs the model job on the worker pool and encodes the response in a
-thread.
+Each route spools the body to disk under the upload limit, checks its header against
+the limits, plans the request's chunking and memory (`service.memory`), is admitted by
+the worker pool, then runs the streaming encoder or decoder one chunk per pool job:
+frames are decoded from the upload as the encoder consumes them, and decoded frames are
+rendered and sent as they are made. Memory follows the frame size, not the length.
+Between chunks, a client that went away stops the work (`cdt_requests_cancelled`).
+
+Errors found before the first byte is sent are JSON 4xx as usual: encode finishes its
+compute before answering; decode computes its first chunk first. A failure after that
+(a compute timeout) cuts the response short, which clients see: the tensor formats
+carry an exact Content-Length, and mp4 is sent chunked without its final chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Literal
+from typing import Annotated, AsyncIterator, Iterator, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
 
-from media import encode_video
+from media import decode_chunks, encode_chunks, latents_info, tensor_to_frames
+from model import Tokenizer
 
 from ..auth import require_api_key
-from ..codecs import (
-    METADATA_HEADER,
-    MP4,
-    NPY,
-    OCTET_STREAM,
-    SAFETENSORS,
-    ClipOptions,
-    Kind,
-    Limits,
-    decode_clip,
-    decode_latents,
-    encode_frames,
-    encode_latents,
-)
+from ..codecs import METADATA_HEADER, MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, ClipOptions, Kind, Limits, \
+    open_frames, open_latents
 from ..deps import get_metrics, get_pool, get_settings, receive_body
+from ..errors import ClientClosedRequest
+from ..memory import cost_for, plan
 from ..metrics import Metrics
-from ..ops import decode_clip as decode_job
 from ..ops import model_errors
+from ..responses import FrameStream, LatentSpool
 from ..settings import Settings
-from ..workers import WorkerPool
+from ..workers import Admission, WorkerPool
 
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
@@ -44,7 +44,8 @@ router = APIRouter(prefix="/v1", tags=["whole clips"], dependencies=[Depends(req
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _ERRORS = {status: {"description": f"`{{\"error\": {{\"code\": ..., \"message\": ...}}}}` ({what})"}
            for status, what in [(400, "bad parameter or empty body"), (401, "missing key"), (403, "bad key"),
-                                (413, "body or clip too large"), (415, "unsupported media"),
+                                (413, "body or clip too large; `clip_too_large` from the memory estimate carries `details`: "
+                                            "estimate_bytes, budget_bytes, max_pixels, max_square_side"), (415, "unsupported media"),
                                 (422, "undecodable or invalid content"), (429, "queue full; see Retry-After"),
                                 (503, "not ready, shutting down or queue timeout"), (504, "compute timeout")]}
 ENCODE_BODY = {"requestBody": {"required": True, "description":
@@ -61,10 +62,25 @@ def _limits(settings: Settings) -> Limits:
     return Limits(settings.max_frames, settings.max_side)
 
 
+async def _client_gone(request: Request, metrics: Metrics, op: str) -> bool:
+    """Whether the client disconnected (counted): its request stops at this chunk boundary."""
+    if await request.is_disconnected():
+        metrics.cancelled_total.labels(op).inc()
+        return True
+    return False
+
+
+async def _admit(pool: WorkerPool, op: str, height: int, width: int, steps: int = 1):
+    """The request's chunk length, once admitted with its memory reserved."""
+    model = pool.model
+    chunking = plan(cost_for(model.config.preset, op), pool.memory.total, height, width, steps)
+    return chunking.chunk_frames, await pool.admit(chunking.bytes)
+
+
 @router.post(
     "/encode",
     summary="encode a whole clip to latents",
-    response_class=Response,
+    response_class=StreamingResponse,
     openapi_extra=ENCODE_BODY,
     responses={200: {"description": f"latents: safetensors with metadata, or npy with the metadata as JSON in "
                                     f"the {METADATA_HEADER} header", "content": {SAFETENSORS: _BINARY, NPY: _BINARY}},
@@ -80,26 +96,51 @@ async def encode(
     settings: Settings = Depends(get_settings),
     pool: WorkerPool = Depends(get_pool),
     metrics: Metrics = Depends(get_metrics),
-) -> Response:
+) -> StreamingResponse:
     body = await receive_body(request, (Kind.VIDEO, Kind.NPY, Kind.SAFETENSORS), settings, pool, metrics)
-    with metrics.media(f"decode_{body.kind.value}"):
-        clip = await asyncio.to_thread(decode_clip, body, ClipOptions(frames, size, fps), _limits(settings))
-    del body
-    with model_errors():
-        item = await pool.run("encode", lambda model: encode_video(model, clip.video, clip.fps))
-    metrics.frames_total.labels("encode").inc(item.frames)
-    with metrics.media(f"encode_latents_{format}"):
-        content, media_type, headers = await asyncio.to_thread(encode_latents, item, format)
-    metrics.bytes_total.labels("/v1/encode", "out").inc(len(content))
-    return Response(content, media_type=media_type, headers=headers)
+    spool = LatentSpool()
+    try:
+        with metrics.media(f"open_{body.kind.value}"):
+            source = await asyncio.to_thread(open_frames, body, ClipOptions(frames, size, fps), _limits(settings))
+        chunk, admission = await _admit(pool, "encode", source.height, source.width)
+        try:
+            with model_errors():
+                async for latents in pool.stream("encode", encode_chunks(pool.model, source.chunks(chunk))):
+                    spool.append(latents)
+                    if await _client_gone(request, metrics, "encode"):
+                        raise ClientClosedRequest("the client disconnected during the encode")
+        finally:
+            admission.release()
+    except BaseException:
+        spool.close()
+        raise
+    finally:
+        body.close()
+    metrics.frames_total.labels("encode").inc(source.count)
+    info = latents_info(pool.model, source.count, source.height, source.width, source.fps)
+    header, data, media_type, headers = spool.body(info, format)
+    length = spool.nbytes(header)
+    metrics.bytes_total.labels("/v1/encode", "out").inc(length)
+    return StreamingResponse(_send(header, data, spool.close), media_type=media_type,
+                             headers={**headers, "Content-Length": str(length)})
+
+
+async def _send(header: bytes, data: Iterator[bytes], close) -> AsyncIterator[bytes]:
+    try:
+        yield header
+        for part in data:
+            yield part
+    finally:
+        close()
 
 
 @router.post(
     "/decode",
     summary="decode latents to a whole clip, cropped to the original size and length",
-    response_class=Response,
+    response_class=StreamingResponse,
     openapi_extra=DECODE_BODY,
-    responses={200: {"description": "mp4 (h264), or uint8 (T,H,W,3) frames as npy or safetensors (tensor `frames`)",
+    responses={200: {"description": "mp4 (h264, fragmented), or uint8 (T,H,W,3) frames as npy or safetensors "
+                                    "(tensor `frames`), streamed as decoded",
                      "content": {MP4: _BINARY, NPY: _BINARY, SAFETENSORS: _BINARY}},
                409: {"description": "`model_mismatch`: latents made by another checkpoint"}, **_ERRORS},
 )
@@ -111,15 +152,53 @@ async def decode(
     settings: Settings = Depends(get_settings),
     pool: WorkerPool = Depends(get_pool),
     metrics: Metrics = Depends(get_metrics),
-) -> Response:
+) -> StreamingResponse:
     body = await receive_body(request, (Kind.SAFETENSORS,), settings, pool, metrics)
-    with metrics.media("decode_latents"):
-        item = await asyncio.to_thread(decode_latents, body, pool.model.content_hash(), _limits(settings))
-    del body
-    with model_errors():
-        frames = await pool.run("decode", lambda model: decode_job(model, item, steps, seed))
-    metrics.frames_total.labels("decode").inc(len(frames))
-    with metrics.media(f"encode_frames_{format}"):
-        content, media_type = await asyncio.to_thread(encode_frames, frames, item.fps, format)
-    metrics.bytes_total.labels("/v1/decode", "out").inc(len(content))
-    return Response(content, media_type=media_type)
+    admission: Admission | None = None
+    try:
+        with metrics.media("open_latents"):
+            source = await asyncio.to_thread(open_latents, body, pool.model.content_hash(), _limits(settings))
+        info = source.info
+        chunk, admission = await _admit(pool, "decode", info.height, info.width, steps)
+        output = FrameStream(format, info.frames, info.height, info.width, info.fps)
+        parts = _rendered(output, decode_chunks(pool.model, info, source.chunks(chunk // 4), steps, seed))
+        stream = pool.stream("decode", parts)
+        with model_errors():
+            first = await anext(stream)  # errors of the first chunk are still a JSON 4xx
+    except BaseException:
+        body.close()
+        if admission is not None:
+            admission.release()
+        raise
+    headers = {} if output.content_length is None else {"Content-Length": str(output.content_length)}
+    return StreamingResponse(_decoded(request, first, stream, body, admission, info.frames, metrics),
+                             media_type=output.media_type, headers=headers)
+
+
+def _rendered(output: FrameStream, videos: Iterator) -> Iterator[bytes]:
+    """The response bytes of each decoded chunk (the header goes out with the first)."""
+    pending = output.header()
+    for video in videos:
+        yield pending + output.write(tensor_to_frames(video))
+        pending = b""
+    yield pending + output.close()
+
+
+async def _decoded(request: Request, first: bytes, stream: AsyncIterator[bytes], body: Body, admission: Admission,
+                   frames: int, metrics: Metrics) -> AsyncIterator[bytes]:
+    sent = len(first)
+    try:
+        yield first
+        async for part in stream:
+            sent += len(part)
+            yield part
+            if await _client_gone(request, metrics, "decode"):
+                return
+        metrics.frames_total.labels("decode").inc(frames)
+    except (asyncio.CancelledError, GeneratorExit):
+        metrics.cancelled_total.labels("decode").inc()  # the server noticed the disconnect first
+        raise
+    finally:
+        metrics.bytes_total.labels("/v1/decode", "out").inc(sent)
+        admission.release()
+        body.close()

@@ -1,0 +1,141 @@
+"""Memory a whole-clip request costs, and the replica's budget that admits requests.
+
+A whole-clip request streams through the model in chunks, so what it holds is its
+FeatureCache (which grows with the frame area, and for decode with the DDIM steps) plus
+the activations of one chunk (frame area times chunk frames), never the clip: its cost
+depends on H x W, not on T. `COSTS` gives, per model preset and operation, the bytes of
+peak RSS added per pixel of the padded frame:
+
+    bytes = pixels * (state * steps + frame * chunk_frames) + fixed
+
+(`steps` is 1 for encode). The figures are measured, not derived: the fresh-process
+peak RSS of streamed runs at several sizes, chunk lengths and steps, fitted by least
+squares, by `python -m benchmarks.memory_calibration` (benchmarks/results/
+memory_calibration.json records its command, commit, CPU and date). A measured
+estimate is then multiplied by `SAFETY`.
+
+Admission: a request whose estimate at the smallest chunk can never fit the budget gets
+413 `clip_too_large` with the estimate and the largest frame that fits. Otherwise it
+takes the largest chunk up to `MAX_CHUNK_FRAMES` that fits, and reserves its estimate
+for its lifetime; a request that fits alone but not beside the running ones waits in
+the queue (its admission slot counts toward the queue limit) until memory is released.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.config import SPACE_FACTOR, TIME_FACTOR
+
+from .errors import PayloadTooLarge
+
+# Headroom over the fitted estimate: the fits' worst relative error is 35% (base decode;
+# 15-20% for tiny and small, benchmarks/results/memory_calibration.md).
+SAFETY = 1.4
+MAX_CHUNK_FRAMES = 8  # pixel frames per chunk: longer chunks measured no faster (docs/benchmarks.md)
+MIN_CHUNK_FRAMES = TIME_FACTOR
+# Used when the budget cannot be read from the machine.
+FALLBACK_BUDGET_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Peak RSS bytes a streamed request adds: per pixel of its feature cache (per DDIM
+    step for decode), per pixel per frame of its chunk in flight, and a constant."""
+
+    state: float
+    frame: float
+    fixed: float
+
+
+# Measured by `python -m benchmarks.memory_calibration` (fp32, CPU); keyed by (preset, op).
+# Presets not listed use the costliest listed preset's.
+COSTS: dict[tuple[str, str], Cost] = {
+    ("tiny", "encode"): Cost(state=620.3, frame=533.9, fixed=172175252),
+    ("tiny", "decode"): Cost(state=1895.9, frame=736.1, fixed=260783978),
+    ("small", "encode"): Cost(state=3974.4, frame=534.8, fixed=93237679),
+    ("small", "decode"): Cost(state=15364.6, frame=3936.9, fixed=0),
+    ("base", "encode"): Cost(state=21210.6, frame=1286.1, fixed=105442509),
+    ("base", "decode"): Cost(state=28471.1, frame=9743.8, fixed=38961395),
+}
+
+
+def cost_for(preset: str, op: str) -> Cost:
+    if (preset, op) in COSTS:
+        return COSTS[(preset, op)]
+    return max((c for (p, o), c in COSTS.items() if o == op), key=lambda c: c.state + c.frame)
+
+
+def estimate_bytes(cost: Cost, pixels: int, chunk_frames: int, steps: int = 1) -> int:
+    return math.ceil(SAFETY * (pixels * (cost.state * steps + cost.frame * chunk_frames) + cost.fixed))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a request runs: pixel frames per chunk, and the memory it reserves."""
+
+    chunk_frames: int
+    bytes: int
+
+
+def padded_pixels(height: int, width: int) -> int:
+    return (-(-height // SPACE_FACTOR) * SPACE_FACTOR) * (-(-width // SPACE_FACTOR) * SPACE_FACTOR)
+
+
+def plan(cost: Cost, budget: int, height: int, width: int, steps: int = 1) -> Plan:
+    """The largest chunk (a multiple of 4 frames) whose estimate fits `budget`; 413 when
+    not even the smallest does, with the largest square frame that would."""
+    pixels = padded_pixels(height, width)
+    for chunk in range(MAX_CHUNK_FRAMES, MIN_CHUNK_FRAMES - 1, -TIME_FACTOR):
+        need = estimate_bytes(cost, pixels, chunk, steps)
+        if need <= budget:
+            return Plan(chunk, need)
+    need = estimate_bytes(cost, pixels, MIN_CHUNK_FRAMES, steps)
+    per_pixel = cost.state * steps + cost.frame * MIN_CHUNK_FRAMES
+    max_pixels = max(0, int((budget / SAFETY - cost.fixed) / per_pixel))
+    side = int(math.isqrt(max_pixels)) // SPACE_FACTOR * SPACE_FACTOR
+    raise PayloadTooLarge(
+        f"a {height}x{width} clip needs about {need / 2**20:.0f} MiB to stream (steps={steps}); this replica's "
+        f"memory budget is {budget / 2**20:.0f} MiB (CDT_MEMORY_BUDGET_MB). The largest frame that fits is "
+        f"{max_pixels} pixels, e.g. {side}x{side}", code="clip_too_large",
+        details={"estimate_bytes": need, "budget_bytes": budget, "max_pixels": max_pixels, "max_square_side": side})
+
+
+def machine_memory_bytes() -> int | None:
+    """The memory this process may use: its cgroup's limit, else the machine's RAM."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # cgroup v1 writes a huge number for "no limit"
+            return int(text)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+
+
+def resident_bytes() -> int:
+    """This process's current resident set size."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def default_budget(device: str) -> int:
+    """Requests may use 80% of what the device holds beyond what is already resident
+    (the loaded model, the runtime). On CUDA, the device's memory (untested here: no GPU)."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(0.8 * free)
+    total = machine_memory_bytes()
+    if total is None:
+        return FALLBACK_BUDGET_BYTES
+    return max(0, int(0.8 * (total - resident_bytes())))
