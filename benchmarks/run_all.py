@@ -29,6 +29,9 @@ SUITE: dict[str, list[str]] = {
     "precision": [],
     "stream_memory": [],
     "encode_memory": [],
+    "memory_calibration": [],
+    "memory_estimates": [],
+    "request_memory": [],
     "http_overhead": [],
     "session_cost": [],
     "load_test": [],
@@ -100,13 +103,25 @@ def targets() -> list[dict]:
     if overhead:
         add("HTTP overhead (time outside model jobs / compute)", "< 5%", f"{overhead['outside_ratio']:.2%} "
             f"(end-to-end ratio {overhead['ratio']:.3f})", overhead["outside_ratio"] < 0.05, "http_overhead")
+    requests = load("request_memory")
+    if requests:
+        frames = sorted({r["frames"] for r in requests["rows"]})
+        for endpoint, ratio in requests["rss_ratios"].items():
+            add(f"{endpoint} peak RSS, {frames[-1]} vs {frames[0]} frames (256x256)", "<= 1.2", f"{ratio:.3f}",
+                ratio <= 1.2, "request_memory")
+        for endpoint, by_length in requests["time_per_frame_vs_whole_clip"].items():
+            worst = max(by_length.values())
+            add(f"{endpoint} time per frame vs the whole-clip service", "<= 1.10x", f"{worst:.3f}x (worst length)",
+                worst <= 1.10, "request_memory")
     cost = load("session_cost")
     if cost:
-        for case, suffix in (("another replica continues", ""), ("the replica that wrote it continues",
-                                                                   "_same_replica")):
-            worst, large = cost["worst_share" + suffix], cost["worst_share_largest_chunk" + suffix]
-            add(f"session state save+load / chunk compute, worst case: {case}", "< 10%",
-                f"{worst:.1%} ({large:.1%} with the longest chunks)", worst < 0.10, "session_cost")
+        add("session store time on the response path / chunk compute (hot replica)", "<= 5%",
+            f"{cost['worst_store_share']:.2%}", cost["worst_store_share"] <= 0.05, "session_cost")
+        add("bytes to and from Redis per chunk / (chunk body + response)", "<= 1.5x",
+            f"{cost['worst_redis_bytes_ratio']:.2f}x", cost["worst_redis_bytes_ratio"] <= 1.5, "session_cost")
+        for name, scale in cost["scale"].items():
+            add(f"Redis memory of a {name} session / its input window", "<= 2x",
+                f"{scale['redis_over_window']:.2f}x", scale["redis_over_window"] <= 2, "session_cost")
     load_test = load("load_test")
     if load_test:
         worst = load_test["rows"][-1]

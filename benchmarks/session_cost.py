@@ -1,113 +1,211 @@
-"""Cost of a streaming session's store traffic between chunks.
+"""What streaming sessions cost the store, measured through two real `cdt serve` replicas
+sharing a real Redis.
 
-For encode and decode sessions at each size and chunk length: a steady-state chunk's
-compute time, and the synchronous store time of a chunk on the replica that holds the
-session's hot stream (one load, one commit of the chunk input, response and metadata)
-against a real Redis, as a fraction of the compute; plus the FeatureCache size and the
-time to write it as a snapshot (off the response path). Medians of --repeats runs.
+Part 1, per kind (encode, decode) and frame size, 4-frame chunks, the tiny checkpoint:
+- the replica holding the session's hot stream serves `--chunks` chunks; from its
+  /metrics: compute per chunk (`cdt_compute_seconds`), synchronous store time per chunk
+  (`cdt_session_store_seconds`: the load and the commit), and from Redis' INFO the bytes
+  that crossed to and from Redis per chunk, against the chunk's body plus its response;
+- the other replica then serves the next chunk, rebuilding the stream first
+  (`cdt_session_rebuild_seconds`), without a snapshot (log window replay) and with one
+  (replicas started with snapshots after every chunk), as a multiple of one chunk's compute.
 
-    .venv/bin/python -m benchmarks.session_cost [--sizes 256 512] [--preset tiny]
+Part 2, decode sessions with the default limits where one FeatureCache is large (the
+tiny checkpoint at 1280x720, a random-init `small` (CDT-S) at 512x512): chunks over
+HTTP, alternating between the two replicas, Redis memory of the session's keys
+(`MEMORY USAGE`) against the input log window it must hold.
+
+    .venv/bin/python -m benchmarks.session_cost [--sizes 256 512] [--chunks 6] [--scale-chunks 4]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import io
+import re
 import secrets
+import subprocess
 import sys
+import tempfile
 import time
+from contextlib import ExitStack
+from pathlib import Path
 
-import torch
-from redis.utils import HIREDIS_AVAILABLE
+import httpx
+import numpy as np
+import redis
 
 from benchmarks import report
-from model import CDTConfig, StreamingDecoder, StreamingEncoder, build_model
-from service.session_store import RedisSessionStore, SessionStore
+from tests.servers import Server
 
-SNAPSHOT_PART_BYTES = 64 * 2**20
-
-
-def chunk_streams(model, size: int, frames: int):
-    """(kind, stream primed with its first chunk, function pushing one steady-state chunk
-    of `frames` pixel frames)."""
-    enc = StreamingEncoder(model)
-    enc.push(torch.rand(1, 3, 1, size, size) * 2 - 1)
-    dec = StreamingDecoder(model, steps=1, seed=0)
-    dec.push(torch.randn(1, 16, 1, size // 8, size // 8))
-    return [
-        ("encode", enc, lambda: enc.push(torch.rand(1, 3, frames, size, size) * 2 - 1)),
-        ("decode", dec, lambda: dec.push(torch.randn(1, 16, frames // 4, size // 8, size // 8))),
-    ]
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "checkpoints" / "cdt-tiny"
+CDT = Path(sys.executable).parent / "cdt"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+CHUNK_FRAMES = 4  # pixel frames per chunk: 1 latent frame
 
 
-def chunk_bytes(tensor: torch.Tensor) -> bytes:
-    """A stand-in for a chunk body or response of the tensor's size."""
-    return tensor.float().numpy().tobytes()
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
-async def chunk_store_time(store: SessionStore, chunk: bytes, response: bytes, repeats: int) -> float:
-    """Median time of one chunk's synchronous store traffic: load, then commit."""
-    sid = secrets.token_hex(8)
-    assert await store.create(sid, {"bench": True}, ttl_s=60, max_sessions=10**6)
-    times = []
-    for version in range(1, repeats + 1):
-        start = time.perf_counter()
-        loaded = await store.load(sid)
-        assert await store.commit(sid, loaded.version, {"bench": True}, response, 60, (str(version), chunk),
-                                  [str(version - 1)])
-        times.append(time.perf_counter() - start)
-    await store.delete(sid)
-    return sorted(times)[len(times) // 2]
+def metric_sum(text: str, name: str, labels: str = "") -> float:
+    """Sum of the samples of `name` whose labels contain `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", line)
+        if match and labels in (match.group(1) or ""):
+            total += float(match.group(2))
+    return total
 
 
-async def snapshot_time(store: SessionStore, state: bytes) -> float:
-    sid = secrets.token_hex(8)
-    assert await store.create(sid, {"bench": True}, ttl_s=60, max_sessions=10**6)
-    start = time.perf_counter()
-    assert await store.put_snapshot(sid, 0, state, SNAPSHOT_PART_BYTES)
-    elapsed = time.perf_counter() - start
-    await store.delete(sid)
-    return elapsed
+def scrape(server: Server) -> str:
+    return httpx.get(server.url + "/metrics").text
+
+
+def redis_bytes(r: redis.Redis) -> int:
+    stats = r.info("stats")
+    return stats["total_net_input_bytes"] + stats["total_net_output_bytes"]
+
+
+def chunk_body(kind: str, height: int, width: int, rng: np.random.Generator) -> bytes:
+    """One 4-frame chunk: uint8 frames for encode, one latent frame (float32) for decode."""
+    if kind == "encode":
+        return npy(rng.integers(0, 256, (CHUNK_FRAMES, height, width, 3), dtype=np.uint8))
+    return npy(rng.standard_normal((1, 16, 1, height // 8, width // 8), dtype=np.float32))
+
+
+def push(http: httpx.Client, server: Server, sid: str, seq: int, body: bytes) -> httpx.Response:
+    response = http.post(f"{server.url}/v1/sessions/{sid}/chunks/{seq}", content=body,
+                         params={"format": "npy"}, headers={"content-type": "application/x-npy"})
+    if response.status_code != 200:
+        raise SystemExit(f"chunk {seq}: {response.status_code} {response.text}")
+    return response
+
+
+def session_keys(r: redis.Redis, prefix: str, sid: str) -> list[bytes]:
+    return list(r.scan_iter(match=f"{prefix}*{{{sid}}}*"))
+
+
+def session_memory(r: redis.Redis, prefix: str, sid: str) -> int:
+    return sum(r.memory_usage(key, samples=0) or 0 for key in session_keys(r, prefix, sid))
+
+
+def hot_then_rebuild(pair: tuple[Server, Server], prefix: str, kind: str, size: int, chunks: int,
+                     snapshots: bool, r: redis.Redis) -> dict:
+    """`chunks` chunks on the replica holding the stream, then one on the other."""
+    hot, other = pair
+    rng = np.random.default_rng(0)
+    bodies = [chunk_body(kind, size, size, rng) for _ in range(chunks + 1)]
+    with httpx.Client(timeout=3600) as http:
+        sid = http.post(hot.url + "/v1/sessions", json={"kind": kind}).json()["id"]
+        push(http, hot, sid, 0, bodies[0])  # the first chunk starts the stream: not steady state
+        before, redis_before = scrape(hot), redis_bytes(r)
+        payload = 0
+        for seq in range(1, chunks):
+            payload += len(bodies[seq]) + len(push(http, hot, sid, seq, bodies[seq]).content)
+        after, redis_after = scrape(hot), redis_bytes(r)
+        if snapshots:  # the snapshot of the last chunk is written off the response path: wait for it
+            deadline = time.monotonic() + 600
+            while http.get(f"{hot.url}/v1/sessions/{sid}").json()["snapshot_seq"] != chunks - 1:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the snapshot was never written")
+                time.sleep(0.2)
+        rebuilt_before = scrape(other)
+        response = push(http, other, sid, chunks, bodies[chunks])
+        rebuilt_after = scrape(other)
+        info = http.get(f"{other.url}/v1/sessions/{sid}").json()
+        memory = session_memory(r, prefix, sid)
+        http.delete(f"{other.url}/v1/sessions/{sid}")
+    n = chunks - 1
+    compute = (metric_sum(after, "cdt_compute_seconds_sum", f'op="session_{kind}"')
+               - metric_sum(before, "cdt_compute_seconds_sum", f'op="session_{kind}"')) / n
+    store = sum(metric_sum(after, "cdt_session_store_seconds_sum", f'op="{op}"')
+                - metric_sum(before, "cdt_session_store_seconds_sum", f'op="{op}"') for op in ("load", "commit")) / n
+    rebuild = (metric_sum(rebuilt_after, "cdt_session_rebuild_seconds_sum")
+               - metric_sum(rebuilt_before, "cdt_session_rebuild_seconds_sum"))
+    return {"kind": kind, "size": f"{size}x{size}", "snapshots": snapshots, "chunk_compute_s": compute,
+            "store_s": store, "store_share": store / compute, "chunk_and_response_kb": payload / n / 1024,
+            "redis_kb": (redis_after - redis_before) / n / 1024,
+            "redis_bytes_ratio": (redis_after - redis_before) / payload,
+            "rebuild": response.headers.get("x-cdt-rebuild", "none"), "rebuild_s": rebuild,
+            "rebuild_over_chunk": rebuild / compute, "log_chunks": info["log_chunks"],
+            "log_mb": info["log_bytes"] / 2**20, "redis_session_mb": memory / 2**20}
+
+
+def alternating_decode(pair: tuple[Server, Server], prefix: str, height: int, width: int, chunks: int,
+                       r: redis.Redis) -> dict:
+    """A decode session whose chunks alternate between the replicas (every chunk rebuilds)."""
+    rng = np.random.default_rng(0)
+    times, peak_memory, peak_window = [], 0, 0
+    with httpx.Client(timeout=3600) as http:
+        sid = http.post(pair[0].url + "/v1/sessions", json={"kind": "decode"}).json()["id"]
+        for seq in range(chunks):
+            server = pair[seq % 2]
+            start = time.perf_counter()
+            push(http, server, sid, seq, chunk_body("decode", height, width, rng))
+            times.append(time.perf_counter() - start)
+            info = http.get(f"{server.url}/v1/sessions/{sid}").json()
+            peak_memory = max(peak_memory, session_memory(r, prefix, sid))
+            peak_window = max(peak_window, info["log_bytes"])
+        http.delete(f"{pair[0].url}/v1/sessions/{sid}")
+    return {"chunks": chunks, "chunk_s": times, "redis_session_mb": peak_memory / 2**20,
+            "log_window_mb": peak_window / 2**20, "redis_over_window": peak_memory / peak_window}
+
+
+def replicas(stack: ExitStack, checkpoint: Path, tmp: Path, **env) -> tuple[tuple[Server, Server], str]:
+    """Two replicas sharing Redis under a key prefix of their own, and the prefix."""
+    prefix = f"cdt-bench-{secrets.token_hex(4)}:"
+    pair = tuple(stack.enter_context(Server(checkpoint, tmp / f"replica{i}.log", redis_url=REDIS_URL,
+                                            session_key_prefix=prefix, **env)) for i in range(2))
+    return pair, prefix
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--chunk-frames", type=int, nargs="+", default=[4, 16],
-                        help="pixel frames per steady-state chunk (multiples of 4)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--chunks", type=int, default=6, help="chunks per session on the hot replica")
+    parser.add_argument("--scale-chunks", type=int, default=4, help="chunks per session in part 2")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    model = build_model(CDTConfig.from_preset(args.preset), "cdt").eval()
-    store = RedisSessionStore(args.redis_url, prefix=f"cdt-bench-{secrets.token_hex(4)}:")
-    rows = []
-    loop = asyncio.new_event_loop()
-    for size in args.sizes:
-        for frames in args.chunk_frames:
-            for kind, stream, push in chunk_streams(model, size, frames):
-                with torch.inference_mode():
-                    compute = report.median_time(push, args.repeats)
-                    output = push()
-                inputs = (torch.rand(1, 3, frames, size, size) if kind == "encode"
-                          else torch.randn(1, 16, frames // 4, size // 8, size // 8))
-                chunk, response = chunk_bytes(inputs), chunk_bytes(output)
-                store_s = loop.run_until_complete(chunk_store_time(store, chunk, response, args.repeats))
-                state = stream.export_state()
-                rows.append({"kind": kind, "size": f"{size}x{size}", "chunk_frames": frames,
-                             "chunk_mb": len(chunk) / 2**20, "response_mb": len(response) / 2**20,
-                             "chunk_compute_s": compute, "store_s": store_s, "store_share": store_s / compute,
-                             "state_mb": len(state) / 2**20,
-                             "snapshot_s": loop.run_until_complete(snapshot_time(store, state))})
-    loop.run_until_complete(store.close())
-    summary = {"preset": args.preset, "worst_store_share": max(r["store_share"] for r in rows)}
-    notes = (f"{args.preset} preset, fp32, decode with 1 DDIM step. Store time = one load plus one "
-             f"compare-and-set commit of the chunk input (float32 stand-in), the response and the metadata, on "
-             f"loopback (reply parser: {'hiredis' if HIREDIS_AVAILABLE else 'pure Python'}), when the replica "
-             f"holding the hot stream continues the session. Worst store share of chunk compute: "
-             f"**{summary['worst_store_share']:.1%}**. `snapshot_s`: writing the FeatureCache as a snapshot in "
-             f"{SNAPSHOT_PART_BYTES >> 20} MB parts, off the response path.")
+    r = redis.Redis.from_url(REDIS_URL)
+    rows, scale = [], {}
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        for snapshots in (False, True):
+            env = {"session_snapshot_mb": 4096, "session_snapshot_every": 1} if snapshots else {}
+            with ExitStack() as stack:
+                pair, prefix = replicas(stack, TINY, tmp, **env)
+                for size in args.sizes:
+                    for kind in ("encode", "decode"):
+                        rows.append(hot_then_rebuild(pair, prefix, kind, size, args.chunks, snapshots, r))
+                        print(rows[-1], flush=True)
+        with ExitStack() as stack:
+            scale["tiny decode 1280x720"] = alternating_decode(*replicas(stack, TINY, tmp), 720, 1280,
+                                                               args.scale_chunks, r)
+            print(scale, flush=True)
+        small = tmp / "small"
+        subprocess.run([CDT, "init", "--preset", "small", "-o", small, "--seed", "0"], check=True, capture_output=True)
+        with ExitStack() as stack:
+            scale["small (CDT-S) decode 512x512"] = alternating_decode(*replicas(stack, small, tmp), 512, 512,
+                                                                       args.scale_chunks, r)
+            print(scale, flush=True)
+    hot = [row for row in rows if not row["snapshots"]]
+    summary = {"worst_store_share": max(row["store_share"] for row in hot),
+               "worst_redis_bytes_ratio": max(row["redis_bytes_ratio"] for row in hot), "scale": scale}
+    notes = (
+        f"Part 1: tiny checkpoint, fp32, {CHUNK_FRAMES}-frame chunks (npy in and out), {args.chunks - 1} "
+        "steady-state chunks on the replica holding the hot stream, then one on the other replica. Store time on "
+        f"the response path, worst share of chunk compute: **{summary['worst_store_share']:.2%}**; bytes to and "
+        f"from Redis per chunk over the chunk's body plus response: at most "
+        f"**{summary['worst_redis_bytes_ratio']:.2f}x**. `rebuild_over_chunk`: the other replica's rebuild "
+        "time as a multiple of one chunk's compute, from the log window (`snapshots` false) or from a "
+        "snapshot plus the chunks after it (true).\n\nPart 2 (default limits, two replicas, chunks alternating, "
+        "1 latent frame per chunk): "
+        + "; ".join(f"{name}: {s['chunks']} chunks, Redis holds {s['redis_session_mb']:.1f} MB for the session "
+                    f"against a {s['log_window_mb']:.1f} MB input window (**{s['redis_over_window']:.2f}x**), "
+                    f"chunk seconds {', '.join(f'{t:.0f}' for t in s['chunk_s'])}" for name, s in scale.items()))
     command = "python -m benchmarks.session_cost " + " ".join(sys.argv[1:])
     path = report.write("session_cost", command.strip(), summary, rows, notes)
     print(path.read_text())

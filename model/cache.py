@@ -24,7 +24,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 CACHE_FORMAT = "cdt-feature-cache"
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 _META_KEY = "cdt_cache"
 STARTED_KEY = "started"
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .cache import STARTED_KEY, FeatureCache
+from .cache import FeatureCache
 from .config import SPACE_FACTOR, TIME_FACTOR
 from .tokenizer import (Tokenizer, dtype_name, frames_for_latents, latent_frames_for, pixel_frames,
                         validate_latents)
@@ -45,7 +45,6 @@ def pad_frames(video: torch.Tensor) -> torch.Tensor:
 
 class _Stream:
     kind = ""
-    progress_key = ""  # the meta counter that is non-zero once the stream has started
 
     def __init__(self, model: Tokenizer, cache: FeatureCache | None, meta: dict[str, Any]) -> None:
         self.model = model
@@ -55,7 +54,6 @@ class _Stream:
             cache.started = False
         else:
             self._check(cache)
-            self._adopt_started_marks(cache)
             cache.to(model.device)
         self.cache = cache
 
@@ -72,15 +70,6 @@ class _Stream:
                     f"cache {key} is {cache.meta.get(key)!r}, this stream needs {value!r}"
                 )
 
-    def _adopt_started_marks(self, cache: FeatureCache) -> None:
-        """Caches exported without the `started` flag marked each started TimeUpsample
-        with a 0-d tensor instead: derive the flag from the counters, drop the marks."""
-        if STARTED_KEY in cache.meta:
-            return
-        cache.started = cache.meta.get(self.progress_key, 0) > 0
-        for key in [key for key, tensor in cache.tensors.items() if tensor.dim() == 0]:
-            del cache.tensors[key]
-
     def export_state(self) -> bytes:
         return self.cache.to_bytes()
 
@@ -91,7 +80,6 @@ class _Stream:
 
 class StreamingEncoder(_Stream):
     kind = "encode"
-    progress_key = "frames_encoded"
 
     def __init__(self, model: Tokenizer, cache: FeatureCache | None = None) -> None:
         super().__init__(model, cache, {"frames_in": 0, "frames_encoded": 0, "latents_out": 0,
@@ -173,7 +161,6 @@ class StreamingEncoder(_Stream):
 
 class StreamingDecoder(_Stream):
     kind = "decode"
-    progress_key = "frames_out"
 
     def __init__(self, model: Tokenizer, steps: int = 1, seed: int = 0, cache: FeatureCache | None = None) -> None:
         if cache is None and model.kind == "cdt":

@@ -22,7 +22,7 @@ from .ops import model_card
 from .routes import ROUTERS
 from .session_store import open_store
 from .sessions import Sessions
-from .memory import default_budget
+from .memory import configure_allocator, default_budget
 from .settings import Settings, mib
 from .workers import WorkerPool
 
@@ -54,10 +54,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        configure_allocator()
         model = await asyncio.to_thread(load_model, settings)
         metrics.model_info.info({k: str(v) for k, v in model_card(model, settings.device).items()
                                  if k != "compression"})
-        budget = mib(settings.memory_budget_mb) if settings.memory_budget_mb else default_budget(settings.device)
+        budget = (mib(settings.memory_budget_mb) if settings.memory_budget_mb
+                  else default_budget(settings.device, settings.session_hot_bytes))
         pool = WorkerPool(model, settings.queue_size, settings.request_timeout_s, metrics, budget)
         pool.start()
         app.state.pool = pool

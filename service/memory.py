@@ -19,10 +19,14 @@ Admission: a request whose estimate at the smallest chunk can never fit the budg
 takes the largest chunk up to `MAX_CHUNK_FRAMES` that fits, and reserves its estimate
 for its lifetime; a request that fits alone but not beside the running ones waits in
 the queue (its admission slot counts toward the queue limit) until memory is released.
+A session chunk is admitted the same way at the length its sender chose (its stream's
+cache is counted in the hot-session budget, CDT_SESSION_HOT_MB, outside this one).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import os
 from dataclasses import dataclass
@@ -93,15 +97,67 @@ def plan(cost: Cost, budget: int, height: int, width: int, steps: int = 1) -> Pl
         need = estimate_bytes(cost, pixels, chunk, steps)
         if need <= budget:
             return Plan(chunk, need)
-    need = estimate_bytes(cost, pixels, MIN_CHUNK_FRAMES, steps)
-    per_pixel = cost.state * steps + cost.frame * MIN_CHUNK_FRAMES
+    raise too_large(cost, budget, height, width, MIN_CHUNK_FRAMES, steps)
+
+
+def chunk_bytes(cost: Cost, budget: int, height: int, width: int, frames: int, steps: int = 1) -> int:
+    """The estimate of a chunk of `frames` frames given by its sender (a session chunk);
+    413 when it cannot fit `budget`."""
+    need = estimate_bytes(cost, padded_pixels(height, width), frames, steps)
+    if need > budget:
+        raise too_large(cost, budget, height, width, frames, steps)
+    return need
+
+
+def too_large(cost: Cost, budget: int, height: int, width: int, frames: int, steps: int) -> PayloadTooLarge:
+    need = estimate_bytes(cost, padded_pixels(height, width), frames, steps)
+    per_pixel = cost.state * steps + cost.frame * frames
     max_pixels = max(0, int((budget / SAFETY - cost.fixed) / per_pixel))
     side = int(math.isqrt(max_pixels)) // SPACE_FACTOR * SPACE_FACTOR
-    raise PayloadTooLarge(
-        f"a {height}x{width} clip needs about {need / 2**20:.0f} MiB to stream (steps={steps}); this replica's "
-        f"memory budget is {budget / 2**20:.0f} MiB (CDT_MEMORY_BUDGET_MB). The largest frame that fits is "
-        f"{max_pixels} pixels, e.g. {side}x{side}", code="clip_too_large",
+    return PayloadTooLarge(
+        f"{frames} frames of {height}x{width} need about {need / 2**20:.0f} MiB to stream (steps={steps}); this "
+        f"replica's memory budget is {budget / 2**20:.0f} MiB (CDT_MEMORY_BUDGET_MB). The largest frame that fits "
+        f"is {max_pixels} pixels, e.g. {side}x{side}", code="clip_too_large",
         details={"estimate_bytes": need, "budget_bytes": budget, "max_pixels": max_pixels, "max_square_side": side})
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+# Blocks from 32 MiB up are mmapped and unmapped whole, smaller ones come from the heap:
+# glibc's own range, fixed at its top. Left dynamic, the threshold rises toward it as large
+# blocks are freed, so a long stream's allocations move onto the heap chunk after chunk and
+# its peak keeps rising (benchmarks/results/request_memory.md). A fixed 128 KiB threshold
+# also held the peak but made decoding 25% slower (every activation a fresh mapping).
+_MMAP_THRESHOLD = 32 << 20
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _libc()
+
+
+def configure_allocator() -> None:
+    """Make the C allocator's footprint follow the work, not its history (glibc only; a
+    no-op elsewhere): a fixed mmap threshold, and one arena, since the model runs in one
+    thread and per-thread arenas each keep their own free memory."""
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+        _LIBC.mallopt(_M_ARENA_MAX, 1)
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim): run after every
+    model job, so what one chunk freed does not stay resident, fragmented, into the next."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def machine_memory_bytes() -> int | None:
@@ -127,15 +183,16 @@ def resident_bytes() -> int:
         return 0
 
 
-def default_budget(device: str) -> int:
-    """Requests may use 80% of what the device holds beyond what is already resident
-    (the loaded model, the runtime). On CUDA, the device's memory (untested here: no GPU)."""
+def default_budget(device: str, hot_sessions: int) -> int:
+    """Requests may use 80% of what the device holds beyond what is already resident (the
+    loaded model, the runtime) and what the hot session streams may take. On CUDA, the
+    device's free memory (untested here: no GPU)."""
     if device.startswith("cuda"):
         import torch
 
         free, _total = torch.cuda.mem_get_info(torch.device(device))
-        return int(0.8 * free)
+        return max(0, int(0.8 * free) - hot_sessions)
     total = machine_memory_bytes()
     if total is None:
         return FALLBACK_BUDGET_BYTES
-    return max(0, int(0.8 * (total - resident_bytes())))
+    return max(0, int(0.8 * (total - resident_bytes())) - hot_sessions)

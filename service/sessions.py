@@ -45,6 +45,7 @@ from model.tokenizer import pixel_frames
 from .codecs import NPY, SAFETENSORS, Body, ClipOptions, Kind, Limits, body_from_bytes, parse_latent_chunk, \
     read_clip
 from .errors import BadParameter, Conflict, InvalidInput, NotFound, PayloadTooLarge, ServiceError, Unavailable
+from .memory import chunk_bytes, cost_for
 from .metrics import LATENCY_BUCKETS, Metrics
 from .responses import encode_frames
 from .session_store import SessionStore, SessionStoreUnavailable, StoredSession
@@ -660,16 +661,32 @@ class Sessions:
                 output = current.push(model_input(record.kind, chunk))
             return current, output.float().cpu(), rebuild_s
 
+        admission = await self.pool.admit(self._chunk_bytes(record, chunk))
         try:
-            current, output, rebuild_s = await self.pool.run(f"session_{record.kind}", job)
+            current, output, rebuild_s = await self.pool.execute(f"session_{record.kind}", job)
         except (CacheMismatchError, CacheFormatError) as exc:
             raise Conflict(f"session state does not fit this replica: {exc}", code="model_mismatch") from None
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
+        finally:
+            admission.release()
         if rebuild is not None:
             self.metrics.rebuilds.labels(rebuild.reason, rebuild.source).inc()
             self.metrics.rebuild_seconds.observe(rebuild_s)
         return current, output
+
+    def _chunk_bytes(self, record: SessionRecord, chunk: torch.Tensor | None) -> int:
+        """The memory a chunk's job reserves: its frames as sent (encode: plus up to 3 frames
+        pending from earlier chunks; a finish, the last 4) at the session's frame size."""
+        if chunk is None:
+            frames, height, width = TIME_FACTOR, record.height, record.width
+        elif record.kind == "encode":
+            frames, (height, width) = chunk.shape[2] + TIME_FACTOR - 1, chunk.shape[3:]
+        else:
+            frames, height, width = TIME_FACTOR * chunk.shape[2], *(SPACE_FACTOR * d for d in chunk.shape[3:])
+        model = self.pool.model
+        return chunk_bytes(cost_for(model.config.preset, record.kind), self.pool.memory.total, height, width, frames,
+                           record.steps if record.kind == "decode" else 1)
 
     def _encoded(self, record: SessionRecord, stream: Stream, chunk: torch.Tensor | None, latents: torch.Tensor,
                  fmt: str) -> Applied:

@@ -41,7 +41,7 @@ class Settings(BaseModel):
                                       "store when unset")
     api_keys: tuple[str, ...] = Field((), description="accepted Bearer keys; auth is off when empty")
     max_upload_mb: float = Field(256.0, gt=0, description="largest request body")
-    max_frames: int = Field(1024, ge=1, description="longest clip (frames) a request may encode or decode: it "
+    max_frames: int = Field(1025, ge=1, description="longest clip (frames) a request may encode or decode: it "
                             "bounds a request's time, not its memory (requests stream in chunks)")
     memory_budget_mb: float | None = Field(None, gt=0, description="memory this replica admits whole-clip "
                                            "requests into (default: 80% of the machine's or cgroup's memory, or of "

@@ -34,6 +34,7 @@ import torch
 from model import Tokenizer
 
 from .errors import GatewayTimeout, Overloaded, Unavailable
+from .memory import release_free_memory
 from .metrics import Metrics
 
 T = TypeVar("T")
@@ -230,5 +231,8 @@ class WorkerPool:
         self._metrics.compute_seconds.labels(job.op, outcome).observe(elapsed)
 
     def _call(self, fn: Callable[[Tokenizer], T]) -> T:
-        with torch.inference_mode():
-            return fn(self.model)
+        try:
+            with torch.inference_mode():
+                return fn(self.model)
+        finally:
+            release_free_memory()

@@ -1,5 +1,6 @@
 """Chunked processing through the FeatureCache equals whole-clip processing."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -7,10 +8,10 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as st_save
 
-from model import (CDTConfig, CacheMismatchError, FeatureCache, StreamingDecoder, StreamingEncoder, build_model,
-                   from_pretrained)
-from model.layers import TimeUpsample
+from model import (CacheFormatError, CacheMismatchError, CDTConfig, FeatureCache, StreamingDecoder, StreamingEncoder,
+                   build_model, from_pretrained)
 
 H, W = 32, 48  # 48 is not a multiple of the U-Net's 16x: exercises its odd-size path
 
@@ -146,20 +147,12 @@ def test_started_flag_travels_with_the_state(tiny_model, clip, latents):
     assert not StreamingDecoder.from_state(tiny_model, StreamingDecoder(tiny_model).export_state()).cache.started
 
 
-def test_state_exported_before_the_started_flag_continues(tiny_model, latents):
-    """Such exports marked each started TimeUpsample with a 0-d tensor under its path."""
-    dec = StreamingDecoder(tiny_model, steps=2, seed=7)
-    head = dec.push(latents[:, :, :2])
-    legacy = FeatureCache.from_bytes(dec.export_state())
-    del legacy.meta["started"]
-    for name, module in tiny_model.named_modules():
-        if isinstance(module, TimeUpsample):
-            for step in range(2):
-                legacy.set(f"step{step}/{name}", torch.ones(()))
-    resumed = StreamingDecoder.from_state(tiny_model, legacy.to_bytes())
-    assert resumed.cache.started and all(resumed.cache.get(key).dim() > 0 for key in resumed.cache)
-    streamed = torch.cat([head, resumed.push(latents[:, :, 2:4])], dim=2)
-    assert torch.equal(streamed, stream_decode(tiny_model, latents[:, :, :4], [2, 2], steps=2, seed=7))
+def test_a_state_of_another_cache_format_version_is_refused(tiny_model):
+    state = FeatureCache.from_bytes(StreamingEncoder(tiny_model).export_state())
+    header = {"format": "cdt-feature-cache", "version": 1, "meta": state.meta}
+    old = st_save({}, metadata={"cdt_cache": json.dumps(header)})
+    with pytest.raises(CacheFormatError, match="version 1"):
+        StreamingEncoder.from_state(tiny_model, old)
 
 
 def test_state_size_stays_constant(tiny_model, clip):

@@ -155,15 +155,27 @@ def in_flight(url: str) -> bool:
         return False
 
 
-def test_replica_killed_in_the_middle_of_a_chunk(tiny_checkpoint, tmp_path, prefix, replicas, frames, whole):
+@pytest.mark.parametrize("kind,steps", [("encode", 1), ("decode", 1), ("decode", 3)])
+def test_replica_killed_in_the_middle_of_a_chunk(kind, steps, tiny_checkpoint, tmp_path, prefix, replicas, frames,
+                                                 whole):
+    if kind == "encode":
+        spec, fmt, chunks = {"kind": "encode"}, "safetensors", split(len(frames), [1, 4, 28])
+        inputs = lambda a, b: frames[a:b]  # noqa: E731
+        output = lambda r: latents_of(r.content)  # noqa: E731
+    else:
+        h, w = frames.shape[1:3]
+        spec = {"kind": "decode", "steps": steps, "seed": 3, "height": h, "width": w, "frames": len(frames)}
+        latents = latents_of(whole)
+        fmt, chunks = "npy", split(latents.shape[2], [1, 4, 4])
+        inputs = lambda a, b: latents[:, :, a:b].numpy()  # noqa: E731
+        output = lambda r: npy_array(r.content)  # noqa: E731
     doomed = Server(tiny_checkpoint, tmp_path / "doomed.log", redis_url=REDIS_URL,
                     session_key_prefix=prefix).wait_ready()
-    chunks = split(len(frames), [1, 4, 28])
     try:
-        sid = httpx.post(doomed.url + "/v1/sessions", json={"kind": "encode"}).json()["id"]
-        parts = [latents_of(push(doomed.url, sid, seq, frames[a:b]).content) for seq, (a, b) in enumerate(chunks[:2])]
+        sid = httpx.post(doomed.url + "/v1/sessions", json=spec).json()["id"]
+        parts = [output(push(doomed.url, sid, seq, inputs(a, b), fmt)) for seq, (a, b) in enumerate(chunks[:2])]
         (a, b), lost = chunks[2], []
-        sender = threading.Thread(target=lambda: lost.append(_try_push(doomed.url, sid, 2, frames[a:b])))
+        sender = threading.Thread(target=lambda: lost.append(_try_push(doomed.url, sid, 2, inputs(a, b), fmt)))
         sender.start()
         deadline = time.monotonic() + 30
         while not in_flight(doomed.url):
@@ -174,17 +186,24 @@ def test_replica_killed_in_the_middle_of_a_chunk(tiny_checkpoint, tmp_path, pref
     finally:
         doomed.stop()
     assert lost == [None]  # the client saw the connection drop
-    r = push(replicas[0].url, sid, 2, frames[a:b])  # the client's retry, on the other replica
+    r = push(replicas[0].url, sid, 2, inputs(a, b), fmt)  # the client's retry, on the other replica
     assert r.status_code == 200, r.text
     assert rebuild_of(r) == "missing" and "x-cdt-replayed" not in r.headers
-    parts.append(latents_of(r.content))
-    parts.append(latents_of(httpx.post(f"{replicas[0].url}/v1/sessions/{sid}/finish", timeout=60).content))
-    assert (torch.cat(parts, dim=2) - latents_of(whole)).abs().max().item() < 1e-5
+    parts.append(output(r))
+    if kind == "encode":
+        parts.append(latents_of(httpx.post(f"{replicas[0].url}/v1/sessions/{sid}/finish", timeout=60).content))
+        assert (torch.cat(parts, dim=2) - latents_of(whole)).abs().max().item() < 1e-5
+        return
+    reference = httpx.post(f"{replicas[0].url}/v1/decode?steps={steps}&seed=3&format=npy", content=whole,
+                           headers={"content-type": "application/x-safetensors"}, timeout=120)
+    # uint8 output: equal up to a rounding flip where the float values sit on a .5 boundary.
+    diff = np.abs(np.concatenate(parts).astype(int) - npy_array(reference.content).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
-def _try_push(url, sid, seq, data):
+def _try_push(url, sid, seq, data, fmt):
     try:
-        return push(url, sid, seq, data)
+        return push(url, sid, seq, data, fmt)
     except httpx.TransportError:
         return None
 
