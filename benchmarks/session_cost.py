@@ -15,7 +15,7 @@ tiny checkpoint at 1280x720, a random-init `small` (CDT-S) at 512x512): chunks o
 HTTP, alternating between the two replicas, Redis memory of the session's keys
 (`MEMORY USAGE`) against the input log window it must hold.
 
-    .venv/bin/python -m benchmarks.session_cost [--sizes 256 512] [--chunks 6] [--scale-chunks 4]
+    .venv/bin/python -m benchmarks.session_cost [--sizes 256 512] [--chunks 60 6] [--scale-chunks 4]
 """
 
 from __future__ import annotations
@@ -166,7 +166,9 @@ def replicas(stack: ExitStack, checkpoint: Path, tmp: Path, **env) -> tuple[tupl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--chunks", type=int, default=6, help="chunks per session on the hot replica")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[60, 6],
+                        help="chunks per session on the hot replica, one per size: past the receptive field "
+                             "(tiny: 17 encode and 54 decode chunks of 4 frames) the log stops growing")
     parser.add_argument("--scale-chunks", type=int, default=4, help="chunks per session in part 2")
     args = parser.parse_args()
     r = redis.Redis.from_url(REDIS_URL)
@@ -177,9 +179,9 @@ def main() -> None:
             env = {"session_snapshot_mb": 4096, "session_snapshot_every": 1} if snapshots else {}
             with ExitStack() as stack:
                 pair, prefix = replicas(stack, TINY, tmp, **env)
-                for size in args.sizes:
+                for size, chunks in zip(args.sizes, args.chunks, strict=True):
                     for kind in ("encode", "decode"):
-                        rows.append(hot_then_rebuild(pair, prefix, kind, size, args.chunks, snapshots, r))
+                        rows.append(hot_then_rebuild(pair, prefix, kind, size, chunks, snapshots, r))
                         print(rows[-1], flush=True)
         with ExitStack() as stack:
             scale["tiny decode 1280x720"] = alternating_decode(*replicas(stack, TINY, tmp), 720, 1280,
@@ -195,8 +197,10 @@ def main() -> None:
     summary = {"worst_store_share": max(row["store_share"] for row in hot),
                "worst_redis_bytes_ratio": max(row["redis_bytes_ratio"] for row in hot), "scale": scale}
     notes = (
-        f"Part 1: tiny checkpoint, fp32, {CHUNK_FRAMES}-frame chunks (npy in and out), {args.chunks - 1} "
-        "steady-state chunks on the replica holding the hot stream, then one on the other replica. Store time on "
+        f"Part 1: tiny checkpoint, fp32, {CHUNK_FRAMES}-frame chunks (npy in and out); per size "
+        f"({', '.join(map(str, args.sizes))}) {', '.join(str(c - 1) for c in args.chunks)} steady-state chunks on the "
+        "replica holding the hot stream, then one on the other replica (`log_chunks`: what its rebuild replayed, "
+        "at most one receptive field). Store time on "
         f"the response path, worst share of chunk compute: **{summary['worst_store_share']:.2%}**; bytes to and "
         f"from Redis per chunk over the chunk's body plus response: at most "
         f"**{summary['worst_redis_bytes_ratio']:.2f}x**. `rebuild_over_chunk`: the other replica's rebuild "

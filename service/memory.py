@@ -127,8 +127,8 @@ _M_ARENA_MAX = -8
 # Blocks from 32 MiB up are mmapped and unmapped whole, smaller ones come from the heap:
 # glibc's own range, fixed at its top. Left dynamic, the threshold rises toward it as large
 # blocks are freed, so a long stream's allocations move onto the heap chunk after chunk and
-# its peak keeps rising (benchmarks/results/request_memory.md). A fixed 128 KiB threshold
-# also held the peak but made decoding 25% slower (every activation a fresh mapping).
+# its peak keeps rising. A fixed 128 KiB threshold held the peak flatter but slowed
+# decoding down (every activation a freshly zeroed mapping).
 _MMAP_THRESHOLD = 32 << 20
 
 

@@ -506,11 +506,11 @@ class Sessions:
                      fmt: str | None) -> ChunkResult:
         start = time.perf_counter()
         async with self._exclusive(session_id):
-            stored, record = await self._load(session_id, owner)
+            # The stored response is read only for a retry: a decode chunk's is its frames.
+            stored, record = await self._load(session_id, owner, response=False)
             fmt = output_format(record.kind, fmt)
-            replay = replayed(stored, record, label)
-            if replay is not None:
-                return replay
+            if record.last is not None and record.last.seq == label:
+                return await self._winner(session_id, owner, label)
             if record.finished:
                 raise Conflict("the session is finished; start a new one", code="session_finished")
             if body is not None and label != record.next_seq:
@@ -534,7 +534,8 @@ class Sessions:
         return ChunkResult(result.body, result.media_type, {**result.headers, REBUILD_HEADER: applied.rebuild})
 
     async def _winner(self, session_id: str, owner: str, label: int | str) -> ChunkResult:
-        """Another request applied a chunk first: answer as a retry of it, or refuse."""
+        """The stored answer when `label` is the last applied chunk (a retry, or a race this request
+        lost); otherwise 409."""
         stored, record = await self._load(session_id, owner)
         replay = replayed(stored, record, label)
         if replay is None:
