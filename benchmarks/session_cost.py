@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import re
 import secrets
 import subprocess
@@ -135,11 +136,15 @@ def hot_then_rebuild(pair: tuple[Server, Server], prefix: str, kind: str, size: 
             "log_mb": info["log_bytes"] / 2**20, "redis_session_mb": memory / 2**20}
 
 
-def alternating_decode(pair: tuple[Server, Server], prefix: str, height: int, width: int, chunks: int,
-                       r: redis.Redis) -> dict:
-    """A decode session whose chunks alternate between the replicas (every chunk rebuilds)."""
+def alternating_decode(pair: tuple[Server, Server], prefix: str, checkpoint: Path, height: int, width: int,
+                       chunks: int, r: redis.Redis) -> dict:
+    """A decode session whose chunks alternate between the replicas (every chunk rebuilds),
+    and Redis' memory for it against the input window it keeps at most: the receptive field
+    recorded with the checkpoint, in chunks of one latent frame."""
     rng = np.random.default_rng(0)
-    times, peak_memory, peak_window = [], 0, 0
+    field = json.loads((checkpoint / "receptive_field.json").read_text())
+    window = (field["decode_base"] + field["decode_per_step"]) * len(chunk_body("decode", height, width, rng))
+    times, peak_memory, peak_log = [], 0, 0
     with httpx.Client(timeout=3600) as http:
         sid = http.post(pair[0].url + "/v1/sessions", json={"kind": "decode"}).json()["id"]
         for seq in range(chunks):
@@ -149,10 +154,10 @@ def alternating_decode(pair: tuple[Server, Server], prefix: str, height: int, wi
             times.append(time.perf_counter() - start)
             info = http.get(f"{server.url}/v1/sessions/{sid}").json()
             peak_memory = max(peak_memory, session_memory(r, prefix, sid))
-            peak_window = max(peak_window, info["log_bytes"])
+            peak_log = max(peak_log, info["log_bytes"])
         http.delete(f"{pair[0].url}/v1/sessions/{sid}")
-    return {"chunks": chunks, "chunk_s": times, "redis_session_mb": peak_memory / 2**20,
-            "log_window_mb": peak_window / 2**20, "redis_over_window": peak_memory / peak_window}
+    return {"chunks": chunks, "chunk_s": times, "redis_session_mb": peak_memory / 2**20, "log_mb": peak_log / 2**20,
+            "window_mb": window / 2**20, "redis_over_window": peak_memory / window}
 
 
 def replicas(stack: ExitStack, checkpoint: Path, tmp: Path, **env) -> tuple[tuple[Server, Server], str]:
@@ -184,13 +189,13 @@ def main() -> None:
                         rows.append(hot_then_rebuild(pair, prefix, kind, size, chunks, snapshots, r))
                         print(rows[-1], flush=True)
         with ExitStack() as stack:
-            scale["tiny decode 1280x720"] = alternating_decode(*replicas(stack, TINY, tmp), 720, 1280,
+            scale["tiny decode 1280x720"] = alternating_decode(*replicas(stack, TINY, tmp), TINY, 720, 1280,
                                                                args.scale_chunks, r)
             print(scale, flush=True)
         small = tmp / "small"
         subprocess.run([CDT, "init", "--preset", "small", "-o", small, "--seed", "0"], check=True, capture_output=True)
         with ExitStack() as stack:
-            scale["small (CDT-S) decode 512x512"] = alternating_decode(*replicas(stack, small, tmp), 512, 512,
+            scale["small (CDT-S) decode 512x512"] = alternating_decode(*replicas(stack, small, tmp), small, 512, 512,
                                                                        args.scale_chunks, r)
             print(scale, flush=True)
     hot = [row for row in rows if not row["snapshots"]]
@@ -207,8 +212,9 @@ def main() -> None:
         "time as a multiple of one chunk's compute, from the log window (`snapshots` false) or from a "
         "snapshot plus the chunks after it (true).\n\nPart 2 (default limits, two replicas, chunks alternating, "
         "1 latent frame per chunk): "
-        + "; ".join(f"{name}: {s['chunks']} chunks, Redis holds {s['redis_session_mb']:.1f} MB for the session "
-                    f"against a {s['log_window_mb']:.1f} MB input window (**{s['redis_over_window']:.2f}x**), "
+        + "; ".join(f"{name}: {s['chunks']} chunks completed, Redis holds at most {s['redis_session_mb']:.1f} MB for "
+                    f"the session (its log {s['log_mb']:.1f} MB, the rest the last response and the record) "
+                    f"against an input window of {s['window_mb']:.1f} MB at most (**{s['redis_over_window']:.2f}x**), "
                     f"chunk seconds {', '.join(f'{t:.0f}' for t in s['chunk_s'])}" for name, s in scale.items()))
     command = "python -m benchmarks.session_cost " + " ".join(sys.argv[1:])
     path = report.write("session_cost", command.strip(), summary, rows, notes)
