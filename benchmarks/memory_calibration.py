@@ -118,7 +118,8 @@ def main() -> None:
                       f'frame={f["frame"]}, fixed={f["fixed"]}),' for key, f in fits.items())
     notes = ("Fitted `cost = pixels * (state * steps + frame * chunk_frames) + fixed` (bytes of peak RSS over the "
              f"process's baseline), per preset and op:\n\n```\n{table}\n```\n\n" + "\n".join(
-                 f"- {key}: worst relative error of the fit {f['worst_relative_error']:.1%}" for key, f in fits.items()))
+                 f"- {key}: worst relative error of the fit {f['worst_relative_error']:.1%}"
+                 for key, f in fits.items()))
     command = "python -m benchmarks.memory_calibration " + " ".join(sys.argv[1:])
     path = report.write("memory_calibration", command.strip(), {"fits": fits, "chunks": args.chunks}, rows, notes)
     print(path.read_text())

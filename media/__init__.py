@@ -5,7 +5,6 @@ May import `model`, never `service` or `training`."""
 from pathlib import Path
 
 from .codec import (
-    crop_decoded,
     decode_chunks,
     decode_frames,
     decode_video,
@@ -44,7 +43,6 @@ __all__ = [
     "VideoDecodeError",
     "VideoReader",
     "VideoWriter",
-    "crop_decoded",
     "decode_chunks",
     "decode_frames",
     "decode_video",

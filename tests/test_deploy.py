@@ -133,7 +133,8 @@ def test_load_balancer_has_every_replica_and_session_affinity_only(rendered):
     for sticky in ("ip_hash", "sticky", "sticky_cookie_insert", "sticky_route"):
         assert sticky not in names, f"nginx.conf pins clients to replicas with {sticky!r}"
     assert [d["args"] for d in upstreams["cdt"] if d["directive"] == "hash"] == []
-    assert [d["args"] for d in upstreams["cdt_sessions"] if d["directive"] == "hash"] == [["$cdt_session", "consistent"]]
+    hashes = [d["args"] for d in upstreams["cdt_sessions"] if d["directive"] == "hash"]
+    assert hashes == [["$cdt_session", "consistent"]]
     locations = {d["args"][-1]: d for d in directives if d["directive"] == "location"}
     proxied = {path: [a["args"] for a in d["block"] if a["directive"] == "proxy_pass"] for path, d in locations.items()}
     assert proxied["/"] == [["http://cdt"]]
@@ -188,7 +189,8 @@ def test_prometheus_scrapes_every_replica(rendered):
 
 
 def test_grafana_is_provisioned(rendered):
-    mounts = {v.split(":")[1] if isinstance(v, str) else v["target"] for v in rendered["services"]["grafana"]["volumes"]}
+    volumes = rendered["services"]["grafana"]["volumes"]
+    mounts = {v.split(":")[1] if isinstance(v, str) else v["target"] for v in volumes}
     assert {"/etc/grafana/provisioning", "/var/lib/grafana/dashboards"} <= mounts
     provision = DEPLOY / "grafana" / "provisioning"
     source = yaml.safe_load((provision / "datasources" / "prometheus.yml").read_text())["datasources"][0]

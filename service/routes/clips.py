@@ -22,7 +22,6 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from media import decode_chunks, encode_chunks, latents_info, tensor_to_frames
-from model import Tokenizer
 
 from ..auth import require_api_key
 from ..codecs import METADATA_HEADER, MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, ClipOptions, Kind, Limits, \
@@ -44,8 +43,9 @@ router = APIRouter(prefix="/v1", tags=["whole clips"], dependencies=[Depends(req
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _ERRORS = {status: {"description": f"`{{\"error\": {{\"code\": ..., \"message\": ...}}}}` ({what})"}
            for status, what in [(400, "bad parameter or empty body"), (401, "missing key"), (403, "bad key"),
-                                (413, "body or clip too large; `clip_too_large` from the memory estimate carries `details`: "
-                                            "estimate_bytes, budget_bytes, max_pixels, max_square_side"), (415, "unsupported media"),
+                                (413, "body or clip too large; `clip_too_large` from the memory estimate "
+                                      "carries `details`: estimate_bytes, budget_bytes, max_pixels, max_square_side"),
+                                (415, "unsupported media"),
                                 (422, "undecodable or invalid content"), (429, "queue full; see Retry-After"),
                                 (503, "not ready, shutting down or queue timeout"), (504, "compute timeout")]}
 ENCODE_BODY = {"requestBody": {"required": True, "description":
