@@ -39,7 +39,9 @@ from .errors import PayloadTooLarge
 # Headroom over the fitted estimate: the fits' worst relative error is 35% (base decode;
 # 15-20% for tiny and small, benchmarks/results/memory_calibration.md).
 SAFETY = 1.4
-MAX_CHUNK_FRAMES = 8  # pixel frames per chunk: longer chunks measured no faster (docs/benchmarks.md)
+# Pixel frames per chunk: at 8, requests run as fast per frame as one-call whole clips
+# (benchmarks/results/request_memory.md), so longer chunks would only cost memory.
+MAX_CHUNK_FRAMES = 8
 MIN_CHUNK_FRAMES = TIME_FACTOR
 # Used when the budget cannot be read from the machine.
 FALLBACK_BUDGET_BYTES = 4 << 30
