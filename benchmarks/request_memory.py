@@ -15,7 +15,6 @@ request runs on a new server process; its peak RSS is the kernel's high-water ma
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
 import tempfile
@@ -37,11 +36,6 @@ WHOLE_CLIP_COMMIT = "8d79126"  # the last commit whose service ran whole clips i
 VIDEO = REPO.parent / "shared" / "data" / "videos" / "mmaction2__test.mp4"
 
 
-def peak_rss_mb(server: Server) -> float:
-    status = Path(f"/proc/{server.process.pid}/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
-
-
 def looped_clip(frames: int, size: int) -> np.ndarray:
     clip = read_video(VIDEO, size=size, crop=size).frames
     order = np.concatenate([np.arange(len(clip)), np.arange(len(clip) - 2, 0, -1)])
@@ -52,13 +46,13 @@ def serve_one(path: str, body: bytes, content_type: str, log: Path,
               repo: Path = REPO) -> tuple[bytes, float, float, float]:
     """(response, seconds, peak RSS MB after the request, peak RSS MB when ready)."""
     with Server(CHECKPOINT, log, repo=repo) as server:
-        ready = peak_rss_mb(server)
+        ready = server.peak_rss_bytes() / 2**20
         start = time.perf_counter()
         response = httpx.post(server.url + path, content=body, headers={"content-type": content_type}, timeout=3600)
         seconds = time.perf_counter() - start
         if response.status_code != 200:
             raise SystemExit(f"{path}: {response.status_code} {response.text}")
-        return response.content, seconds, peak_rss_mb(server), ready
+        return response.content, seconds, server.peak_rss_bytes() / 2**20, ready
 
 
 @contextmanager

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import re
 import secrets
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import numpy as np
 import redis
 
 from benchmarks import report
-from tests.servers import Server
+from tests.servers import Server, metric_sum
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "checkpoints" / "cdt-tiny"
@@ -50,20 +49,6 @@ def npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
-
-
-def metric_sum(text: str, name: str, labels: str = "") -> float:
-    """Sum of the samples of `name` whose labels contain `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", line)
-        if match and labels in (match.group(1) or ""):
-            total += float(match.group(2))
-    return total
-
-
-def scrape(server: Server) -> str:
-    return httpx.get(server.url + "/metrics").text
 
 
 def redis_bytes(r: redis.Redis) -> int:
@@ -103,28 +88,28 @@ def hot_then_rebuild(pair: tuple[Server, Server], prefix: str, kind: str, size: 
     with httpx.Client(timeout=3600) as http:
         sid = http.post(hot.url + "/v1/sessions", json={"kind": kind}).json()["id"]
         push(http, hot, sid, 0, bodies[0])  # the first chunk starts the stream: not steady state
-        before, redis_before = scrape(hot), redis_bytes(r)
+        before, redis_before = hot.metrics(), redis_bytes(r)
         payload = 0
         for seq in range(1, chunks):
             payload += len(bodies[seq]) + len(push(http, hot, sid, seq, bodies[seq]).content)
-        after, redis_after = scrape(hot), redis_bytes(r)
+        after, redis_after = hot.metrics(), redis_bytes(r)
         if snapshots:  # the snapshot of the last chunk is written off the response path: wait for it
             deadline = time.monotonic() + 600
             while http.get(f"{hot.url}/v1/sessions/{sid}").json()["snapshot_seq"] != chunks - 1:
                 if time.monotonic() > deadline:
                     raise SystemExit("the snapshot was never written")
                 time.sleep(0.2)
-        rebuilt_before = scrape(other)
+        rebuilt_before = other.metrics()
         response = push(http, other, sid, chunks, bodies[chunks])
-        rebuilt_after = scrape(other)
+        rebuilt_after = other.metrics()
         info = http.get(f"{other.url}/v1/sessions/{sid}").json()
         memory = session_memory(r, prefix, sid)
         http.delete(f"{other.url}/v1/sessions/{sid}")
     n = chunks - 1
-    compute = (metric_sum(after, "cdt_compute_seconds_sum", f'op="session_{kind}"')
-               - metric_sum(before, "cdt_compute_seconds_sum", f'op="session_{kind}"')) / n
-    store = sum(metric_sum(after, "cdt_session_store_seconds_sum", f'op="{op}"')
-                - metric_sum(before, "cdt_session_store_seconds_sum", f'op="{op}"') for op in ("load", "commit")) / n
+    compute = (metric_sum(after, "cdt_compute_seconds_sum", op=f"session_{kind}")
+               - metric_sum(before, "cdt_compute_seconds_sum", op=f"session_{kind}")) / n
+    store = sum(metric_sum(after, "cdt_session_store_seconds_sum", op=op)
+                - metric_sum(before, "cdt_session_store_seconds_sum", op=op) for op in ("load", "commit")) / n
     rebuild = (metric_sum(rebuilt_after, "cdt_session_rebuild_seconds_sum")
                - metric_sum(rebuilt_before, "cdt_session_rebuild_seconds_sum"))
     return {"kind": kind, "size": f"{size}x{size}", "snapshots": snapshots, "chunk_compute_s": compute,

@@ -223,12 +223,17 @@ def _to_rgb(frame: av.VideoFrame, display: tuple[int, int], size: int | None, cr
     return np.ascontiguousarray(rgb)
 
 
+def short_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) scaled so the short side is `size`, keeping the aspect ratio."""
+    scale = size / min(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
     """Resize uint8 (T,H,W,3) so the short side is `size`, keeping the aspect ratio."""
     check_frames(frames)
     h, w = frames.shape[1:3]
-    scale = size / min(h, w)
-    out_h, out_w = max(1, round(h * scale)), max(1, round(w * scale))
+    out_h, out_w = short_side_shape(h, w, size)
     if (out_h, out_w) == (h, w):
         return frames
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()

@@ -56,6 +56,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         configure_allocator()
         model = await asyncio.to_thread(load_model, settings)
+        # Sessions size their input logs by it: measured here when the checkpoint records none.
+        await asyncio.to_thread(model.receptive_field_record)
         metrics.model_info.info({k: str(v) for k, v in model_card(model, settings.device).items()
                                  if k != "compression"})
         budget = (mib(settings.memory_budget_mb) if settings.memory_budget_mb

@@ -24,7 +24,7 @@ from media.frames_file import TENSOR_NAME as FRAMES_TENSOR
 from media.latents_file import TENSOR_NAME as LATENTS_TENSOR
 from media.latents_file import LatentsFileError, ModelMismatchError
 from media.tensor_headers import TensorHeaderError, TensorLayout, read_npy_header, read_safetensors_header, read_slab
-from media.video import VideoDecodeError, resize_short_side
+from media.video import VideoDecodeError, resize_short_side, short_side_shape
 from model.config import LATENT_CHANNELS, SPACE_FACTOR
 
 from .errors import BadParameter, Conflict, InvalidInput, PayloadTooLarge, UnsupportedMedia
@@ -169,10 +169,7 @@ class FrameSource:
 
 def resized(height: int, width: int, size: int | None) -> tuple[int, int]:
     """(height, width) after `resize_short_side` to `size` (None: unchanged)."""
-    if size is None:
-        return height, width
-    scale = size / min(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    return (height, width) if size is None else short_side_shape(height, width, size)
 
 
 def open_frames(body: Body, options: ClipOptions, limits: Limits) -> FrameSource:

@@ -413,7 +413,6 @@ class Sessions:
         self.model_hash, self.dtype = model.content_hash(), dtype_name(model.compute_dtype)
         self.limits = Limits(settings.max_frames, settings.max_side)
         self.hot = HotStreams(settings.session_hot_bytes, self.metrics.evictions)
-        self._fields: dict[tuple[str, int], int] = {}
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._snapshotting: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
@@ -572,7 +571,7 @@ class Sessions:
             entry = LogEntry(seq=record.next_seq, start=record.input_end, count=chunk.shape[2],
                              body_kind=body.kind, content_type=content_type, nbytes=body.size)
             log_put = (entry.name, await asyncio.to_thread(body.read))
-            log_drop = await self._plan_log(record, entry)
+            log_drop = self._plan_log(record, entry)
         if record.kind == "decode" and chunk is None:
             record.finished = True
             summary = {"id": record.id, "latents_in": record.counters.latents_in,
@@ -608,11 +607,11 @@ class Sessions:
                                f"session's {height}x{width}", code="chunk_shape_mismatch")
         record.height, record.width = height, width
 
-    async def _plan_log(self, record: SessionRecord, entry: LogEntry) -> list[str]:
+    def _plan_log(self, record: SessionRecord, entry: LogEntry) -> list[str]:
         """Append `entry` to the record's log and drop the entries the window no longer needs;
         the names dropped. 413 when the kept log is over CDT_MAX_SESSION_LOG_MB."""
         entries = [*record.log, entry]
-        field = await self._receptive_field(record.kind, record.steps)
+        field = self.pool.model.receptive_field(record.kind, record.steps)
         keep = window(record.kind, entries, entry.start + entry.count, field)
         record.log = entries[keep:]
         kept_bytes = sum(e.nbytes for e in record.log)
@@ -621,14 +620,6 @@ class Sessions:
                                   f"{self.settings.max_session_log_bytes} (CDT_MAX_SESSION_LOG_MB); send smaller "
                                   "frames or a compressed container", code="session_log_too_large")
         return [e.name for e in entries[:keep]]
-
-    async def _receptive_field(self, kind: str, steps: int) -> int:
-        """The model's receptive field in input frames, asked once per (kind, steps) in the model
-        thread (the model may measure it)."""
-        key = (kind, steps)
-        if key not in self._fields:
-            self._fields[key] = await self.pool.run("receptive_field", lambda model: model.receptive_field(*key))
-        return self._fields[key]
 
     async def _rebuild_source(self, session_id: str, stored: StoredSession, record: SessionRecord,
                               reason: str) -> Rebuild:

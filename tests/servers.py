@@ -4,6 +4,7 @@ on a free port, configured by CDT_* variables."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,8 +13,16 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` (as exposed: `_total`, `_sum`, `_count`
+    included) whose labels include `labels`, in Prometheus text."""
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and labels.items() <= sample.labels.items())
 
 
 def free_port() -> int:
@@ -48,6 +57,17 @@ class Server:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"server not ready after {timeout_s} s: {self._log_path.read_text()[-2000:]}")
+
+    def metrics(self) -> str:
+        return httpx.get(self.url + "/metrics").text
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric_sum(self.metrics(), name, **labels)
+
+    def peak_rss_bytes(self) -> int:
+        """The process's resident high-water mark (VmHWM)."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)

@@ -6,7 +6,6 @@ admission refuses what can never fit."""
 from __future__ import annotations
 
 import io
-import re
 import subprocess
 import sys
 import time
@@ -25,17 +24,6 @@ pytestmark = pytest.mark.timeout(600)
 
 CLIP = "mmaction2__test.mp4"  # 300 frames, 340x256
 CDT = Path(sys.executable).parent / "cdt"
-
-
-def metric(server: Server, name: str, labels: str = "") -> float:
-    text = httpx.get(server.url + "/metrics").text
-    match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
-
-
-def peak_rss_kb(server: Server) -> int:
-    status = Path(f"/proc/{server.process.pid}/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
 
 
 @pytest.fixture(scope="module")
@@ -92,23 +80,23 @@ def test_a_client_that_disconnects_stops_the_decode(server, shared_videos):
     # Long latents (1,021 frames of 128x170, zeros): hundreds of chunks of 0.5 MB each, far
     # more than the socket buffers between server and client hold.
     item = latents_with_frames(latents.content, 1021)
-    jobs_before = metric(server, "cdt_compute_seconds_count", '{op="decode",outcome="ok"}')
+    jobs_before = server.metric("cdt_compute_seconds_count", op="decode", outcome="ok")
     with httpx.Client(base_url=server.url, timeout=300) as http:
         with http.stream("POST", "/v1/decode", params={"format": "npy"}, content=item,
                          headers={"content-type": "application/x-safetensors"}) as response:
             assert response.status_code == 200
             next(response.iter_raw())  # the first chunk arrived: the stream is running
     deadline = time.monotonic() + 60
-    while metric(server, "cdt_requests_cancelled_total", '{op="decode"}') < 1:
+    while server.metric("cdt_requests_cancelled_total", op="decode") < 1:
         assert time.monotonic() < deadline, "the disconnect was never noticed"
         time.sleep(0.2)
     # The job in flight when the disconnect was noticed may still finish; then nothing runs.
-    while metric(server, "cdt_jobs_in_flight") > 0:
+    while server.metric("cdt_jobs_in_flight") > 0:
         assert time.monotonic() < deadline, "a job is still running"
         time.sleep(0.2)
-    settled = metric(server, "cdt_compute_seconds_count", '{op="decode",outcome="ok"}')
+    settled = server.metric("cdt_compute_seconds_count", op="decode", outcome="ok")
     time.sleep(2)
-    assert metric(server, "cdt_compute_seconds_count", '{op="decode",outcome="ok"}') == settled
+    assert server.metric("cdt_compute_seconds_count", op="decode", outcome="ok") == settled
     total_chunks = 1 + (1021 - 1) // 8  # chunks of 2 latent frames at most
     assert settled - jobs_before < total_chunks / 4
 
@@ -128,14 +116,14 @@ def latents_with_frames(latents_file: bytes, frames: int) -> bytes:
 
 def test_a_hostile_npy_header_is_refused_without_allocating(server):
     body = npy_header(np.uint8, (100000, 4096, 4096, 3)) + b"\0" * 1000
-    before = peak_rss_kb(server)
+    before = server.peak_rss_bytes()
     start = time.perf_counter()
     response = httpx.post(server.url + "/v1/encode", content=body, headers={"content-type": "application/x-npy"})
     elapsed = time.perf_counter() - start
     assert response.status_code in (413, 422), response.text
     assert response.json()["error"]["code"] in ("invalid_tensor", "clip_too_large")
     assert elapsed < 2
-    assert peak_rss_kb(server) - before < 20_000  # under 20 MB: nothing of the claimed size was touched
+    assert server.peak_rss_bytes() - before < 20_000 * 1024  # under 20 MB: nothing of the claimed size touched
 
 
 def test_a_request_over_the_memory_budget_gets_413_with_the_largest_size_that_fits(tiny_checkpoint, tmp_path):

@@ -25,7 +25,7 @@ from media import encode_frames, load_frames, read_video, write_video
 from media.latents_file import latents_from_bytes, latents_to_bytes
 from model import CDTConfig, build_model
 from service.client import Client, Conflict, Forbidden, InvalidInput, Unauthorized
-from tests.servers import Server
+from tests.servers import Server, metric_sum
 
 KEY = "test-key-1"
 UPLOAD_MB = 1
@@ -238,10 +238,7 @@ def test_models_and_openapi_describe_the_service(client, server, tiny_checkpoint
 # --- clean shutdown ------------------------------------------------------------------------
 
 def metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise KeyError(name)
+    return metric_sum(httpx.get(url + "/metrics").text, name)
 
 
 def test_sigterm_finishes_accepted_requests(tiny_checkpoint, tmp_path):

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.settings import Settings
+from tests.servers import metric_sum
 from tests.session_helpers import chunk_info, latents_of, npy_array, npy_bytes, real_frames, split
 
 NPY = {"content-type": "application/x-npy"}
@@ -156,13 +156,7 @@ def test_bad_session_requests(client, frames):
 
 
 def metric(client, name: str, **labels) -> float:
-    """The sum of a metric's samples with the given labels, from /metrics."""
-    total = 0.0
-    for family in text_string_to_metric_families(client.get("/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
+    return metric_sum(client.get("/metrics").text, name, **labels)
 
 
 def wait_for_snapshot(client, sid: str, seq: int) -> None:

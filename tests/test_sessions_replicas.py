@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import redis
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from model import CDTConfig, build_model, save_pretrained
 from tests.redis_cluster import redis_cluster  # noqa: F401 (fixture)
-from tests.servers import Server, free_port
+from tests.servers import Server, free_port, metric_sum
 from tests.session_helpers import latents_of, npy_array, npy_bytes, real_frames, split
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -124,9 +123,7 @@ def test_decode_handoff_alternating_replicas(request, store, steps, frames, whol
 
 
 def metric(url: str, name: str) -> float:
-    """The sum of a metric's samples on a replica's /metrics."""
-    return sum(sample.value for family in text_string_to_metric_families(httpx.get(url + "/metrics").text)
-               for sample in family.samples if sample.name == name)
+    return metric_sum(httpx.get(url + "/metrics").text, name)
 
 
 def test_a_replica_continues_on_its_hot_stream(replicas, frames, whole):
