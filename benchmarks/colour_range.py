@@ -23,6 +23,9 @@ from media.metrics import psnr
 from media.video import frames_to_tensor, tensor_to_frames
 from model import from_pretrained
 
+# The code these figures describe (`python -m benchmarks.run_all --stale`).
+MEASURES = ["model/", "media/", "checkpoints/cdt-tiny/", "benchmarks/colour_range.py"]
+
 SWATCHES = {
     "deep blue": (20, 40, 160),
     "blue": (10, 60, 200),
@@ -70,7 +73,7 @@ def main() -> None:
     means = {path: sum(r[f"{path}: PSNR dB"] for r in rows) / len(rows) for path in models}
     notes = "Mean PSNR over the swatches: " + ", ".join(f"`{p}` {v:.2f} dB" for p, v in means.items()) + "."
     command = "python -m benchmarks.colour_range " + " ".join(sys.argv[1:])
-    path = report.write(args.name, command, {"mean_psnr_db": means}, rows, notes)
+    path = report.write(args.name, command, {"mean_psnr_db": means}, rows, notes, measures=MEASURES)
     print(path.read_text())
 
 

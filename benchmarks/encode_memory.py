@@ -23,6 +23,9 @@ from pathlib import Path
 
 from benchmarks import report
 
+# The code these figures describe (`python -m benchmarks.run_all --stale`).
+MEASURES = ["model/", "media/", "cli/", "benchmarks/encode_memory.py"]
+
 FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # 128 KiB: big tensors always mmapped
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +79,7 @@ def main() -> None:
     command = "python -m benchmarks.encode_memory " + " ".join(sys.argv[1:])
     path = report.write("encode_memory", command.strip(),
                         {"ratios": ratios, "video": args.video.name,
-                         "size": args.size, "chunk": args.chunk, "preset": args.preset}, rows, notes)
+                         "size": args.size, "chunk": args.chunk, "preset": args.preset}, rows, notes, measures=MEASURES)
     print(path.read_text())
 
 

@@ -34,6 +34,9 @@ from . import report
 
 from tests.servers import Server  # noqa: E402  (the tests' real-server launcher)
 
+# The code these figures describe (`python -m benchmarks.run_all --stale`).
+MEASURES = ["model/", "media/", "service/", "benchmarks/http_overhead.py"]
+
 SHAPE = (17, 256, 256)
 SEED = 0
 
@@ -115,7 +118,7 @@ def main() -> None:
              f"server compute {[round(t, 2) for t in times['server_compute']]}.")
     path = report.write("http_overhead", "python -m benchmarks.http_overhead",
                         {"times": times, "ratio": ratio, "outside_model_s": outside, "outside_ratio": outside_ratio},
-                        rows, notes)
+                        rows, notes, measures=MEASURES)
     print(path.read_text())
 
 

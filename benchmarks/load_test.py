@@ -31,6 +31,9 @@ from media import DEFAULT_CHECKPOINT
 from model import CDTConfig, build_model, save_pretrained
 from tests.servers import Server
 
+# The code these figures describe (`python -m benchmarks.run_all --stale`).
+MEASURES = ["model/", "media/", "service/", "benchmarks/load_test.py"]
+
 
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -120,7 +123,7 @@ def main() -> None:
              f"errors over all levels: **{worst_5xx}**. Peak RSS is the replicas' VmHWM after each level.")
     command = "python -m benchmarks.load_test " + " ".join(sys.argv[1:])
     path = report.write("load_test", command.strip(), {"queue_size": args.queue_size, "errors_5xx": worst_5xx},
-                        rows, notes)
+                        rows, notes, measures=MEASURES)
     print(path.read_text())
 
 

@@ -28,6 +28,9 @@ from scipy.optimize import nnls
 
 from benchmarks import report
 
+# The code these figures describe (`python -m benchmarks.run_all --stale`).
+MEASURES = ["model/", "benchmarks/memory_calibration.py"]
+
 # Sizes large enough that the per-pixel terms dominate the allocator's and kernels' noise
 # (below ~128x128 the peak is not even monotonic in the area), within minutes on a CPU.
 SIZES = {"tiny": [(128, 128), (256, 256), (256, 384)], "small": [(64, 64), (128, 128), (128, 192)],
@@ -121,7 +124,8 @@ def main() -> None:
                  f"- {key}: worst relative error of the fit {f['worst_relative_error']:.1%}"
                  for key, f in fits.items()))
     command = "python -m benchmarks.memory_calibration " + " ".join(sys.argv[1:])
-    path = report.write("memory_calibration", command.strip(), {"fits": fits, "chunks": args.chunks}, rows, notes)
+    path = report.write("memory_calibration", command.strip(), {"fits": fits, "chunks": args.chunks}, rows, notes,
+                        measures=MEASURES)
     print(path.read_text())
 
 

@@ -13,6 +13,9 @@ from benchmarks import report
 from service.errors import PayloadTooLarge
 from service.memory import COSTS, MAX_CHUNK_FRAMES, SAFETY, cost_for, estimate_bytes, padded_pixels, plan
 
+# The code these figures describe (`python -m benchmarks.run_all --stale`).
+MEASURES = ["service/memory.py", "benchmarks/memory_estimates.py"]
+
 SIZES = [(256, 256), (512, 512), (720, 1280), (1080, 1920)]
 BUDGETS_GB = [4, 16, 64]
 CASES = [("encode", 1), ("decode", 1), ("decode", 3)]
@@ -42,7 +45,7 @@ def main() -> None:
              "chunks before refusing; the largest squares are at 4-frame chunks, the most that is admitted. "
              "The length of the clip does not enter: requests stream.")
     command = "python -m benchmarks.memory_estimates " + " ".join(sys.argv[1:])
-    path = report.write("memory_estimates", command.strip(), {}, rows, notes)
+    path = report.write("memory_estimates", command.strip(), {}, rows, notes, measures=MEASURES)
     print(path.read_text())
 
 

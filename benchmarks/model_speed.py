@@ -26,6 +26,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks import report
 from model import CDTConfig, bf16_is_fast, build_model
 
+# The code these figures describe (`python -m benchmarks.run_all --stale`).
+MEASURES = ["model/", "benchmarks/model_speed.py"]
+
 BF16_UNAVAILABLE = "not measurable on this CPU"
 
 
@@ -191,7 +194,7 @@ def main() -> None:
     data = {"frames": args.frames, "sizes": args.sizes, "project_sizes": args.project_sizes,
             "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
             "conv3d_peak": peaks, "bf16": bf16, "results": results}
-    path = report.write("model_speed", command, data, rows, notes)
+    path = report.write("model_speed", command, data, rows, notes, measures=MEASURES)
     print(path.read_text())
 
 

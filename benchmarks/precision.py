@@ -21,6 +21,9 @@ import torch
 from benchmarks import report
 from model import CDTConfig, bf16_is_fast, build_model
 
+# The code these figures describe (`python -m benchmarks.run_all --stale`).
+MEASURES = ["model/", "benchmarks/precision.py"]
+
 
 def reconstruct_fn(model, video):
     def run():
@@ -72,7 +75,8 @@ def main() -> None:
              "Speedup > 1 means faster than fp32 contiguous at the same shape; medians of "
              f"{args.repeats} runs after a warm-up, torch.set_num_threads({torch.get_num_threads()}).")
     command = "python -m benchmarks.precision " + " ".join(sys.argv[1:])
-    path = report.write("precision", command.strip(), {"preset": args.preset, "cpu_bf16": has_bf16}, rows, notes)
+    path = report.write("precision", command.strip(), {"preset": args.preset, "cpu_bf16": has_bf16}, rows, notes,
+                        measures=MEASURES)
     print(path.read_text())
 
 

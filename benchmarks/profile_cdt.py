@@ -17,6 +17,9 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks import report
 from model import CDTConfig, build_model
 
+# The code these figures describe (`python -m benchmarks.run_all --stale`).
+MEASURES = ["model/", "benchmarks/profile_cdt.py"]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,7 +46,7 @@ def main() -> None:
              "run after a warm-up. Convolutions are `mkldnn_convolution` and `slow_conv3d_forward` (PyTorch's "
              "reference path, taken for small inputs); `cat` is the causal time padding.")
     command = "python -m benchmarks.profile_cdt " + " ".join(sys.argv[1:])
-    path = report.write("profile_cdt", command.strip(), vars(args), rows, notes)
+    path = report.write("profile_cdt", command.strip(), vars(args), rows, notes, measures=MEASURES)
     print(path.read_text())
 
 

@@ -30,6 +30,9 @@ from benchmarks import report
 from media import VideoWriter, read_video
 from tests.servers import Server
 
+# The code these figures describe (`python -m benchmarks.run_all --stale`).
+MEASURES = ["model/", "media/", "service/", "benchmarks/request_memory.py"]
+
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "checkpoints" / "cdt-tiny"
 WHOLE_CLIP_COMMIT = "8d79126"  # the last commit whose service ran whole clips in one model call
@@ -109,7 +112,7 @@ def main() -> None:
     command = "python -m benchmarks.request_memory " + " ".join(sys.argv[1:])
     path = report.write("request_memory", command.strip(),
                         {"rss_ratios": ratios, "time_per_frame_vs_whole_clip": speed,
-                         "whole_clip_ms_per_frame": whole_ms, "size": args.size}, rows, notes)
+                         "whole_clip_ms_per_frame": whole_ms, "size": args.size}, rows, notes, measures=MEASURES)
     print(path.read_text())
 
 

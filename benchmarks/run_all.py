@@ -5,6 +5,7 @@ JSON and Markdown under benchmarks/results/).
     .venv/bin/python -m benchmarks.run_all    # everything (about an hour on 2 CPU cores)
     .venv/bin/python -m benchmarks.run_all --only precision session_cost
     .venv/bin/python -m benchmarks.run_all --compose-only   # rebuild the page from results/
+    .venv/bin/python -m benchmarks.run_all --stale          # results older than their code
 
 Each benchmark runs in its own process, one after another, so none measures while
 another computes.
@@ -20,8 +21,11 @@ import time
 from pathlib import Path
 
 from benchmarks import report
+from media import provenance
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+# Evaluations the docs quote (`cdt eval --output`), checked by --stale like the results.
+EVALS = DOC.parent / "eval"
 
 # name -> arguments of `python -m benchmarks.<name>`
 SUITE: dict[str, list[str]] = {
@@ -155,11 +159,30 @@ def compose() -> Path:
     return DOC
 
 
+def stale() -> dict[str, list[str]]:
+    """Each result whose measured code (the paths it records) changed in a commit after
+    the one it was measured at, with those commits: its figures describe other code."""
+    out = {}
+    for path in sorted([*report.RESULTS.glob("*.json"), *EVALS.glob("*.json")]):
+        data = json.loads(path.read_text())
+        changes = provenance.changed_since(data.get("commit", "unknown"), data.get("measures", []))
+        if changes:
+            out[path.stem] = changes
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=sorted(SUITE), help="run just these")
     parser.add_argument("--compose-only", action="store_true", help="only rebuild docs/benchmarks.md")
+    parser.add_argument("--stale", action="store_true",
+                        help="list the results measured before the last change to the code they measure; "
+                             "print nothing when every result is current")
     args = parser.parse_args()
+    if args.stale:
+        for name, changes in stale().items():
+            print(f"{name}: changed since measured: {'; '.join(changes)}")
+        return
     if not args.compose_only:
         for name in args.only or SUITE:
             start = time.monotonic()

@@ -38,6 +38,9 @@ import redis
 from benchmarks import report
 from tests.servers import Server, metric_sum
 
+# The code these figures describe (`python -m benchmarks.run_all --stale`).
+MEASURES = ["model/", "media/", "service/", "benchmarks/session_cost.py"]
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "checkpoints" / "cdt-tiny"
 CDT = Path(sys.executable).parent / "cdt"
@@ -202,7 +205,7 @@ def main() -> None:
                     f"against an input window of {s['window_mb']:.1f} MB at most (**{s['redis_over_window']:.2f}x**), "
                     f"chunk seconds {', '.join(f'{t:.0f}' for t in s['chunk_s'])}" for name, s in scale.items()))
     command = "python -m benchmarks.session_cost " + " ".join(sys.argv[1:])
-    path = report.write("session_cost", command.strip(), summary, rows, notes)
+    path = report.write("session_cost", command.strip(), summary, rows, notes, measures=MEASURES)
     print(path.read_text())
 
 

@@ -16,9 +16,13 @@ import sys
 
 from benchmarks import report
 
+# The code these figures describe (`python -m benchmarks.run_all --stale`).
+MEASURES = ["model/", "benchmarks/stream_memory.py"]
+
 CHILD = """
 import json, resource, sys, torch
 from model import CDTConfig, StreamingDecoder, StreamingEncoder, build_model
+
 frames, size, preset, chunk = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 torch.manual_seed(0)
 model = build_model(CDTConfig.from_preset(preset), "cdt").eval()
@@ -56,7 +60,7 @@ def main() -> None:
              f"(streaming encode + 1-step decode, {args.preset} preset, {args.size}x{args.size}, "
              f"chunks of {args.chunk} frames; target: within 15%).")
     path = report.write("stream_memory", command.strip(), {"ratio": ratio, "size": args.size,
-                                                           "preset": args.preset}, rows, notes)
+                                                           "preset": args.preset}, rows, notes, measures=MEASURES)
     print(path.read_text())
 
 

@@ -25,6 +25,9 @@ from model import CDTConfig, bf16_is_fast, build_model
 from training.config import DEFAULTS
 from training.losses import Objective
 
+# The code these figures describe (`python -m benchmarks.run_all --stale`).
+MEASURES = ["model/", "training/", "benchmarks/train_speed.py"]
+
 
 class Step:
     """One optimizer step of a fresh tiny model of `kind` on (batch, 3, frames, crop, crop)."""
@@ -103,7 +106,7 @@ def main() -> None:
              "was inf/NaN, out of all steps run (warm-up included); the trainer skips those updates.")
     command = "python -m benchmarks.train_speed " + " ".join(sys.argv[1:])
     path = report.write("train_speed", command.strip(), {"threads": args.threads, "repeats": args.repeats}, rows,
-                        notes)
+                        notes, measures=MEASURES)
     print(path.read_text())
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -31,6 +32,7 @@ from media import (
     ssim,
     write_video,
 )
+from media import provenance
 from media.frames_file import FRAME_FILE_SUFFIXES, is_frames_file, load_frames
 from media.lpips import LPIPS_SKIPPED, load_lpips
 from media.video import resize_short_side
@@ -92,6 +94,9 @@ def register(sub) -> None:
                           help="local torchvision AlexNet/VGG16 weights (.pth or .safetensors), optionally "
                                "followed by the LPIPS linear-head weights; LPIPS is skipped without")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--output", type=Path, metavar="PATH",
+                          help="also write the JSON object to PATH, with the command, commit, machine and date "
+                               "that produced it (the docs quote evaluations from such files)")
     evaluate.set_defaults(run=run_eval)
 
 
@@ -259,6 +264,13 @@ def _kept(chunks: Iterable[np.ndarray], store: list[np.ndarray]) -> Iterator[np.
         yield chunk
 
 
+def _eval_measures(args) -> list[str]:
+    """The code and weights an evaluation describes, as repository paths."""
+    checkpoint = Path(args.checkpoint or DEFAULT_CHECKPOINT).resolve()
+    weights = [f"{checkpoint.relative_to(provenance.REPO)}/"] if checkpoint.is_relative_to(provenance.REPO) else []
+    return ["model/", "media/", "cli/media_commands.py", *weights]
+
+
 def run_eval(args) -> int:
     model = load_model(args)
     lpips = load_lpips(*args.lpips_weights) if args.lpips_weights else None
@@ -283,6 +295,9 @@ def run_eval(args) -> int:
         "checkpoint": {"path": str(args.checkpoint or DEFAULT_CHECKPOINT), "hash": model.content_hash(),
                        "preset": model.config.preset, "kind": model.kind},
     }
+    if args.output:
+        measured = {**provenance.record("cdt " + shlex.join(sys.argv[1:]), _eval_measures(args)), **report}
+        args.output.write_text(json.dumps(measured, indent=1) + "\n")
     if args.json:
         print(json.dumps(report))
         return 0
