@@ -114,12 +114,12 @@ class Tokenizer(nn.Module):
         """Cast to the compute dtype, keeping the fragile modules in float32, in the
         weight layout that is fastest for it.
 
-        bf16 weights go channels-last (NDHWC), the layout of oneDNN's AMX kernels:
-        reconstruct ran 1.23x faster on an AMX CPU with bit-identical output
-        (benchmarks/results/precision.md); activations follow the weights' layout.
-        fp32 weights stay contiguous: channels-last weights measured 0.83x on a CPU
-        without AMX. Activations are channels-last in both dtypes after the first
-        LayerNorm (a free view there), and the layers keep them so.
+        bf16 weights go channels-last (NDHWC), the layout of oneDNN's bf16 kernels;
+        fp32 weights stay contiguous, the default layout of PyTorch's fp32 CPU
+        kernels (`python -m benchmarks.precision` times both layouts in both dtypes
+        on the machine at hand).
+        Activations are channels-last in both dtypes after the first LayerNorm (a free
+        view there), and the layers keep them so.
 
         The identity hash is taken first: it names the weights as loaded, whatever
         dtype they are later computed in."""

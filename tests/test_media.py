@@ -319,7 +319,7 @@ def test_streamed_decode_equals_whole_clip_and_crops_back(tiny_model, odd_frames
     whole = torch.cat(list(decode_video(tiny_model, item, steps=2, seed=7)), dim=2)
     streamed = torch.cat(list(decode_video(tiny_model, item, steps=2, seed=7, chunk=1)), dim=2)
     assert whole.shape == (1, 3, 6, 27, 21)
-    assert (streamed - whole).abs().max() <= 1e-4
+    assert (streamed - whole).abs().max() <= 3e-5  # float rounding only, as in tests/test_model_streaming.py
     other_seed = torch.cat(list(decode_video(tiny_model, item, steps=2, seed=8)), dim=2)
     assert (other_seed - whole).abs().max() > 1e-3
 

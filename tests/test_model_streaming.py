@@ -78,7 +78,8 @@ def test_streaming_decode_equals_whole_clip(tiny_model, latents, whole_decodes, 
     whole = whole_decodes[steps]
     streamed = stream_decode(tiny_model, latents, sizes, steps=steps, seed=7)
     assert streamed.shape == whole.shape == (1, 3, 33, H, W)
-    assert (streamed - whole).abs().max().item() < 1e-4
+    # Float rounding only: measured up to ~6e-6 across our CPUs.
+    assert (streamed - whole).abs().max().item() < 3e-5
 
 
 def test_bf16_channels_last_streams_like_the_whole_clip(tiny_checkpoint, clip):
