@@ -1,0 +1,92 @@
+"""`POST /v1/frames`: the frames `/v1/encode` would encode from the same body and options,
+as uint8 safetensors, npy or mp4. No model job.
+
+It gives a reconstruction its exact reference (the frames after the service's own
+container decoding, `frames=` cut and `size=` resize, which a browser or another decoder
+would not reproduce bit for bit), and renders frames (such as `/v1/decode`'s tensor
+output) as a playable mp4. The web page uses it for both.
+
+The output is assembled in memory, so it is bounded by the upload limit: anything larger
+could not be sent back to the service anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from media import tensor_to_frames
+
+from ..auth import require_api_key
+from ..codecs import MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, ClipOptions, Kind, Limits, open_frames
+from ..deps import get_metrics, get_pool, get_settings, receive_body
+from ..errors import InvalidInput, PayloadTooLarge
+from ..metrics import Metrics
+from ..responses import encode_frames
+from ..settings import Settings
+from ..workers import WorkerPool
+
+CHUNK_FRAMES = 8  # frames decoded at a time while the output is assembled
+
+router = APIRouter(prefix="/v1", tags=["whole clips"], dependencies=[Depends(require_api_key)])
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+FRAMES_BODY = {"requestBody": {"required": True, "description":
+    "As for /v1/encode: a video container (`video/*`), or frames as npy or safetensors (tensor `frames`).",
+    "content": {t: _BINARY for t in (MP4, "video/webm", "video/x-msvideo", NPY, SAFETENSORS, OCTET_STREAM)}}}
+
+
+@router.post(
+    "/frames",
+    summary="the frames /v1/encode would encode from this body and these options, as uint8",
+    response_class=Response,
+    openapi_extra=FRAMES_BODY,
+    responses={200: {"description": "uint8 (T,H,W,3) frames: safetensors (tensor `frames`, metadata `fps`), npy, "
+                                    "or mp4 (h264, fragmented)",
+                     "content": {SAFETENSORS: _BINARY, NPY: _BINARY, MP4: _BINARY}},
+               **{status: {"description": f"`{{\"error\": {{\"code\": ..., \"message\": ...}}}}` ({what})"}
+                  for status, what in [(400, "bad parameter or empty body"), (401, "missing key"), (403, "bad key"),
+                                       (413, "body or clip too large, or frames over the upload limit "
+                                             "(`clip_too_large`)"),
+                                       (415, "unsupported media"), (422, "undecodable or invalid content"),
+                                       (429, "queue full; see Retry-After"), (503, "not ready or shutting down")]}},
+)
+async def frames(
+    request: Request,
+    frames: Annotated[int | None, Query(ge=1, description="use the first N frames (422 if fewer)")] = None,
+    size: Annotated[int | None, Query(ge=1, description="resize so the short side is S")] = None,
+    fps: Annotated[float | None, Query(gt=0, description="rate recorded for inputs that carry none (npy); "
+                                                         "default 30")] = None,
+    format: Annotated[Literal["safetensors", "npy", "mp4"], Query(description="output format")] = "safetensors",
+    settings: Settings = Depends(get_settings),
+    pool: WorkerPool = Depends(get_pool),
+    metrics: Metrics = Depends(get_metrics),
+) -> Response:
+    body = await receive_body(request, (Kind.VIDEO, Kind.NPY, Kind.SAFETENSORS), settings, pool, metrics)
+    try:
+        with metrics.media(f"frames_{body.kind.value}"):
+            data, media_type = await asyncio.to_thread(_render, body, ClipOptions(frames, size, fps), settings,
+                                                       format)
+    finally:
+        body.close()
+    metrics.bytes_total.labels("/v1/frames", "out").inc(len(data))
+    return Response(data, media_type=media_type)
+
+
+def _render(body: Body, options: ClipOptions, settings: Settings, fmt: str) -> tuple[bytes, str]:
+    source = open_frames(body, options, Limits(settings.max_frames, settings.max_side))
+    parts, nbytes = [], 0
+    for chunk in source.chunks(CHUNK_FRAMES):
+        # The encoder's input, back in uint8: exact for uint8 inputs (k/127.5-1 rounds back to k).
+        parts.append(tensor_to_frames(chunk))
+        nbytes += parts[-1].nbytes
+        if nbytes > settings.max_upload_bytes:
+            raise PayloadTooLarge(f"the frames come to more than {settings.max_upload_bytes} bytes, the upload limit "
+                                  "(CDT_MAX_UPLOAD_MB); ask for fewer (frames=) or smaller (size=) frames",
+                                  code="clip_too_large")
+    if not parts:
+        raise InvalidInput("the video has no frames", code="undecodable_video")
+    return encode_frames(np.concatenate(parts), source.fps, fmt)
