@@ -29,6 +29,13 @@ _META_KEY = "cdt_cache"
 STARTED_KEY = "started"
 
 
+def _reusable(old: torch.Tensor, value: torch.Tensor) -> bool:
+    # An inference-mode tensor may only be written in inference mode (and an ordinary one
+    # there only by a copy into a new tensor).
+    return (old.shape == value.shape and old.dtype == value.dtype and old.device == value.device
+            and old.is_inference() == torch.is_inference_mode_enabled())
+
+
 class CacheFormatError(ValueError):
     """Bytes that are not a valid exported FeatureCache."""
 
@@ -45,8 +52,16 @@ class FeatureCache:
         return self.tensors.get(key)
 
     def set(self, key: str, value: torch.Tensor) -> None:
-        # Detach and own the storage: a view would keep a whole activation alive.
-        self.tensors[key] = value.detach().clone()
+        """Store a copy of `value` (a view would keep a whole activation alive), into the
+        tensor already stored under `key` when it has the same shape: a stream's state then
+        keeps its allocations from chunk to chunk instead of taking new ones among each
+        chunk's temporaries, which fragments the C heap and raises a long stream's peak
+        memory. So stored tensors are updated in place: take copies to keep a state."""
+        old = self.tensors.get(key)
+        if old is not None and _reusable(old, value):
+            old.copy_(value.detach())
+        else:
+            self.tensors[key] = value.detach().clone()
 
     def scope(self, prefix: str) -> "CacheScope":
         return CacheScope(self, prefix)

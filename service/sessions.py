@@ -357,7 +357,7 @@ def encode_latent_chunk(latents: torch.Tensor, info: dict[str, Any], fmt: str) -
 
 
 def serialise_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
-    """A FeatureCache export of a stream's tensors and meta, taken as copies of the dict."""
+    """A FeatureCache export of a stream's tensors and meta, given as copies."""
     cache = FeatureCache(meta)
     cache.tensors = tensors
     return cache.to_bytes()
@@ -725,9 +725,11 @@ class Sessions:
         if (settings.session_snapshot_bytes == 0 or record.next_seq % settings.session_snapshot_every
                 or session_id in self._snapshotting or stream.cache.nbytes() > settings.session_snapshot_bytes):
             return
-        # FeatureCache.set replaces tensors and never mutates them, so copies of the dict and the
-        # meta taken now stay the state at this seq while the next chunks run on the stream.
-        tensors, meta = dict(stream.cache.tensors), json.loads(json.dumps(stream.cache.meta))
+        # FeatureCache.set updates its tensors in place, so the snapshot takes copies now, between
+        # chunks: they stay the state at this seq while the next chunks run on the stream (a memory
+        # copy of at most CDT_SESSION_SNAPSHOT_MB; serialising and writing them happen off the loop).
+        tensors = {key: tensor.clone() for key, tensor in stream.cache.tensors.items()}
+        meta = json.loads(json.dumps(stream.cache.meta))
         self._snapshotting.add(session_id)
         task = asyncio.get_running_loop().create_task(
             self._write_snapshot(session_id, record.next_seq - 1, tensors, meta))

@@ -3,13 +3,16 @@ chromium-driver, through selenium) against a real `cdt serve` with the shipped c
 and API keys on: a real clip is uploaded, both videos must play in sync, the PSNR the page
 shows must be the one `/v1/encode` + `/v1/decode` and `media.metrics` give, the stream mode
 must deliver every frame through sessions, and a wrong key must show the service's JSON
-error. The screenshot in README.md (docs/web-page.png) is taken here."""
+error. The screenshot in README.md (docs/web-page.png) is taken here: it is written there
+with CDT_WRITE_SCREENSHOT=1, elsewhere into the test's temporary directory, so a test run
+leaves the tree clean."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import os
 import re
 import shutil
 import time
@@ -17,14 +20,13 @@ import time
 import httpx
 import numpy as np
 import pytest
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 from media import psnr, read_video
 from service.routes.page import STATIC_FILES
 from tests.servers import REPO, Server
-
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the dev extra")
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 KEY = "web-page-key"
 CLIP = "cotracker__bear.mp4"  # val split, 854x480 at 30 fps
@@ -32,6 +34,7 @@ FRAMES, SIZE, STEPS, CHUNK = 9, 96, 1, 4
 MAX_FRAMES = 300  # not the default, so the page's bounds are seen to come from the settings
 WAIT_S = 90  # a whole-clip run or a stream on 2 shared cores takes well under this
 SCREENSHOT = REPO / "docs" / "web-page.png"
+WRITE_SCREENSHOT = os.environ.get("CDT_WRITE_SCREENSHOT") == "1"
 # Page and reference compute the PSNR of the same uint8 frames in float64; they differ only in
 # summation order (relative error ~1e-16 of an MSE), far below this.
 PSNR_TOLERANCE_DB = 1e-9
@@ -190,7 +193,7 @@ def test_both_videos_play_in_sync_and_psnr_matches_the_api(page, reference, clip
     WebDriverWait(page, 5).until(lambda b: len({round(v["t"], 6) for v in b.execute_script(state)}) == 1)
 
 
-def test_stream_mode_shows_every_chunk(page, reference):
+def test_stream_mode_shows_every_chunk(page, reference, tmp_path):
     page.find_element(By.ID, "stream").click()
     wait_done(page, "stream")
     rows = page.find_elements(By.CSS_SELECTOR, "#chunks tbody tr")
@@ -211,7 +214,7 @@ def test_stream_mode_shows_every_chunk(page, reference):
     width, height = page.execute_script("const e = document.documentElement; return [e.scrollWidth, e.scrollHeight]")
     shot = page.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": {
         "x": 0, "y": 0, "width": width, "height": height, "scale": 1}})
-    SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
+    (SCREENSHOT if WRITE_SCREENSHOT else tmp_path / SCREENSHOT.name).write_bytes(base64.b64decode(shot["data"]))
 
 
 def test_a_wrong_key_shows_the_json_error(browser, server, clip):
