@@ -300,7 +300,7 @@ class LoseResponses(httpx.HTTPTransport):
 def test_client_streams_and_retries_lost_answers_with_the_same_seq(replicas, shared_videos, tmp_path):
     from media import write_video
     from service.client import Client
-    from service.stream_client import Retrying
+    from service.client_retry import Retrying
     from tests.session_helpers import real_frames
 
     clip = tmp_path / "clip.mp4"
@@ -310,8 +310,8 @@ def test_client_streams_and_retries_lost_answers_with_the_same_seq(replicas, sha
     whole = httpx.post(url + "/v1/encode", content=clip.read_bytes(), headers={"content-type": "video/mp4"},
                        timeout=60)
     transport = LoseResponses(lose={2, 4})
-    with Client(url, transport=transport) as client:
-        streamed = client.stream_encode(clip, chunk_frames=6, retry=Retrying(backoff_s=0.01))
+    with Client(url, transport=transport, retry=Retrying(backoff_s=0.01)) as client:
+        streamed = client.stream_encode(clip, chunk_frames=6)
         assert transport.seen == 6  # 4 chunks + 2 retries
         assert (latents_of(streamed) - latents_of(whole.content)).abs().max().item() < 1e-5
         frames = client.stream_decode(streamed, chunk_latents=2, seed=4)
