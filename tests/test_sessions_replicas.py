@@ -4,8 +4,6 @@ middle of a chunk, racing duplicates, model pinning, expiry, and Redis going awa
 
 import concurrent.futures
 import secrets
-import shutil
-import subprocess
 import threading
 import time
 
@@ -17,7 +15,7 @@ import torch
 
 from model import CDTConfig, build_model, save_pretrained
 from tests.redis_cluster import redis_cluster  # noqa: F401 (fixture)
-from tests.servers import Server, free_port, metric_sum
+from tests.servers import RedisServer, Server, metric_sum, start_replicas, wait_for
 from tests.session_helpers import latents_of, npy_array, npy_bytes, real_frames, split
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -34,19 +32,10 @@ def prefix():
         client.delete(key)
 
 
-def start_replicas(checkpoint, logs, url: str, prefix: str) -> list[Server]:
-    servers = [Server(checkpoint, logs / f"r{i}.log", redis_url=url, session_key_prefix=prefix) for i in range(2)]
-    try:
-        return [s.wait_ready() for s in servers]
-    except BaseException:
-        for s in servers:
-            s.stop()
-        raise
-
-
 @pytest.fixture(scope="module")
 def replicas(tiny_checkpoint, tmp_path_factory, prefix):
-    servers = start_replicas(tiny_checkpoint, tmp_path_factory.mktemp("logs"), REDIS_URL, prefix)
+    servers = start_replicas(tiny_checkpoint, tmp_path_factory.mktemp("logs"), redis_url=REDIS_URL,
+                             session_key_prefix=prefix)
     yield servers
     for s in servers:
         s.stop()
@@ -54,7 +43,8 @@ def replicas(tiny_checkpoint, tmp_path_factory, prefix):
 
 @pytest.fixture(scope="module")
 def cluster_replicas(tiny_checkpoint, tmp_path_factory, redis_cluster):  # noqa: F811 (fixture)
-    servers = start_replicas(tiny_checkpoint, tmp_path_factory.mktemp("cluster-logs"), redis_cluster.url, "cdt:")
+    servers = start_replicas(tiny_checkpoint, tmp_path_factory.mktemp("cluster-logs"), redis_url=redis_cluster.url,
+                             session_key_prefix="cdt:")
     yield servers
     for s in servers:
         s.stop()
@@ -145,13 +135,6 @@ def test_a_replica_continues_on_its_hot_stream(replicas, frames, whole):
     assert [metric(r.url, "cdt_session_hot_hits_total") - h for r, h in zip(replicas, hits)] == [3, 0]
 
 
-def in_flight(url: str) -> bool:
-    try:
-        return metric(url, "cdt_jobs_in_flight") > 0
-    except httpx.TransportError:
-        return False
-
-
 @pytest.mark.parametrize("kind,steps", [("encode", 1), ("decode", 1), ("decode", 3)])
 def test_replica_killed_in_the_middle_of_a_chunk(kind, steps, tiny_checkpoint, tmp_path, prefix, replicas, frames,
                                                  whole):
@@ -174,10 +157,7 @@ def test_replica_killed_in_the_middle_of_a_chunk(kind, steps, tiny_checkpoint, t
         (a, b), lost = chunks[2], []
         sender = threading.Thread(target=lambda: lost.append(_try_push(doomed.url, sid, 2, inputs(a, b), fmt)))
         sender.start()
-        deadline = time.monotonic() + 30
-        while not in_flight(doomed.url):
-            assert time.monotonic() < deadline, "chunk 2 never started computing"
-            time.sleep(0.005)
+        wait_for(doomed.computing, "chunk 2 never started computing")
         doomed.kill()  # SIGKILL while chunk 2 computes on the hot stream
         sender.join(30)
     finally:
@@ -244,26 +224,10 @@ def test_expired_and_deleted_sessions_leave_no_keys(replicas, prefix, frames):
     assert not [k for k in keys if short in k or gone in k]
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server to run a private Redis")
 def test_redis_stopped_gives_503_and_whole_clips_keep_working(tiny_checkpoint, tmp_path, frames):
-    port = free_port()
-
-    def start_redis():
-        subprocess.run(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                        "no", "--daemonize", "yes", "--dir", str(tmp_path), "--logfile", str(tmp_path / "r.log")],
-                       check=True)
-        client = redis.Redis(port=port)
-        for _ in range(100):
-            try:
-                return client.ping()
-            except redis.ConnectionError:
-                time.sleep(0.05)
-
-    start_redis()
-    url_redis = f"redis://127.0.0.1:{port}/0"
-    with Server(tiny_checkpoint, tmp_path / "s.log", redis_url=url_redis) as server:
+    with RedisServer(tmp_path) as store, Server(tiny_checkpoint, tmp_path / "s.log", redis_url=store.url) as server:
         sid = httpx.post(server.url + "/v1/sessions", json={"kind": "encode"}).json()["id"]
-        redis.Redis(port=port).shutdown(nosave=True)
+        store.stop()
         for response in (push(server.url, sid, 0, frames[:5]),
                          httpx.post(server.url + "/v1/sessions", json={"kind": "encode"}),
                          httpx.get(f"{server.url}/v1/sessions/{sid}")):
@@ -272,11 +236,10 @@ def test_redis_stopped_gives_503_and_whole_clips_keep_working(tiny_checkpoint, t
         assert httpx.get(server.url + "/readyz").status_code == 503
         encoded = httpx.post(server.url + "/v1/encode", content=npy_bytes(frames[:5]), headers=NPY, timeout=60)
         assert encoded.status_code == 200
-        start_redis()
+        store.start()
         sid = httpx.post(server.url + "/v1/sessions", json={"kind": "encode"}).json()["id"]
         assert push(server.url, sid, 0, frames[:5]).status_code == 200
         assert httpx.get(server.url + "/readyz").status_code == 200
-    redis.Redis(port=port).shutdown(nosave=True)
 
 
 class LoseResponses(httpx.HTTPTransport):
