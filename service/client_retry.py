@@ -23,6 +23,7 @@ refused together do not all come back together.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from typing import Awaitable, Callable
@@ -53,50 +54,52 @@ class Retrying:
             wait = min(self.max_delay_s, self.backoff_s * 2**attempt)
         return wait * (1 + self.jitter * self._rng.random())
 
-    def _wait(self, attempt: int, response: httpx.Response | None, error: Exception | None,
-              idempotent: bool) -> float | None:
+    def _wait(self, attempt: int, outcome: Outcome, idempotent: bool) -> float | None:
         """The wait before another attempt, or None to stop here."""
         if attempt + 1 >= self.attempts:
             return None
-        if error is not None:
-            retry = idempotent or isinstance(error, NOT_CONNECTED)
-        else:
-            retry = response.status_code in (RETRYABLE_STATUS if idempotent else REFUSED_STATUS)
-        return self.delay(attempt, response) if retry else None
+        if isinstance(outcome, httpx.Response):
+            retry = outcome.status_code in (RETRYABLE_STATUS if idempotent else REFUSED_STATUS)
+            return self.delay(attempt, outcome) if retry else None
+        return self.delay(attempt, None) if idempotent or isinstance(outcome, NOT_CONNECTED) else None
 
     def send(self, request: Callable[[], httpx.Response], idempotent: bool = True) -> httpx.Response:
-        attempt = 0
-        while True:
-            response, error = None, None
-            try:
-                response = request()
-            except httpx.TransportError as exc:
-                error = exc
-            wait = self._wait(attempt, response, error, idempotent)
+        for attempt in itertools.count():
+            outcome = _attempt(request)
+            wait = self._wait(attempt, outcome, idempotent)
             if wait is None:
-                if error is not None:
-                    raise error
-                return response
+                return _settled(outcome)
             self.sleep(wait)
-            attempt += 1
 
     async def send_async(self, request: Callable[[], Awaitable[httpx.Response]],
                          idempotent: bool = True) -> httpx.Response:
         """`send` for an async request; waits with asyncio.sleep."""
-        attempt = 0
-        while True:
-            response, error = None, None
+        for attempt in itertools.count():
             try:
-                response = await request()
+                outcome = await request()
             except httpx.TransportError as exc:
-                error = exc
-            wait = self._wait(attempt, response, error, idempotent)
+                outcome = exc
+            wait = self._wait(attempt, outcome, idempotent)
             if wait is None:
-                if error is not None:
-                    raise error
-                return response
+                return _settled(outcome)
             await asyncio.sleep(wait)
-            attempt += 1
+
+
+Outcome = httpx.Response | httpx.TransportError  # an attempt's answer, or why there was none
+
+
+def _attempt(request: Callable[[], httpx.Response]) -> Outcome:
+    try:
+        return request()
+    except httpx.TransportError as exc:
+        return exc
+
+
+def _settled(outcome: Outcome) -> httpx.Response:
+    """The last attempt's answer, or its connection error raised."""
+    if isinstance(outcome, httpx.TransportError):
+        raise outcome
+    return outcome
 
 
 NO_RETRY = Retrying(attempts=1)

@@ -100,31 +100,22 @@ class Deployment:
     docker-compose.yml's topology on loopback. `env` are further CDT_* settings of both replicas."""
 
     def __init__(self, checkpoint: Path, scratch: Path, redis_url: str, prefix: str, **env: str) -> None:
-        self.checkpoint, self.scratch = checkpoint, scratch
-        self.env = {"redis_url": redis_url, "session_key_prefix": prefix, **env}
-        self.replicas: list[Server] = start_replicas(checkpoint, scratch, **self.env)
+        self.replicas: list[Server] = start_replicas(checkpoint, scratch, redis_url=redis_url,
+                                                     session_key_prefix=prefix, **env)
+        self.lb: Nginx | None = None
         try:
-            self.lb = Nginx([r.port for r in self.replicas], scratch).wait_ready()
+            self.lb = Nginx([r.port for r in self.replicas], scratch)
+            self.url = self.lb.url
+            self.lb.wait_ready()
         except BaseException:
-            self._stop_replicas()
+            self.stop()
             raise
-        self.url = self.lb.url
-
-    def restart(self, index: int) -> Server:
-        """A fresh replica where replica `index` was (same port): the balancer's list is fixed."""
-        old = self.replicas[index]
-        old.stop()
-        self.replicas[index] = Server(self.checkpoint, self.scratch / f"r{index}-restarted.log", port=old.port,
-                                      **self.env).wait_ready()
-        return self.replicas[index]
-
-    def _stop_replicas(self) -> None:
-        for replica in self.replicas:
-            replica.stop()
 
     def stop(self) -> None:
-        self.lb.stop()
-        self._stop_replicas()
+        if self.lb is not None:
+            self.lb.stop()
+        for replica in self.replicas:
+            replica.stop()
 
     def __enter__(self) -> "Deployment":
         return self

@@ -19,6 +19,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"  # .ci/run starts it; shared, so never flushed
 
 
 def metric_sum(text: str, name: str, **labels: str) -> float:
@@ -44,11 +45,10 @@ def wait_for(condition, what: str, timeout_s: float = 30.0, every_s: float = 0.0
 
 
 class Server:
-    """One `cdt serve` process. Use as a context manager; `kill()` simulates a crash. `port`
-    reuses a port (a replica restarted where a load balancer expects it)."""
+    """One `cdt serve` process. Use as a context manager; `kill()` simulates a crash."""
 
-    def __init__(self, checkpoint: Path, log: Path, repo: Path = REPO, port: int | None = None, **env: str) -> None:
-        self.port = port or free_port()
+    def __init__(self, checkpoint: Path, log: Path, repo: Path = REPO, **env: str) -> None:
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         environ = {**os.environ, "CDT_CHECKPOINT": str(checkpoint), **{f"CDT_{k.upper()}": str(v)
                                                                        for k, v in env.items()}}
@@ -109,10 +109,9 @@ class Server:
         self.stop()
 
 
-def start_replicas(checkpoint: Path, logs: Path, count: int = 2, ports: list[int] | None = None,
-                   **env: str) -> list[Server]:
+def start_replicas(checkpoint: Path, logs: Path, count: int = 2, **env: str) -> list[Server]:
     """`count` servers started side by side (their model loads overlap), all ready."""
-    servers = [Server(checkpoint, logs / f"r{i}.log", port=ports[i] if ports else None, **env) for i in range(count)]
+    servers = [Server(checkpoint, logs / f"r{i}.log", **env) for i in range(count)]
     try:
         return [s.wait_ready() for s in servers]
     except BaseException:

@@ -3,7 +3,6 @@ Cluster): handoff between replicas (stale hot streams rebuilt), a replica killed
 middle of a chunk, racing duplicates, model pinning, expiry, and Redis going away."""
 
 import concurrent.futures
-import secrets
 import threading
 import time
 
@@ -15,27 +14,17 @@ import torch
 
 from model import CDTConfig, build_model, save_pretrained
 from tests.redis_cluster import redis_cluster  # noqa: F401 (fixture)
-from tests.servers import RedisServer, Server, metric_sum, start_replicas, wait_for
+from tests.servers import SHARED_REDIS_URL, RedisServer, Server, metric_sum, start_replicas, wait_for
 from tests.session_helpers import latents_of, npy_array, npy_bytes, real_frames, split
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 NPY = {"content-type": "application/x-npy"}
 SIZES = [1, 3, 4, 7, 9]
 
 
 @pytest.fixture(scope="module")
-def prefix():
-    value = f"cdt-test-{secrets.token_hex(4)}:"
-    yield value
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{value}*"):
-        client.delete(key)
-
-
-@pytest.fixture(scope="module")
-def replicas(tiny_checkpoint, tmp_path_factory, prefix):
-    servers = start_replicas(tiny_checkpoint, tmp_path_factory.mktemp("logs"), redis_url=REDIS_URL,
-                             session_key_prefix=prefix)
+def replicas(tiny_checkpoint, tmp_path_factory, redis_prefix):
+    servers = start_replicas(tiny_checkpoint, tmp_path_factory.mktemp("logs"), redis_url=SHARED_REDIS_URL,
+                             session_key_prefix=redis_prefix)
     yield servers
     for s in servers:
         s.stop()
@@ -136,7 +125,7 @@ def test_a_replica_continues_on_its_hot_stream(replicas, frames, whole):
 
 
 @pytest.mark.parametrize("kind,steps", [("encode", 1), ("decode", 1), ("decode", 3)])
-def test_replica_killed_in_the_middle_of_a_chunk(kind, steps, tiny_checkpoint, tmp_path, prefix, replicas, frames,
+def test_replica_killed_in_the_middle_of_a_chunk(kind, steps, tiny_checkpoint, tmp_path, redis_prefix, replicas, frames,
                                                  whole):
     if kind == "encode":
         spec, fmt, chunks = {"kind": "encode"}, "safetensors", split(len(frames), [1, 4, 28])
@@ -149,8 +138,8 @@ def test_replica_killed_in_the_middle_of_a_chunk(kind, steps, tiny_checkpoint, t
         fmt, chunks = "npy", split(latents.shape[2], [1, 4, 4])
         inputs = lambda a, b: latents[:, :, a:b].numpy()  # noqa: E731
         output = lambda r: npy_array(r.content)  # noqa: E731
-    doomed = Server(tiny_checkpoint, tmp_path / "doomed.log", redis_url=REDIS_URL,
-                    session_key_prefix=prefix).wait_ready()
+    doomed = Server(tiny_checkpoint, tmp_path / "doomed.log", redis_url=SHARED_REDIS_URL,
+                    session_key_prefix=redis_prefix).wait_ready()
     try:
         sid = httpx.post(doomed.url + "/v1/sessions", json=spec).json()["id"]
         parts = [output(push(doomed.url, sid, seq, inputs(a, b), fmt)) for seq, (a, b) in enumerate(chunks[:2])]
@@ -196,19 +185,20 @@ def test_concurrent_duplicates_apply_once(replicas, frames):
     assert state["next_seq"] == 2 and state["frames_in"] == 9 and state["latents_out"] == 3
 
 
-def test_session_is_pinned_to_its_model(tmp_path, prefix, replicas, frames):
+def test_session_is_pinned_to_its_model(tmp_path, redis_prefix, replicas, frames):
     torch.manual_seed(123)
     other_ckpt = tmp_path / "other"
     save_pretrained(build_model(CDTConfig.from_preset("tiny"), "cdt"), other_ckpt)
     sid = httpx.post(replicas[0].url + "/v1/sessions", json={"kind": "encode"}).json()["id"]
     assert push(replicas[0].url, sid, 0, frames[:1]).status_code == 200
-    with Server(other_ckpt, tmp_path / "other.log", redis_url=REDIS_URL, session_key_prefix=prefix) as other:
+    with Server(other_ckpt, tmp_path / "other.log", redis_url=SHARED_REDIS_URL,
+                session_key_prefix=redis_prefix) as other:
         r = push(other.url, sid, 1, frames[1:5])
         assert r.status_code == 409 and r.json()["error"]["code"] == "model_mismatch"
     assert push(replicas[1].url, sid, 1, frames[1:5]).status_code == 200
 
 
-def test_expired_and_deleted_sessions_leave_no_keys(replicas, prefix, frames):
+def test_expired_and_deleted_sessions_leave_no_keys(replicas, redis_prefix, frames):
     url = replicas[0].url
     short = httpx.post(url + "/v1/sessions", json={"kind": "encode", "ttl_s": 1}).json()["id"]
     assert push(url, short, 0, frames[:5]).status_code == 200
@@ -220,7 +210,7 @@ def test_expired_and_deleted_sessions_leave_no_keys(replicas, prefix, frames):
         r = httpx.get(f"{url}/v1/sessions/{sid}")
         assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
         assert push(url, sid, 1, frames[5:9]).status_code == 404
-    keys = [k.decode() for k in redis.Redis.from_url(REDIS_URL).scan_iter(f"{prefix}*")]
+    keys = [k.decode() for k in redis.Redis.from_url(SHARED_REDIS_URL).scan_iter(f"{redis_prefix}*")]
     assert not [k for k in keys if short in k or gone in k]
 
 
