@@ -7,9 +7,9 @@ Each fault is bounded in time and traffic, on loopback:
   streamed latents equal the whole clip's;
 - a replica SIGTERMed during a whole-clip request: that request completes, new requests go
   to the other replica, and the replica exits cleanly;
-- Redis killed in the middle of a chunk, then restarted: 503 `session_store_unavailable`
-  while it is down, and the chunk is not applied; then a persistent Redis lets the session continue
-  (equal to the uninterrupted stream) and one run as the deploy files run it (no
+- Redis down in the middle of a chunk, then back: 503 `session_store_unavailable` while it
+  is down, and the chunk is not applied; a Redis that kept its data lets the session go on
+  (equal to the uninterrupted stream), and one run as the deploy files run it (no
   persistence) has lost the session, which every call reports (404 `session_not_found`);
 - 4x overload: 429 with Retry-After, no 5xx, and every request succeeds through the
   client's backoff.
