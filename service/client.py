@@ -4,14 +4,16 @@
         latents = client.encode_file("clip.mp4", frames=17)
         video = client.decode_file("clip.safetensors", output="out.mp4", seed=0)
 
-Long videos stream through a session, chunk by chunk, retrying a chunk on
-connection errors with the same seq:
+Long videos stream through a session, chunk by chunk:
 
         latents = client.stream_encode("long.mp4", chunk_frames=16)
         frames = client.stream_decode(latents, chunk_latents=4, seed=0)
 
-Every error response becomes a `ServiceError` subclass chosen by status, carrying the
-service's error `code` and `message` (`Overloaded` also carries `retry_after`).
+Every call retries connection errors and 429/502/503/504 answers with backoff, honouring
+Retry-After, where a repeat is safe (`service.client_retry`; `retry=` sets the policy,
+`NO_RETRY` turns it off). An error answer left after that becomes a `ServiceError` subclass
+chosen by status, carrying the service's error `code` and `message` (`Overloaded` also
+carries `retry_after`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from .client_retry import Retrying
 from .stream_client import (
-    Retrying,
     assemble_latents,
     chunk_info,
     concat_frames,
@@ -133,20 +135,22 @@ class Client:
     write it to `output` when given."""
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, retry: Retrying | None = None) -> None:
         self._http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport)
+        self.retry = retry or Retrying()
 
     def encode_file(self, path: str | Path, output: str | Path | None = None, *, frames: int | None = None,
                     size: int | None = None, fps: float | None = None, format: str = "safetensors") -> bytes:
-        return _result(self._http.post(**_encode_request(path, frames, size, fps, format)), output)
+        request = _encode_request(path, frames, size, fps, format)
+        return _result(self.retry.send(lambda: self._http.post(**request)), output)
 
     def decode_file(self, path: str | Path, output: str | Path | None = None, *, steps: int = 1, seed: int = 0,
                     format: str | None = None) -> bytes:
         request = _decode_request(path, steps, seed, _decode_format(output, format))
-        return _result(self._http.post(**request), output)
+        return _result(self.retry.send(lambda: self._http.post(**request)), output)
 
     def models(self) -> list[dict]:
-        response = self._http.get("/v1/models")
+        response = self.retry.send(lambda: self._http.get("/v1/models"))
         raise_for_error(response)
         return response.json()["models"]
 
@@ -154,48 +158,45 @@ class Client:
         return self._http.get("/readyz").is_success
 
     # --- streaming sessions ---------------------------------------------------------------
-    def _session(self, spec: dict, retry: Retrying) -> str:
-        response = retry.send(lambda: self._http.post("/v1/sessions", json=spec))
+    def _session(self, spec: dict) -> str:
+        response = self.retry.send(lambda: self._http.post("/v1/sessions", json=spec), idempotent=False)
         raise_for_error(response)
         return response.json()["id"]
 
-    def _push(self, url: str, body: bytes, params: dict, retry: Retrying) -> httpx.Response:
-        response = retry.send(lambda: self._http.post(url, content=body, params=params,
-                                                      headers={"content-type": "application/x-npy"}))
+    def _post(self, url: str, **request: Any) -> httpx.Response:
+        """A chunk or a finish: repeated as it is (same seq) until answered."""
+        response = self.retry.send(lambda: self._http.post(url, **request))
         raise_for_error(response)
         return response
 
-    def stream_encode(self, source: str | Path | np.ndarray, chunk_frames: int = 16, *, fps: float | None = None,
-                      retry: Retrying | None = None) -> bytes:
+    def _push(self, sid: str, seq: int, chunk: np.ndarray, params: dict) -> httpx.Response:
+        return self._post(f"/v1/sessions/{sid}/chunks/{seq}", content=npy_body(chunk), params=params,
+                          headers={"content-type": "application/x-npy"})
+
+    def stream_encode(self, source: str | Path | np.ndarray, chunk_frames: int = 16, *,
+                      fps: float | None = None) -> bytes:
         """Encode a video file (decoded lazily, chunk by chunk) or uint8 (T,H,W,3) frames
         through an encode session; returns a latents file, as /v1/encode would."""
-        retry = retry or Retrying()
         chunks, source_fps = frame_chunks(source, chunk_frames)
         model = self.models()[0]
-        sid = self._session({"kind": "encode"}, retry)
-        parts = []
-        for seq, chunk in enumerate(chunks):
-            parts.append(read_latents(self._push(f"/v1/sessions/{sid}/chunks/{seq}", npy_body(chunk), {}, retry)
-                                      .content))
-        finish = retry.send(lambda: self._http.post(f"/v1/sessions/{sid}/finish"))
-        raise_for_error(finish)
+        sid = self._session({"kind": "encode"})
+        parts = [read_latents(self._push(sid, seq, chunk, {}).content) for seq, chunk in enumerate(chunks)]
+        finish = self._post(f"/v1/sessions/{sid}/finish")
         parts.append(read_latents(finish.content))
         return assemble_latents(parts, chunk_info(finish), model, fps or source_fps or 30.0)
 
     def stream_decode(self, latents: str | Path | bytes | np.ndarray, chunk_latents: int = 2, *, steps: int = 1,
-                      seed: int = 0, retry: Retrying | None = None) -> np.ndarray:
+                      seed: int = 0) -> np.ndarray:
         """Decode a latents file (or (1,16,T,h,w) array) through a decode session; returns
         uint8 (T,H,W,3) frames, cropped to the original size when the file records it."""
-        retry = retry or Retrying()
         array, item = parse_latents_source(latents)
         spec = {"kind": "decode", "steps": steps, "seed": seed}
         if item is not None:
             spec.update(height=item.height, width=item.width, frames=item.frames, fps=item.fps)
-        sid = self._session(spec, retry)
-        parts = [np.load(io.BytesIO(self._push(f"/v1/sessions/{sid}/chunks/{seq}", npy_body(chunk),
-                                               {"format": "npy"}, retry).content), allow_pickle=False)
+        sid = self._session(spec)
+        parts = [np.load(io.BytesIO(self._push(sid, seq, chunk, {"format": "npy"}).content), allow_pickle=False)
                  for seq, chunk in enumerate(latent_chunks(array, chunk_latents))]
-        raise_for_error(retry.send(lambda: self._http.post(f"/v1/sessions/{sid}/finish")))
+        self._post(f"/v1/sessions/{sid}/finish")
         return concat_frames(parts)
 
     def close(self) -> None:
@@ -212,21 +213,23 @@ class AsyncClient:
     """The same calls as `Client`, awaitable."""
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, retry: Retrying | None = None) -> None:
         self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key), timeout=timeout,
                                        transport=transport)
+        self.retry = retry or Retrying()
 
     async def encode_file(self, path: str | Path, output: str | Path | None = None, *, frames: int | None = None,
                           size: int | None = None, fps: float | None = None, format: str = "safetensors") -> bytes:
-        return _result(await self._http.post(**_encode_request(path, frames, size, fps, format)), output)
+        request = _encode_request(path, frames, size, fps, format)
+        return _result(await self.retry.send_async(lambda: self._http.post(**request)), output)
 
     async def decode_file(self, path: str | Path, output: str | Path | None = None, *, steps: int = 1, seed: int = 0,
                           format: str | None = None) -> bytes:
         request = _decode_request(path, steps, seed, _decode_format(output, format))
-        return _result(await self._http.post(**request), output)
+        return _result(await self.retry.send_async(lambda: self._http.post(**request)), output)
 
     async def models(self) -> list[dict]:
-        response = await self._http.get("/v1/models")
+        response = await self.retry.send_async(lambda: self._http.get("/v1/models"))
         raise_for_error(response)
         return response.json()["models"]
 

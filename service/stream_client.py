@@ -1,18 +1,13 @@
-"""Client side of streaming sessions: drive a session chunk by chunk, retrying a chunk
-with the same `seq` when the connection fails or a replica is briefly unavailable
-(the service applies each seq once, so a retry is always safe).
-
-Used by `Client.stream_encode` / `Client.stream_decode`; kept apart from the plain
-request code because it owns the retry policy and the assembly of the outputs.
-"""
+"""Client side of streaming sessions: cutting the input into chunks and assembling the
+chunks' outputs. Used by `Client.stream_encode` / `Client.stream_decode`, which retry a
+chunk with the same `seq` (`service.client_retry`)."""
 
 from __future__ import annotations
 
 import io
 import json
-import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import httpx
 import numpy as np
@@ -21,9 +16,6 @@ from safetensors.numpy import load as st_load_numpy
 
 from media import LatentsFile, Padding, VideoReader
 from media.latents_file import latents_from_bytes, latents_to_bytes
-
-RETRYABLE_STATUS = (429, 502, 503, 504)
-
 
 def npy_body(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
@@ -46,31 +38,6 @@ def frame_chunks(source: str | Path | np.ndarray, chunk_frames: int) -> tuple[It
 
 def latent_chunks(latents: np.ndarray, chunk_latents: int) -> Iterator[np.ndarray]:
     return (latents[:, :, i : i + chunk_latents] for i in range(0, latents.shape[2], chunk_latents))
-
-
-class Retrying:
-    """Send one request until it gets a non-retryable answer or the attempts run out."""
-
-    def __init__(self, attempts: int = 5, backoff_s: float = 0.5, sleep: Callable[[float], None] = time.sleep):
-        self.attempts, self.backoff_s, self.sleep = attempts, backoff_s, sleep
-
-    def delay(self, attempt: int, response: httpx.Response | None) -> float:
-        retry_after = response.headers.get("retry-after") if response is not None else None
-        return float(retry_after) if retry_after else self.backoff_s * 2**attempt
-
-    def send(self, request: Callable[[], httpx.Response]) -> httpx.Response:
-        for attempt in range(self.attempts):
-            try:
-                response = request()
-            except httpx.TransportError:
-                if attempt == self.attempts - 1:
-                    raise
-                self.sleep(self.delay(attempt, None))
-                continue
-            if response.status_code not in RETRYABLE_STATUS or attempt == self.attempts - 1:
-                return response
-            self.sleep(self.delay(attempt, response))
-        raise AssertionError("unreachable")
 
 
 def read_latents(data: bytes) -> np.ndarray:

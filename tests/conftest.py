@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 # Test processes and the servers they start share the CPU: OpenMP threads that spin while
@@ -11,9 +12,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
+import redis
 import torch
 
 from model import CDTConfig, build_model, save_pretrained
+from tests.servers import SHARED_REDIS_URL
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_VIDEOS = REPO.parent / "shared" / "data" / "videos"
@@ -55,3 +58,13 @@ def alexnet_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("lpips") / "alex.safetensors"
     save_file(state, str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def redis_prefix():
+    """A session key prefix of the module's own on the shared Redis; its keys are deleted after."""
+    value = f"cdt-test-{secrets.token_hex(4)}:"
+    yield value
+    client = redis.Redis.from_url(SHARED_REDIS_URL)
+    for key in client.scan_iter(f"{value}*"):
+        client.delete(key)

@@ -15,9 +15,10 @@ CLIP = "cotracker__cat.mp4"  # 368x480 portrait, 87 frames
 SIZE = 36  # short side: 36x47 frames, neither side a multiple of 8
 
 
-def real_frames(shared_videos, count: int) -> np.ndarray:
-    """uint8 (T,H,W,3) from a real clip, resized so neither side is a multiple of 8."""
-    return read_video(shared_videos / CLIP, num_frames=count, size=SIZE).frames
+def real_frames(shared_videos, count: int, size: int = SIZE) -> np.ndarray:
+    """uint8 (T,H,W,3) from a real clip, its short side resized to `size` (by default so that
+    neither side is a multiple of 8)."""
+    return read_video(shared_videos / CLIP, num_frames=count, size=size).frames
 
 
 def npy_bytes(array) -> bytes:

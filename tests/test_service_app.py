@@ -17,7 +17,8 @@ import torch
 from media import frames_to_tensor
 from media.latents_file import latents_from_bytes
 from service import Settings, create_app
-from service.client import AsyncClient, Overloaded
+from service.client import AsyncClient, Overloaded, ServiceError
+from service.client_retry import NO_RETRY, Retrying
 from service.errors import GatewayTimeout, Unavailable
 from service.metrics import Metrics
 from service.settings import SettingsError
@@ -48,7 +49,8 @@ def run_app(settings: Settings, scenario):
 
 
 def client_for(app) -> AsyncClient:
-    return AsyncClient("http://service", transport=httpx.ASGITransport(app=app))
+    """A client that shows every answer as it comes (no retries)."""
+    return AsyncClient("http://service", transport=httpx.ASGITransport(app=app), retry=NO_RETRY)
 
 
 def http_for(app) -> httpx.AsyncClient:
@@ -76,6 +78,25 @@ def test_requests_beyond_the_queue_get_429_while_accepted_ones_complete(tiny_che
     assert all(latents_from_bytes(r).frames == 17 for r in accepted + [after])
     assert all(r.code == "overloaded" and r.retry_after >= 1 for r in refused)
     assert metrics.rejected_total.labels("queue_full")._value.get() >= 3
+
+
+def test_the_client_repeats_timed_out_requests_a_bounded_number_of_times(tiny_checkpoint, tmp_path):
+    source = tmp_path / "clip.npy"
+    source.write_bytes(npy_bytes(frames(17, 128, 128)))  # every chunk job outlasts 0.05 s
+
+    async def scenario(app):
+        transport = httpx.ASGITransport(app=app)
+        async with AsyncClient("http://service", transport=transport, retry=Retrying(3, backoff_s=0.01)) as client:
+            try:
+                await client.encode_file(source)
+            except ServiceError as exc:
+                return exc, app.state.metrics
+
+    # Every job outlives the timeout: 504 while it computes, 503 for a retry queued behind it.
+    error, metrics = run_app(Settings(checkpoint=tiny_checkpoint, request_timeout_s=0.05), scenario)
+    rejected = {r: metrics.rejected_total.labels(r)._value.get() for r in ("compute_timeout", "queue_timeout")}
+    assert rejected["compute_timeout"] >= 1 and sum(rejected.values()) == 3  # three attempts, then the error
+    assert error.status in (503, 504) and error.code in rejected
 
 
 # --- worker pool: timeouts and shutdown ----------------------------------------------------

@@ -3,9 +3,6 @@ Cluster): handoff between replicas (stale hot streams rebuilt), a replica killed
 middle of a chunk, racing duplicates, model pinning, expiry, and Redis going away."""
 
 import concurrent.futures
-import secrets
-import shutil
-import subprocess
 import threading
 import time
 
@@ -17,36 +14,17 @@ import torch
 
 from model import CDTConfig, build_model, save_pretrained
 from tests.redis_cluster import redis_cluster  # noqa: F401 (fixture)
-from tests.servers import Server, free_port, metric_sum
+from tests.servers import SHARED_REDIS_URL, RedisServer, Server, metric_sum, start_replicas, wait_for
 from tests.session_helpers import latents_of, npy_array, npy_bytes, real_frames, split
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 NPY = {"content-type": "application/x-npy"}
 SIZES = [1, 3, 4, 7, 9]
 
 
 @pytest.fixture(scope="module")
-def prefix():
-    value = f"cdt-test-{secrets.token_hex(4)}:"
-    yield value
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{value}*"):
-        client.delete(key)
-
-
-def start_replicas(checkpoint, logs, url: str, prefix: str) -> list[Server]:
-    servers = [Server(checkpoint, logs / f"r{i}.log", redis_url=url, session_key_prefix=prefix) for i in range(2)]
-    try:
-        return [s.wait_ready() for s in servers]
-    except BaseException:
-        for s in servers:
-            s.stop()
-        raise
-
-
-@pytest.fixture(scope="module")
-def replicas(tiny_checkpoint, tmp_path_factory, prefix):
-    servers = start_replicas(tiny_checkpoint, tmp_path_factory.mktemp("logs"), REDIS_URL, prefix)
+def replicas(tiny_checkpoint, tmp_path_factory, redis_prefix):
+    servers = start_replicas(tiny_checkpoint, tmp_path_factory.mktemp("logs"), redis_url=SHARED_REDIS_URL,
+                             session_key_prefix=redis_prefix)
     yield servers
     for s in servers:
         s.stop()
@@ -54,7 +32,8 @@ def replicas(tiny_checkpoint, tmp_path_factory, prefix):
 
 @pytest.fixture(scope="module")
 def cluster_replicas(tiny_checkpoint, tmp_path_factory, redis_cluster):  # noqa: F811 (fixture)
-    servers = start_replicas(tiny_checkpoint, tmp_path_factory.mktemp("cluster-logs"), redis_cluster.url, "cdt:")
+    servers = start_replicas(tiny_checkpoint, tmp_path_factory.mktemp("cluster-logs"), redis_url=redis_cluster.url,
+                             session_key_prefix="cdt:")
     yield servers
     for s in servers:
         s.stop()
@@ -145,15 +124,8 @@ def test_a_replica_continues_on_its_hot_stream(replicas, frames, whole):
     assert [metric(r.url, "cdt_session_hot_hits_total") - h for r, h in zip(replicas, hits)] == [3, 0]
 
 
-def in_flight(url: str) -> bool:
-    try:
-        return metric(url, "cdt_jobs_in_flight") > 0
-    except httpx.TransportError:
-        return False
-
-
 @pytest.mark.parametrize("kind,steps", [("encode", 1), ("decode", 1), ("decode", 3)])
-def test_replica_killed_in_the_middle_of_a_chunk(kind, steps, tiny_checkpoint, tmp_path, prefix, replicas, frames,
+def test_replica_killed_in_the_middle_of_a_chunk(kind, steps, tiny_checkpoint, tmp_path, redis_prefix, replicas, frames,
                                                  whole):
     if kind == "encode":
         spec, fmt, chunks = {"kind": "encode"}, "safetensors", split(len(frames), [1, 4, 28])
@@ -166,18 +138,15 @@ def test_replica_killed_in_the_middle_of_a_chunk(kind, steps, tiny_checkpoint, t
         fmt, chunks = "npy", split(latents.shape[2], [1, 4, 4])
         inputs = lambda a, b: latents[:, :, a:b].numpy()  # noqa: E731
         output = lambda r: npy_array(r.content)  # noqa: E731
-    doomed = Server(tiny_checkpoint, tmp_path / "doomed.log", redis_url=REDIS_URL,
-                    session_key_prefix=prefix).wait_ready()
+    doomed = Server(tiny_checkpoint, tmp_path / "doomed.log", redis_url=SHARED_REDIS_URL,
+                    session_key_prefix=redis_prefix).wait_ready()
     try:
         sid = httpx.post(doomed.url + "/v1/sessions", json=spec).json()["id"]
         parts = [output(push(doomed.url, sid, seq, inputs(a, b), fmt)) for seq, (a, b) in enumerate(chunks[:2])]
         (a, b), lost = chunks[2], []
         sender = threading.Thread(target=lambda: lost.append(_try_push(doomed.url, sid, 2, inputs(a, b), fmt)))
         sender.start()
-        deadline = time.monotonic() + 30
-        while not in_flight(doomed.url):
-            assert time.monotonic() < deadline, "chunk 2 never started computing"
-            time.sleep(0.005)
+        wait_for(doomed.computing, "chunk 2 never started computing")
         doomed.kill()  # SIGKILL while chunk 2 computes on the hot stream
         sender.join(30)
     finally:
@@ -216,19 +185,20 @@ def test_concurrent_duplicates_apply_once(replicas, frames):
     assert state["next_seq"] == 2 and state["frames_in"] == 9 and state["latents_out"] == 3
 
 
-def test_session_is_pinned_to_its_model(tmp_path, prefix, replicas, frames):
+def test_session_is_pinned_to_its_model(tmp_path, redis_prefix, replicas, frames):
     torch.manual_seed(123)
     other_ckpt = tmp_path / "other"
     save_pretrained(build_model(CDTConfig.from_preset("tiny"), "cdt"), other_ckpt)
     sid = httpx.post(replicas[0].url + "/v1/sessions", json={"kind": "encode"}).json()["id"]
     assert push(replicas[0].url, sid, 0, frames[:1]).status_code == 200
-    with Server(other_ckpt, tmp_path / "other.log", redis_url=REDIS_URL, session_key_prefix=prefix) as other:
+    with Server(other_ckpt, tmp_path / "other.log", redis_url=SHARED_REDIS_URL,
+                session_key_prefix=redis_prefix) as other:
         r = push(other.url, sid, 1, frames[1:5])
         assert r.status_code == 409 and r.json()["error"]["code"] == "model_mismatch"
     assert push(replicas[1].url, sid, 1, frames[1:5]).status_code == 200
 
 
-def test_expired_and_deleted_sessions_leave_no_keys(replicas, prefix, frames):
+def test_expired_and_deleted_sessions_leave_no_keys(replicas, redis_prefix, frames):
     url = replicas[0].url
     short = httpx.post(url + "/v1/sessions", json={"kind": "encode", "ttl_s": 1}).json()["id"]
     assert push(url, short, 0, frames[:5]).status_code == 200
@@ -240,30 +210,14 @@ def test_expired_and_deleted_sessions_leave_no_keys(replicas, prefix, frames):
         r = httpx.get(f"{url}/v1/sessions/{sid}")
         assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
         assert push(url, sid, 1, frames[5:9]).status_code == 404
-    keys = [k.decode() for k in redis.Redis.from_url(REDIS_URL).scan_iter(f"{prefix}*")]
+    keys = [k.decode() for k in redis.Redis.from_url(SHARED_REDIS_URL).scan_iter(f"{redis_prefix}*")]
     assert not [k for k in keys if short in k or gone in k]
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server to run a private Redis")
 def test_redis_stopped_gives_503_and_whole_clips_keep_working(tiny_checkpoint, tmp_path, frames):
-    port = free_port()
-
-    def start_redis():
-        subprocess.run(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                        "no", "--daemonize", "yes", "--dir", str(tmp_path), "--logfile", str(tmp_path / "r.log")],
-                       check=True)
-        client = redis.Redis(port=port)
-        for _ in range(100):
-            try:
-                return client.ping()
-            except redis.ConnectionError:
-                time.sleep(0.05)
-
-    start_redis()
-    url_redis = f"redis://127.0.0.1:{port}/0"
-    with Server(tiny_checkpoint, tmp_path / "s.log", redis_url=url_redis) as server:
+    with RedisServer(tmp_path) as store, Server(tiny_checkpoint, tmp_path / "s.log", redis_url=store.url) as server:
         sid = httpx.post(server.url + "/v1/sessions", json={"kind": "encode"}).json()["id"]
-        redis.Redis(port=port).shutdown(nosave=True)
+        store.stop()
         for response in (push(server.url, sid, 0, frames[:5]),
                          httpx.post(server.url + "/v1/sessions", json={"kind": "encode"}),
                          httpx.get(f"{server.url}/v1/sessions/{sid}")):
@@ -272,11 +226,10 @@ def test_redis_stopped_gives_503_and_whole_clips_keep_working(tiny_checkpoint, t
         assert httpx.get(server.url + "/readyz").status_code == 503
         encoded = httpx.post(server.url + "/v1/encode", content=npy_bytes(frames[:5]), headers=NPY, timeout=60)
         assert encoded.status_code == 200
-        start_redis()
+        store.start()
         sid = httpx.post(server.url + "/v1/sessions", json={"kind": "encode"}).json()["id"]
         assert push(server.url, sid, 0, frames[:5]).status_code == 200
         assert httpx.get(server.url + "/readyz").status_code == 200
-    redis.Redis(port=port).shutdown(nosave=True)
 
 
 class LoseResponses(httpx.HTTPTransport):
@@ -300,7 +253,7 @@ class LoseResponses(httpx.HTTPTransport):
 def test_client_streams_and_retries_lost_answers_with_the_same_seq(replicas, shared_videos, tmp_path):
     from media import write_video
     from service.client import Client
-    from service.stream_client import Retrying
+    from service.client_retry import Retrying
     from tests.session_helpers import real_frames
 
     clip = tmp_path / "clip.mp4"
@@ -310,8 +263,8 @@ def test_client_streams_and_retries_lost_answers_with_the_same_seq(replicas, sha
     whole = httpx.post(url + "/v1/encode", content=clip.read_bytes(), headers={"content-type": "video/mp4"},
                        timeout=60)
     transport = LoseResponses(lose={2, 4})
-    with Client(url, transport=transport) as client:
-        streamed = client.stream_encode(clip, chunk_frames=6, retry=Retrying(backoff_s=0.01))
+    with Client(url, transport=transport, retry=Retrying(backoff_s=0.01)) as client:
+        streamed = client.stream_encode(clip, chunk_frames=6)
         assert transport.seen == 6  # 4 chunks + 2 retries
         assert (latents_of(streamed) - latents_of(whole.content)).abs().max().item() < 1e-5
         frames = client.stream_decode(streamed, chunk_latents=2, seed=4)
