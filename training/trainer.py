@@ -140,27 +140,29 @@ class Run:
 
     def __init__(self, run_dir: str | Path, options: Options | None = None) -> None:
         self.run_dir, self.options = Path(run_dir), options or Options()
-        self.config = config = read_run_config(self.run_dir)
-        options = self.options
-        self.device = resolve_device(options.device)
+        self.config = read_run_config(self.run_dir)
+        self.device = resolve_device(self.options.device)
         self.rank, self.world = init_distributed(self.device)
-        train_cfg = config["train"]
-        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
-        torch.set_num_threads(max(1, (options.threads or train_cfg["threads"]) // per_machine))
-        auto_bf16 = self.device.type == "cuda" if train_cfg["bf16"] == "auto" else train_cfg["bf16"]
-        self.bf16 = auto_bf16 if options.bf16 is None else options.bf16
-        if self.device.type == "cuda":
-            allow_tf32()
-        self.total, self.accum = total_steps(config), config["optim"]["accum"]
+        self.total, self.accum = total_steps(self.config), self.config["optim"]["accum"]
         self.steps_done, self.wall, self.cursor = 0, 0.0, fresh_cursor()
         self.replaced, self.unreadable, self.pending = 0, {}, {"replaced": 0, "broken": {}}
         self.skipped_updates, self.bad_in_a_row, self.stats, self.saved_world = 0, 0, {}, self.world
+        self.setup_compute()
         self.setup_model()
         self.resume()
         self.setup_objective()
         self.setup_data()
 
     # --- setup -----------------------------------------------------------------------------
+    def setup_compute(self) -> None:
+        train_cfg = self.config["train"]
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))  # the ranks sharing this CPU
+        torch.set_num_threads(max(1, (self.options.threads or train_cfg["threads"]) // per_machine))
+        auto_bf16 = self.device.type == "cuda" if train_cfg["bf16"] == "auto" else train_cfg["bf16"]
+        self.bf16 = auto_bf16 if self.options.bf16 is None else self.options.bf16
+        if self.device.type == "cuda":
+            allow_tf32()
+
     def setup_model(self) -> None:
         config = self.config
         torch.manual_seed(config["seed"])  # identical initial weights on every rank
