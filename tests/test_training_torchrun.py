@@ -164,6 +164,8 @@ def test_the_export_is_the_checkpoint_the_service_serves(launches, tmp_path):
     assert ready and models[0]["hash"] == record["model_hash"] == from_pretrained(export).content_hash()
     assert np.load(tmp_path / "out.npy").shape == read_video(clip, num_frames=5).frames.shape
     assert record["config"]["name"] == "ddp" and record["world"] == 2 and record["step"] == launches["stopped"][3] + 1
+    (start,) = record["starts"]
+    assert (start["step"], start["world"], start["device"]) == (0, 2, "cpu") and start["commit"] != "unknown"
 
 
 def test_another_world_size_continues_the_data_streams(launches, tmp_path, capsys):

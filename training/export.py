@@ -2,9 +2,9 @@
 
 The checkpoint is `model.save_pretrained`'s directory, the one `from_pretrained`, `cdt
 serve` and every `cdt` command load. `training.json` beside it records the run's
-resolved config and a data summary (inputs, data position, skipped files) with the
-content hash of the weights it describes; like `receptive_field.json` it stays outside
-the hash, and loading ignores it.
+resolved config, a data summary (inputs, data position, skipped files) and each
+(re)start's step, world size, device and commit, with the content hash of the weights it
+describes; like `receptive_field.json` it stays outside the hash, and loading ignores it.
 """
 
 from __future__ import annotations
@@ -50,4 +50,5 @@ def training_record(config: dict, state: dict, digest: str) -> dict:
                "unreadable_examples": dict(unreadable[:LISTED_UNREADABLE])}
     return {"format": TRAINING_FORMAT, "version": TRAINING_VERSION, "model_hash": digest, "step": state["step"],
             "total_steps": total_steps(config), "world": state["world"],
-            "wall_seconds": round(state["wall_seconds"], 1), "config": config, "data": summary}
+            "wall_seconds": round(state["wall_seconds"], 1), "starts": state["starts"], "config": config,
+            "data": summary}

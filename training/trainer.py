@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from media.metrics import psnr, ssim
+from media.provenance import commit
 from media.video import frames_to_tensor, tensor_to_frames
 from model import CDTConfig, build_model, from_pretrained
 
@@ -147,6 +148,7 @@ class Run:
         self.steps_done, self.wall, self.cursor = 0, 0.0, fresh_cursor()
         self.replaced, self.unreadable, self.pending = 0, {}, {"replaced": 0, "broken": {}}
         self.skipped_updates, self.bad_in_a_row, self.stats, self.saved_world = 0, 0, {}, self.world
+        self.starts: list[dict] = []  # where and by which code each (re)start ran
         self.setup_compute()
         self.setup_model()
         self.resume()
@@ -234,6 +236,7 @@ class Run:
             self.opt.load_state_dict(state["optimizer"])
             set_rng_state(state["rng"])
             self.steps_done, self.wall, self.saved_world = state["step"], state["wall_seconds"], state["world"]
+            self.starts = state["starts"]
             data = state["data"]
             self.cursor, self.replaced, self.unreadable = data["cursor"], data["replaced"], data["unreadable"]
         if self.rank == 0:
@@ -246,7 +249,8 @@ class Run:
                 "inputs": self.inputs.summary()}
         save_state(self.run_dir, {"step": self.steps_done, "wall_seconds": self.wall, "world": self.world,
                                   "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                                  "optimizer": self.opt.state_dict(), "rng": rng_state(), "data": data})
+                                  "optimizer": self.opt.state_dict(), "rng": rng_state(), "data": data,
+                                  "starts": self.starts})
         try:
             plot_log(self.run_dir / LOG_FILE, self.run_dir / PLOT_FILE, title=self.config["name"])
         except ImportError:
@@ -350,9 +354,11 @@ class Run:
                "device": str(self.device), "bf16": self.bf16, "per_rank_batch": stage["batch"], "accum": self.accum,
                "global_batch": global_batch, "compile": self.options.compile,
                "activation_checkpointing": self.options.activation_checkpointing, **self.inputs.summary()}
-        self.write_log(row)
         if self.rank != 0:
             return
+        self.write_log(row)
+        self.starts.append({"step": self.steps_done, "world": self.world, "device": self.device.type,
+                            "commit": commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         lpips_note = "on" if self.lpips is not None else "off (loss.lpips_weights not set)"
         print(f"{config['name']}: {config['model']['preset']} {self.model.kind}, "
               f"{self.model.parameter_counts()['parameters']:,} params, {self.device} x world {self.world}, "
