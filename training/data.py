@@ -41,7 +41,7 @@ from .sources import is_image
 
 # Draws per sample before giving up: a set this broken needs fixing, not training.
 MAX_DRAWS = 16
-READ_ERRORS = (VideoDecodeError, av.FFmpegError, OSError, ValueError, IndexError)
+READ_ERRORS = (VideoDecodeError, av.FFmpegError, OSError)
 
 
 class Unusable(Exception):
@@ -57,16 +57,16 @@ def probe_frames(path: str, max_frames: int) -> int:
     else its packets (demuxed, not decoded)."""
     try:
         with av.open(path) as container:
+            if not container.streams.video:
+                raise Unusable("no video stream", broken=True)
             stream = container.streams.video[0]
-            if stream.frames:
-                return min(stream.frames, max_frames)
             packets = (p for p in container.demux(stream) if p.size)
-            count = sum(1 for _ in itertools.islice(packets, max_frames))
+            count = stream.frames or sum(1 for _ in itertools.islice(packets, max_frames))
     except READ_ERRORS as exc:
         raise Unusable(f"not decodable ({exc})", broken=True) from None
     if not count:
         raise Unusable("no video frames", broken=True)
-    return count
+    return min(count, max_frames)
 
 
 class StreamedFrames:
