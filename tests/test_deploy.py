@@ -358,7 +358,8 @@ def test_dockerignore_keeps_the_checkpoint_and_drops_the_venv():
 
 
 def k8s_documents() -> list[tuple[Path, dict]]:
-    files = sorted(K8S.glob("*.yaml")) + sorted((K8S / "examples").glob("*.yaml"))
+    files = sorted(K8S.glob("*.yaml")) + sorted((K8S / "examples").glob("*.yaml")) + \
+        sorted((K8S / "training").glob("*.yaml"))
     return [(f, doc) for f in files for doc in yaml.safe_load_all(f.read_text()) if doc]
 
 
@@ -416,6 +417,59 @@ def test_k8s_deployment_probes_security_and_wiring():
 
     hpa = docs["HorizontalPodAutoscaler/cdt"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == "cdt" and hpa["spec"]["minReplicas"] >= 2
+
+
+def test_k8s_training_job_runs_torchrun_across_its_indexed_pods():
+    """deploy/k8s/training/: torchrun on every pod of an Indexed Job, pod 0 the rendezvous
+    host by its stable DNS name. The command is checked by torchrun's own argument parser,
+    `cdt train`'s parser and the trainer's config loader (so a mistyped option or override
+    fails here), and the paths it names by the pod's volumes."""
+    from torch.distributed.run import get_args_parser
+
+    from cli.main import build_parser
+    from training.config import load_config
+
+    assert not [d for f in K8S.glob("*.yaml") for d in yaml.safe_load_all(f.read_text()) if d and d["kind"] == "Job"], \
+        "`kubectl apply -f deploy/k8s/` must not start a GPU training job"
+    docs = kinds()
+    job, service = docs["Job/cdt-train"], docs["Service/cdt-train"]
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    nodes = job["spec"]["completions"]
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["parallelism"] == nodes >= 2
+    assert pod["subdomain"] == service["metadata"]["name"] and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    assert service["spec"]["publishNotReadyAddresses"] is True  # the rendezvous resolves before readiness
+
+    command = container.get("command", []) + container["args"]
+    assert command[0] == "torchrun"
+    launch = get_args_parser().parse_args(command[1:])
+    host, port = launch.rdzv_endpoint.rsplit(":", 1)
+    assert int(launch.nnodes) == nodes and launch.rdzv_backend == "c10d"
+    assert host == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+    assert int(launch.nproc_per_node) == int(container["resources"]["limits"]["nvidia.com/gpu"])
+    assert pod["terminationGracePeriodSeconds"] > launch.shutdown_timeout, "the ranks must get to checkpoint"
+
+    assert launch.module and launch.training_script == "cli.main"
+    train = build_parser().parse_args(launch.training_script_args)
+    assert train.command == "train" and train.device == "cuda" and train.export.startswith(train.run_dir + "/")
+    config = load_config(ROOT / train.config, train.overrides)
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    claims = {name: d for name, d in ((k.split("/")[1], d) for k, d in docs.items()) if d["kind"] ==
+              "PersistentVolumeClaim"}
+
+    def volume_of(path: str) -> dict:
+        (mount,) = [m for p, m in mounts.items() if path.startswith(p + "/")]
+        return volumes[mount["name"]]
+
+    runs = volume_of(train.run_dir)["persistentVolumeClaim"]["claimName"]
+    assert claims[runs]["spec"]["accessModes"] == ["ReadWriteMany"], "every rank reads the checkpoint on resume"
+    assert volume_of(config["data"]["manifest"])["persistentVolumeClaim"]["claimName"] in claims
+    assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory"  # DataLoader workers' batches
+    uid = int(re.findall(r"^USER\s+(\d+)", dockerfile(), re.M)[-1])
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == uid
 
 
 def test_k8s_redis_never_evicts_session_state():

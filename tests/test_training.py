@@ -1,7 +1,9 @@
-"""Training pipeline on real clips: data shapes, exact resume, 2-process gloo DDP, export.
+"""Training pipeline on real clips: inputs, sharding, clip cutting (streamed and cached),
+exact resume, 2-process gloo DDP, export, devices and step options.
 
 Fixture clips are cut from the shared set with PyAV (12 frames, short side 48) into a
-tmp dir; runs use the tiny preset at 5 frames x 32x32, 2 optimizer steps."""
+tmp dir; runs use the tiny preset at 5 frames x 32x32, 2 optimizer steps. torchrun
+launches are in tests/test_training_torchrun.py."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import time
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -24,9 +27,12 @@ from cli.main import main as cdt_main
 from media.video import read_video, write_video
 from model import CDTConfig, build_model, from_pretrained, save_pretrained
 from training.config import load_config
-from training.data import ClipBatches, build_cache, list_videos
+from training.data import CachedFrames, ClipDataset, StreamedFrames, build_cache
+from training.export import TRAINING_FILE, export
 from training.losses import Objective, build_lpips
-from training.trainer import export, prepare_run, train
+from training.sampling import BatchPlan, BatchSpec, fresh_cursor
+from training.sources import read_manifest, scan, split_inputs
+from training.trainer import prepare_run, train
 
 from tests.conftest import REPO
 
@@ -54,37 +60,133 @@ def tiny_config(clip_dir, cache_dir, **extra):
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
 
 
-def train_losses(run_dir):
+def log_rows(run_dir, kind="train"):
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+    return [r for r in rows if r["kind"] == kind]
 
 
-def test_cache_and_clip_shapes(clip_dir, tmp_path):
-    files = build_cache(list_videos([clip_dir]), tmp_path / "cache", short_side=40, max_frames=10, workers=2)
-    arrays = [np.load(f) for f in files]
-    assert [min(a.shape[1:3]) for a in arrays] == [40, 40, 40]
-    assert [a.shape[0] for a in arrays] == [10, 10, 10] and all(a.dtype == np.uint8 for a in arrays)
+def train_losses(run_dir):
+    return [(r["step"], r["loss"]) for r in log_rows(run_dir)]
 
-    stage = {"frames": 9, "crop": 32, "batch": 3, "image_ratio": 0.25}
-    data = ClipBatches(files, lambda i: stage, seed=0, rank=0, max_stride=3)
-    shapes = [tuple(data[i].shape) for i in range(200)]
-    assert set(shapes) == {(3, 3, 9, 32, 32), (3, 3, 1, 32, 32)}
-    image_share = shapes.count((3, 3, 1, 32, 32)) / len(shapes)
-    assert 0.15 < image_share < 0.35
-    batch = data[7]
+
+def write_image(path, height=40, width=56):
+    """A real PNG (PyAV's image2 muxer), RGB noise."""
+    frame = av.VideoFrame.from_ndarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), np.uint8),
+                                       format="rgb24")
+    with av.open(str(path), "w", format="image2") as container:
+        stream = container.add_stream("png", rate=1)
+        stream.width, stream.height, stream.pix_fmt = width, height, "rgb24"
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def mixed_dir(clip_dir, tmp_path_factory):
+    """The clips in a nested folder, an image, and a file named .mp4 that is not one."""
+    out = tmp_path_factory.mktemp("mixed")
+    shutil.copytree(clip_dir, out / "videos")
+    write_image(out / "videos" / "still.png")
+    (out / "broken.mp4").write_bytes(b"\x00not a video" * 200)
+    return out
+
+
+def specs(stage, count, world=1, rank=0, pools=None, seed=0, cursor=None):
+    """The first `count` micro-batch specs of a one-stage run."""
+    pools = pools or {"video": 3, "image": 0}
+    return list(BatchPlan(seed, lambda i: stage, pools, rank, world, 0, count, cursor or fresh_cursor()))
+
+
+def test_manifests_in_tsv_csv_and_jsonl_and_folders_of_videos_and_images(mixed_dir, tmp_path):
+    (tmp_path / "m.csv").write_text("path,caption,split\nvideos/a.mp4,a cat,train\nb.png,,val\nc.webm,,\n")
+    (tmp_path / "m.jsonl").write_text('{"path": "videos/a.mp4", "caption": "a cat"}\n\n{"path": "/abs/b.jpg"}\n')
+    (tmp_path / "m.tsv").write_text("file\tsplit\nx.mp4\ttrain\n")
+    rows = read_manifest(tmp_path / "m.csv")
+    assert [r["path"] for r in rows] == [str(tmp_path / p) for p in ("videos/a.mp4", "b.png", "c.webm")]
+    data = {"videos": None, "val_videos": None, "manifest": str(tmp_path / "m.csv")}
+    train_split, val_split = split_inputs(data, "train"), split_inputs(data, "val")
+    assert train_split.videos == (str(tmp_path / "videos/a.mp4"), str(tmp_path / "c.webm"))  # no split: train
+    assert train_split.captions == 1 and val_split.images == (str(tmp_path / "b.png"),) and not val_split.videos
+    jsonl = split_inputs({**data, "manifest": str(tmp_path / "m.jsonl")}, "train")
+    assert jsonl.images == ("/abs/b.jpg",) and jsonl.captions == 1 and split_inputs(
+        {**data, "manifest": str(tmp_path / "m.jsonl")}, "val").videos == ()
+    assert read_manifest(tmp_path / "m.tsv")[0]["path"] == str(tmp_path / "x.mp4")  # the shared MANIFEST's `file`
+    (tmp_path / "bad.csv").write_text("name\nx.mp4\n")
+    with pytest.raises(ValueError, match="row 1 has no path or file"):
+        read_manifest(tmp_path / "bad.csv")
+
+    folder = split_inputs({**data, "videos": [str(mixed_dir)]}, "train")  # recursive, by suffix
+    assert [os.path.basename(p) for p in folder.videos] == ["broken.mp4", *sorted(CLIPS)]
+    assert [os.path.basename(p) for p in folder.images] == ["still.png"]
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        scan([tmp_path / "missing"])
+
+
+def test_batches_are_sharded_like_distributed_sampler_and_survive_a_world_change():
+    stage = {"frames": 5, "crop": 32, "batch": 2, "image_ratio": 0.25}
+    pools = {"video": 10, "image": 4}
+    world2 = [specs(stage, 30, world=2, rank=r, pools=pools) for r in range(2)]
+    for a, b in zip(*world2):  # the ranks agree on the pool and clip length, not on the samples
+        assert (a.pool, a.frames, a.cursor) == (b.pool, b.frames, b.cursor) and not set(a.slots) & set(b.slots)
+    assert {s.pool for s in world2[0]} == {"video", "image"}
+    video_slots = sorted(slot for rank in world2 for s in rank if s.pool == "video" for slot in s.slots)
+    assert video_slots == list(range(len(video_slots)))  # consecutive slots: nothing skipped or repeated
+
+    from training.sampling import slot_item
+    epochs = [[slot_item(0, "video", g, 10) for g in range(e * 10, e * 10 + 10)] for e in range(3)]
+    assert all(sorted(epoch) == list(range(10)) for epoch in epochs)  # every file once per epoch
+    assert epochs[0] != epochs[1] != epochs[2]  # a new order each epoch
+
+    # Resumed with 3 ranks after 30 micro-batches of 2: the streams continue at the cursor.
+    cursor = world2[0][-1].cursor
+    world3 = [specs(stage, 10, world=3, rank=r, pools=pools, cursor=cursor) for r in range(3)]
+    later = sorted(slot for rank in world3 for s in rank if s.pool == "video" for slot in s.slots)
+    assert later == list(range(cursor["video"], cursor["video"] + len(later)))
+
+
+def test_streamed_and_cached_clips_are_the_same_and_unusable_files_are_skipped(mixed_dir, tmp_path):
+    inputs = split_inputs({"videos": [str(mixed_dir)], "val_videos": None, "manifest": None}, "train")
+    targets, failed = build_cache(inputs.videos + inputs.images, tmp_path / "cache", 40, 10, workers=2)
+    n = len(inputs.videos)
+    arrays = [np.load(t) for t in targets if t is not None]
+    assert [min(a.shape[1:3]) for a in arrays] == [40] * 4 and [len(a) for a in arrays] == [10, 10, 10, 1]
+    assert list(failed) == [str(mixed_dir / "broken.mp4")] and "not a decodable video" in failed[str(mixed_dir /
+                                                                                                      "broken.mp4")]
+    readers = {
+        "stream": {"video": StreamedFrames(inputs.videos, 40, 10), "image": StreamedFrames(inputs.images, 40, 10)},
+        "cache": {"video": CachedFrames(inputs.videos, targets[:n]), "image": CachedFrames(inputs.images, targets[n:])},
+    }
+    stage = {"frames": 9, "crop": 32, "batch": 3, "image_ratio": 0.3}
+    plan = specs(stage, 12, pools={"video": n, "image": 1})
+    out = {}
+    for mode, pools in readers.items():
+        data = ClipDataset(pools, seed=0, max_stride=3)
+        out[mode] = [data[spec] for spec in plan]
+    for (a, report_a), (b, report_b) in zip(out["stream"], out["cache"]):
+        assert torch.equal(a, b) and report_a["replaced"] == report_b["replaced"]
+    shapes = {tuple(batch.shape) for batch, _ in out["stream"]}
+    assert shapes == {(3, 3, 9, 32, 32), (3, 3, 1, 32, 32)}
+    reports = [report for _, report in out["stream"]]
+    assert sum(r["replaced"] for r in reports) >= 1  # the broken file was drawn, and replaced
+    assert {path for r in reports for path in r["broken"]} == {str(mixed_dir / "broken.mp4")}
+    batch = out["stream"][0][0]
     assert batch.min() >= -1 and batch.max() <= 1 and batch.std() > 0.05
-    assert torch.equal(batch, data[7])  # a batch is a function of its index: resumable
-    assert not torch.equal(batch, ClipBatches(files, lambda i: stage, seed=0, rank=1, max_stride=3)[7])
+    data = ClipDataset(readers["stream"], seed=0, max_stride=3)
+    assert torch.equal(data[plan[5]][0], out["stream"][5][0])  # a batch is a function of its spec: resumable
+
+    # A clip longer than any file is skipped per sample, and a set with nothing usable fails clearly.
+    long = BatchSpec(0, "video", 17, 32, (0,), fresh_cursor())
+    with pytest.raises(ValueError, match="no usable video sample in 16 draws"):
+        ClipDataset(readers["stream"], seed=0)[long]
 
 
-def test_channel_permute_reorders_colours_of_the_same_clip(clip_dir, tmp_path):
-    files = build_cache(list_videos([clip_dir]), tmp_path / "cache", short_side=40, max_frames=10, workers=2)
-    stage = {"frames": 5, "crop": 32, "batch": 1, "image_ratio": 0.0}
-    plain = ClipBatches(files, lambda i: stage, seed=0, max_stride=3)
-    permuted = ClipBatches(files, lambda i: stage, seed=0, max_stride=3, channel_permute=1.0)
+def test_channel_permute_reorders_colours_of_the_same_clip(clip_dir):
+    videos = tuple(str(clip_dir / name) for name in CLIPS)
+    pools = {"video": StreamedFrames(videos, 40, 10), "image": StreamedFrames((), 40, 10)}
+    plain = ClipDataset(pools, seed=0, max_stride=3)
+    permuted = ClipDataset(pools, seed=0, max_stride=3, channel_permute=1.0)
     orders = set()
-    for i in range(20):
-        a, b = plain[i][0], permuted[i][0]  # (3,T,H,W); the permutation is drawn after the crop
+    for spec in specs({"frames": 5, "crop": 32, "batch": 1, "image_ratio": 0.0}, 20):
+        a, b = plain[spec][0][0], permuted[spec][0][0]  # (3,T,H,W); the permutation is drawn after the crop
         order = tuple(next(c for c in range(3) if torch.equal(b[k], a[c])) for k in range(3))
         orders.add(order)
     assert len(orders) > 2  # not always the identity, not one fixed order
@@ -114,6 +216,9 @@ def test_resume_continues_exactly(clip_dir, tmp_path):
     assert info["step"] == 2 and loaded.content_hash() == info["hash"]
     name = "encoder.stem.conv.conv.weight"
     assert torch.equal(loaded.state_dict()[name], ema[name].to(torch.bfloat16).float())
+    record = json.loads((served / TRAINING_FILE).read_text())
+    assert record["model_hash"] == info["hash"] and record["config"] == config and record["step"] == 2
+    assert record["data"]["videos"] == 3 and record["data"]["samples_drawn"]["video"] == 4  # 2 steps of batch 2
     assert cdt_main(["export", "--run", str(parts), "-o", str(tmp_path / "cli")]) == 0
     assert from_pretrained(tmp_path / "cli").content_hash() == info["hash"]
 
@@ -157,16 +262,17 @@ def test_cli_resume_may_switch_bf16_autocast(clip_dir, tmp_path, capsys):
 
 
 def test_sigterm_to_the_process_group_checkpoints_and_exits_cleanly(clip_dir, tmp_path):
-    """systemd or `kill -- -PGID` signal the trainer and its data workers together."""
+    """systemd or `kill -- -PGID` signal the trainer and its data workers together. The
+    run is profiled, so the trace of its steps 3-5 (as far as it got) is written too."""
     config = tiny_config(clip_dir, tmp_path / "cache", **{"data.workers": 1, "stages.0.steps": 10_000})
     run = prepare_run(tmp_path / "run", config)
     train(run, stop_at=1, progress=False)
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "train", "--resume", str(run), "--quiet"],
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "train", "--resume", str(run), "--quiet", "--profile"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not (run / "log.jsonl").exists() or len(train_losses(run)) < 2:
+        while not (run / "log.jsonl").exists() or len(train_losses(run)) < 4:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGTERM)
@@ -177,7 +283,10 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_cleanly(clip_dir, tm
     assert proc.returncode == 0, err
     assert "killed by signal" not in err
     saved = torch.load(run / "state.pt", weights_only=True)["step"]
-    assert saved >= 2 and saved == train_losses(run)[-1][0]
+    assert saved >= 4 and saved == train_losses(run)[-1][0]
+    trace = json.loads((run / "profile" / "trace.json").read_text())
+    assert any(e.get("name") == "ProfilerStep#3" for e in trace["traceEvents"])  # steps count from the resume
+    assert "Self CPU" in (run / "profile" / "operators.txt").read_text()
 
 
 def test_non_finite_gradients_skip_the_update_and_then_stop_the_run(clip_dir, tmp_path):
@@ -187,8 +296,7 @@ def test_non_finite_gradients_skip_the_update_and_then_stop_the_run(clip_dir, tm
     with pytest.raises(FloatingPointError, match="20 steps in a row"):
         train(run, progress=False)
     assert signal.getsignal(signal.SIGTERM) is handler  # a failed run gives the caller its handlers back
-    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["skipped"]) for r in rows] == [(i, 1) for i in range(1, 20)]
+    assert [(r["step"], r["skipped"]) for r in log_rows(run)] == [(i, 1) for i in range(1, 20)]
     assert not (run / "state.pt").exists()  # nothing was saved from a broken run
 
 
@@ -207,7 +315,6 @@ def free_port() -> int:
 
 def test_ddp_two_processes_stay_in_sync(clip_dir, tmp_path):
     config = tiny_config(clip_dir, tmp_path / "cache", **{"train.threads": 2})
-    build_cache(list_videos([clip_dir]), tmp_path / "cache", 48, 12)  # once, before the ranks start
     run_dir = prepare_run(tmp_path / "run", config)
     mp.spawn(_ddp_worker, args=(2, free_port(), str(run_dir), str(tmp_path)), nprocs=2, join=True)
 
@@ -241,8 +348,7 @@ def test_a_run_with_lpips_logs_it(clip_dir, tmp_path, alexnet_weights):
     config["stages"][0]["lpips_weight"] = 0.1
     run = prepare_run(tmp_path / "lpips", config)
     train(run, progress=False)
-    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert all(r["lpips"] > 0 for r in rows if r["kind"] == "train")
+    assert all(r["lpips"] > 0 for r in log_rows(run))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -250,6 +356,8 @@ def test_a_run_with_lpips_logs_it(clip_dir, tmp_path, alexnet_weights):
     ("stages.0.frames=8", "1+4k"),
     ("stages.0.crop=40", "multiple of 16"),
     ("stages.0.lpips_weight=0.01", "lpips_weights"),
+    ("data.decode=lazy", "data.decode"),
+    ("train.bf16=maybe", "train.bf16"),
 ])
 def test_config_rejects_bad_options(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -270,3 +378,28 @@ def test_init_from_starts_a_run_from_a_checkpoint(clip_dir, tmp_path):
     with pytest.raises(ValueError, match="cannot start"):
         train(prepare_run(tmp_path / "mismatch", vae), stop_at=0, progress=False)
 
+
+
+def test_activation_checkpointing_gives_the_same_step(clip_dir, tmp_path):
+    """Recomputed activations give the same gradients: one step lands on the same weights."""
+    config = tiny_config(clip_dir, tmp_path / "cache")
+    plain, _ = train(prepare_run(tmp_path / "plain", config), stop_at=1, progress=False)
+    recomputed, _ = train(prepare_run(tmp_path / "recomputed", config), stop_at=1, progress=False,
+                          activation_checkpointing=True)
+    assert train_losses(tmp_path / "plain") == train_losses(tmp_path / "recomputed")
+    for (name, a), b in zip(plain.state_dict().items(), recomputed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_cuda_without_cuda_is_a_one_line_error(clip_dir, tmp_path, capsys):
+    assert not torch.cuda.is_available()  # the claim below is about machines without CUDA
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"name": "gpu"}))
+    run_dir = tmp_path / "run"
+    assert cdt_main(["train", "--config", str(config), "--run-dir", str(run_dir), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["cdt train: error: --device cuda: CUDA is not available here (this PyTorch build has "
+                                "no CUDA); use --device cpu"]
+    assert not run_dir.exists()  # refused before anything was written
+    assert cdt_main(["train", "--config", str(config), "--run-dir", str(run_dir), "--device", "tpu"]) == 2
+    assert "--device tpu" in capsys.readouterr().err

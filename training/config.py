@@ -23,20 +23,23 @@ DEFAULTS: dict[str, Any] = {
     # the shipped checkpoint when the run directory that made it is gone.
     "model": {"preset": "tiny", "kind": "cdt", "init_from": None},
     "data": {
-        # Videos come from `manifest` (rows of the given split) or, if set, from `videos`
-        # (a list of files or folders).
+        # Inputs come from `manifest` (TSV/CSV/JSONL rows of the split, training/sources.py)
+        # or, if set, from `videos` / `val_videos`: lists of video and image files or folders.
         "manifest": str(SHARED_VIDEOS / "MANIFEST.tsv"),
         "videos": None,
         "val_videos": None,
+        # "stream": DataLoader workers decode each clip's frames (any data set size);
+        # "cache": each file decoded once into a .npy in cache_dir (small sets). Same clips.
+        "decode": "stream",
         "cache_dir": "runs/_cache",
-        "short_side": 192,  # decoded once at this short side into the .npy cache
-        "max_frames": 300,  # first frames kept per video: bounds cache size and decode time
+        "short_side": 192,  # files are seen at this short side; crops are cut from it
+        "max_frames": 300,  # first frames of a video that clips come from: bounds decode time
         "max_stride": 3,  # temporal stride drawn from 1..max_stride (variable fps)
         "min_region": 1.0,  # smallest crop region, as a multiple of the crop size
         # Share of clips whose RGB channels are randomly reordered: widens a small set's
         # colour range (a clip of saturated blue is rare in ours) at no decode cost.
         "channel_permute": 0.0,
-        "workers": 1,  # DataLoader workers cutting clips from the cache
+        "workers": 1,  # DataLoader workers cutting (and, streamed, decoding) clips, per rank
         "decode_workers": 2,  # processes decoding videos into the cache
     },
     "loss": {
@@ -64,7 +67,9 @@ DEFAULTS: dict[str, Any] = {
     "val": {"every": 500, "frames": 9, "size": 128, "max_clips": 11, "steps": 1},
     "train": {
         "threads": 2,
-        "bf16": False,  # autocast; useful on GPUs, far slower than fp32 on CPUs without AVX512-BF16
+        # autocast: true, false or "auto" (on for CUDA, off on CPUs, where it is far slower
+        # than fp32 without AVX512-BF16 and can give NaN gradients: docs/results.md, 'Speed')
+        "bf16": "auto",
         "log_every": 10,
         "ckpt_every_steps": 1000,
         "ckpt_every_minutes": 10.0,
@@ -132,6 +137,10 @@ def validate(config: dict) -> dict:
             raise ValueError(f"stage {i}: crop {stage['crop']} exceeds data.short_side")
         if stage["lpips_weight"] > 0 and not config["loss"]["lpips_weights"]:
             raise ValueError(f"stage {i}: lpips_weight > 0 needs loss.lpips_weights (a path; nothing is downloaded)")
+    if config["data"]["decode"] not in ("stream", "cache"):
+        raise ValueError(f"data.decode must be 'stream' or 'cache', got {config['data']['decode']!r}")
+    if config["train"]["bf16"] not in (True, False, "auto"):
+        raise ValueError(f"train.bf16 must be true, false or \"auto\", got {config['train']['bf16']!r}")
     if not 0.0 <= config["data"]["channel_permute"] <= 1.0:
         raise ValueError(f"data.channel_permute is a probability, got {config['data']['channel_permute']}")
     if config["model"]["kind"] not in ("cdt", "vae"):

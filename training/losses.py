@@ -52,16 +52,17 @@ class Objective(nn.Module):
 
     def reconstruct(self, video: torch.Tensor, z: torch.Tensor, gen: torch.Generator):
         """(x0_hat, per-item weight, per-item mask of terminal-step items)."""
-        b = video.shape[0]
+        b, device = video.shape[0], video.device
         if self.model.kind == "vae":
             x0_hat = self.model.decode_frames(z, steps=1, seed=0, start=0, cache=None)
-            return x0_hat, torch.ones(b), torch.zeros(b, dtype=torch.bool)
+            return x0_hat, torch.ones(b, device=device), torch.zeros(b, dtype=torch.bool, device=device)
         schedule = self.model.schedule
         last = schedule.num_timesteps - 1
-        t = torch.randint(0, schedule.num_timesteps, (b,), generator=gen)
-        terminal = torch.rand(b, generator=gen) < self.cfg["terminal_fraction"]
+        # `gen` lives on the batch's device (a CUDA generator for a CUDA batch).
+        t = torch.randint(0, schedule.num_timesteps, (b,), generator=gen, device=device)
+        terminal = torch.rand(b, generator=gen, device=device) < self.cfg["terminal_fraction"]
         t = torch.where(terminal, torch.full_like(t, last), t)
-        noise = torch.randn(video.shape, generator=gen)
+        noise = torch.randn(video.shape, generator=gen, device=device)
         x_t = schedule.q_sample(video, t, noise)
         # Exactly the 1-step decoder's input: x_T = noise_scale * eps.
         x_t = torch.where(terminal.view(-1, 1, 1, 1, 1), self.model.config.noise_scale * noise, x_t)
