@@ -18,6 +18,7 @@ from model.cache import read_metadata
 from model.config import LATENT_CHANNELS, SPACE_FACTOR, TIME_FACTOR
 
 from .padding import Padding
+from .video import MAX_FPS
 
 LATENTS_FORMAT = "cdt-latents"
 LATENTS_FORMAT_VERSION = 1
@@ -102,6 +103,8 @@ class LatentsInfo:
             )
         except (KeyError, ValueError) as exc:
             raise LatentsFileError(f"{source}: bad metadata ({exc})") from None
+        if not 0 < info.fps <= MAX_FPS:  # NaN fails too
+            raise LatentsFileError(f"{source}: fps {info.fps} is not in (0, {MAX_FPS:g}]")
         try:
             if info.padding != Padding.for_shape(info.frames, info.height, info.width):
                 raise ValueError(f"padding {info.padding} does not fit {info.frames} frames of "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import tokenize
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -64,7 +65,7 @@ def read_npy_header(fp: BinaryIO) -> TensorLayout:
         version = np.lib.format.read_magic(fp)
         reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran_order, dtype = reader(fp)
-    except (ValueError, EOFError, OSError, SyntaxError) as exc:
+    except (ValueError, EOFError, OSError, SyntaxError, tokenize.TokenError) as exc:  # numpy tokenizes the header
         raise TensorHeaderError(f"not a valid npy header ({exc})") from None
     if dtype.hasobject:
         raise TensorHeaderError("npy holds Python objects (pickle); only numeric arrays are accepted")
@@ -120,7 +121,7 @@ def _safetensors_layout(name: str, entry, data_start: int, metadata: dict[str, s
         begin, end = int(begin), int(end)
     except (TypeError, KeyError, ValueError) as exc:
         raise TensorHeaderError(f"bad safetensors entry {name!r} ({exc})") from None
-    if dtype not in TORCH_DTYPES:
+    if not isinstance(dtype, str) or dtype not in TORCH_DTYPES:
         raise TensorHeaderError(f"tensor {name!r} has dtype {dtype}; uint8 or a float is needed")
     if min(shape, default=0) < 0:
         raise TensorHeaderError(f"tensor {name!r} has a negative dimension: {shape}")

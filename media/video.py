@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 DISPLAY_SIZE_TAG = "cdt_display_size"  # "WIDTHxHEIGHT", written only for odd-sized clips
+# The highest frame rate written: an mp4 stream's rate is a ratio of C ints, and no clip we
+# serve comes near it.
+MAX_FPS = 1000.0
 _TIME_EPS = 1e-6  # seconds: absorbs rounding of pts * time_base when matching output times
 
 
@@ -73,13 +76,16 @@ class VideoReader:
     def _guard(self, fn, *args):
         try:
             return fn(*args)
-        except av.FFmpegError as exc:
-            raise VideoDecodeError(f"{self.path}: not a decodable video ({exc.strerror or exc})") from None
+        except (av.FFmpegError, UnicodeDecodeError) as exc:  # PyAV decodes container metadata as UTF-8
+            raise VideoDecodeError(f"{self.path}: not a decodable video ({getattr(exc, 'strerror', None) or exc})") \
+                from None
 
     def _open_stream(self, start, num_frames, stride, fps, threads) -> None:
         if not self._container.streams.video:
             raise VideoDecodeError(f"{self.path}: no video stream")
         stream = self._container.streams.video[0]
+        if stream.codec_context is None:
+            raise VideoDecodeError(f"{self.path}: the video stream has no decoder (unknown or damaged codec)")
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
         rate = stream.average_rate or stream.guessed_rate
@@ -291,8 +297,8 @@ class VideoWriter:
 
     def __init__(self, target: str | Path | BinaryIO, width: int, height: int, fps: float, crf: int = 18,
                  fragmented: bool = False) -> None:
-        if not fps > 0:
-            raise ValueError(f"fps must be > 0, got {fps}")
+        if not 0 < fps <= MAX_FPS:
+            raise ValueError(f"fps must be in (0, {MAX_FPS:g}], got {fps}")
         if not 0 <= crf <= 51:
             raise ValueError(f"crf must be in 0..51, got {crf}")
         if width < 1 or height < 1:

@@ -359,7 +359,7 @@ def parse_latent_chunk(body: Body) -> torch.Tensor:
     except TensorHeaderError as exc:
         raise InvalidInput(f"not a valid {body.kind.value} file ({exc})", code="invalid_latents") from None
     shape = layout.shape
-    if len(shape) != 5 or shape[0] != 1 or shape[1] != LATENT_CHANNELS or 0 in shape[3:] or layout.dtype == "U8":
+    if len(shape) != 5 or shape[0] != 1 or shape[1] != LATENT_CHANNELS or 0 in shape[2:] or layout.dtype == "U8":
         raise InvalidInput(f"latents must be float (1,{LATENT_CHANNELS},T,h,w), got {layout.dtype} {shape}",
                            code="invalid_latents")
     latents = read_slab(body.file, layout, 0, 0, 1)
