@@ -13,12 +13,18 @@ from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .deps import get_settings
-from .errors import InvalidApiKey, MissingApiKey
+from .errors import InvalidApiKey, MissingApiKey, error_responses
 from .settings import Settings
 
 ANONYMOUS = "anonymous"
 
 _bearer = HTTPBearer(auto_error=False, description="one of the keys in CDT_API_KEYS (when set)")
+
+# The errors of every route that depends on `require_api_key`.
+AUTH_ERRORS = error_responses(
+    {401: "`missing_api_key`: keys are configured and the request sends none",
+     403: "`invalid_api_key`: the key sent is not one of CDT_API_KEYS"},
+    headers={401: {"WWW-Authenticate": {"description": "`Bearer`", "required": True, "schema": {"type": "string"}}}})
 
 
 def principal_of(key: str) -> str:

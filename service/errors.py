@@ -5,16 +5,21 @@ sent as JSON `{"error": {"code": ..., "message": ...}}` by the handlers installe
 Codes are the contract with clients (`service.client` maps them back to exceptions);
 messages are for humans. Bad input never reaches a 500: codecs and routes raise one
 of these, and model-side ValueErrors are wrapped as `InvalidInput` at the hand-off.
+`ERROR_CODES` lists every code by status; the OpenAPI's error schemas (`error_responses`)
+enumerate them, so a client (or a fuzzer) can check any error answer against it.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("cdt.service")
 
@@ -87,6 +92,51 @@ class GatewayTimeout(ServiceError):
     status, code = 504, "timeout"
 
 
+# Every code an error answer may carry, by status.
+ERROR_CODES: dict[int, tuple[str, ...]] = {
+    400: ("bad_parameter", "empty_body"),
+    401: ("missing_api_key",),
+    403: ("invalid_api_key",),
+    404: ("not_found", "session_not_found"),
+    405: ("method_not_allowed",),
+    409: ("conflict", "model_mismatch", "seq_out_of_order", "session_finished"),
+    413: ("payload_too_large", "clip_too_large", "session_log_too_large"),
+    415: ("unsupported_media_type",),
+    422: ("invalid_input", "invalid_tensor", "invalid_latents", "undecodable_video", "video_too_small",
+          "too_few_frames", "chunk_shape_mismatch", "empty_session"),
+    429: ("overloaded", "too_many_sessions"),
+    503: ("unavailable", "not_ready", "shutting_down", "queue_timeout", "session_store_unavailable"),
+    504: ("timeout", "compute_timeout"),
+}
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="stable and machine-readable: the contract with clients")
+    message: str = Field(description="for humans")
+    details: dict[str, Any] | None = Field(None, description="figures behind the message, where the error has "
+                                           "them (413 `clip_too_large` from the memory estimate)")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorInfo
+
+
+def _error_model(status: int) -> type[ErrorBody]:
+    """The error body at `status`, its code one of those listed for it."""
+    info = create_model(f"Error{status}Info", __base__=ErrorInfo, code=(Literal[ERROR_CODES[status]], ...))
+    return create_model(f"Error{status}", __base__=ErrorBody, error=(info, ...))
+
+
+ERROR_MODELS = {status: _error_model(status) for status in ERROR_CODES}
+
+
+def error_responses(described: dict[int, str], headers: dict[int, dict] | None = None) -> dict[int, dict]:
+    """OpenAPI `responses` of a route's errors: status -> when it happens (and its headers)."""
+    return {status: {"model": ERROR_MODELS[status], "description": text,
+                     **({"headers": headers[status]} if headers and status in headers else {})}
+            for status, text in described.items()}
+
+
 def error_body(code: str, message: str, details: dict | None = None) -> dict:
     return {"error": {"code": code, "message": message, **({"details": details} if details else {})}}
 
@@ -96,8 +146,17 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
 
 
-# Framework-raised statuses (unknown route, wrong method) get codes in the same scheme.
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+# Framework-raised statuses (a body that does not parse, unknown route, wrong method) get codes
+# in the same scheme.
+_HTTP_CODES = {400: "bad_parameter", 404: "not_found", 405: "method_not_allowed"}
+
+
+def allowed_methods(request: Request) -> str:
+    """The Allow header of a path: the methods of every route at it (Starlette's 405 names only
+    those of the first route that matched the path)."""
+    methods = {method for route in request.app.router.routes if route.matches(request.scope)[0] != Match.NONE
+               for method in getattr(route, "methods", None) or ()}
+    return ", ".join(sorted(methods))
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -112,8 +171,9 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = {**(exc.headers or {}), **({"Allow": allowed_methods(request)} if exc.status_code == 405 else {})}
         return error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail),
-                              exc.headers)
+                              headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -33,10 +33,11 @@ from typing import Any, AsyncIterator, Literal
 import numpy as np
 import torch
 from prometheus_client import Counter, Gauge, Histogram
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import save as st_save
 
 from media import Padding, pad_spatial, tensor_to_frames
+from media.video import MAX_FPS
 from model import CacheFormatError, CacheMismatchError, StreamingDecoder, StreamingEncoder, Tokenizer, dtype_name
 from model.cache import FeatureCache
 from model.config import SPACE_FACTOR, TIME_FACTOR
@@ -80,7 +81,8 @@ class SessionRaced(Exception):
 class SessionSpec(BaseModel):
     """Body of POST /v1/sessions."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict, as its schema says: true is not 1, nor "8" a number
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     kind: Literal["encode", "decode"]
     height: int | None = Field(None, ge=SPACE_FACTOR, description="original frame height (encode: default = "
@@ -88,10 +90,17 @@ class SessionSpec(BaseModel):
     width: int | None = Field(None, ge=SPACE_FACTOR, description="original frame width")
     frames: int | None = Field(None, ge=1, description="decode: original frame count; output stops there")
     steps: int = Field(1, ge=1, le=64, description="decode: DDIM steps")
-    seed: int = Field(0, ge=0, lt=2**63, description="decode: noise seed")
+    # 2**53 - 1: the largest integer every JSON parser reads exactly (RFC 8259, section 6).
+    seed: int = Field(0, ge=0, le=2**53 - 1, description="decode: noise seed")
     dtype: str | None = Field(None, description="compute dtype; must be the serving replica's")
-    fps: float = Field(30.0, gt=0, le=1000, description="decode: frame rate of mp4 output")
+    fps: float = Field(30.0, gt=0, le=MAX_FPS, description="decode: frame rate of mp4 output")
     ttl_s: int | None = Field(None, ge=1, description="idle lifetime; at most CDT_SESSION_TTL_S")
+
+    @field_validator("height", "width", "frames", "steps", "seed", "ttl_s", mode="before")
+    @classmethod
+    def _json_integer(cls, value):
+        """JSON Schema's integers include 50.0, which strict validation would refuse."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 class Counters(BaseModel):

@@ -22,40 +22,39 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from media import decode_chunks, encode_chunks, latents_info, tensor_to_frames
+from media.video import MAX_FPS
 
-from ..auth import require_api_key
+from ..auth import AUTH_ERRORS, require_api_key
 from ..codecs import METADATA_HEADER, MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, ClipOptions, Kind, Limits, \
     open_frames, open_latents
 from ..deps import get_metrics, get_pool, get_settings, receive_body
-from ..errors import ClientClosedRequest
+from ..errors import ClientClosedRequest, error_responses
 from ..memory import cost_for, plan
 from ..metrics import Metrics
 from ..ops import model_errors
 from ..responses import FrameStream, LatentSpool
 from ..settings import Settings
 from ..workers import Admission, WorkerPool
+from .openapi import BINARY, binary_body, model_request_errors
 
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
+MAX_SIZE = 2**16  # a resize target past any CDT_MAX_SIDE: keeps the size arithmetic finite
 
-router = APIRouter(prefix="/v1", tags=["whole clips"], dependencies=[Depends(require_api_key)])
+VIDEO_TYPES = (MP4, "video/webm", "video/x-msvideo")  # any video/* is accepted; these are listed
 
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
-_ERRORS = {status: {"description": f"`{{\"error\": {{\"code\": ..., \"message\": ...}}}}` ({what})"}
-           for status, what in [(400, "bad parameter or empty body"), (401, "missing key"), (403, "bad key"),
-                                (413, "body or clip too large; `clip_too_large` from the memory estimate "
-                                      "carries `details`: estimate_bytes, budget_bytes, max_pixels, max_square_side"),
-                                (415, "unsupported media"),
-                                (422, "undecodable or invalid content"), (429, "queue full; see Retry-After"),
-                                (503, "not ready, shutting down or queue timeout"), (504, "compute timeout")]}
-ENCODE_BODY = {"requestBody": {"required": True, "description":
+router = APIRouter(prefix="/v1", tags=["whole clips"], dependencies=[Depends(require_api_key)],
+                   responses={**AUTH_ERRORS, **model_request_errors({
+                       400: "`bad_parameter`: a query parameter out of its bounds; `empty_body`",
+                       422: "`undecodable_video`, `invalid_tensor`, `invalid_latents`, `video_too_small` (a side "
+                            "under 8 pixels), `too_few_frames`, `invalid_input`: content the model cannot take"})})
+
+ENCODE_BODY = binary_body(
     "A video container (mp4, webm, avi, ...; `video/*`), or frames as npy (`application/x-npy`) or safetensors "
     "(`application/x-safetensors`, tensor `frames`): uint8 (T,H,W,3) RGB or float (3,T,H,W) in [-1,1]. "
-    "`application/octet-stream` is sniffed by magic bytes.",
-    "content": {t: _BINARY for t in (MP4, "video/webm", "video/x-msvideo", NPY, SAFETENSORS, OCTET_STREAM)}}}
-DECODE_BODY = {"requestBody": {"required": True, "description":
-    "A latents file (safetensors with cdt-latents metadata) as returned by /v1/encode.",
-    "content": {t: _BINARY for t in (SAFETENSORS, OCTET_STREAM)}}}
+    "`application/octet-stream` is sniffed by magic bytes.", (*VIDEO_TYPES, NPY, SAFETENSORS, OCTET_STREAM))
+DECODE_BODY = binary_body("A latents file (safetensors with cdt-latents metadata) as returned by /v1/encode.",
+                          (SAFETENSORS, OCTET_STREAM))
 
 
 def _limits(settings: Settings) -> Limits:
@@ -82,16 +81,17 @@ async def _admit(pool: WorkerPool, op: str, height: int, width: int, steps: int 
     summary="encode a whole clip to latents",
     response_class=StreamingResponse,
     openapi_extra=ENCODE_BODY,
-    responses={200: {"description": f"latents: safetensors with metadata, or npy with the metadata as JSON in "
-                                    f"the {METADATA_HEADER} header", "content": {SAFETENSORS: _BINARY, NPY: _BINARY}},
-               **_ERRORS},
+    responses={200: {"description": "latents: safetensors with metadata, or npy with the metadata as JSON in "
+                                    "a header", "content": {SAFETENSORS: BINARY, NPY: BINARY},
+                     "headers": {METADATA_HEADER: {"description": "npy: the latents file's metadata as JSON",
+                                                   "schema": {"type": "string"}}}}},
 )
 async def encode(
     request: Request,
     frames: Annotated[int | None, Query(ge=1, description="use the first N frames (422 if fewer)")] = None,
-    size: Annotated[int | None, Query(ge=1, description="resize so the short side is S")] = None,
-    fps: Annotated[float | None, Query(gt=0, description="rate recorded for inputs that carry none (npy); "
-                                                         "default 30")] = None,
+    size: Annotated[int | None, Query(ge=1, le=MAX_SIZE, description="resize so the short side is S")] = None,
+    fps: Annotated[float | None, Query(gt=0, le=MAX_FPS, description="rate recorded for inputs that carry none "
+                                                                      "(npy); default 30")] = None,
     format: Annotated[Literal["safetensors", "npy"], Query(description="latents format")] = "safetensors",
     settings: Settings = Depends(get_settings),
     pool: WorkerPool = Depends(get_pool),
@@ -141,8 +141,8 @@ async def _send(header: bytes, data: Iterator[bytes], close) -> AsyncIterator[by
     openapi_extra=DECODE_BODY,
     responses={200: {"description": "mp4 (h264, fragmented), or uint8 (T,H,W,3) frames as npy or safetensors "
                                     "(tensor `frames`), streamed as decoded",
-                     "content": {MP4: _BINARY, NPY: _BINARY, SAFETENSORS: _BINARY}},
-               409: {"description": "`model_mismatch`: latents made by another checkpoint"}, **_ERRORS},
+                     "content": {MP4: BINARY, NPY: BINARY, SAFETENSORS: BINARY}},
+               **error_responses({409: "`model_mismatch`: latents made by another checkpoint"})},
 )
 async def decode(
     request: Request,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
+from typing import Literal
+
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
-from ..auth import require_api_key
+from ..auth import AUTH_ERRORS, require_api_key
 from ..deps import get_metrics, get_pool, get_settings
-from ..errors import error_response
+from ..errors import error_response, error_responses
 from ..metrics import Metrics
 from ..ops import model_card
 from ..settings import Settings
@@ -17,16 +20,27 @@ from ..workers import WorkerPool
 
 STORE_PING_TIMEOUT_S = 1.0
 
+NOT_READY = error_responses({503: "`not_ready`: the model is not loaded yet (or the session store does not answer)"})
+
 router = APIRouter(tags=["operations"])
 
 
+class Alive(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    checks: dict[str, bool]
+
+
 @router.get("/healthz", summary="the process is alive")
-async def healthz() -> dict:
-    return {"status": "ok"}
+async def healthz() -> Alive:
+    return Alive(status="ok")
 
 
 @router.get("/readyz", summary="the model is loaded and the session store (if configured) answers",
-            responses={503: {"description": "not ready: `{\"error\": {\"code\": \"not_ready\", ...}}`"}})
+            response_model=Ready, responses=NOT_READY)
 async def readyz(request: Request):
     pool: WorkerPool | None = getattr(request.app.state, "pool", None)
     checks = {"model": pool is not None and pool.running}
@@ -35,7 +49,7 @@ async def readyz(request: Request):
     failing = [name for name, ok in checks.items() if not ok]
     if failing:
         return error_response(503, "not_ready", f"not ready: {', '.join(failing)}")
-    return {"status": "ready", "checks": checks}
+    return Ready(status="ready", checks=checks)
 
 
 async def _pings(store) -> bool:
@@ -47,7 +61,7 @@ async def _pings(store) -> bool:
 
 
 @router.get("/v1/models", summary="the served model: preset, hash, dtype, device, compression",
-            dependencies=[Depends(require_api_key)])
+            dependencies=[Depends(require_api_key)], responses={**AUTH_ERRORS, **NOT_READY})
 async def models(pool: WorkerPool = Depends(get_pool), settings: Settings = Depends(get_settings)) -> dict:
     return {"models": [model_card(pool.model, settings.device)]}
 

@@ -9,23 +9,43 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
-from ..auth import require_api_key
+from ..auth import AUTH_ERRORS, require_api_key
 from ..codecs import MP4, NPY, OCTET_STREAM, SAFETENSORS
 from ..deps import get_metrics, get_settings, receive_body
-from ..errors import Unavailable
+from ..errors import Unavailable, error_responses
 from ..metrics import Metrics
 from ..sessions import CHUNK_HEADER, CHUNK_KINDS, REBUILD_HEADER, REPLAYED_HEADER, Sessions, SessionInfo, \
     SessionSpec
 from ..settings import Settings
+from .clips import VIDEO_TYPES
+from .openapi import BINARY, MODEL_ERRORS, RETRY_AFTER, binary_body, model_request_errors
 
-router = APIRouter(prefix="/v1/sessions", tags=["streaming sessions"])
+router = APIRouter(prefix="/v1/sessions", tags=["streaming sessions"], responses=AUTH_ERRORS)
 
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
-CHUNK_BODY = {"requestBody": {"required": True, "description":
+CHUNK_BODY = binary_body(
     "Encode sessions: frames as a video container (`video/*`), npy or safetensors, as for /v1/encode; any number "
     "of frames. Decode sessions: latents (1,16,m,h,w) as safetensors (tensor `latents`: a chunk returned by an "
-    "encode session, or a whole latents file) or npy; any m >= 1.",
-    "content": {t: _BINARY for t in (MP4, "video/webm", NPY, SAFETENSORS, OCTET_STREAM)}}}
+    "encode session, or a whole latents file) or npy; any m >= 1.", (*VIDEO_TYPES, NPY, SAFETENSORS, OCTET_STREAM))
+EXPECTED_SEQ = {"X-CDT-Expected-Seq": {"description": "`seq_out_of_order`: the seq the session expects",
+                                       "schema": {"type": "integer"}}}
+# What a client can do next with the session a response describes (OpenAPI links).
+_ID, _NEXT_SEQ = "$response.body#/id", "$response.body#/next_seq"
+SESSION_LINKS = {
+    "get": {"operationId": "get_session", "parameters": {"session_id": _ID}},
+    "push_next_chunk": {"operationId": "push_chunk", "parameters": {"session_id": _ID, "seq": _NEXT_SEQ}},
+    "finish": {"operationId": "finish_session", "parameters": {"session_id": _ID}},
+    "delete": {"operationId": "delete_session", "parameters": {"session_id": _ID}},
+}
+_SAME = {"session_id": "$request.path.session_id"}
+CHUNK_LINKS = {"get": {"operationId": "get_session", "parameters": _SAME},
+               "finish": {"operationId": "finish_session", "parameters": _SAME}}
+# What every request on an existing session may meet.
+SESSION_ERRORS = {
+    400: "`bad_parameter`: a path or query parameter out of its bounds",
+    404: "`session_not_found`: unknown, expired, deleted or another key's",
+    409: "`model_mismatch`: the session belongs to another checkpoint or dtype",
+    503: "`session_store_unavailable`, `not_ready`",
+}
 SessionId = Annotated[str, Path(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 Format = Literal["safetensors", "npy", "mp4"]
 _STRING = {"schema": {"type": "string"}}
@@ -51,20 +71,26 @@ def _response(result) -> Response:
 
 
 @router.post("", summary="create a streaming session", status_code=201, response_model=SessionInfo,
-             responses={429: {"description": "`too_many_sessions` (CDT_MAX_SESSIONS), see Retry-After"}})
+             responses={201: {"description": "the session", "links": SESSION_LINKS}, **error_responses({
+                 400: "`bad_parameter`: the JSON body does not fit its schema",
+                 409: "`model_mismatch`: `dtype` is not the one this replica computes in",
+                 429: "`too_many_sessions`: CDT_MAX_SESSIONS live sessions",
+                 503: "`session_store_unavailable`, `not_ready`"}, headers={429: RETRY_AFTER})})
 async def create_session(spec: SessionSpec, owner: str = Depends(require_api_key),
                          sessions: Sessions = Depends(get_sessions)) -> SessionInfo:
     return await sessions.create(spec, owner)
 
 
 @router.get("/{session_id}", summary="session state, progress, log and snapshot bytes, expiry",
-            response_model=SessionInfo)
+            response_model=SessionInfo,
+            responses={200: {"description": "the session", "links": SESSION_LINKS}, **error_responses(SESSION_ERRORS)})
 async def get_session(session_id: SessionId, owner: str = Depends(require_api_key),
                       sessions: Sessions = Depends(get_sessions)) -> SessionInfo:
     return await sessions.get(session_id, owner)
 
 
-@router.delete("/{session_id}", summary="delete a session and its state", status_code=204)
+@router.delete("/{session_id}", summary="delete a session and its state", status_code=204,
+               responses=error_responses(SESSION_ERRORS))
 async def delete_session(session_id: SessionId, owner: str = Depends(require_api_key),
                          sessions: Sessions = Depends(get_sessions)) -> Response:
     await sessions.delete(session_id, owner)
@@ -78,13 +104,17 @@ async def delete_session(session_id: SessionId, owner: str = Depends(require_api
     openapi_extra=CHUNK_BODY,
     responses={200: {"description": "encode: latents of the complete 4-frame groups so far (safetensors tensor "
                                     "`latents`, or npy); decode: frames (mp4, npy, safetensors)",
-                     "content": {SAFETENSORS: _BINARY, NPY: _BINARY, MP4: _BINARY}, "headers": CHUNK_HEADERS},
-               409: {"description": "`seq_out_of_order` (header X-CDT-Expected-Seq), `session_finished`, "
-                                    "`model_mismatch`"},
-               413: {"description": "`session_log_too_large` (CDT_MAX_SESSION_LOG_MB), body over the upload limit, "
-                                    "`clip_too_large`"},
-               404: {"description": "`session_not_found`: unknown, expired, deleted or another key's"},
-               503: {"description": "`session_store_unavailable`"}},
+                     "content": {SAFETENSORS: BINARY, NPY: BINARY, MP4: BINARY}, "headers": CHUNK_HEADERS,
+                     "links": CHUNK_LINKS},
+               **model_request_errors({
+                   **SESSION_ERRORS,
+                   400: "`bad_parameter`: a path or query parameter out of its bounds (`format=mp4` on an encode "
+                        "session); `empty_body`",
+                   409: "`seq_out_of_order` (header X-CDT-Expected-Seq), `session_finished`, `model_mismatch`",
+                   413: "`session_log_too_large` (CDT_MAX_SESSION_LOG_MB); " + MODEL_ERRORS[413],
+                   422: "`chunk_shape_mismatch`, `undecodable_video`, `invalid_tensor`, `invalid_latents`, "
+                        "`video_too_small`, `invalid_input`",
+                   503: MODEL_ERRORS[503] + "; `session_store_unavailable`"}, headers={409: EXPECTED_SEQ})},
 )
 async def push_chunk(
     request: Request,
@@ -111,8 +141,18 @@ async def push_chunk(
              response_class=Response,
              responses={200: {"description": "encode: latents of the flushed tail (its X-CDT-Chunk header adds "
                                              "what a whole latents file needs); decode: a JSON summary",
-                              "content": {SAFETENSORS: _BINARY, NPY: _BINARY, "application/json": {}},
-                              "headers": CHUNK_HEADERS}})
+                              "content": {SAFETENSORS: BINARY, NPY: BINARY, "application/json": {}},
+                              "headers": CHUNK_HEADERS},
+                        **error_responses({
+                            **SESSION_ERRORS,
+                            400: "`bad_parameter`: a path or query parameter out of its bounds (`format=mp4` on "
+                                 "an encode session)",
+                            409: "`session_finished`, `model_mismatch`",
+                            413: "`clip_too_large`: the flushed frames do not fit the memory budget",
+                            422: "`empty_session`: an encode session that received no frames",
+                            429: MODEL_ERRORS[429],
+                            503: MODEL_ERRORS[503] + "; `session_store_unavailable`",
+                            504: MODEL_ERRORS[504]}, headers={429: RETRY_AFTER})})
 async def finish_session(
     session_id: SessionId,
     format: Annotated[Format | None, Query(description="encode: latents format of the flushed tail")] = None,
