@@ -41,6 +41,7 @@ SUITE: dict[str, list[str]] = {
     "load_test": [],
     "train_speed": [],
     "profile_cdt": [],
+    "api_fuzz": [],
 }
 
 
@@ -126,6 +127,11 @@ def targets() -> list[dict]:
         for name, scale in cost["scale"].items():
             add(f"Redis memory of a {name} session / its input window", "<= 2x",
                 f"{scale['redis_over_window']:.2f}x", scale["redis_over_window"] <= 2, "session_cost")
+    fuzz = load("api_fuzz")
+    if fuzz:
+        add("API fuzzing (schemathesis, with and without keys): cases, server errors, failed checks", "0 5xx",
+            f"{fuzz['cases']} cases, {fuzz['server_errors']} 5xx, {len(fuzz['check_failures'])} failed checks",
+            fuzz["server_errors"] == 0 and not fuzz["check_failures"], "api_fuzz")
     load_test = load("load_test")
     if load_test:
         worst = load_test["rows"][-1]
