@@ -24,7 +24,7 @@ from media.frames_file import TENSOR_NAME as FRAMES_TENSOR
 from media.latents_file import TENSOR_NAME as LATENTS_TENSOR
 from media.latents_file import LatentsFileError, ModelMismatchError
 from media.tensor_headers import TensorHeaderError, TensorLayout, read_npy_header, read_safetensors_header, read_slab
-from media.video import VideoDecodeError, resize_short_side, short_side_shape
+from media.video import MAX_FPS, VideoDecodeError, resize_short_side, short_side_shape
 from model.config import LATENT_CHANNELS, SPACE_FACTOR
 
 from .errors import BadParameter, Conflict, InvalidInput, PayloadTooLarge, UnsupportedMedia
@@ -251,6 +251,8 @@ def _frames_layout(body: Body) -> tuple[TensorLayout, float | None]:
         fps = float(meta["fps"]) if "fps" in meta else None
     except ValueError:
         raise InvalidInput(f"bad fps metadata {meta['fps']!r}", code="invalid_tensor") from None
+    if fps is not None and fps > MAX_FPS:  # inf too: no mp4 carries it
+        raise InvalidInput(f"fps metadata {fps:g} is over {MAX_FPS:g}", code="invalid_tensor")
     return layout, fps if fps and fps > 0 else None
 
 

@@ -10,7 +10,8 @@ from tests.api_fuzz import fuzz_api
 
 MIN_CASES = 1000
 PROBES = {"GET /healthz", "GET /readyz", "GET /metrics"}
-OPERATIONS = {"GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/models", "POST /v1/encode", "POST /v1/decode",
+OPERATIONS = {"GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/models", "POST /v1/encode", "POST /v1/frames",
+              "POST /v1/decode",
               "POST /v1/sessions", "GET /v1/sessions/{session_id}", "DELETE /v1/sessions/{session_id}",
               "POST /v1/sessions/{session_id}/chunks/{seq}", "POST /v1/sessions/{session_id}/finish"}
 

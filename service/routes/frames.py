@@ -19,24 +19,26 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from media import tensor_to_frames
+from media.video import MAX_FPS
 
-from ..auth import require_api_key
+from ..auth import AUTH_ERRORS, require_api_key
 from ..codecs import MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, ClipOptions, Kind, Limits, open_frames
 from ..deps import get_metrics, get_pool, get_settings, receive_body
-from ..errors import InvalidInput, PayloadTooLarge
+from ..errors import InvalidInput, PayloadTooLarge, error_responses
 from ..metrics import Metrics
 from ..responses import encode_frames
 from ..settings import Settings
 from ..workers import WorkerPool
+from .clips import MAX_SIZE, VIDEO_TYPES
+from .openapi import BINARY, MODEL_ERRORS, RETRY_AFTER, binary_body
 
 CHUNK_FRAMES = 8  # frames decoded at a time while the output is assembled
 
-router = APIRouter(prefix="/v1", tags=["whole clips"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", tags=["whole clips"], dependencies=[Depends(require_api_key)],
+                   responses=AUTH_ERRORS)
 
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
-FRAMES_BODY = {"requestBody": {"required": True, "description":
-    "As for /v1/encode: a video container (`video/*`), or frames as npy or safetensors (tensor `frames`).",
-    "content": {t: _BINARY for t in (MP4, "video/webm", "video/x-msvideo", NPY, SAFETENSORS, OCTET_STREAM)}}}
+FRAMES_BODY = binary_body("As for /v1/encode: a video container (`video/*`), or frames as npy or safetensors "
+                          "(tensor `frames`).", (*VIDEO_TYPES, NPY, SAFETENSORS, OCTET_STREAM))
 
 
 @router.post(
@@ -46,20 +48,22 @@ FRAMES_BODY = {"requestBody": {"required": True, "description":
     openapi_extra=FRAMES_BODY,
     responses={200: {"description": "uint8 (T,H,W,3) frames: safetensors (tensor `frames`, metadata `fps`), npy, "
                                     "or mp4 (h264, fragmented)",
-                     "content": {SAFETENSORS: _BINARY, NPY: _BINARY, MP4: _BINARY}},
-               **{status: {"description": f"`{{\"error\": {{\"code\": ..., \"message\": ...}}}}` ({what})"}
-                  for status, what in [(400, "bad parameter or empty body"), (401, "missing key"), (403, "bad key"),
-                                       (413, "body or clip too large, or frames over the upload limit "
-                                             "(`clip_too_large`)"),
-                                       (415, "unsupported media"), (422, "undecodable or invalid content"),
-                                       (429, "queue full; see Retry-After"), (503, "not ready or shutting down")]}},
+                     "content": {SAFETENSORS: BINARY, NPY: BINARY, MP4: BINARY}},
+               **error_responses({
+                   400: "`bad_parameter`: a query parameter out of its bounds; `empty_body`",
+                   413: "`payload_too_large`: the body is over CDT_MAX_UPLOAD_MB; `clip_too_large`: over "
+                        "CDT_MAX_FRAMES or CDT_MAX_SIDE, or frames over the upload limit",
+                   415: MODEL_ERRORS[415],
+                   422: "`undecodable_video`, `invalid_tensor`, `video_too_small`, `too_few_frames`",
+                   429: "`overloaded`: the job queue is full (checked before the body is read)",
+                   503: "`not_ready`, `shutting_down`"}, headers={429: RETRY_AFTER})},
 )
 async def frames(
     request: Request,
     frames: Annotated[int | None, Query(ge=1, description="use the first N frames (422 if fewer)")] = None,
-    size: Annotated[int | None, Query(ge=1, description="resize so the short side is S")] = None,
-    fps: Annotated[float | None, Query(gt=0, description="rate recorded for inputs that carry none (npy); "
-                                                         "default 30")] = None,
+    size: Annotated[int | None, Query(ge=1, le=MAX_SIZE, description="resize so the short side is S")] = None,
+    fps: Annotated[float | None, Query(gt=0, le=MAX_FPS, description="rate recorded for inputs that carry none "
+                                                                      "(npy); default 30")] = None,
     format: Annotated[Literal["safetensors", "npy", "mp4"], Query(description="output format")] = "safetensors",
     settings: Settings = Depends(get_settings),
     pool: WorkerPool = Depends(get_pool),
