@@ -17,6 +17,9 @@ from media import DEFAULT_CHECKPOINT
 from tests.api_fuzz import fuzz_api
 
 VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
+# The server's code (what answers) and the fuzzer's (what is asked).
+MEASURES = ["model/", "media/", "service/", "cli/", "tests/api_fuzz.py", "tests/fuzz_hooks.py", "tests/api_fuzz.toml",
+            "benchmarks/api_fuzz.py"]
 
 
 def _counts(counts: dict) -> str:
@@ -48,7 +51,8 @@ def main() -> None:
     command = "python -m benchmarks.api_fuzz " + " ".join(sys.argv[1:])
     path = report.write("api_fuzz", command.strip(),
                         {key: result[key] for key in ("cases", "server_errors", "generated", "check_failures",
-                                                      "alive_after", "encode_after")}, rows, notes)
+                                                      "alive_after", "encode_after")}, rows, notes,
+                        measures=MEASURES)
     print(path.read_text())
 
 
