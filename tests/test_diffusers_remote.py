@@ -8,6 +8,8 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from diffusers.utils import remote_utils
+from diffusers.video_processor import VideoProcessor
 from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -17,8 +19,6 @@ from model.cache import read_metadata
 from tests.servers import Server
 from tests.session_helpers import npy_array, npy_bytes, real_frames
 
-remote_utils = pytest.importorskip("diffusers.utils.remote_utils")
-VideoProcessor = pytest.importorskip("diffusers.video_processor").VideoProcessor
 
 STEPS, SEED = 2, 3
 NPY = {"content-type": "application/x-npy"}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
 
 from media import frames_to_tensor
 from media.diffusers_vae import CDTAutoencoder
@@ -12,8 +14,6 @@ from model import from_pretrained
 from model.encoder import Posterior
 from tests.session_helpers import real_frames
 
-vae_module = pytest.importorskip("diffusers.models.autoencoders.vae")
-AutoencoderKLOutput = pytest.importorskip("diffusers.models.modeling_outputs").AutoencoderKLOutput
 
 STEPS, SEED = 2, 5
 
@@ -45,7 +45,7 @@ def test_encode_answers_diffusers_posterior_over_cdts(vae, tokenizer, video):
     output = vae.encode(video)
     assert isinstance(output, AutoencoderKLOutput)
     dist = output.latent_dist
-    assert isinstance(dist, vae_module.DiagonalGaussianDistribution)
+    assert isinstance(dist, DiagonalGaussianDistribution)
     assert torch.equal(dist.mode(), tokenizer.encode(video))
     posterior = tokenizer.posterior(video)
     ours = Posterior(posterior.mean.float(), posterior.logvar.float())
@@ -59,7 +59,7 @@ def test_encode_answers_diffusers_posterior_over_cdts(vae, tokenizer, video):
 
 def test_decode_of_the_mode_is_the_tokenizers_reconstruction(vae, tokenizer, video):
     output = vae.decode(vae.encode(video).latent_dist.mode())
-    assert isinstance(output, vae_module.DecoderOutput)
+    assert isinstance(output, DecoderOutput)
     reconstruction = tokenizer.decode(tokenizer.encode(video), steps=STEPS, seed=SEED)
     assert output.sample.shape == video.shape and torch.equal(output.sample, reconstruction)
     z = tokenizer.encode(video)
