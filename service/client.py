@@ -9,6 +9,9 @@ Long videos stream through a session, chunk by chunk:
         latents = client.stream_encode("long.mp4", chunk_frames=16)
         frames = client.stream_decode(latents, chunk_latents=4, seed=0)
 
+The client needs only httpx, numpy and safetensors (no torch; PyAV only to read frames from
+a video file in `stream_encode`), and importing it loads none of the server's modules.
+
 Every call retries connection errors and 429/502/503/504 answers with backoff, honouring
 Retry-After, where a repeat is safe (`service.client_retry`; `retry=` sets the policy,
 `NO_RETRY` turns it off). An error answer left after that becomes a `ServiceError` subclass
@@ -18,7 +21,6 @@ carries `retry_after`).
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +32,16 @@ from .stream_client import (
     assemble_latents,
     chunk_info,
     concat_frames,
+    decode_session_spec,
     frame_chunks,
     latent_chunks,
+    npy_array,
     npy_body,
-    parse_latents_source,
     read_latents,
 )
 
 DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_FPS = 30.0  # recorded for streamed frames that carry no rate, as /v1/encode does
 _CONTENT_TYPES = {".npy": "application/x-npy", ".safetensors": "application/x-safetensors",
                   ".mp4": "video/mp4", ".webm": "video/webm", ".avi": "video/x-msvideo", ".mkv": "video/x-matroska",
                   ".mov": "video/quicktime"}
@@ -175,26 +179,24 @@ class Client:
 
     def stream_encode(self, source: str | Path | np.ndarray, chunk_frames: int = 16, *,
                       fps: float | None = None) -> bytes:
-        """Encode a video file (decoded lazily, chunk by chunk) or uint8 (T,H,W,3) frames
-        through an encode session; returns a latents file, as /v1/encode would."""
+        """Encode uint8 (T,H,W,3) frames or a video file (decoded lazily, chunk by chunk;
+        needs PyAV) through an encode session; returns a latents file, as /v1/encode would."""
         chunks, source_fps = frame_chunks(source, chunk_frames)
         model = self.models()[0]
         sid = self._session({"kind": "encode"})
         parts = [read_latents(self._push(sid, seq, chunk, {}).content) for seq, chunk in enumerate(chunks)]
         finish = self._post(f"/v1/sessions/{sid}/finish")
         parts.append(read_latents(finish.content))
-        return assemble_latents(parts, chunk_info(finish), model, fps or source_fps or 30.0)
+        return assemble_latents(parts, chunk_info(finish), model, fps or source_fps or DEFAULT_FPS)
 
     def stream_decode(self, latents: str | Path | bytes | np.ndarray, chunk_latents: int = 2, *, steps: int = 1,
                       seed: int = 0) -> np.ndarray:
-        """Decode a latents file (or (1,16,T,h,w) array) through a decode session; returns
-        uint8 (T,H,W,3) frames, cropped to the original size when the file records it."""
-        array, item = parse_latents_source(latents)
-        spec = {"kind": "decode", "steps": steps, "seed": seed}
-        if item is not None:
-            spec.update(height=item.height, width=item.width, frames=item.frames, fps=item.fps)
+        """Decode a latents file (path or bytes) or a float (1,16,T,h,w) array through a
+        decode session; returns uint8 (T,H,W,3) frames, cropped to the original size when
+        the file records it."""
+        array, spec = decode_session_spec(latents, steps, seed)
         sid = self._session(spec)
-        parts = [np.load(io.BytesIO(self._push(sid, seq, chunk, {"format": "npy"}).content), allow_pickle=False)
+        parts = [npy_array(self._push(sid, seq, chunk, {"format": "npy"}).content)
                  for seq, chunk in enumerate(latent_chunks(array, chunk_latents))]
         self._post(f"/v1/sessions/{sid}/finish")
         return concat_frames(parts)
@@ -235,6 +237,43 @@ class AsyncClient:
 
     async def ready(self) -> bool:
         return (await self._http.get("/readyz")).is_success
+
+    # --- streaming sessions ---------------------------------------------------------------
+    async def _session(self, spec: dict) -> str:
+        response = await self.retry.send_async(lambda: self._http.post("/v1/sessions", json=spec),
+                                               idempotent=False)
+        raise_for_error(response)
+        return response.json()["id"]
+
+    async def _post(self, url: str, **request: Any) -> httpx.Response:
+        response = await self.retry.send_async(lambda: self._http.post(url, **request))
+        raise_for_error(response)
+        return response
+
+    async def _push(self, sid: str, seq: int, chunk: np.ndarray, params: dict) -> httpx.Response:
+        return await self._post(f"/v1/sessions/{sid}/chunks/{seq}", content=npy_body(chunk), params=params,
+                                headers={"content-type": "application/x-npy"})
+
+    async def stream_encode(self, source: str | Path | np.ndarray, chunk_frames: int = 16, *,
+                            fps: float | None = None) -> bytes:
+        """`Client.stream_encode`, awaitable (a video file is decoded in this thread)."""
+        chunks, source_fps = frame_chunks(source, chunk_frames)
+        model = (await self.models())[0]
+        sid = await self._session({"kind": "encode"})
+        parts = [read_latents((await self._push(sid, seq, chunk, {})).content) for seq, chunk in enumerate(chunks)]
+        finish = await self._post(f"/v1/sessions/{sid}/finish")
+        parts.append(read_latents(finish.content))
+        return assemble_latents(parts, chunk_info(finish), model, fps or source_fps or DEFAULT_FPS)
+
+    async def stream_decode(self, latents: str | Path | bytes | np.ndarray, chunk_latents: int = 2, *,
+                            steps: int = 1, seed: int = 0) -> np.ndarray:
+        """`Client.stream_decode`, awaitable."""
+        array, spec = decode_session_spec(latents, steps, seed)
+        sid = await self._session(spec)
+        parts = [npy_array((await self._push(sid, seq, chunk, {"format": "npy"})).content)
+                 for seq, chunk in enumerate(latent_chunks(array, chunk_latents))]
+        await self._post(f"/v1/sessions/{sid}/finish")
+        return concat_frames(parts)
 
     async def aclose(self) -> None:
         await self._http.aclose()

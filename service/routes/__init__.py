@@ -1,5 +1,5 @@
 """HTTP routes: parse, validate, hand off to the worker pool, encode the response."""
 
-from . import clips, frames, health, page, sessions
+from . import clips, diffusers_remote, frames, health, page, sessions
 
-ROUTERS = (health.router, clips.router, frames.router, sessions.router, page.router)
+ROUTERS = (health.router, clips.router, frames.router, sessions.router, diffusers_remote.router, page.router)

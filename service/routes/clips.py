@@ -69,7 +69,7 @@ async def _client_gone(request: Request, metrics: Metrics, op: str) -> bool:
     return False
 
 
-async def _admit(pool: WorkerPool, op: str, height: int, width: int, steps: int = 1):
+async def admit(pool: WorkerPool, op: str, height: int, width: int, steps: int = 1):
     """The request's chunk length, once admitted with its memory reserved."""
     model = pool.model
     chunking = plan(cost_for(model.config.preset, op), pool.memory.total, height, width, steps)
@@ -102,7 +102,7 @@ async def encode(
     try:
         with metrics.media(f"open_{body.kind.value}"):
             source = await asyncio.to_thread(open_frames, body, ClipOptions(frames, size, fps), _limits(settings))
-        chunk, admission = await _admit(pool, "encode", source.height, source.width)
+        chunk, admission = await admit(pool, "encode", source.height, source.width)
         try:
             with model_errors():
                 async for latents in pool.stream("encode", encode_chunks(pool.model, source.chunks(chunk))):
@@ -159,7 +159,7 @@ async def decode(
         with metrics.media("open_latents"):
             source = await asyncio.to_thread(open_latents, body, pool.model.content_hash(), _limits(settings))
         info = source.info
-        chunk, admission = await _admit(pool, "decode", info.height, info.width, steps)
+        chunk, admission = await admit(pool, "decode", info.height, info.width, steps)
         output = FrameStream(format, info.frames, info.height, info.width, info.fps)
         parts = _rendered(output, decode_chunks(pool.model, info, source.chunks(chunk // 4), steps, seed))
         stream = pool.stream("decode", parts)

@@ -1,0 +1,301 @@
+"""`/v1/diffusers/decode` and `/v1/diffusers/encode`: the request and response shapes of
+diffusers' remote VAE helpers (`diffusers.utils.remote_utils.remote_decode` and
+`remote_encode`), so code written for Hugging Face's hybrid-inference endpoints can point
+them at this service:
+
+    remote_decode(f"{url}/v1/diffusers/decode?steps=2&seed=0", latents, output_type="mp4")
+
+Requests: the tensor's raw bytes (C order) as the body, its `shape` (repeated) and `dtype`
+(float32, float16, bfloat16) as query parameters, with diffusers' `output_type`,
+`partial_postprocess`, `image_format`, `scaling_factor` and `shift_factor`; our `steps` and
+`seed` ride in the endpoint's own query string. `remote_encode` also sends a PNG image
+(no shape). Answers: a tensor's raw bytes with `shape` (JSON) and `dtype` headers, an mp4,
+or an image; errors are our JSON error shape, which remote_utils raises as RuntimeError.
+
+Latents are CDT's (1,16,T,h,w) as /v1/encode writes them (a 4-D (1,16,h,w) is one latent
+frame). CDT's latents need no normalisation: its scaling_factor is 1 and shift_factor 0.
+When a request carries diffusers' factors they are undone as diffusers' pipelines apply
+them (decode: z / scaling_factor + shift_factor; encode: (z - shift_factor) *
+scaling_factor). These latents carry no original size, so T latent frames decode to
+1+4(T-1) frames of 8h x 8w, the padded clip.
+
+The answer is assembled in memory, like /v1/frames: the limits on frames and sides bound it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import math
+from typing import Annotated, Iterator, Literal
+
+import av
+import numpy as np
+import torch
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from media import decode_chunks, encode_chunks, frames_to_tensor, latents_info, tensor_to_frames
+from model.config import LATENT_CHANNELS, SPACE_FACTOR, TIME_FACTOR
+
+from ..auth import require_api_key
+from ..codecs import DEFAULT_FPS, MIN_SIDE, MP4
+from ..deps import get_metrics, get_pool, get_settings
+from ..errors import BadParameter, InvalidInput, PayloadTooLarge, UnsupportedMedia
+from ..metrics import Metrics
+from ..ops import model_errors
+from ..responses import encode_frames
+from ..settings import Settings
+from ..workers import WorkerPool
+from .clips import MAX_SEED, MAX_STEPS, admit
+
+TENSOR_TYPE = "tensor/binary"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ANSWER_DTYPES = {torch.uint8: "uint8", **{v: k for k, v in DTYPES.items()}}
+IMAGE_CODECS = {"png": ("png", "rgb24", "image/png"), "jpg": ("mjpeg", "yuvj420p", "image/jpeg")}
+
+router = APIRouter(prefix="/v1/diffusers", tags=["diffusers remote VAE"], dependencies=[Depends(require_api_key)])
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_TENSOR_HEADERS = {"shape": {"description": "the tensor's shape as a JSON list", "schema": {"type": "string"}},
+                   "dtype": {"description": "float32, float16, bfloat16 or uint8", "schema": {"type": "string"}}}
+_ERRORS = {status: {"description": f"`{{\"error\": {{\"code\": ..., \"message\": ...}}}}` ({what})"}
+           for status, what in [(400, "bad parameter, or a body that does not match shape and dtype"),
+                                (401, "missing key"), (403, "bad key"), (413, "body or clip too large"),
+                                (415, "an image that is not PNG or JPEG"),
+                                (422, "latents or frames of the wrong shape, not finite or out of range"),
+                                (429, "queue full; see Retry-After"), (503, "not ready or shutting down"),
+                                (504, "compute timeout")]}
+Shape = Annotated[list[int] | None, Query(description="the body tensor's shape, one value per dimension")]
+Dtype = Annotated[Literal["float32", "float16", "bfloat16"] | None, Query(description="the body tensor's dtype")]
+Factor = Annotated[float | None, Query(description="diffusers' VAE normalisation, undone here (CDT's: 1 and 0)")]
+
+
+@router.post(
+    "/decode",
+    summary="decode latents as diffusers' remote_decode sends them",
+    response_class=Response,
+    openapi_extra={"requestBody": {"required": True, "description": "latents' raw bytes (shape, dtype as query "
+                                   "parameters)", "content": {TENSOR_TYPE: _BINARY}}},
+    responses={200: {"description": "output_type=pt: float (1,3,T,H,W) in [-1,1] in the latents' dtype, or with "
+                                    "partial_postprocess uint8 (T,H,W,3); output_type=pil: float32 (T,3,H,W) in "
+                                    "[0,1] (Accept tensor/binary, a video processor), else one frame as a "
+                                    "png/jpg image; output_type=mp4: an mp4",
+                     "headers": _TENSOR_HEADERS,
+                     "content": {TENSOR_TYPE: _BINARY, MP4: _BINARY, "image/png": _BINARY, "image/jpeg": _BINARY}},
+               **_ERRORS},
+)
+async def decode(
+    request: Request,
+    shape: Shape = None,
+    dtype: Dtype = None,
+    output_type: Annotated[Literal["pt", "pil", "mp4"], Query(description="what the service answers")] = "pil",
+    partial_postprocess: Annotated[bool, Query(description="output_type=pt: uint8 (T,H,W,3) frames")] = False,
+    image_format: Annotated[Literal["png", "jpg"], Query(description="output_type=pil image format")] = "jpg",
+    scaling_factor: Factor = None,
+    shift_factor: Factor = None,
+    steps: Annotated[int, Query(ge=1, le=MAX_STEPS, description="diffusion decoding steps")] = 1,
+    seed: Annotated[int, Query(ge=0, le=MAX_SEED, description="decoding noise seed")] = 0,
+    settings: Settings = Depends(get_settings),
+    pool: WorkerPool = Depends(get_pool),
+    metrics: Metrics = Depends(get_metrics),
+) -> Response:
+    if shape is None or dtype is None:
+        raise BadParameter("remote decode needs the latents' shape and dtype as query parameters")
+    body = await _receive(request, settings, pool, metrics)
+    latents = _tensor(body, shape, dtype)
+    if latents.dim() == 4:
+        latents = latents.unsqueeze(2)  # (1,16,h,w): one latent frame
+    _check_latents(latents, settings)
+    if scaling_factor is not None:
+        latents = latents / scaling_factor
+    if shift_factor is not None:
+        latents = latents + shift_factor
+    _check_finite(latents, "latents")
+    model = pool.model
+    t, h, w = latents.shape[2:]
+    info = latents_info(model, 1 + TIME_FACTOR * (t - 1), SPACE_FACTOR * h, SPACE_FACTOR * w, DEFAULT_FPS)
+    chunk, admission = await admit(pool, "decode", info.height, info.width, steps)
+    try:
+        parts = _chunks(latents, max(1, chunk // TIME_FACTOR))  # as /v1/decode cuts them
+        with model_errors():
+            videos = [v async for v in pool.stream("decode", decode_chunks(model, info, parts, steps, seed))]
+    finally:
+        admission.release()
+    video = torch.cat(videos, dim=2)
+    accept = request.headers.get("accept", "")
+    data, media_type, headers = await asyncio.to_thread(_decoded_answer, video, output_type, partial_postprocess,
+                                                        image_format, accept, DTYPES[dtype])
+    metrics.bytes_total.labels(request.scope["route"].path, "out").inc(len(data))
+    return Response(data, media_type=media_type, headers=headers)
+
+
+@router.post(
+    "/encode",
+    summary="encode frames or an image as diffusers' remote_encode sends them",
+    response_class=Response,
+    openapi_extra={"requestBody": {"required": True, "description": "float frames' raw bytes, (1,3,T,H,W) or an "
+                                   "image's (1,3,H,W), in [-1,1] (shape, dtype as query parameters); or a "
+                                   "PNG or JPEG image", "content": {t: _BINARY for t in
+                                                                    (TENSOR_TYPE, "image/png", "image/jpeg")}}},
+    responses={200: {"description": "latents' raw bytes: (1,16,T',h,w), or (1,16,h,w) for an image, in the "
+                                    "input's float dtype (float32 for an image file)",
+                     "headers": _TENSOR_HEADERS, "content": {TENSOR_TYPE: _BINARY}}, **_ERRORS},
+)
+async def encode(
+    request: Request,
+    shape: Shape = None,
+    dtype: Dtype = None,
+    scaling_factor: Factor = None,
+    shift_factor: Factor = None,
+    settings: Settings = Depends(get_settings),
+    pool: WorkerPool = Depends(get_pool),
+    metrics: Metrics = Depends(get_metrics),
+) -> Response:
+    body = await _receive(request, settings, pool, metrics)
+    if shape is None:
+        video, image, answer_dtype = await asyncio.to_thread(_image_frames, body), True, torch.float32
+    else:
+        if dtype is None:
+            raise BadParameter("a tensor body needs its dtype as a query parameter")
+        video, image, answer_dtype = _tensor(body, shape, dtype), len(shape) == 4, DTYPES[dtype]
+        if image:
+            video = video.unsqueeze(2)
+    _check_frames(video, settings)
+    chunk, admission = await admit(pool, "encode", *video.shape[3:])
+    try:
+        parts = _chunks(video, chunk)
+        with model_errors():
+            latents = [z async for z in pool.stream("encode", encode_chunks(pool.model, parts))]
+    finally:
+        admission.release()
+    latents = torch.cat(latents, dim=2)
+    if shift_factor is not None:
+        latents = latents - shift_factor
+    if scaling_factor is not None:
+        latents = latents * scaling_factor
+    if image:
+        latents = latents[:, :, 0]
+    data, headers = _tensor_answer(latents.to(answer_dtype))
+    metrics.bytes_total.labels(request.scope["route"].path, "out").inc(len(data))
+    return Response(data, media_type=TENSOR_TYPE, headers=headers)
+
+
+async def _receive(request: Request, settings: Settings, pool: WorkerPool, metrics: Metrics) -> bytes:
+    """The body, refused once past the upload limit (checked before any model work)."""
+    pool.check_capacity()
+    limit = settings.max_upload_bytes
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise PayloadTooLarge(f"the body passed the limit of {limit} bytes (CDT_MAX_UPLOAD_MB)")
+        parts.append(part)
+    if size == 0:
+        raise BadParameter("the request body is empty", code="empty_body")
+    metrics.bytes_total.labels(request.scope["route"].path, "in").inc(size)
+    return b"".join(parts)
+
+
+def _tensor(body: bytes, shape: list[int], dtype: str) -> torch.Tensor:
+    """The body as a float32 tensor of `shape` stored as `dtype`."""
+    torch_dtype = DTYPES[dtype]
+    if not 1 <= len(shape) <= 8 or min(shape) < 1:
+        raise BadParameter(f"shape {shape} is not a tensor's shape")
+    expected = math.prod(shape) * torch_dtype.itemsize
+    if len(body) != expected:
+        raise BadParameter(f"the body has {len(body)} bytes; shape {shape} of {dtype} needs {expected}")
+    return torch.frombuffer(bytearray(body), dtype=torch_dtype).reshape(shape).float()
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(x).all():
+        raise InvalidInput(f"{what} contain NaN or infinite values", code="invalid_latents" if what == "latents"
+                           else "invalid_tensor")
+
+
+def _check_latents(latents: torch.Tensor, settings: Settings) -> None:
+    if latents.dim() != 5 or latents.shape[:2] != (1, LATENT_CHANNELS):
+        raise InvalidInput(f"latents must be (1,{LATENT_CHANNELS},T,h,w) or (1,{LATENT_CHANNELS},h,w), got "
+                           f"{tuple(latents.shape)} (packed latents are not served)", code="invalid_latents")
+    t, h, w = latents.shape[2:]
+    frames, side = 1 + TIME_FACTOR * (t - 1), SPACE_FACTOR * max(h, w)
+    if frames > settings.max_frames or side > settings.max_side:
+        raise PayloadTooLarge(f"the latents decode to {frames} frames of {SPACE_FACTOR * h}x{SPACE_FACTOR * w}; the "
+                              f"limits are {settings.max_frames} frames and {settings.max_side} pixels a side",
+                              code="clip_too_large")
+    _check_finite(latents, "latents")
+
+
+def _check_frames(video: torch.Tensor, settings: Settings) -> None:
+    if video.dim() != 5 or video.shape[:2] != (1, 3):
+        raise InvalidInput(f"frames must be (1,3,T,H,W) or an image (1,3,H,W), got {tuple(video.shape)}",
+                           code="invalid_tensor")
+    t, h, w = video.shape[2:]
+    if t > settings.max_frames or max(h, w) > settings.max_side:
+        raise PayloadTooLarge(f"{t} frames of {h}x{w}; the limits are {settings.max_frames} frames and "
+                              f"{settings.max_side} pixels a side", code="clip_too_large")
+    if min(h, w) < MIN_SIDE:
+        raise InvalidInput(f"frames are {h}x{w}; both sides must be at least {MIN_SIDE} pixels",
+                           code="video_too_small")
+    _check_finite(video, "frames")
+    if video.abs().max() > 1:
+        raise InvalidInput("float frames must be in [-1, 1]", code="invalid_tensor")
+
+
+def _image_frames(body: bytes) -> torch.Tensor:
+    """A PNG or JPEG image (remote_encode's PIL input) as one frame (1,3,1,H,W) in [-1,1]."""
+    if not (body.startswith(b"\x89PNG\r\n\x1a\n") or body.startswith(b"\xff\xd8\xff")):
+        raise UnsupportedMedia("send a PNG or JPEG image, or a tensor with shape and dtype parameters")
+    try:
+        with av.open(io.BytesIO(body)) as container:
+            frame = next(container.decode(video=0))
+            rgb = frame.to_ndarray(format="rgb24")
+    except (av.FFmpegError, StopIteration) as exc:
+        raise InvalidInput(f"the image does not decode ({exc})", code="undecodable_video") from None
+    return frames_to_tensor(rgb[None])
+
+
+def _tensor_answer(tensor: torch.Tensor) -> tuple[bytes, dict[str, str]]:
+    """Raw C-order bytes, and the `shape`/`dtype` headers remote_utils rebuilds them from."""
+    tensor = tensor.contiguous()
+    data = tensor.view(torch.uint8).numpy().tobytes() if tensor.dtype == torch.bfloat16 else tensor.numpy().tobytes()
+    return data, {"shape": json.dumps(list(tensor.shape)), "dtype": ANSWER_DTYPES[tensor.dtype]}
+
+
+def _decoded_answer(video: torch.Tensor, output_type: str, partial_postprocess: bool, image_format: str,
+                    accept: str, dtype: torch.dtype) -> tuple[bytes, str, dict[str, str]]:
+    """The body, media type and headers of a decode answer of `output_type` (see the route)."""
+    if output_type == "mp4":
+        data, media_type = encode_frames(tensor_to_frames(video), DEFAULT_FPS, "mp4")
+        return data, media_type, {}
+    if output_type == "pt" and partial_postprocess:
+        return _as_tensor_answer(torch.from_numpy(tensor_to_frames(video)))
+    if output_type == "pt":
+        return _as_tensor_answer(video.to(dtype))
+    if TENSOR_TYPE in accept:
+        # pil with a video processor: float32 frames in [0,1], channels first, which remote_utils
+        # scales by 255 and rounds (float16 would move values across those rounding steps).
+        return _as_tensor_answer(((video[0].transpose(0, 1) + 1) / 2).clamp(0, 1))
+    return (*_image_answer(tensor_to_frames(video), image_format), {})
+
+
+def _as_tensor_answer(tensor: torch.Tensor) -> tuple[bytes, str, dict[str, str]]:
+    data, headers = _tensor_answer(tensor)
+    return data, TENSOR_TYPE, headers
+
+
+def _image_answer(frames: np.ndarray, image_format: str) -> tuple[bytes, str]:
+    if len(frames) != 1:
+        raise InvalidInput(f"an image answer holds one frame; these latents decode to {len(frames)} (ask for "
+                           "output_type=mp4 or pt)", code="invalid_input")
+    codec, pix_fmt, media_type = IMAGE_CODECS[image_format]
+    context = av.CodecContext.create(codec, "w")
+    context.width, context.height, context.pix_fmt, context.time_base = frames.shape[2], frames.shape[1], pix_fmt, 1
+    frame = av.VideoFrame.from_ndarray(frames[0], format="rgb24").reformat(format=pix_fmt)
+    return b"".join(bytes(p) for p in [*context.encode(frame), *context.encode(None)]), media_type
+
+
+def _chunks(tensor: torch.Tensor, n: int) -> Iterator[torch.Tensor]:
+    """Successive slices of at most `n` along time."""
+    return (tensor[:, :, i : i + n] for i in range(0, tensor.shape[2], n))

@@ -1,0 +1,98 @@
+"""`service.client` in a venv without torch or PyAV (httpx, numpy and safetensors from the
+package index) against a real server: whole-clip and streamed encodes and decodes agree with
+the server's own /v1 answers, and nothing of the server side is imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+from safetensors.numpy import load as st_load
+
+from media import write_video
+from service.client import Client
+from service.stream_client import VIDEO_EXTRA, safetensors_metadata
+from tests.servers import REPO, Server
+from tests.session_helpers import npy_array, npy_bytes, real_frames
+
+KEY = "no-torch-key"
+CLIENT_PACKAGES = ["httpx", "numpy", "safetensors"]  # pyproject's `client` extra
+
+
+@pytest.fixture(scope="session")
+def client_venv(tmp_path_factory):
+    venv = tmp_path_factory.mktemp("client-venv") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *CLIENT_PACKAGES], check=True,
+                   capture_output=True)
+    modules = subprocess.run([str(python), "-c", "import importlib.util as u; print([m for m in ('torch', 'av') "
+                              "if u.find_spec(m)])"], check=True, capture_output=True, text=True).stdout
+    assert modules.strip() == "[]", f"the client venv has {modules}"
+    return python
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    with Server(tiny_checkpoint, tmp_path_factory.mktemp("server") / "server.log", api_keys=KEY) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def frames(shared_videos):
+    return real_frames(shared_videos, 17)  # 36x47: padded in time and space
+
+
+def test_client_without_torch_encodes_decodes_and_streams(client_venv, server, frames, tmp_path):
+    (tmp_path / "frames.npy").write_bytes(npy_bytes(frames))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([str(client_venv), str(REPO / "tests" / "no_torch_client.py"), server.url, KEY,
+                          str(tmp_path / "frames.npy"), str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    auth = {"Authorization": f"Bearer {KEY}"}
+    whole = httpx.post(server.url + "/v1/encode", content=npy_bytes(frames), timeout=60,
+                       headers={**auth, "content-type": "application/x-npy"})
+    streamed = (tmp_path / "streamed.safetensors").read_bytes()
+    decoded = httpx.post(server.url + "/v1/decode", params={"steps": 2, "seed": 3, "format": "npy"},
+                         content=streamed, timeout=60,
+                         headers={**auth, "content-type": "application/x-safetensors"})
+    assert whole.status_code == decoded.status_code == 200, (whole.text, decoded.text)
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["loaded_on_import"] == [] and report["loaded_at_end"] == []
+    assert VIDEO_EXTRA in report["video_error"] and "PyAV" in report["video_error"]
+
+    assert (tmp_path / "whole.safetensors").read_bytes() == whole.content
+    reference = st_load(whole.content)["latents"]
+    for name in ("streamed.safetensors", "async_streamed.safetensors"):
+        data = (tmp_path / name).read_bytes()
+        assert safetensors_metadata(data) == safetensors_metadata(whole.content), name
+        latents = st_load(data)["latents"]
+        assert latents.shape == reference.shape and np.abs(latents - reference).max() < 1e-5, name
+
+    # The streamed latents file decodes like any /v1/encode file, cropped to the clip's size.
+    assert (tmp_path / "decoded.npy").read_bytes() == decoded.content
+    reference_frames = npy_array(decoded.content)
+    assert reference_frames.shape == frames.shape
+    stream_decoded = np.load(tmp_path / "stream_decoded.npy")
+    assert stream_decoded.shape == frames.shape
+    # uint8 output: equal up to a rounding flip where the float values sit on a .5 boundary.
+    diff = np.abs(stream_decoded.astype(int) - reference_frames.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+def test_stream_encode_of_a_video_file_reads_the_frames_the_server_reads(server, frames, tmp_path):
+    path = tmp_path / "clip.mp4"
+    write_video(path, frames, fps=24)  # odd-sized: the file records its display size
+    with Client(server.url, api_key=KEY) as client:
+        streamed = client.stream_encode(path, chunk_frames=8)
+        whole = client.encode_file(path)
+    assert safetensors_metadata(streamed) == safetensors_metadata(whole)
+    assert safetensors_metadata(whole)["fps"] == "24.0"
+    assert np.abs(st_load(streamed)["latents"] - st_load(whole)["latents"]).max() < 1e-5
