@@ -225,14 +225,48 @@ BODIES = {**{media_type: _body(video_files()) for media_type in VIDEO_TYPES}, NP
           SAFETENSORS: _body(safetensors_files()), OCTET_STREAM: any_body}
 for media_type, strategy in BODIES.items():
     schemathesis.openapi.media_type(media_type, strategy)
+TENSOR_BINARY = "tensor/binary"  # diffusers' remote_decode/remote_encode: raw bytes, shape and dtype in the query
+# The diffusers endpoints' bodies: raw tensors (their positive cases get a matching query in
+# flatmap_case) and images.
+schemathesis.openapi.media_type(TENSOR_BINARY, st.binary(max_size=64))
+for media_type in ("image/png", "image/jpeg"):
+    schemathesis.openapi.media_type(media_type, st.one_of(st.just(IMAGE), st.binary(max_size=64)))
+
+
+DIFFUSERS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+@st.composite
+def diffusers_tensors(draw, operation: str) -> tuple[bytes, dict]:
+    """Raw tensor bytes and the `shape` and `dtype` query that describe them: mostly latents
+    (decode) or float frames (encode) the server takes, some anything, some damaged."""
+    floats = tuple(DIFFUSERS_DTYPES)
+    if operation.endswith("/decode"):
+        valid = latent_chunks(floats)
+    else:
+        valid = st.tuples(st.sampled_from(floats), st.builds(lambda t, h, w: (1, 3, t, h, w), st.integers(1, 9),
+                                                             st.integers(8, 32), st.integers(8, 32)))
+    dtype, shape = draw(st.one_of(valid, valid, any_tensor()))
+    query = {"shape": [str(n) for n in shape], "dtype": DIFFUSERS_DTYPES.get(dtype, "float32")}
+    return _damaged(draw, _data(draw, dtype, shape)), query
 
 
 @schemathesis.hook
 def flatmap_case(context, case):
     """Schemathesis sends most binary bodies as the first content type listed (video/mp4): draw
     the content type evenly among the operation's, with a body for it."""
-    types = [t for t in case.operation.get_request_payload_content_types() if t in BODIES]
-    if not types or not isinstance(case.body, bytes) or case.meta is None or not case.meta.generation.mode.is_positive:
+    content_types = case.operation.get_request_payload_content_types()
+    types = [t for t in content_types if t in BODIES]
+    positive = isinstance(case.body, bytes) and case.meta is not None and case.meta.generation.mode.is_positive
+    if positive and TENSOR_BINARY in content_types:
+        def tensor_case(body_and_query: tuple[bytes, dict]):
+            case.media_type, case.body = TENSOR_BINARY, body_and_query[0]
+            case.query = {**(case.query or {}), **body_and_query[1]}
+            case._record_starting_state()  # as in rebodied below
+            return case
+
+        return diffusers_tensors(case.operation.label).map(tensor_case)
+    if not types or not positive:
         return st.just(case)
 
     def rebodied(media_type: str, body: bytes):

@@ -38,7 +38,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from media import decode_chunks, encode_chunks, frames_to_tensor, latents_info, tensor_to_frames
 from model.config import LATENT_CHANNELS, SPACE_FACTOR, TIME_FACTOR
 
-from ..auth import require_api_key
+from ..auth import AUTH_ERRORS, require_api_key
 from ..codecs import DEFAULT_FPS, MIN_SIDE, MP4
 from ..deps import get_metrics, get_pool, get_settings
 from ..errors import BadParameter, InvalidInput, PayloadTooLarge, UnsupportedMedia
@@ -48,24 +48,25 @@ from ..responses import encode_frames
 from ..settings import Settings
 from ..workers import WorkerPool
 from .clips import MAX_SEED, MAX_STEPS, admit
+from .openapi import BINARY, model_request_errors
 
 TENSOR_TYPE = "tensor/binary"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ANSWER_DTYPES = {torch.uint8: "uint8", **{v: k for k, v in DTYPES.items()}}
 IMAGE_CODECS = {"png": ("png", "rgb24", "image/png"), "jpg": ("mjpeg", "yuvj420p", "image/jpeg")}
 
-router = APIRouter(prefix="/v1/diffusers", tags=["diffusers remote VAE"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1/diffusers", tags=["diffusers remote VAE"], dependencies=[Depends(require_api_key)],
+                   responses=AUTH_ERRORS)
 
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
 _TENSOR_HEADERS = {"shape": {"description": "the tensor's shape as a JSON list", "schema": {"type": "string"}},
                    "dtype": {"description": "float32, float16, bfloat16 or uint8", "schema": {"type": "string"}}}
-_ERRORS = {status: {"description": f"`{{\"error\": {{\"code\": ..., \"message\": ...}}}}` ({what})"}
-           for status, what in [(400, "bad parameter, or a body that does not match shape and dtype"),
-                                (401, "missing key"), (403, "bad key"), (413, "body or clip too large"),
-                                (415, "an image that is not PNG or JPEG"),
-                                (422, "latents or frames of the wrong shape, not finite or out of range"),
-                                (429, "queue full; see Retry-After"), (503, "not ready or shutting down"),
-                                (504, "compute timeout")]}
+_ERRORS = model_request_errors({
+    400: "`bad_parameter`: a query parameter out of its bounds, or a body that does not match shape and dtype; "
+         "`empty_body`",
+    415: "`unsupported_media_type`: a content type not listed here, or an image that is not PNG or JPEG",
+    422: "`invalid_latents`, `invalid_tensor`, `undecodable_video`, `video_too_small`: latents or frames of the "
+         "wrong shape, not finite or out of range",
+})
 Shape = Annotated[list[int] | None, Query(description="the body tensor's shape, one value per dimension")]
 Dtype = Annotated[Literal["float32", "float16", "bfloat16"] | None, Query(description="the body tensor's dtype")]
 Factor = Annotated[float | None, Query(description="diffusers' VAE normalisation, undone here (CDT's: 1 and 0)")]
@@ -76,13 +77,13 @@ Factor = Annotated[float | None, Query(description="diffusers' VAE normalisation
     summary="decode latents as diffusers' remote_decode sends them",
     response_class=Response,
     openapi_extra={"requestBody": {"required": True, "description": "latents' raw bytes (shape, dtype as query "
-                                   "parameters)", "content": {TENSOR_TYPE: _BINARY}}},
+                                   "parameters)", "content": {TENSOR_TYPE: BINARY}}},
     responses={200: {"description": "output_type=pt: float (1,3,T,H,W) in [-1,1] in the latents' dtype, or with "
                                     "partial_postprocess uint8 (T,H,W,3); output_type=pil: float32 (T,3,H,W) in "
                                     "[0,1] (Accept tensor/binary, a video processor), else one frame as a "
                                     "png/jpg image; output_type=mp4: an mp4",
                      "headers": _TENSOR_HEADERS,
-                     "content": {TENSOR_TYPE: _BINARY, MP4: _BINARY, "image/png": _BINARY, "image/jpeg": _BINARY}},
+                     "content": {TENSOR_TYPE: BINARY, MP4: BINARY, "image/png": BINARY, "image/jpeg": BINARY}},
                **_ERRORS},
 )
 async def decode(
@@ -115,6 +116,9 @@ async def decode(
     model = pool.model
     t, h, w = latents.shape[2:]
     info = latents_info(model, 1 + TIME_FACTOR * (t - 1), SPACE_FACTOR * h, SPACE_FACTOR * w, DEFAULT_FPS)
+    accept = request.headers.get("accept", "")
+    _check_answer(info.frames, info.height, info.width, image=output_type == "pil" and TENSOR_TYPE not in accept,
+                  limit=settings.max_upload_bytes)
     chunk, admission = await admit(pool, "decode", info.height, info.width, steps)
     try:
         parts = _chunks(latents, max(1, chunk // TIME_FACTOR))  # as /v1/decode cuts them
@@ -123,7 +127,6 @@ async def decode(
     finally:
         admission.release()
     video = torch.cat(videos, dim=2)
-    accept = request.headers.get("accept", "")
     data, media_type, headers = await asyncio.to_thread(_decoded_answer, video, output_type, partial_postprocess,
                                                         image_format, accept, DTYPES[dtype])
     metrics.bytes_total.labels(request.scope["route"].path, "out").inc(len(data))
@@ -136,11 +139,11 @@ async def decode(
     response_class=Response,
     openapi_extra={"requestBody": {"required": True, "description": "float frames' raw bytes, (1,3,T,H,W) or an "
                                    "image's (1,3,H,W), in [-1,1] (shape, dtype as query parameters); or a "
-                                   "PNG or JPEG image", "content": {t: _BINARY for t in
+                                   "PNG or JPEG image", "content": {t: BINARY for t in
                                                                     (TENSOR_TYPE, "image/png", "image/jpeg")}}},
     responses={200: {"description": "latents' raw bytes: (1,16,T',h,w), or (1,16,h,w) for an image, in the "
                                     "input's float dtype (float32 for an image file)",
-                     "headers": _TENSOR_HEADERS, "content": {TENSOR_TYPE: _BINARY}}, **_ERRORS},
+                     "headers": _TENSOR_HEADERS, "content": {TENSOR_TYPE: BINARY}}, **_ERRORS},
 )
 async def encode(
     request: Request,
@@ -285,10 +288,21 @@ def _as_tensor_answer(tensor: torch.Tensor) -> tuple[bytes, str, dict[str, str]]
     return data, TENSOR_TYPE, headers
 
 
-def _image_answer(frames: np.ndarray, image_format: str) -> tuple[bytes, str]:
-    if len(frames) != 1:
-        raise InvalidInput(f"an image answer holds one frame; these latents decode to {len(frames)} (ask for "
+def _check_answer(frames: int, height: int, width: int, image: bool, limit: int) -> None:
+    """Refuse, before any compute, an answer this endpoint cannot give: an image of several
+    frames, or frames over `limit` bytes as float32 (the answer is assembled in memory;
+    /v1/decode streams any length)."""
+    if image and frames != 1:
+        raise InvalidInput(f"an image answer holds one frame; these latents decode to {frames} (ask for "
                            "output_type=mp4 or pt)", code="invalid_input")
+    nbytes = frames * height * width * 3 * 4
+    if nbytes > limit:
+        raise PayloadTooLarge(f"these latents decode to {frames} frames of {height}x{width}, {nbytes} bytes as "
+                              f"float32, over this endpoint's answer limit of {limit} (CDT_MAX_UPLOAD_MB); "
+                              "/v1/decode streams clips of any length", code="clip_too_large")
+
+
+def _image_answer(frames: np.ndarray, image_format: str) -> tuple[bytes, str]:
     codec, pix_fmt, media_type = IMAGE_CODECS[image_format]
     context = av.CodecContext.create(codec, "w")
     context.width, context.height, context.pix_fmt, context.time_base = frames.shape[2], frames.shape[1], pix_fmt, 1
