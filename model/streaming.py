@@ -163,10 +163,9 @@ class StreamingDecoder(_Stream):
     kind = "decode"
 
     def __init__(self, model: Tokenizer, steps: int = 1, seed: int = 0, cache: FeatureCache | None = None) -> None:
-        if cache is None and model.kind == "cdt":
-            model.schedule.ddim_timesteps(steps)  # validates steps
-        model_steps = steps if model.kind == "cdt" else 1
-        super().__init__(model, cache, {"steps": model_steps, "seed": int(seed), "latents_in": 0,
+        if cache is None:  # a restored state carries its steps
+            steps = model.decode_steps(steps)
+        super().__init__(model, cache, {"steps": steps, "seed": int(seed), "latents_in": 0,
                                         "frames_out": 0, "shape": None})
 
     @classmethod
@@ -193,8 +192,8 @@ class StreamingDecoder(_Stream):
         if m == 0:
             return torch.zeros(b, 3, 0, h * SPACE_FACTOR, w * SPACE_FACTOR)
         start = self.meta["frames_out"]
-        video = self.model.decode_frames(latents.to(self.model.device), steps=self.meta["steps"],
-                                         seed=self.meta["seed"], start=start, cache=self.cache)
+        video = self.model.decode_chunk(latents.to(self.model.device), steps=self.meta["steps"],
+                                        seed=self.meta["seed"], start=start, cache=self.cache)
         self.cache.started = True
         self.meta["latents_in"] += m
         self.meta["frames_out"] += pixel_frames(m, first_chunk=start == 0)

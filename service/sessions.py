@@ -37,16 +37,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save as st_save
 
 from media import Padding, pad_spatial, tensor_to_frames
-from model import CacheFormatError, CacheMismatchError, StreamingDecoder, StreamingEncoder, Tokenizer, dtype_name
-from model.cache import FeatureCache
+from model import (NUM_TIMESTEPS, CacheFormatError, CacheMismatchError, FeatureCache, StreamingDecoder, StreamingEncoder,
+                   Tokenizer, dtype_name, pixel_frames)
 from model.config import SPACE_FACTOR, TIME_FACTOR
-from model.tokenizer import pixel_frames
 
 from .codecs import NPY, SAFETENSORS, Body, ClipOptions, Kind, Limits, body_from_bytes, parse_latent_chunk, \
     read_clip
 from .errors import BadParameter, Conflict, InvalidInput, NotFound, PayloadTooLarge, ServiceError, Unavailable
 from .memory import chunk_bytes, cost_for
 from .metrics import LATENCY_BUCKETS, Metrics
+from .ops import check_steps, model_errors
 from .responses import encode_frames
 from .session_store import SessionStore, SessionStoreUnavailable, StoredSession
 from .settings import Settings
@@ -87,7 +87,7 @@ class SessionSpec(BaseModel):
                                "first chunk's; decode: output is cropped to it)")
     width: int | None = Field(None, ge=SPACE_FACTOR, description="original frame width")
     frames: int | None = Field(None, ge=1, description="decode: original frame count; output stops there")
-    steps: int = Field(1, ge=1, le=64, description="decode: DDIM steps")
+    steps: int = Field(1, ge=1, le=NUM_TIMESTEPS, description="decode: DDIM steps, at most CDT_MAX_STEPS")
     seed: int = Field(0, ge=0, lt=2**63, description="decode: noise seed")
     dtype: str | None = Field(None, description="compute dtype; must be the serving replica's")
     fps: float = Field(30.0, gt=0, le=1000, description="decode: frame rate of mp4 output")
@@ -468,8 +468,10 @@ class Sessions:
         if spec.dtype is not None and spec.dtype != self.dtype:
             raise Conflict(f"this replica computes in {self.dtype}, the session asks for {spec.dtype}",
                            code="model_mismatch")
-        if spec.kind == "decode" and self.pool.model.kind == "cdt":
-            self.pool.model.schedule.ddim_timesteps(spec.steps)
+        check_steps(spec.steps, self.settings)
+        if spec.kind == "decode":
+            with model_errors():
+                self.pool.model.decode_steps(spec.steps)
         ttl = min(spec.ttl_s or self.settings.session_ttl_s, self.settings.session_ttl_s)
         record = SessionRecord(**spec.model_dump(exclude={"ttl_s", "dtype"}), id=secrets.token_urlsafe(24),
                                owner=owner, model_hash=self.model_hash, dtype=self.dtype, ttl_s=ttl,
