@@ -37,8 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save as st_save
 
 from media import Padding, pad_spatial, tensor_to_frames
-from model import (NUM_TIMESTEPS, CacheFormatError, CacheMismatchError, FeatureCache, StreamingDecoder, StreamingEncoder,
-                   Tokenizer, dtype_name, pixel_frames)
+from model import (NUM_TIMESTEPS, CacheFormatError, CacheMismatchError, FeatureCache, StreamingDecoder,
+                   StreamingEncoder, Tokenizer, dtype_name, pixel_frames)
 from model.config import SPACE_FACTOR, TIME_FACTOR
 
 from .codecs import NPY, SAFETENSORS, Body, ClipOptions, Kind, Limits, body_from_bytes, parse_latent_chunk, \
