@@ -2,7 +2,7 @@
 latent and frame files, clip-level encode/decode, and metrics.
 May import `model`, never `service` or `training`."""
 
-from .codec import (
+from .tokenize import (
     decode_chunks,
     decode_frames,
     decode_video,

@@ -41,13 +41,13 @@ from model import (NUM_TIMESTEPS, CacheFormatError, CacheMismatchError, FeatureC
                    StreamingEncoder, Tokenizer, dtype_name, pixel_frames)
 from model.config import SPACE_FACTOR, TIME_FACTOR
 
-from .codecs import NPY, SAFETENSORS, Body, ClipOptions, Kind, Limits, body_from_bytes, parse_latent_chunk, \
+from .bodies import NPY, SAFETENSORS, Body, ClipOptions, Kind, Limits, body_from_bytes, parse_latent_chunk, \
     read_clip
 from .errors import BadParameter, Conflict, InvalidInput, NotFound, PayloadTooLarge, ServiceError, Unavailable
 from .memory import chunk_bytes, cost_for
 from .metrics import LATENCY_BUCKETS, Metrics
 from .ops import check_steps, model_errors
-from .responses import encode_frames
+from .responses import render_frames
 from .session_store import SessionStore, SessionStoreUnavailable, StoredSession
 from .settings import Settings
 from .workers import WorkerPool
@@ -713,7 +713,7 @@ class Sessions:
         counters.frames_out += keep
         if keep:
             frames = tensor_to_frames(video[:, :, :keep, :record.height, :record.width])
-            body, media_type = encode_frames(frames, record.fps, fmt)
+            body, media_type = render_frames(frames, record.fps, fmt)
         else:
             body, media_type = b"", "application/octet-stream"
         headers = {CHUNK_HEADER: json.dumps({"session": record.id, "frame_start": start, "frame_count": keep})}

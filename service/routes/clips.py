@@ -25,7 +25,7 @@ from media import decode_chunks, encode_chunks, latents_info, tensor_to_frames
 from model import NUM_TIMESTEPS
 
 from ..auth import require_api_key
-from ..codecs import METADATA_HEADER, MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, ClipOptions, Kind, Limits, \
+from ..bodies import METADATA_HEADER, MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, ClipOptions, Kind, Limits, \
     open_frames, open_latents
 from ..deps import get_metrics, get_pool, get_settings, receive_body
 from ..errors import ClientClosedRequest

@@ -16,7 +16,7 @@ from string import Template
 from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse, HTMLResponse
 
-from ..codecs import MIN_SIDE
+from ..bodies import MIN_SIDE
 from ..deps import get_settings
 from ..errors import NotFound
 from ..settings import Settings
