@@ -2,8 +2,9 @@
 
 from .cache import CacheFormatError, FeatureCache
 from .checkpoint import DEFAULT_CHECKPOINT, CheckpointError, from_pretrained, record_receptive_field, save_pretrained
-from .config import NUM_TIMESTEPS, PRESETS, CDTConfig
+from .config import LATENT_CHANNELS, NUM_TIMESTEPS, PRESETS, SPACE_FACTOR, TIME_FACTOR, CDTConfig
 from .diffusion import CosineSchedule, frame_noise
+from .layers import ResnetBlock
 from .receptive_field import ReceptiveField, measure_receptive_field
 from .streaming import CacheMismatchError, StreamingDecoder, StreamingEncoder, pad_frames
 from .tokenizer import (CDT, SUPPORTED_DTYPES, Tokenizer, TrainingExample, VAEBaseline, bf16_is_fast, build_model,
@@ -11,19 +12,23 @@ from .tokenizer import (CDT, SUPPORTED_DTYPES, Tokenizer, TrainingExample, VAEBa
 
 __all__ = [
     "CDT",
-    "NUM_TIMESTEPS",
-    "PRESETS",
     "CDTConfig",
     "CacheFormatError",
     "CacheMismatchError",
-    "DEFAULT_CHECKPOINT",
     "CheckpointError",
     "CosineSchedule",
+    "DEFAULT_CHECKPOINT",
     "FeatureCache",
+    "LATENT_CHANNELS",
+    "NUM_TIMESTEPS",
+    "PRESETS",
     "ReceptiveField",
+    "ResnetBlock",
+    "SPACE_FACTOR",
     "SUPPORTED_DTYPES",
     "StreamingDecoder",
     "StreamingEncoder",
+    "TIME_FACTOR",
     "Tokenizer",
     "TrainingExample",
     "VAEBaseline",

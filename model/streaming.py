@@ -118,7 +118,7 @@ class StreamingEncoder(_Stream):
         b, _, n, h, w = frames.shape
         self.meta["shape"] = [b, h, w]
         self.meta["frames_in"] += n
-        pending = self.cache.tensors.pop(PENDING_KEY, None)
+        pending = self.cache.pop(PENDING_KEY)
         frames = frames.to(self.model.device, self.model.compute_dtype)
         if pending is not None:
             frames = torch.cat([pending.to(frames.dtype), frames], dim=2)
@@ -151,7 +151,7 @@ class StreamingEncoder(_Stream):
         if self.meta["frames_in"] == 0 or self.meta["shape"] is None:  # a resumed stream has frames_in
             raise ValueError("no frames were pushed to this stream")
         self.meta["finished"] = True
-        pending = self.cache.tensors.pop(PENDING_KEY, None)
+        pending = self.cache.pop(PENDING_KEY)
         if pending is None:
             return self._empty()
         # Past the first frame, every group is 4 frames: top the remainder up to one.

@@ -8,8 +8,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-from model import Tokenizer, dtype_name
-from model.config import SPACE_FACTOR, TIME_FACTOR
+from model import SPACE_FACTOR, TIME_FACTOR, Tokenizer, dtype_name
 
 from .errors import BadParameter, InvalidInput
 from .settings import Settings

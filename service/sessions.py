@@ -37,9 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save as st_save
 
 from media import Padding, pad_spatial, tensor_to_frames
-from model import (NUM_TIMESTEPS, CacheFormatError, CacheMismatchError, FeatureCache, StreamingDecoder,
-                   StreamingEncoder, Tokenizer, dtype_name, pixel_frames)
-from model.config import SPACE_FACTOR, TIME_FACTOR
+from model import (NUM_TIMESTEPS, SPACE_FACTOR, TIME_FACTOR, CacheFormatError, CacheMismatchError, FeatureCache,
+                   StreamingDecoder, StreamingEncoder, Tokenizer, dtype_name, pixel_frames)
 
 from .bodies import NPY, SAFETENSORS, Body, ClipOptions, Kind, Limits, body_from_bytes, parse_latent_chunk, \
     read_clip
@@ -354,13 +353,6 @@ def encode_latent_chunk(latents: torch.Tensor, info: dict[str, Any], fmt: str) -
         return ChunkResult(buffer.getvalue(), NPY, headers)
     meta = {"cdt_chunk": json.dumps(info, sort_keys=True), "format": CHUNK_FORMAT}
     return ChunkResult(st_save({"latents": latents.contiguous()}, metadata=meta), SAFETENSORS, headers)
-
-
-def serialise_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
-    """A FeatureCache export of a stream's tensors and meta, given as copies."""
-    cache = FeatureCache(meta)
-    cache.tensors = tensors
-    return cache.to_bytes()
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -727,22 +719,19 @@ class Sessions:
         if (settings.session_snapshot_bytes == 0 or record.next_seq % settings.session_snapshot_every
                 or session_id in self._snapshotting or stream.cache.nbytes() > settings.session_snapshot_bytes):
             return
-        # FeatureCache.set updates its tensors in place, so the snapshot takes copies now, between
-        # chunks: they stay the state at this seq while the next chunks run on the stream (a memory
-        # copy of at most CDT_SESSION_SNAPSHOT_MB; serialising and writing them happen off the loop).
-        tensors = {key: tensor.clone() for key, tensor in stream.cache.tensors.items()}
-        meta = json.loads(json.dumps(stream.cache.meta))
+        # FeatureCache.set updates its tensors in place, so the snapshot takes a copy now, between
+        # chunks: it stays the state at this seq while the next chunks run on the stream (a memory
+        # copy of at most CDT_SESSION_SNAPSHOT_MB; serialising and writing it happen off the loop).
+        state = stream.cache.copy()
         self._snapshotting.add(session_id)
-        task = asyncio.get_running_loop().create_task(
-            self._write_snapshot(session_id, record.next_seq - 1, tensors, meta))
+        task = asyncio.get_running_loop().create_task(self._write_snapshot(session_id, record.next_seq - 1, state))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _write_snapshot(self, session_id: str, label: int, tensors: dict[str, torch.Tensor],
-                              meta: dict[str, Any]) -> None:
+    async def _write_snapshot(self, session_id: str, label: int, state: FeatureCache) -> None:
         started = time.perf_counter()
         try:
-            data = await asyncio.to_thread(serialise_state, tensors, meta)
+            data = await asyncio.to_thread(state.to_bytes)
             await self._store("snapshot", self.store.put_snapshot(session_id, label, data,
                                                                   self.settings.session_snapshot_part_bytes))
             self.metrics.snapshot_bytes.observe(len(data))
