@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import report
-from media import DEFAULT_CHECKPOINT
+from model import DEFAULT_CHECKPOINT
 from tests.api_fuzz import fuzz_api
 
 VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"

@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from benchmarks import report
-from media import DEFAULT_CHECKPOINT
-from model import CDTConfig, build_model, save_pretrained
+from model import DEFAULT_CHECKPOINT, CDTConfig, build_model, save_pretrained
 from tests.servers import Server
 
 # The code these figures describe (`python -m benchmarks.run_all --stale`).

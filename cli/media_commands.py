@@ -18,7 +18,6 @@ import numpy as np
 from tqdm import tqdm
 
 from media import (
-    DEFAULT_CHECKPOINT,
     LatentsFile,
     VideoReader,
     VideoWriter,
@@ -36,11 +35,13 @@ from media import provenance
 from media.frames_file import FRAME_FILE_SUFFIXES, is_frames_file, load_frames
 from media.lpips import LPIPS_SKIPPED, load_lpips
 from media.video import resize_short_side
-from model import Tokenizer, from_pretrained
+from model import DEFAULT_CHECKPOINT, Tokenizer, from_pretrained
+from service.settings import SettingsError, max_steps_from_env
 
 FALLBACK_FPS = 30.0
 VIDEO_OUTPUT_SUFFIX = ".mp4"
 LATENTS_SUFFIX = ".safetensors"
+STEPS_HELP = "diffusion decoding steps, at most CDT_MAX_STEPS (default 1)"
 
 EVAL_PROTOCOL = (
     "Protocol: each clip's first N (--frames) frames are read, resized so the short side is "
@@ -88,7 +89,7 @@ def register(sub) -> None:
     evaluate.add_argument("--frames", type=_positive, default=17, metavar="N", help="first N frames (default 17)")
     evaluate.add_argument("--size", type=_positive, default=256, metavar="S",
                           help="short side resized to S, then centre crop SxS (default 256)")
-    evaluate.add_argument("--steps", type=_positive, default=1, help="diffusion decoding steps (default 1)")
+    evaluate.add_argument("--steps", type=_steps, default=1, help=STEPS_HELP)
     evaluate.add_argument("--seed", type=int, default=0, help="decoding noise seed (default 0)")
     evaluate.add_argument("--lpips-weights", type=Path, nargs="+", metavar="PATH",
                           help="local torchvision AlexNet/VGG16 weights (.pth or .safetensors), optionally "
@@ -104,6 +105,18 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _steps(text: str) -> int:
+    """DDIM steps, bounded by the service's setting so that a command and a request agree."""
+    value = _positive(text)
+    try:
+        limit = max_steps_from_env()
+    except SettingsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value > limit:
+        raise argparse.ArgumentTypeError(f"must be at most {limit} (CDT_MAX_STEPS), got {value}")
     return value
 
 
@@ -136,7 +149,7 @@ def _add_input_args(parser) -> None:
 
 
 def _add_decode_args(parser) -> None:
-    parser.add_argument("--steps", type=_positive, default=1, help="diffusion decoding steps (default 1)")
+    parser.add_argument("--steps", type=_steps, default=1, help=STEPS_HELP)
     parser.add_argument("--seed", type=int, default=0, help="decoding noise seed (default 0)")
     parser.add_argument("--crf", type=_crf, default=18, help="x264 quality of .mp4 output, 0..51 (default 18)")
 

@@ -2,9 +2,7 @@
 latent and frame files, clip-level encode/decode, and metrics.
 May import `model`, never `service` or `training`."""
 
-from pathlib import Path
-
-from .codec import (
+from .tokenize import (
     decode_chunks,
     decode_frames,
     decode_video,
@@ -28,11 +26,7 @@ from .video import (
     write_video,
 )
 
-# The checkpoint every `cdt` command (and later the service) uses when none is given.
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "cdt-tiny"
-
 __all__ = [
-    "DEFAULT_CHECKPOINT",
     "FramesFileError",
     "LatentsFile",
     "LatentsFileError",

@@ -29,9 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model import Tokenizer, from_pretrained
-from model.config import SPACE_FACTOR, TIME_FACTOR
-from model.tokenizer import validate_video
+from model import SPACE_FACTOR, TIME_FACTOR, Tokenizer, from_pretrained, validate_video
 
 DIFFUSERS_EXTRA = "diffusers"
 MAX_SEED = 2**63 - 1

@@ -9,8 +9,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from model.cache import read_metadata
-
+from .tensor_headers import safetensors_metadata
 from .video import check_frames
 
 FRAMES_FORMAT = "cdt-frames"
@@ -49,7 +48,7 @@ def load_frames(path: str | Path) -> tuple[np.ndarray, float | None]:
             frames = np.load(path, allow_pickle=False)
         else:
             data = path.read_bytes()
-            meta = read_metadata(data)
+            meta = safetensors_metadata(data)
             frames = st_load(data)[TENSOR_NAME]
             fps = float(meta["fps"]) if "fps" in meta else None
     except Exception as exc:  # numpy and safetensors raise many types for bad files

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from model.cache import read_metadata
-from model.config import LATENT_CHANNELS, SPACE_FACTOR, TIME_FACTOR
+from model import LATENT_CHANNELS, SPACE_FACTOR, TIME_FACTOR
 
 from .padding import Padding
+from .tensor_headers import safetensors_metadata
 from .video import MAX_FPS
 
 LATENTS_FORMAT = "cdt-latents"
@@ -137,7 +137,7 @@ def latents_from_bytes(data: bytes, model_hash: str | None = None, force: bool =
                        source: str = "latents") -> LatentsFile:
     """Parse and validate; with `model_hash`, refuse latents of another model unless `force`."""
     try:
-        meta = read_metadata(data)
+        meta = safetensors_metadata(data)
         tensors = st_load(data)
     except Exception as exc:  # safetensors and the header parser raise several types
         raise LatentsFileError(f"{source}: not a safetensors file ({exc})") from None

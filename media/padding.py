@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from model import pad_frames
-from model.config import SPACE_FACTOR, TIME_FACTOR
+from model import SPACE_FACTOR, TIME_FACTOR
 
 SPATIAL_PAD_MODE = "replicate"
 

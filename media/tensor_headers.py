@@ -114,6 +114,11 @@ def read_safetensors_header(fp: BinaryIO) -> tuple[dict[str, TensorLayout], dict
     return layouts, metadata
 
 
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The string metadata of a safetensors file held in memory, its header checked."""
+    return read_safetensors_header(io.BytesIO(data))[1]
+
+
 def _safetensors_layout(name: str, entry, data_start: int, metadata: dict[str, str]) -> TensorLayout:
     try:
         dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]

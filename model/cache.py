@@ -47,9 +47,13 @@ class FeatureCache:
         self.tensors: dict[str, torch.Tensor] = {}
         self.meta: dict[str, Any] = dict(meta or {})
 
-    # Layers use get, set, scope and started.
+    # Layers use get, set, scope and started; streams also take entries out with pop.
     def get(self, key: str) -> torch.Tensor | None:
         return self.tensors.get(key)
+
+    def pop(self, key: str) -> torch.Tensor | None:
+        """Remove and return the entry under `key` (None if there is none)."""
+        return self.tensors.pop(key, None)
 
     def set(self, key: str, value: torch.Tensor) -> None:
         """Store a copy of `value` (a view would keep a whole activation alive), into the
@@ -85,6 +89,18 @@ class FeatureCache:
         """Bytes held by the cached tensors (the state's size without the metadata)."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
+    def copy(self) -> "FeatureCache":
+        """A cache holding copies of these tensors and metadata: it keeps the state as it is
+        now while this one goes on being updated in place."""
+        cache = FeatureCache(json.loads(json.dumps(self.meta)))
+        cache.tensors = {key: tensor.clone() for key, tensor in self.tensors.items()}
+        return cache
+
+    def equals(self, other: "FeatureCache") -> bool:
+        """Whether both hold the same entries with exactly equal tensors."""
+        return self.tensors.keys() == other.tensors.keys() and all(
+            torch.equal(value, other.tensors[key]) for key, value in self.tensors.items())
+
     def to(self, device: torch.device | str) -> "FeatureCache":
         self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
         return self
@@ -99,7 +115,7 @@ class FeatureCache:
     def from_bytes(cls, data: bytes, device: torch.device | str = "cpu") -> "FeatureCache":
         try:
             tensors = st_load(data)
-            header = json.loads(read_metadata(data)[_META_KEY])
+            header = json.loads(_read_metadata(data)[_META_KEY])
         except Exception as exc:  # safetensors raises several types for bad input
             raise CacheFormatError(f"not a feature-cache file: {exc}") from None
         if header.get("format") != CACHE_FORMAT:
@@ -132,7 +148,7 @@ class CacheScope:
         return self._cache.started
 
 
-def read_metadata(data: bytes) -> dict[str, str]:
+def _read_metadata(data: bytes) -> dict[str, str]:
     """The string metadata of a safetensors blob, without loading its tensors."""
     if len(data) < 8:
         raise CacheFormatError("too short to be a safetensors file")

@@ -33,6 +33,9 @@ RECEPTIVE_FIELD_FORMAT = "cdt-receptive-field"
 RECEPTIVE_FIELD_VERSION = 1
 RECEPTIVE_FIELD_UNITS = {"encode": "pixel frames",
                          "decode": "latent frames: decode_base + decode_per_step * DDIM steps"}
+# The checkpoint shipped in the repository: what the `cdt` commands and the service load
+# when given none.
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "cdt-tiny"
 
 
 class CheckpointError(ValueError):
@@ -103,8 +106,7 @@ def from_pretrained(
     if missing or unexpected:
         raise CheckpointError(f"{directory}: weights do not fit the config (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})")
-    model._hash = actual
-    model._receptive_field = read_receptive_field(directory, actual)
+    model.set_identity(actual, read_receptive_field(directory, actual))
     return model.set_precision(dtype).to(device).eval()
 
 

@@ -13,6 +13,8 @@ from typing import Any
 LATENT_CHANNELS = 16
 TIME_FACTOR = 4
 SPACE_FACTOR = 8
+# Diffusion levels of every preset, hence the most DDIM steps a decode can take.
+NUM_TIMESTEPS = 8192
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class CDTConfig:
     time_embed_dim: int = 64
     time_pad: str = "zeros"  # causal left padding of the first chunk: "zeros" | "replicate"
     # Diffusion.
-    num_timesteps: int = 8192
+    num_timesteps: int = NUM_TIMESTEPS
     noise_scale: float = 0.8
     # Deterministic baseline decoder widths (mirror of the encoder, coarse to fine).
     vae_decoder_stages: tuple[Stage, ...] = field(default_factory=tuple)

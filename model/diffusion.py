@@ -9,7 +9,6 @@ import torch
 
 COSINE_S = 0.008
 MAX_BETA = 0.999
-SNR_CLAMP = 5.0
 
 
 def cosine_alpha_bar(t: torch.Tensor | float, num_timesteps: int, s: float = COSINE_S):
@@ -39,9 +38,10 @@ class CosineSchedule:
         abar = self.alpha_bar(t)
         return abar / (1 - abar)
 
-    def loss_weight(self, t: torch.Tensor, clamp: float = SNR_CLAMP) -> torch.Tensor:
-        """min(SNR, clamp): the x0-prediction weight (Eq. 10), clamped for stability."""
-        return self.snr(t).clamp(max=clamp)
+    def loss_weight(self, t: torch.Tensor, snr_min: float, snr_max: float) -> torch.Tensor:
+        """clamp(SNR, snr_min, snr_max): the x0-prediction weight (Eq. 10, min(SNR, snr_max)),
+        bounded below so that the levels near T-1, where 1-step decoding runs, keep a weight."""
+        return self.snr(t).clamp(snr_min, snr_max)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         abar = self.alpha_bar(t).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import FeatureCache
 from .config import SPACE_FACTOR, TIME_FACTOR
 from .streaming import StreamingDecoder, StreamingEncoder
 from .tokenizer import Tokenizer, frames_for_latents
@@ -106,7 +105,7 @@ def _influence_ends(model: Tokenizer, kind: str, steps: int, size: tuple[int, in
     last_output = [-1 for _ in probes]
     fed = produced = 0
     group = _group(kind)
-    while fed <= probes[-1] or not all(_same_state(s.cache, reference.cache) for s in perturbed):
+    while fed <= probes[-1] or not all(s.cache.equals(reference.cache) for s in perturbed):
         if fed > MAX_GROUPS * group:
             raise RuntimeError(f"a frame still changes the {kind} state {fed} frames later")
         n = 1 if fed == 0 else CHUNK_GROUPS * group
@@ -150,6 +149,3 @@ def _probe_inputs(model: Tokenizer, kind: str, length: int, size: tuple[int, int
         frames = torch.randn(shape, generator=generator)
     return frames.to(model.device)
 
-
-def _same_state(a: FeatureCache, b: FeatureCache) -> bool:
-    return a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)

@@ -118,7 +118,7 @@ class StreamingEncoder(_Stream):
         b, _, n, h, w = frames.shape
         self.meta["shape"] = [b, h, w]
         self.meta["frames_in"] += n
-        pending = self.cache.tensors.pop(PENDING_KEY, None)
+        pending = self.cache.pop(PENDING_KEY)
         frames = frames.to(self.model.device, self.model.compute_dtype)
         if pending is not None:
             frames = torch.cat([pending.to(frames.dtype), frames], dim=2)
@@ -151,7 +151,7 @@ class StreamingEncoder(_Stream):
         if self.meta["frames_in"] == 0 or self.meta["shape"] is None:  # a resumed stream has frames_in
             raise ValueError("no frames were pushed to this stream")
         self.meta["finished"] = True
-        pending = self.cache.tensors.pop(PENDING_KEY, None)
+        pending = self.cache.pop(PENDING_KEY)
         if pending is None:
             return self._empty()
         # Past the first frame, every group is 4 frames: top the remainder up to one.
@@ -163,10 +163,9 @@ class StreamingDecoder(_Stream):
     kind = "decode"
 
     def __init__(self, model: Tokenizer, steps: int = 1, seed: int = 0, cache: FeatureCache | None = None) -> None:
-        if cache is None and model.kind == "cdt":
-            model.schedule.ddim_timesteps(steps)  # validates steps
-        model_steps = steps if model.kind == "cdt" else 1
-        super().__init__(model, cache, {"steps": model_steps, "seed": int(seed), "latents_in": 0,
+        if cache is None:  # a restored state carries its steps
+            steps = model.decode_steps(steps)
+        super().__init__(model, cache, {"steps": steps, "seed": int(seed), "latents_in": 0,
                                         "frames_out": 0, "shape": None})
 
     @classmethod
@@ -193,8 +192,8 @@ class StreamingDecoder(_Stream):
         if m == 0:
             return torch.zeros(b, 3, 0, h * SPACE_FACTOR, w * SPACE_FACTOR)
         start = self.meta["frames_out"]
-        video = self.model.decode_frames(latents.to(self.model.device), steps=self.meta["steps"],
-                                         seed=self.meta["seed"], start=start, cache=self.cache)
+        video = self.model.decode_chunk(latents.to(self.model.device), steps=self.meta["steps"],
+                                        seed=self.meta["seed"], start=start, cache=self.cache)
         self.cache.started = True
         self.meta["latents_in"] += m
         self.meta["frames_out"] += pixel_frames(m, first_chunk=start == 0)

@@ -3,14 +3,18 @@
 Both share the encoder and the public API:
   encode(video) -> latents          video (B,3,1+4k,H,W) in [-1,1], H,W % 8 == 0
   decode(latents, steps, seed)      latents (B,16,1+k,H/8,W/8) -> video (B,3,1+4k,H,W)
-and a chunk-level `decode_frames` that the streaming decoder calls with a cache, and
+and a chunk-level `decode_chunk` that the streaming decoder calls with a cache, and
 the temporal receptive field of those streams (`receptive_field`).
+
+What differs between the kinds is a method each overrides, so no caller tests `kind`:
+how many DDIM steps a decode runs (`decode_steps`) and what training compares
+(`training_example`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -86,6 +90,17 @@ def pixel_frames(latent_frames: int, first_chunk: bool) -> int:
     return 1 + TIME_FACTOR * (latent_frames - 1) if first_chunk else TIME_FACTOR * latent_frames
 
 
+class TrainingExample(NamedTuple):
+    """What the training objective compares (training/losses.py): the network's
+    `prediction` of `target`, a per-item loss weight, and a per-item mask of the items
+    trained exactly as 1-step decoding runs."""
+
+    prediction: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor
+    terminal: torch.Tensor
+
+
 class Tokenizer(nn.Module):
     """Shared encoder, precision policy and identity of both tokenizers."""
 
@@ -100,6 +115,12 @@ class Tokenizer(nn.Module):
 
     def _finish_init(self) -> None:
         assign_cache_keys(self)
+
+    def set_identity(self, content_hash: str, receptive_field: "ReceptiveField | None") -> None:
+        """Adopt what a checkpoint records about these weights: their verified hash, and
+        their receptive fields (None: measured when first asked for)."""
+        self._hash = content_hash
+        self._receptive_field = receptive_field
 
     # --- identity / precision ----------------------------------------------------------
     @property
@@ -175,9 +196,23 @@ class Tokenizer(nn.Module):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, steps: int = 1, seed: int = 0) -> torch.Tensor:
         validate_latents(latents, self.config.latent_channels)
-        return self.decode_frames(latents, steps=steps, seed=seed, start=0, cache=None)
+        return self.decode_chunk(latents, steps=steps, seed=seed, start=0, cache=None)
 
-    def decode_frames(self, latents, steps: int, seed: int, start: int, cache: Cache) -> torch.Tensor:
+    def decode_chunk(self, latents, steps: int, seed: int, start: int, cache: Cache) -> torch.Tensor:
+        """Pixel frames of a latent chunk whose first output frame is frame `start` of
+        the video, continuing the stream whose state `cache` holds (None: a whole clip)."""
+        raise NotImplementedError
+
+    def decode_steps(self, steps: int) -> int:
+        """The DDIM steps a decode asked to run `steps` runs (ValueError if it cannot)."""
+        raise NotImplementedError
+
+    # --- training ------------------------------------------------------------------------
+    def training_example(self, video: torch.Tensor, latents: torch.Tensor, gen: torch.Generator, *,
+                         terminal_fraction: float, snr_min: float, snr_max: float) -> TrainingExample:
+        """The decoder's prediction of `video` from its sampled `latents`, with gradients.
+        `gen` (on the batch's device) draws whatever the kind samples; the keyword
+        arguments are the diffusion loss settings, which a deterministic decoder ignores."""
         raise NotImplementedError
 
 
@@ -202,7 +237,11 @@ class CDT(Tokenizer):
         """The network's x0 estimate, in float32."""
         return self.unet(x_t.to(self.compute_dtype), t, contexts, cache).float()
 
-    def decode_frames(self, latents, steps: int, seed: int, start: int, cache: Cache) -> torch.Tensor:
+    def decode_steps(self, steps: int) -> int:
+        self.schedule.ddim_timesteps(steps)  # validates steps
+        return steps
+
+    def decode_chunk(self, latents, steps: int, seed: int, start: int, cache: Cache) -> torch.Tensor:
         """DDIM from x_T = 0.8*eps; every step keeps its own U-Net cache namespace."""
         first = start == 0
         b, _, t_lat, h, w = latents.shape
@@ -217,6 +256,23 @@ class CDT(Tokenizer):
             x0 = self.denoise(x, t_batch, contexts, step_cache)
             x = x0 if i == len(timesteps) - 1 else self.schedule.ddim_step(x, x0, t, timesteps[i + 1])
         return x
+
+    def training_example(self, video: torch.Tensor, latents: torch.Tensor, gen: torch.Generator, *,
+                         terminal_fraction: float, snr_min: float, snr_max: float) -> TrainingExample:
+        """The x0 estimate from x_t at a random level t, weighted by clamp(SNR(t), snr_min,
+        snr_max); a `terminal_fraction` of the items run t = T-1 on x_T = noise_scale*eps,
+        exactly the 1-step decoder's input (q_sample at T-1 gives ~1.0*eps instead)."""
+        b, device = video.shape[0], video.device
+        last = self.schedule.num_timesteps - 1
+        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=gen, device=device)
+        terminal = torch.rand(b, generator=gen, device=device) < terminal_fraction
+        t = torch.where(terminal, torch.full_like(t, last), t)
+        noise = torch.randn(video.shape, generator=gen, device=device)
+        x_t = self.schedule.q_sample(video, t, noise)
+        x_t = torch.where(terminal.view(-1, 1, 1, 1, 1), self.config.noise_scale * noise, x_t)
+        weight = self.schedule.loss_weight(t, snr_min, snr_max)
+        prediction = self.denoise(x_t, t, self.contexts(latents))
+        return TrainingExample(prediction, video, weight, terminal)
 
 
 class VAEDecoder(nn.Module):
@@ -255,9 +311,21 @@ class VAEBaseline(Tokenizer):
         self.vae_decoder = VAEDecoder(config)
         self._finish_init()
 
-    def decode_frames(self, latents, steps: int, seed: int, start: int, cache: Cache) -> torch.Tensor:
+    def decode_steps(self, steps: int) -> int:
+        return 1  # deterministic: one pass, whatever was asked
+
+    def decode_chunk(self, latents, steps: int, seed: int, start: int, cache: Cache) -> torch.Tensor:
         del steps, seed, start  # deterministic: no sampling
         return self.vae_decoder(latents.to(self.compute_dtype), cache).float()
+
+    def training_example(self, video: torch.Tensor, latents: torch.Tensor, gen: torch.Generator, *,
+                         terminal_fraction: float, snr_min: float, snr_max: float) -> TrainingExample:
+        """The decoder's output, weight 1 (it samples nothing)."""
+        del gen, terminal_fraction, snr_min, snr_max
+        b, device = video.shape[0], video.device
+        prediction = self.decode_chunk(latents, steps=1, seed=0, start=0, cache=None)
+        return TrainingExample(prediction, video, torch.ones(b, device=device),
+                               torch.zeros(b, dtype=torch.bool, device=device))
 
 
 def hash_state(config: CDTConfig, state: dict[str, torch.Tensor]) -> str:

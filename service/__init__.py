@@ -1,4 +1,4 @@
-"""The CDT HTTP service: FastAPI app, request codecs, worker pool, metrics, auth.
+"""The CDT HTTP service: FastAPI app, request body parsing, worker pool, metrics, auth.
 
 Routes parse, validate and hand off to the worker pool; the pool and the model never
 see a Request object. May import `model` and `media`; nothing imports `service` but

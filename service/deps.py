@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from .codecs import SNIFF_BYTES, Body, Kind, classify, spool
+from .bodies import SNIFF_BYTES, Body, Kind, classify, spool
 from .errors import BadParameter, PayloadTooLarge, Unavailable
 from .metrics import Metrics
 from .settings import Settings

@@ -3,7 +3,7 @@ sent as JSON `{"error": {"code": ..., "message": ...}}` by the handlers installe
 (plus `details`, an object of figures, where an error has them: 413 `clip_too_large`).
 
 Codes are the contract with clients (`service.client` maps them back to exceptions);
-messages are for humans. Bad input never reaches a 500: codecs and routes raise one
+messages are for humans. Bad input never reaches a 500: body parsers and routes raise one
 of these, and model-side ValueErrors are wrapped as `InvalidInput` at the hand-off.
 `ERROR_CODES` lists every code by status; the OpenAPI's error schemas (`error_responses`)
 enumerate them, so a client (or a fuzzer) can check any error answer against it.

@@ -32,7 +32,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.config import SPACE_FACTOR, TIME_FACTOR
+from model import SPACE_FACTOR, TIME_FACTOR
 
 from .errors import PayloadTooLarge
 

@@ -1,6 +1,6 @@
-"""The model as the routes see it: its ValueErrors (shapes the codecs let through)
-surface as 422 `invalid_input` through `model_errors`, never as 500; `model_card`
-describes it.
+"""The model as the routes see it: its ValueErrors (shapes the body parsers let through)
+surface as 422 `invalid_input` through `model_errors`, never as 500; `check_steps`
+applies the configured bound on DDIM steps; `model_card` describes it.
 """
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-from model import Tokenizer, dtype_name
-from model.config import SPACE_FACTOR, TIME_FACTOR
+from model import SPACE_FACTOR, TIME_FACTOR, Tokenizer, dtype_name
 
-from .errors import InvalidInput
+from .errors import BadParameter, InvalidInput
+from .settings import Settings
 
 
 @contextmanager
@@ -20,6 +20,13 @@ def model_errors() -> Iterator[None]:
         yield
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
+
+
+def check_steps(steps: int, settings: Settings) -> None:
+    """CDT_MAX_STEPS, answered like the schema's own bounds (400 `bad_parameter`): the schema
+    can only state the model's hard bound, the setting being read at start."""
+    if steps > settings.max_steps:
+        raise BadParameter(f"steps: must be at most {settings.max_steps} (CDT_MAX_STEPS), got {steps}")
 
 
 def model_card(model: Tokenizer, device: str) -> dict:

@@ -22,7 +22,7 @@ from media.frames_file import TENSOR_NAME as FRAMES_TENSOR
 from media.latents_file import TENSOR_NAME as LATENTS_TENSOR
 from media.tensor_headers import npy_header, safetensors_header
 
-from .codecs import METADATA_HEADER, MP4, NPY, SAFETENSORS
+from .bodies import METADATA_HEADER, MP4, NPY, SAFETENSORS
 
 FRAME_FORMATS = {"mp4": MP4, "npy": NPY, "safetensors": SAFETENSORS}
 _READ_BYTES = 1 << 20  # bytes per read when sending a spooled file
@@ -77,7 +77,7 @@ class FrameStream:
         return self._sink.drain()
 
 
-def encode_frames(frames: np.ndarray, fps: float, fmt: str) -> tuple[bytes, str]:
+def render_frames(frames: np.ndarray, fps: float, fmt: str) -> tuple[bytes, str]:
     """A whole uint8 (T,H,W,3) clip as one mp4, npy or safetensors body."""
     stream = FrameStream(fmt, *frames.shape[:3], fps)
     return stream.header() + stream.write(frames) + stream.close(), stream.media_type

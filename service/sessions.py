@@ -38,17 +38,16 @@ from safetensors.torch import save as st_save
 
 from media import Padding, pad_spatial, tensor_to_frames
 from media.video import MAX_FPS
-from model import CacheFormatError, CacheMismatchError, StreamingDecoder, StreamingEncoder, Tokenizer, dtype_name
-from model.cache import FeatureCache
-from model.config import SPACE_FACTOR, TIME_FACTOR
-from model.tokenizer import pixel_frames
+from model import (NUM_TIMESTEPS, SPACE_FACTOR, TIME_FACTOR, CacheFormatError, CacheMismatchError, FeatureCache,
+                   StreamingDecoder, StreamingEncoder, Tokenizer, dtype_name, pixel_frames)
 
-from .codecs import NPY, SAFETENSORS, Body, ClipOptions, Kind, Limits, body_from_bytes, parse_latent_chunk, \
+from .bodies import NPY, SAFETENSORS, Body, ClipOptions, Kind, Limits, body_from_bytes, parse_latent_chunk, \
     read_clip
 from .errors import BadParameter, Conflict, InvalidInput, NotFound, PayloadTooLarge, ServiceError, Unavailable
 from .memory import chunk_bytes, cost_for
 from .metrics import LATENCY_BUCKETS, Metrics
-from .responses import encode_frames
+from .ops import check_steps, model_errors
+from .responses import render_frames
 from .session_store import SessionStore, SessionStoreUnavailable, StoredSession
 from .settings import Settings
 from .workers import WorkerPool
@@ -89,7 +88,7 @@ class SessionSpec(BaseModel):
                                "first chunk's; decode: output is cropped to it)")
     width: int | None = Field(None, ge=SPACE_FACTOR, description="original frame width")
     frames: int | None = Field(None, ge=1, description="decode: original frame count; output stops there")
-    steps: int = Field(1, ge=1, le=64, description="decode: DDIM steps")
+    steps: int = Field(1, ge=1, le=NUM_TIMESTEPS, description="decode: DDIM steps, at most CDT_MAX_STEPS")
     # 2**53 - 1: the largest integer every JSON parser reads exactly (RFC 8259, section 6).
     seed: int = Field(0, ge=0, le=2**53 - 1, description="decode: noise seed")
     dtype: str | None = Field(None, description="compute dtype; must be the serving replica's")
@@ -365,13 +364,6 @@ def encode_latent_chunk(latents: torch.Tensor, info: dict[str, Any], fmt: str) -
     return ChunkResult(st_save({"latents": latents.contiguous()}, metadata=meta), SAFETENSORS, headers)
 
 
-def serialise_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
-    """A FeatureCache export of a stream's tensors and meta, given as copies."""
-    cache = FeatureCache(meta)
-    cache.tensors = tensors
-    return cache.to_bytes()
-
-
 # --- metrics ---------------------------------------------------------------------------------
 
 class SessionMetrics:
@@ -477,8 +469,10 @@ class Sessions:
         if spec.dtype is not None and spec.dtype != self.dtype:
             raise Conflict(f"this replica computes in {self.dtype}, the session asks for {spec.dtype}",
                            code="model_mismatch")
-        if spec.kind == "decode" and self.pool.model.kind == "cdt":
-            self.pool.model.schedule.ddim_timesteps(spec.steps)
+        check_steps(spec.steps, self.settings)
+        if spec.kind == "decode":
+            with model_errors():
+                self.pool.model.decode_steps(spec.steps)
         ttl = min(spec.ttl_s or self.settings.session_ttl_s, self.settings.session_ttl_s)
         record = SessionRecord(**spec.model_dump(exclude={"ttl_s", "dtype"}), id=secrets.token_urlsafe(24),
                                owner=owner, model_hash=self.model_hash, dtype=self.dtype, ttl_s=ttl,
@@ -720,7 +714,7 @@ class Sessions:
         counters.frames_out += keep
         if keep:
             frames = tensor_to_frames(video[:, :, :keep, :record.height, :record.width])
-            body, media_type = encode_frames(frames, record.fps, fmt)
+            body, media_type = render_frames(frames, record.fps, fmt)
         else:
             body, media_type = b"", "application/octet-stream"
         headers = {CHUNK_HEADER: json.dumps({"session": record.id, "frame_start": start, "frame_count": keep})}
@@ -734,22 +728,19 @@ class Sessions:
         if (settings.session_snapshot_bytes == 0 or record.next_seq % settings.session_snapshot_every
                 or session_id in self._snapshotting or stream.cache.nbytes() > settings.session_snapshot_bytes):
             return
-        # FeatureCache.set updates its tensors in place, so the snapshot takes copies now, between
-        # chunks: they stay the state at this seq while the next chunks run on the stream (a memory
-        # copy of at most CDT_SESSION_SNAPSHOT_MB; serialising and writing them happen off the loop).
-        tensors = {key: tensor.clone() for key, tensor in stream.cache.tensors.items()}
-        meta = json.loads(json.dumps(stream.cache.meta))
+        # FeatureCache.set updates its tensors in place, so the snapshot takes a copy now, between
+        # chunks: it stays the state at this seq while the next chunks run on the stream (a memory
+        # copy of at most CDT_SESSION_SNAPSHOT_MB; serialising and writing it happen off the loop).
+        state = stream.cache.copy()
         self._snapshotting.add(session_id)
-        task = asyncio.get_running_loop().create_task(
-            self._write_snapshot(session_id, record.next_seq - 1, tensors, meta))
+        task = asyncio.get_running_loop().create_task(self._write_snapshot(session_id, record.next_seq - 1, state))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _write_snapshot(self, session_id: str, label: int, tensors: dict[str, torch.Tensor],
-                              meta: dict[str, Any]) -> None:
+    async def _write_snapshot(self, session_id: str, label: int, state: FeatureCache) -> None:
         started = time.perf_counter()
         try:
-            data = await asyncio.to_thread(serialise_state, tensors, meta)
+            data = await asyncio.to_thread(state.to_bytes)
             await self._store("snapshot", self.store.put_snapshot(session_id, label, data,
                                                                   self.settings.session_snapshot_part_bytes))
             self.metrics.snapshot_bytes.observe(len(data))

@@ -12,8 +12,7 @@ from typing import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from media import DEFAULT_CHECKPOINT
-from model.tokenizer import SUPPORTED_DTYPES
+from model import DEFAULT_CHECKPOINT, NUM_TIMESTEPS, SUPPORTED_DTYPES
 
 ENV_PREFIX = "CDT_"
 
@@ -25,6 +24,9 @@ class SettingsError(ValueError):
 def mib(megabytes: float) -> int:
     """A size setting in MiB, as bytes."""
     return int(megabytes * 1024 * 1024)
+
+
+MAX_STEPS_VAR = ENV_PREFIX + "MAX_STEPS"
 
 
 class Settings(BaseModel):
@@ -47,6 +49,9 @@ class Settings(BaseModel):
                                            "requests into (default: 80% of the machine's or cgroup's memory, or of "
                                            "the CUDA device's free memory, beyond what is resident at start)")
     max_side: int = Field(2048, ge=8, description="largest height or width a request may encode or decode")
+    max_steps: int = Field(1000, ge=1, le=NUM_TIMESTEPS, description="most DDIM steps a decode may take: "
+                           "/v1/decode, decode sessions and the `cdt` commands (at most the model's "
+                           f"{NUM_TIMESTEPS} diffusion levels)")
     queue_size: int = Field(8, ge=1, description="jobs waiting for the model beyond the running one")
     request_timeout_s: float = Field(300.0, gt=0, description="queue wait + compute limit per model job: a session "
                                      "chunk, or one chunk of a whole-clip request")
@@ -132,3 +137,10 @@ class Settings(BaseModel):
             names = cls.env_names()
             problems = "; ".join(f"{names.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors())
             raise SettingsError(f"invalid service settings: {problems}") from None
+
+
+def max_steps_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """CDT_MAX_STEPS alone, validated as the service validates it: the `cdt` commands bound
+    --steps by the same setting without depending on the service's other variables."""
+    environ = os.environ if environ is None else environ
+    return Settings.from_env({MAX_STEPS_VAR: environ[MAX_STEPS_VAR]} if MAX_STEPS_VAR in environ else {}).max_steps

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from media import DEFAULT_CHECKPOINT
+from model import DEFAULT_CHECKPOINT
 from tests.api_fuzz import fuzz_api
 
 MIN_CASES = 1000

@@ -185,6 +185,19 @@ def test_missing_default_checkpoint_says_how_to_make_one(capsys, clip, tmp_path,
     assert "pass --checkpoint DIR, or create one with `cdt init --preset tiny -o DIR`" in err
 
 
+def test_steps_are_bounded_by_the_service_setting(capsys, latents, tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("CDT_MAX_STEPS", "2")
+    argv = ["decode", str(latents), "--checkpoint", str(tiny_checkpoint), "--quiet", "--steps"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "3", "-o", str(tmp_path / "three.npy")])
+    assert exit_.value.code == 2 and "must be at most 2 (CDT_MAX_STEPS), got 3" in capsys.readouterr().err
+    assert run(capsys, *argv, "2", "-o", tmp_path / "two.npy")[0] == 0
+    monkeypatch.setenv("CDT_MAX_STEPS", "9000")  # beyond the model's 8192 levels: the setting itself is refused
+    with pytest.raises(SystemExit):
+        main([*argv, "1", "-o", str(tmp_path / "one.npy")])
+    assert "CDT_MAX_STEPS" in capsys.readouterr().err
+
+
 def test_console_script_reports_corrupt_input_without_traceback(bad_inputs, tiny_checkpoint):
     root = bad_inputs["root"]
     result = subprocess.run([CDT, "encode", root / "notes.mp4", "-o", root / "x.safetensors",

@@ -15,7 +15,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from media import read_video
-from model.cache import read_metadata
+from media.tensor_headers import safetensors_metadata
 from tests.servers import Server
 from tests.session_helpers import npy_array, npy_bytes, real_frames
 
@@ -52,7 +52,7 @@ def decode(server, latents_file: bytes) -> np.ndarray:
 
 def with_latents(latents_file: bytes, latents: torch.Tensor) -> bytes:
     """The latents file with other latents of the same shape."""
-    return st_save({"latents": latents.float().contiguous()}, metadata=read_metadata(latents_file))
+    return st_save({"latents": latents.float().contiguous()}, metadata=safetensors_metadata(latents_file))
 
 
 def near(a: np.ndarray, b: np.ndarray) -> bool:

@@ -52,11 +52,76 @@ def latents(tiny_model, clip):
     return tiny_model.encode(clip)
 
 
-@pytest.mark.parametrize("sizes", [[1] + [4] * 8, [1, 8, 24], [3, 5, 7, 2, 16]], ids=["1+4+4", "1+8+24", "uneven"])
-def test_streaming_encode_equals_whole_clip(tiny_model, clip, latents, sizes):
-    streamed = stream_encode(tiny_model, clip, sizes)
-    assert streamed.shape == latents.shape == (1, 16, 9, H // 8, W // 8)
-    assert (streamed - latents).abs().max().item() < 1e-5
+class StreamingContract:
+    """What every tokenizer kind's streams must do, run once per kind (in the manner of
+    diffusers' model tester mixins): a subclass provides the `model` fixture and the DDIM
+    steps its decode is checked at."""
+
+    steps: tuple[int, ...] = (1,)
+
+    @pytest.fixture(scope="class")
+    @staticmethod
+    def model():
+        raise NotImplementedError
+
+    @pytest.fixture(scope="class")
+    @staticmethod
+    def latents(model, clip):
+        return model.encode(clip)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def whole_decodes(cls, model, latents):
+        return {steps: model.decode(latents, steps=steps, seed=7) for steps in cls.steps}
+
+    @pytest.mark.parametrize("sizes", [[1] + [4] * 8, [1, 8, 24], [3, 5, 7, 2, 16]],
+                             ids=["1+4+4", "1+8+24", "uneven"])
+    def test_streaming_encode_equals_whole_clip(self, model, clip, latents, sizes):
+        streamed = stream_encode(model, clip, sizes)
+        assert streamed.shape == latents.shape == (1, 16, 9, H // 8, W // 8)
+        assert (streamed - latents).abs().max().item() < 1e-5
+
+    @pytest.mark.parametrize("sizes", [[1] * 9, [2, 3, 4]], ids=["ones", "2-3-4"])
+    def test_streaming_decode_equals_whole_clip(self, model, latents, whole_decodes, sizes):
+        for steps, whole in whole_decodes.items():
+            streamed = stream_decode(model, latents, sizes, steps=steps, seed=7)
+            assert streamed.shape == whole.shape == (1, 3, 33, H, W)
+            # Float rounding only: measured up to ~6e-6 across our CPUs.
+            assert (streamed - whole).abs().max().item() < 3e-5, steps
+
+    def test_an_exported_state_continues_the_stream(self, model, clip, latents, whole_decodes):
+        enc = StreamingEncoder(model)
+        head = enc.push(clip[:, :, :7])
+        enc = StreamingEncoder.from_state(model, enc.export_state())
+        streamed = torch.cat([head, enc.push(clip[:, :, 7:]), enc.finish()], dim=2)
+        assert (streamed - latents).abs().max().item() < 1e-5
+        steps = max(self.steps)
+        dec = StreamingDecoder(model, steps=steps, seed=7)
+        head = dec.push(latents[:, :, :4])
+        dec = StreamingDecoder.from_state(model, dec.export_state())
+        streamed = torch.cat([head, dec.push(latents[:, :, 4:])], dim=2)
+        assert (streamed - whole_decodes[steps]).abs().max().item() < 3e-5
+
+
+class TestCDTStreaming(StreamingContract):
+    steps = (1, 3)
+
+    @pytest.fixture(scope="class")
+    @staticmethod
+    def model(tiny_model):
+        return tiny_model
+
+
+class TestVAEStreaming(StreamingContract):
+    @pytest.fixture(scope="class")
+    @staticmethod
+    def model():
+        torch.manual_seed(0)
+        return build_model(CDTConfig.from_preset("tiny"), "vae").eval()
+
+    def test_decode_steps_are_ignored(self, model, latents, whole_decodes):
+        assert torch.equal(model.decode(latents, steps=3, seed=5), whole_decodes[1])
+        assert StreamingDecoder(model, steps=3).meta["steps"] == 1
 
 
 def test_streaming_encode_pads_the_tail_like_a_whole_padded_clip(tiny_model, clip):
@@ -65,21 +130,6 @@ def test_streaming_encode_pads_the_tail_like_a_whole_padded_clip(tiny_model, cli
     video = clip[:, :, :11]  # 1 + 4 + 4 + 2: finish() tops up the last 2 frames
     whole = tiny_model.encode(pad_frames(video))
     assert (stream_encode(tiny_model, video, [6, 5]) - whole).abs().max().item() < 1e-5
-
-
-@pytest.fixture(scope="module")
-def whole_decodes(tiny_model, latents):
-    return {steps: tiny_model.decode(latents, steps=steps, seed=7) for steps in (1, 3)}
-
-
-@pytest.mark.parametrize("steps", [1, 3])
-@pytest.mark.parametrize("sizes", [[1] * 9, [2, 3, 4]], ids=["ones", "2-3-4"])
-def test_streaming_decode_equals_whole_clip(tiny_model, latents, whole_decodes, steps, sizes):
-    whole = whole_decodes[steps]
-    streamed = stream_decode(tiny_model, latents, sizes, steps=steps, seed=7)
-    assert streamed.shape == whole.shape == (1, 3, 33, H, W)
-    # Float rounding only: measured up to ~6e-6 across our CPUs.
-    assert (streamed - whole).abs().max().item() < 3e-5
 
 
 def test_bf16_channels_last_streams_like_the_whole_clip(tiny_checkpoint, clip):
@@ -100,19 +150,6 @@ def test_bf16_channels_last_streams_like_the_whole_clip(tiny_checkpoint, clip):
         head = dec.push(whole[:, :, :2])
         dec = StreamingDecoder.from_state(model, dec.export_state())
         assert torch.equal(torch.cat([head, dec.push(whole[:, :, 2:])], dim=2), frames)
-
-
-@pytest.fixture(scope="module")
-def tiny_vae():
-    torch.manual_seed(0)
-    return build_model(CDTConfig.from_preset("tiny"), "vae").eval()
-
-
-def test_vae_streaming_decode_equals_whole_clip(tiny_vae, latents):
-    whole = tiny_vae.decode(latents)
-    streamed = stream_decode(tiny_vae, latents, [1, 3, 5], steps=3, seed=7)  # steps are ignored
-    assert streamed.shape == whole.shape == (1, 3, 33, H, W)
-    assert (streamed - whole).abs().max().item() < 1e-5
 
 
 def test_resumed_encoder_continues_the_frame_indexing(tiny_model, clip):

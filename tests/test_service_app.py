@@ -16,6 +16,7 @@ import torch
 
 from media import frames_to_tensor
 from media.latents_file import latents_from_bytes
+from model import NUM_TIMESTEPS
 from service import Settings, create_app
 from service.client import AsyncClient, Overloaded, ServiceError
 from service.client_retry import NO_RETRY, Retrying
@@ -246,6 +247,31 @@ def test_settings_from_environment():
     assert s.max_upload_bytes == 512 * 1024
     with pytest.raises(SettingsError, match="CDT_DEVICE.*CDT_QUEUE_SIZE|CDT_QUEUE_SIZE.*CDT_DEVICE"):
         Settings.from_env({"CDT_DEVICE": "tpu", "CDT_QUEUE_SIZE": "x"})
+
+
+def test_one_steps_limit_bounds_clip_decodes_sessions_and_the_page(tiny_checkpoint):
+    async def scenario(app):
+        async with http_for(app) as http:
+            latents = (await http.post("/v1/encode", content=npy_bytes(frames(5, 16, 16)),
+                                       headers={"content-type": "application/x-npy"})).content
+            decode = lambda steps: http.post("/v1/decode", params={"steps": steps, "format": "npy"},  # noqa: E731
+                                             content=latents, headers={"content-type": "application/x-safetensors"})
+            session = lambda steps: http.post("/v1/sessions", json={"kind": "decode", "steps": steps})  # noqa: E731
+            return {"decode_3": await decode(3), "decode_4": await decode(4), "decode_8193": await decode(8193),
+                    "session_3": await session(3), "session_4": await session(4),
+                    "page": await http.get("/"), "openapi": await http.get("/openapi.json")}
+
+    r = run_app(Settings(checkpoint=tiny_checkpoint, max_steps=3), scenario)
+    assert r["decode_3"].status_code == 200 and np.load(io.BytesIO(r["decode_3"].content)).shape == (5, 16, 16, 3)
+    assert r["session_3"].status_code == 201
+    for name in ("decode_4", "decode_8193", "session_4"):
+        assert (r[name].status_code, r[name].json()["error"]["code"]) == (400, "bad_parameter"), name
+    assert "CDT_MAX_STEPS" in r["decode_4"].json()["error"]["message"]
+    assert 'max="3"' in r["page"].text and "1–3;" in r["page"].text
+    steps = next(p for p in r["openapi"].json()["paths"]["/v1/decode"]["post"]["parameters"] if p["name"] == "steps")
+    assert steps["schema"]["maximum"] == NUM_TIMESTEPS
+    with pytest.raises(SettingsError, match="CDT_MAX_STEPS"):
+        Settings.from_env({"CDT_MAX_STEPS": str(NUM_TIMESTEPS + 1)})
 
 
 @pytest.mark.parametrize("url, ready", [("redis://127.0.0.1:6379/0", True), ("redis://127.0.0.1:1/0", False)])

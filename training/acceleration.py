@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from model.layers import ResnetBlock
+from model import ResnetBlock
 
 # The profiler skips one step (kernels are built at each new shape), warms up for one and
 # records this many.

@@ -11,6 +11,8 @@ moreover trained exactly as 1-step inference runs: t = T-1 on x_T = noise_scale*
 
 VAE baseline: x0_hat is the deterministic decoder's output, weight 1; same KL and LPIPS.
 
+Each tokenizer builds its own (x0_hat, x0, weight) in `Tokenizer.training_example`.
+
 KL is the posterior's per-item sum divided by the item's pixel elements, so with a
 per-element MSE, lambda keeps the balance of the usual summed-loss convention
 (lambda = 1e-6 as in latent-diffusion autoencoders).
@@ -34,41 +36,23 @@ class Objective(nn.Module):
     def forward(self, video: torch.Tensor, gen: torch.Generator, lpips_weight: float = 0.0):
         post = self.model.posterior(video)
         z = post.sample(gen)
-        x0_hat, weight, terminal = self.reconstruct(video, z, gen)
-        mse = (x0_hat - video).pow(2).flatten(1).mean(1)
+        example = self.model.training_example(video, z, gen, terminal_fraction=self.cfg["terminal_fraction"],
+                                              snr_min=self.cfg["snr_min"], snr_max=self.cfg["snr_max"])
+        prediction, target = example.prediction, example.target
+        mse = (prediction - target).pow(2).flatten(1).mean(1)
         kl = post.kl() / video[0].numel()
-        loss = (weight * mse).mean() + self.cfg["kl_weight"] * kl.mean()
+        loss = (example.weight * mse).mean() + self.cfg["kl_weight"] * kl.mean()
         stats = {"mse": mse.mean().item(), "kl": kl.mean().item()}
-        if terminal.any():
-            stats["mse_terminal"] = mse[terminal].mean().item()
+        if example.terminal.any():
+            stats["mse_terminal"] = mse[example.terminal].mean().item()
         if lpips_weight > 0:
             if self.lpips is None:
                 raise ValueError("lpips_weight > 0 but no LPIPS network was built (set loss.lpips_weights)")
-            perceptual = self.lpips.distance(frames_as_images(x0_hat), frames_as_images(video)).mean()
+            perceptual = self.lpips.distance(frames_as_images(prediction), frames_as_images(target)).mean()
             loss = loss + lpips_weight * perceptual
             stats["lpips"] = perceptual.item()
         stats["loss"] = loss.item()
         return loss, stats
-
-    def reconstruct(self, video: torch.Tensor, z: torch.Tensor, gen: torch.Generator):
-        """(x0_hat, per-item weight, per-item mask of terminal-step items)."""
-        b, device = video.shape[0], video.device
-        if self.model.kind == "vae":
-            x0_hat = self.model.decode_frames(z, steps=1, seed=0, start=0, cache=None)
-            return x0_hat, torch.ones(b, device=device), torch.zeros(b, dtype=torch.bool, device=device)
-        schedule = self.model.schedule
-        last = schedule.num_timesteps - 1
-        # `gen` lives on the batch's device (a CUDA generator for a CUDA batch).
-        t = torch.randint(0, schedule.num_timesteps, (b,), generator=gen, device=device)
-        terminal = torch.rand(b, generator=gen, device=device) < self.cfg["terminal_fraction"]
-        t = torch.where(terminal, torch.full_like(t, last), t)
-        noise = torch.randn(video.shape, generator=gen, device=device)
-        x_t = schedule.q_sample(video, t, noise)
-        # Exactly the 1-step decoder's input: x_T = noise_scale * eps.
-        x_t = torch.where(terminal.view(-1, 1, 1, 1, 1), self.model.config.noise_scale * noise, x_t)
-        weight = schedule.snr(t).clamp(self.cfg["snr_min"], self.cfg["snr_max"])
-        ctx = self.model.contexts(z)
-        return self.model.denoise(x_t, t, ctx), weight, terminal
 
 
 def frames_as_images(video: torch.Tensor) -> torch.Tensor:

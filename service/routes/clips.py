@@ -23,21 +23,21 @@ from fastapi.responses import StreamingResponse
 
 from media import decode_chunks, encode_chunks, latents_info, tensor_to_frames
 from media.video import MAX_FPS
+from model import NUM_TIMESTEPS
 
 from ..auth import AUTH_ERRORS, require_api_key
-from ..codecs import METADATA_HEADER, MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, ClipOptions, Kind, Limits, \
+from ..bodies import METADATA_HEADER, MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, ClipOptions, Kind, Limits, \
     open_frames, open_latents
 from ..deps import get_metrics, get_pool, get_settings, receive_body
 from ..errors import ClientClosedRequest, error_responses
 from ..memory import cost_for, plan
 from ..metrics import Metrics
-from ..ops import model_errors
+from ..ops import check_steps, model_errors
 from ..responses import FrameStream, LatentSpool
 from ..settings import Settings
 from ..workers import Admission, WorkerPool
 from .openapi import BINARY, binary_body, model_request_errors
 
-MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
 MAX_SIZE = 2**16  # a resize target past any CDT_MAX_SIDE: keeps the size arithmetic finite
 
@@ -146,13 +146,15 @@ async def _send(header: bytes, data: Iterator[bytes], close) -> AsyncIterator[by
 )
 async def decode(
     request: Request,
-    steps: Annotated[int, Query(ge=1, le=MAX_STEPS, description="diffusion decoding steps")] = 1,
+    steps: Annotated[int, Query(ge=1, le=NUM_TIMESTEPS,
+                                description="diffusion decoding steps, at most CDT_MAX_STEPS")] = 1,
     seed: Annotated[int, Query(ge=0, le=MAX_SEED, description="decoding noise seed")] = 0,
     format: Annotated[Literal["mp4", "safetensors", "npy"], Query(description="output format")] = "mp4",
     settings: Settings = Depends(get_settings),
     pool: WorkerPool = Depends(get_pool),
     metrics: Metrics = Depends(get_metrics),
 ) -> StreamingResponse:
+    check_steps(steps, settings)
     body = await receive_body(request, (Kind.SAFETENSORS,), settings, pool, metrics)
     admission: Admission | None = None
     try:

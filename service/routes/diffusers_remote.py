@@ -36,18 +36,18 @@ import torch
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from media import decode_chunks, encode_chunks, frames_to_tensor, latents_info, tensor_to_frames
-from model.config import LATENT_CHANNELS, SPACE_FACTOR, TIME_FACTOR
+from model import LATENT_CHANNELS, NUM_TIMESTEPS, SPACE_FACTOR, TIME_FACTOR
 
 from ..auth import AUTH_ERRORS, require_api_key
-from ..codecs import DEFAULT_FPS, MIN_SIDE, MP4
+from ..bodies import DEFAULT_FPS, MIN_SIDE, MP4
 from ..deps import get_metrics, get_pool, get_settings
 from ..errors import BadParameter, InvalidInput, PayloadTooLarge, UnsupportedMedia
 from ..metrics import Metrics
-from ..ops import model_errors
-from ..responses import encode_frames
+from ..ops import check_steps, model_errors
+from ..responses import render_frames
 from ..settings import Settings
 from ..workers import WorkerPool
-from .clips import MAX_SEED, MAX_STEPS, admit
+from .clips import MAX_SEED, admit
 from .openapi import BINARY, model_request_errors
 
 TENSOR_TYPE = "tensor/binary"
@@ -95,12 +95,14 @@ async def decode(
     image_format: Annotated[Literal["png", "jpg"], Query(description="output_type=pil image format")] = "jpg",
     scaling_factor: Factor = None,
     shift_factor: Factor = None,
-    steps: Annotated[int, Query(ge=1, le=MAX_STEPS, description="diffusion decoding steps")] = 1,
+    steps: Annotated[int, Query(ge=1, le=NUM_TIMESTEPS, description="diffusion decoding steps, at most "
+                                                                       "CDT_MAX_STEPS")] = 1,
     seed: Annotated[int, Query(ge=0, le=MAX_SEED, description="decoding noise seed")] = 0,
     settings: Settings = Depends(get_settings),
     pool: WorkerPool = Depends(get_pool),
     metrics: Metrics = Depends(get_metrics),
 ) -> Response:
+    check_steps(steps, settings)
     if shape is None or dtype is None:
         raise BadParameter("remote decode needs the latents' shape and dtype as query parameters")
     body = await _receive(request, settings, pool, metrics)
@@ -270,7 +272,7 @@ def _decoded_answer(video: torch.Tensor, output_type: str, partial_postprocess: 
                     accept: str, dtype: torch.dtype) -> tuple[bytes, str, dict[str, str]]:
     """The body, media type and headers of a decode answer of `output_type` (see the route)."""
     if output_type == "mp4":
-        data, media_type = encode_frames(tensor_to_frames(video), DEFAULT_FPS, "mp4")
+        data, media_type = render_frames(tensor_to_frames(video), DEFAULT_FPS, "mp4")
         return data, media_type, {}
     if output_type == "pt" and partial_postprocess:
         return _as_tensor_answer(torch.from_numpy(tensor_to_frames(video)))

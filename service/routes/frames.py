@@ -22,11 +22,11 @@ from media import tensor_to_frames
 from media.video import MAX_FPS
 
 from ..auth import AUTH_ERRORS, require_api_key
-from ..codecs import MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, ClipOptions, Kind, Limits, open_frames
+from ..bodies import MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, ClipOptions, Kind, Limits, open_frames
 from ..deps import get_metrics, get_pool, get_settings, receive_body
 from ..errors import InvalidInput, PayloadTooLarge, error_responses
 from ..metrics import Metrics
-from ..responses import encode_frames
+from ..responses import render_frames
 from ..settings import Settings
 from ..workers import WorkerPool
 from .clips import MAX_SIZE, VIDEO_TYPES
@@ -93,4 +93,4 @@ def _render(body: Body, options: ClipOptions, settings: Settings, fmt: str) -> t
                                   code="clip_too_large")
     if not parts:
         raise InvalidInput("the video has no frames", code="undecodable_video")
-    return encode_frames(np.concatenate(parts), source.fps, fmt)
+    return render_frames(np.concatenate(parts), source.fps, fmt)

@@ -16,17 +16,14 @@ from string import Template
 from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse, HTMLResponse
 
-from ..codecs import MIN_SIDE
+from ..bodies import MIN_SIDE
 from ..deps import get_settings
 from ..errors import NotFound
-from ..sessions import SessionSpec
 from ..settings import Settings
-from .clips import MAX_STEPS
 
 WEB_DIR = Path(__file__).resolve().parents[1] / "web"
 STATIC_FILES = {path.name: path for path in (WEB_DIR / "static").iterdir() if path.is_file()}
 _TEMPLATE = Template((WEB_DIR / "index.html").read_text())
-_SESSION_MAX_STEPS = SessionSpec.model_json_schema()["properties"]["steps"]["maximum"]
 
 router = APIRouter(include_in_schema=False)
 
@@ -34,8 +31,7 @@ router = APIRouter(include_in_schema=False)
 @router.get("/", response_class=HTMLResponse)
 async def page(settings: Settings = Depends(get_settings)) -> HTMLResponse:
     return HTMLResponse(_TEMPLATE.substitute(max_frames=settings.max_frames, max_side=settings.max_side,
-                                             min_side=MIN_SIDE, max_steps=MAX_STEPS,
-                                             max_session_steps=_SESSION_MAX_STEPS))
+                                             min_side=MIN_SIDE, max_steps=settings.max_steps))
 
 
 @router.get("/static/{name}")

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from ..auth import AUTH_ERRORS, require_api_key
-from ..codecs import MP4, NPY, OCTET_STREAM, SAFETENSORS
+from ..bodies import MP4, NPY, OCTET_STREAM, SAFETENSORS
 from ..deps import get_metrics, get_settings, receive_body
 from ..errors import Unavailable, error_responses
 from ..metrics import Metrics

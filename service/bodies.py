@@ -25,7 +25,7 @@ from media.latents_file import TENSOR_NAME as LATENTS_TENSOR
 from media.latents_file import LatentsFileError, ModelMismatchError
 from media.tensor_headers import TensorHeaderError, TensorLayout, read_npy_header, read_safetensors_header, read_slab
 from media.video import MAX_FPS, VideoDecodeError, resize_short_side, short_side_shape
-from model.config import LATENT_CHANNELS, SPACE_FACTOR
+from model import LATENT_CHANNELS, SPACE_FACTOR
 
 from .errors import BadParameter, Conflict, InvalidInput, PayloadTooLarge, UnsupportedMedia
 

@@ -1,5 +1,6 @@
-"""Clip-level encode and decode around the model: pad to its grid, run whole or
-streamed through the feature cache, and crop the decode back to the original clip.
+"""The tokenizer on clips: encode frames to a latents file and decode one back, padded
+to the model's grid, run whole or streamed through the feature cache, and cropped back
+to the original clip.
 
 Streamed and whole-clip runs give the same numbers (the model's streaming contract);
 streaming keeps memory bounded by the chunk, not the clip.
