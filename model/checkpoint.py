@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -33,9 +34,18 @@ RECEPTIVE_FIELD_FORMAT = "cdt-receptive-field"
 RECEPTIVE_FIELD_VERSION = 1
 RECEPTIVE_FIELD_UNITS = {"encode": "pixel frames",
                          "decode": "latent frames: decode_base + decode_per_step * DDIM steps"}
-# The checkpoint shipped in the repository: what the `cdt` commands and the service load
-# when given none.
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "cdt-tiny"
+def _shipped_checkpoint() -> Path:
+    """The checkpoint shipped with the project: `checkpoints/cdt-tiny` in a source tree; an
+    installed wheel carries it as data files under the environment's prefix (pyproject.toml,
+    `tool.setuptools.data-files`), since it lives beside the packages, not in one."""
+    relative = Path("checkpoints") / "cdt-tiny"
+    source = Path(__file__).resolve().parents[1] / relative
+    installed = Path(sys.prefix) / "share" / "cdt-tokenizer" / relative
+    return installed if not source.is_dir() and installed.is_dir() else source
+
+
+# What the `cdt` commands and the service load when given no checkpoint.
+DEFAULT_CHECKPOINT = _shipped_checkpoint()
 
 
 class CheckpointError(ValueError):

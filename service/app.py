@@ -88,14 +88,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    app.openapi = lambda: openapi_schema(app)
+    app.openapi = lambda: openapi_schema(app, settings)
     return app
 
 
-def openapi_schema(app: FastAPI) -> dict:
+def openapi_schema(app: FastAPI, settings: Settings) -> dict:
     """FastAPI's schema, without the 422 `HTTPValidationError` it documents on every route with
-    parameters: request validation fails here with 400 `bad_parameter` (errors.py), as each route
-    documents."""
+    parameters (request validation fails here with 400 `bad_parameter`, errors.py, as each route
+    documents), and with DDIM steps bounded by this replica's CDT_MAX_STEPS rather than the
+    model's limit the routes declare."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         generated = {"$ref": "#/components/schemas/HTTPValidationError"}
@@ -103,7 +104,13 @@ def openapi_schema(app: FastAPI) -> dict:
             if operation["responses"].get("422", {}).get("content", {}).get("application/json", {}).get(
                     "schema") == generated:
                 del operation["responses"]["422"]
+            for parameter in operation.get("parameters", []):
+                if parameter["name"] == "steps":
+                    parameter["schema"]["maximum"] = settings.max_steps
         for name in ("HTTPValidationError", "ValidationError"):
             schema["components"]["schemas"].pop(name, None)
+        for model in schema["components"]["schemas"].values():
+            if "steps" in model.get("properties", {}):
+                model["properties"]["steps"]["maximum"] = settings.max_steps
         app.openapi_schema = schema
     return app.openapi_schema

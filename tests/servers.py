@@ -47,14 +47,18 @@ def wait_for(condition, what: str, timeout_s: float = 30.0, every_s: float = 0.0
 class Server:
     """One `cdt serve` process. Use as a context manager; `kill()` simulates a crash."""
 
-    def __init__(self, checkpoint: Path, log: Path, repo: Path = REPO, **env: str) -> None:
+    def __init__(self, checkpoint: Path | None, log: Path, repo: Path = REPO, python: str = sys.executable,
+                 **env: str) -> None:
+        """`checkpoint` None serves the default one; `python` and `repo` (the working directory)
+        choose which installation of the service runs."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        environ = {**os.environ, "CDT_CHECKPOINT": str(checkpoint), **{f"CDT_{k.upper()}": str(v)
-                                                                       for k, v in env.items()}}
+        environ = {**os.environ, **{f"CDT_{k.upper()}": str(v) for k, v in env.items()}}
+        if checkpoint is not None:
+            environ["CDT_CHECKPOINT"] = str(checkpoint)
         self._log = open(log, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "serve", "--port", str(self.port), "--log-level", "warning"],
+            [python, "-m", "cli.main", "serve", "--port", str(self.port), "--log-level", "warning"],
             cwd=repo, env=environ, stdout=self._log, stderr=subprocess.STDOUT)
         self.log_path = log
 

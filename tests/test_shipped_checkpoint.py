@@ -1,0 +1,35 @@
+"""The shipped checkpoint (`checkpoints/cdt-tiny`): its weights are the ones its committed
+evaluation measured, and its quality still holds. A change to the model code or the
+weights that costs reconstruction quality fails here, not in a user's hands."""
+
+from __future__ import annotations
+
+import json
+
+from cli.main import main
+from model import DEFAULT_CHECKPOINT, from_pretrained
+from tests.conftest import REPO
+
+# `cdt eval` of the shipped weights on the val clips at 17x128x128, 1 step (the file
+# records its command, commit and machine).
+EVALUATION = REPO / "docs" / "eval" / "cdt-tiny_17x128_steps1.json"
+# Allowance for another CPU's float rounding and kernels; a real loss of quality is larger.
+MARGIN_DB = 0.3
+
+
+def test_shipped_weights_are_the_evaluated_ones():
+    evaluation = json.loads(EVALUATION.read_text())
+    model = from_pretrained(DEFAULT_CHECKPOINT)  # checks the weights against model.sha256
+    recorded = (DEFAULT_CHECKPOINT / "model.sha256").read_text().split()[0]
+    assert model.content_hash() == recorded == evaluation["checkpoint"]["hash"]
+
+
+def test_shipped_checkpoint_reconstructs_a_val_clip_as_evaluated(capsys):
+    evaluation = json.loads(EVALUATION.read_text())
+    protocol, clip = evaluation["protocol"], evaluation["clips"][0]
+    assert (protocol["frames"], protocol["size"], protocol["steps"]) == (17, 128, 1)
+    code = main(["eval", "--videos", str(REPO / clip["path"]), "--frames", "17", "--size", "128", "--steps", "1",
+                 "--seed", str(protocol["seed"]), "--json", "--quiet"])
+    assert code == 0
+    measured = json.loads(capsys.readouterr().out)["clips"][0]
+    assert measured["psnr"] >= clip["psnr"] - MARGIN_DB, (measured, clip)
