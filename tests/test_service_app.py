@@ -271,6 +271,8 @@ def test_one_steps_limit_bounds_clip_decodes_sessions_and_the_page(tiny_checkpoi
     assert 'max="3"' in r["page"].text and "1–3;" in r["page"].text
     # The schema states this replica's bound, so what it calls valid is accepted.
     schema = r["openapi"].json()
+    operation_ids = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
+    assert len(operation_ids) == len(set(operation_ids))  # links and generated clients name operations by them
     steps = next(p for p in schema["paths"]["/v1/decode"]["post"]["parameters"] if p["name"] == "steps")
     assert steps["schema"]["maximum"] == schema["components"]["schemas"]["SessionSpec"]["properties"]["steps"][
         "maximum"] == 3

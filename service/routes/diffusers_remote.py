@@ -86,7 +86,7 @@ Factor = Annotated[float | None, Query(description="diffusers' VAE normalisation
                      "content": {TENSOR_TYPE: BINARY, MP4: BINARY, "image/png": BINARY, "image/jpeg": BINARY}},
                **_ERRORS},
 )
-async def decode(
+async def diffusers_decode(
     request: Request,
     shape: Shape = None,
     dtype: Dtype = None,
@@ -147,7 +147,7 @@ async def decode(
                                     "input's float dtype (float32 for an image file)",
                      "headers": _TENSOR_HEADERS, "content": {TENSOR_TYPE: BINARY}}, **_ERRORS},
 )
-async def encode(
+async def diffusers_encode(
     request: Request,
     shape: Shape = None,
     dtype: Dtype = None,
