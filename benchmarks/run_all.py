@@ -42,6 +42,7 @@ SUITE: dict[str, list[str]] = {
     "train_speed": [],
     "profile_cdt": [],
     "api_fuzz": [],
+    "test_suite": [],
 }
 
 

@@ -27,6 +27,7 @@ import redis
 from media import encode_frames, read_video, write_video
 from media.latents_file import latents_from_bytes
 from model import from_pretrained
+from service.memory import MAX_CHUNK_FRAMES
 from tests.servers import REPO, Server
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -73,14 +74,17 @@ def run_schemathesis(url: str, key: str | None, seed: int, workdir: Path, model_
 
 
 def check_encode(url: str, clip: Path, checkpoint: Path) -> bool:
-    """The server encodes a real mp4 to the latents the local model makes of it, bit for bit."""
+    """The server encodes a real mp4 to the latents the local model makes of it, bit for bit:
+    the local encode streams the clip in the server's chunks (MAX_CHUNK_FRAMES frames, as a
+    clip this small runs there), so both run the same operations in the same order."""
     response = httpx.post(url + "/v1/encode", content=clip.read_bytes(), timeout=120,
                           headers={"Authorization": f"Bearer {KEY}", "Content-Type": "video/mp4"})
     if response.status_code != 200:
         return False
     served = latents_from_bytes(response.content)
     video = read_video(clip)
-    local = encode_frames(from_pretrained(checkpoint).eval(), [video.frames], video.fps, streamed=False)
+    chunks = [video.frames[i : i + MAX_CHUNK_FRAMES] for i in range(0, len(video.frames), MAX_CHUNK_FRAMES)]
+    local = encode_frames(from_pretrained(checkpoint).eval(), chunks, video.fps, streamed=True)
     return served.latents.shape == local.latents.shape and bool((served.latents == local.latents).all())
 
 

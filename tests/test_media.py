@@ -41,6 +41,7 @@ from media.lpips import LPIPS_SKIPPED, load_lpips
 from media.metrics import PSNR_CAP
 from media.video import DISPLAY_SIZE_TAG, resize_short_side
 from model import from_pretrained
+from tests.tolerance import DECODE_ATOL, assert_float_close
 
 
 def encode_raw(path: Path, frames: np.ndarray, rate, pix_fmt: str = "yuv444p", pts: list[int] | None = None,
@@ -304,6 +305,7 @@ def odd_frames(shared_videos) -> np.ndarray:
     return read_video(shared_videos / "cotracker__cat.mp4", num_frames=6, size=27, crop=(27, 21)).frames
 
 
+@pytest.mark.exactness
 def test_streamed_encode_equals_whole_clip(tiny_model, odd_frames):
     whole = encode_frames(tiny_model, [odd_frames], fps=20.0, streamed=False)
     chunks = [odd_frames[i : i + 4] for i in range(0, 6, 4)]
@@ -311,15 +313,16 @@ def test_streamed_encode_equals_whole_clip(tiny_model, odd_frames):
     assert whole.latents.shape == (1, 16, 3, 4, 3)
     assert (whole.frames, whole.height, whole.width, whole.padding) == (6, 27, 21, Padding(3, 5, 3))
     assert whole.model_hash == tiny_model.content_hash() and whole.dtype == "fp32"
-    assert (streamed.latents - whole.latents).abs().max() <= 1e-5
+    assert_float_close(streamed.latents, whole.latents)
 
 
+@pytest.mark.exactness
 def test_streamed_decode_equals_whole_clip_and_crops_back(tiny_model, odd_frames):
     item = encode_frames(tiny_model, [odd_frames], fps=20.0, streamed=False)
     whole = torch.cat(list(decode_video(tiny_model, item, steps=2, seed=7)), dim=2)
     streamed = torch.cat(list(decode_video(tiny_model, item, steps=2, seed=7, chunk=1)), dim=2)
     assert whole.shape == (1, 3, 6, 27, 21)
-    assert (streamed - whole).abs().max() <= 3e-5  # float rounding only, as in tests/test_model_streaming.py
+    assert_float_close(streamed, whole, DECODE_ATOL)
     other_seed = torch.cat(list(decode_video(tiny_model, item, steps=2, seed=8)), dim=2)
     assert (other_seed - whole).abs().max() > 1e-3
 

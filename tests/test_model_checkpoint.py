@@ -6,6 +6,11 @@ import torch
 from model import CDTConfig, CheckpointError, ReceptiveField, VAEBaseline, build_model, from_pretrained, save_pretrained
 
 
+# A saved and reloaded model runs the same operations on the same weights as the original:
+# equal by construction.
+pytestmark = pytest.mark.exactness
+
+
 def sample_video():
     return torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
 

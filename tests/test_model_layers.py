@@ -8,6 +8,8 @@ from torch import nn
 from model import FeatureCache
 from model.layers import PointwiseConv3d, TimeDownsample, TimeUpsample
 
+pytestmark = pytest.mark.exactness
+
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])

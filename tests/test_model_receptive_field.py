@@ -130,6 +130,7 @@ def uninterrupted(models):
     return run
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("name", list(CASES))
 def test_replaying_the_window_rebuilds_the_stream(models, uninterrupted, name):
     case = CASES[name]
@@ -146,6 +147,7 @@ def test_replaying_the_window_rebuilds_the_stream(models, uninterrupted, name):
     assert counters(stream) == run.counters
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("name", ["encode", "decode-3"])
 def test_replaying_after_a_snapshot_is_bit_identical(models, uninterrupted, name):
     case = CASES[name]
@@ -163,6 +165,7 @@ def perturbed_output(model, case: Case, frame: int) -> torch.Tensor:
     return push_all(open_stream(model, case), cut(data, case.sizes))[-1]
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("name", ["encode", "decode-1"])
 def test_only_inputs_inside_the_window_change_the_stream(models, uninterrupted, name):
     case = CASES[name]

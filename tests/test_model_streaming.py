@@ -12,8 +12,11 @@ from safetensors.torch import save as st_save
 
 from model import (CacheFormatError, CacheMismatchError, CDTConfig, FeatureCache, StreamingDecoder, StreamingEncoder,
                    build_model, from_pretrained)
+from tests.tolerance import BF16_TOLERANCE, DECODE_ATOL, assert_float_close
 
 H, W = 32, 48  # 48 is not a multiple of the U-Net's 16x: exercises its odd-size path
+
+pytestmark = pytest.mark.exactness
 
 
 def smooth_video(frames: int, seed: int = 0) -> torch.Tensor:
@@ -79,28 +82,27 @@ class StreamingContract:
     def test_streaming_encode_equals_whole_clip(self, model, clip, latents, sizes):
         streamed = stream_encode(model, clip, sizes)
         assert streamed.shape == latents.shape == (1, 16, 9, H // 8, W // 8)
-        assert (streamed - latents).abs().max().item() < 1e-5
+        assert_float_close(streamed, latents)
 
     @pytest.mark.parametrize("sizes", [[1] * 9, [2, 3, 4]], ids=["ones", "2-3-4"])
     def test_streaming_decode_equals_whole_clip(self, model, latents, whole_decodes, sizes):
         for steps, whole in whole_decodes.items():
             streamed = stream_decode(model, latents, sizes, steps=steps, seed=7)
             assert streamed.shape == whole.shape == (1, 3, 33, H, W)
-            # Float rounding only: measured up to ~6e-6 across our CPUs.
-            assert (streamed - whole).abs().max().item() < 3e-5, steps
+            assert_float_close(streamed, whole, DECODE_ATOL)
 
     def test_an_exported_state_continues_the_stream(self, model, clip, latents, whole_decodes):
         enc = StreamingEncoder(model)
         head = enc.push(clip[:, :, :7])
         enc = StreamingEncoder.from_state(model, enc.export_state())
         streamed = torch.cat([head, enc.push(clip[:, :, 7:]), enc.finish()], dim=2)
-        assert (streamed - latents).abs().max().item() < 1e-5
+        assert_float_close(streamed, latents)
         steps = max(self.steps)
         dec = StreamingDecoder(model, steps=steps, seed=7)
         head = dec.push(latents[:, :, :4])
         dec = StreamingDecoder.from_state(model, dec.export_state())
         streamed = torch.cat([head, dec.push(latents[:, :, 4:])], dim=2)
-        assert (streamed - whole_decodes[steps]).abs().max().item() < 3e-5
+        assert_float_close(streamed, whole_decodes[steps], DECODE_ATOL)
 
 
 class TestCDTStreaming(StreamingContract):
@@ -120,6 +122,7 @@ class TestVAEStreaming(StreamingContract):
         return build_model(CDTConfig.from_preset("tiny"), "vae").eval()
 
     def test_decode_steps_are_ignored(self, model, latents, whole_decodes):
+        # The VAE's decoder has no steps: both calls run the same operations, equal by construction.
         assert torch.equal(model.decode(latents, steps=3, seed=5), whole_decodes[1])
         assert StreamingDecoder(model, steps=3).meta["steps"] == 1
 
@@ -129,27 +132,28 @@ def test_streaming_encode_pads_the_tail_like_a_whole_padded_clip(tiny_model, cli
 
     video = clip[:, :, :11]  # 1 + 4 + 4 + 2: finish() tops up the last 2 frames
     whole = tiny_model.encode(pad_frames(video))
-    assert (stream_encode(tiny_model, video, [6, 5]) - whole).abs().max().item() < 1e-5
+    assert_float_close(stream_encode(tiny_model, video, [6, 5]), whole)
 
 
 def test_bf16_channels_last_streams_like_the_whole_clip(tiny_checkpoint, clip):
     """bf16 computes in channels-last weights; cached activations are exported contiguous
-    and cut back in: streaming with a state round trip must still equal one whole pass."""
+    and cut back in: streaming with a state round trip must still equal one whole pass, up to
+    bf16 rounding. 5 frames of 16x48: without AVX512-BF16 or AMX, bf16 convolutions are scalar."""
     model = from_pretrained(tiny_checkpoint, dtype="bf16").eval()
     assert model.encoder.stem.conv.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
-    clip = clip[:, :, :13]
+    clip = clip[:, :, :5, :16]
     with torch.inference_mode():
         whole = model.encode(clip)
         enc = StreamingEncoder(model)
         first = enc.push(clip[:, :, :1])
         enc = StreamingEncoder.from_state(model, enc.export_state())
-        streamed = torch.cat([first, enc.push(clip[:, :, 1:6]), enc.push(clip[:, :, 6:]), enc.finish()], dim=2)
-        assert torch.equal(streamed, whole)
+        streamed = torch.cat([first, enc.push(clip[:, :, 1:3]), enc.push(clip[:, :, 3:]), enc.finish()], dim=2)
+        torch.testing.assert_close(streamed, whole, **BF16_TOLERANCE)
         frames = model.decode(whole, steps=2, seed=3)
         dec = StreamingDecoder(model, steps=2, seed=3)
-        head = dec.push(whole[:, :, :2])
+        head = dec.push(whole[:, :, :1])
         dec = StreamingDecoder.from_state(model, dec.export_state())
-        assert torch.equal(torch.cat([head, dec.push(whole[:, :, 2:])], dim=2), frames)
+        torch.testing.assert_close(torch.cat([head, dec.push(whole[:, :, 1:])], dim=2), frames, **BF16_TOLERANCE)
 
 
 def test_resumed_encoder_continues_the_frame_indexing(tiny_model, clip):
@@ -299,4 +303,5 @@ def test_cache_state_continues_in_a_new_process(tiny_checkpoint, tmp_path, kind)
     outs = [ref.push(data[:, :, : cuts[0]]), ref.push(data[:, :, cuts[0] : sum(cuts)]), ref.push(rest)]
     if kind == "encode":
         outs.append(ref.finish())
+    # The same chunk boundaries and thread count in both processes: equal by construction.
     assert torch.equal(resumed, torch.cat(outs, dim=2))

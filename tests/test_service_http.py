@@ -25,6 +25,7 @@ from media import encode_frames, load_frames, read_video, write_video
 from media.latents_file import latents_from_bytes, latents_to_bytes
 from model import CDTConfig, build_model
 from service.client import Client, Conflict, Forbidden, InvalidInput, Unauthorized
+from service.memory import MAX_CHUNK_FRAMES
 from tests.servers import Server, metric_sum
 
 KEY = "test-key-1"
@@ -58,13 +59,17 @@ def clip(shared_videos, tmp_path_factory) -> Path:
 
 
 def reconstruct_locally(source: Path, checkpoint: Path, output: Path, seed: int) -> np.ndarray:
+    """`cdt reconstruct` in the server's chunk schedule: a clip this small runs in chunks of
+    MAX_CHUNK_FRAMES frames on the server, so both sides run the same operations in the same
+    order and their frames are equal by construction, on any CPU."""
     assert cdt(["reconstruct", str(source), "-o", str(output), "--checkpoint", str(checkpoint), "--seed", str(seed),
-                "--quiet"]) == 0
+                "--chunk", str(MAX_CHUNK_FRAMES), "--quiet"]) == 0
     return load_frames(output)[0]
 
 
 # --- 1. round trip -------------------------------------------------------------------------
 
+@pytest.mark.exactness
 def test_mp4_round_trip_equals_local_reconstruct(client, clip, tiny_checkpoint, tmp_path):
     client.encode_file(clip, tmp_path / "latents.safetensors")
     served = np.load(io.BytesIO(client.decode_file(tmp_path / "latents.safetensors", seed=3, format="npy")))
@@ -73,6 +78,7 @@ def test_mp4_round_trip_equals_local_reconstruct(client, clip, tiny_checkpoint, 
     np.testing.assert_array_equal(served, local)
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
 def test_tensor_round_trip_equals_local_reconstruct(client, clip, tiny_checkpoint, tmp_path, suffix):
     from media import save_frames
