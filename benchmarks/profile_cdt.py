@@ -1,6 +1,6 @@
 """Where CDT reconstruct spends its time: torch.profiler's top operators by self time.
 
-It backs the model-speed reading in the README (time outside the convolutions: the
+It backs the model-speed reading in docs/model.md (time outside the convolutions: the
 causal time padding's `cat`, attention, PyTorch's slow conv path).
 
     .venv/bin/python -m benchmarks.profile_cdt [--preset small] [--frames 9] [--size 128] [--threads 2]

@@ -11,7 +11,7 @@ import os
 
 def register(sub) -> None:
     serve = sub.add_parser("serve", help="run the HTTP service (FastAPI under uvicorn)",
-                           description="Settings come from CDT_* environment variables (see the README); "
+                           description="Settings come from CDT_* environment variables (docs/settings.md); "
                                        "the flags below override them.")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")

@@ -20,7 +20,7 @@ def register(sub) -> None:
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="JSON config (see training/configs/)")
     source.add_argument("--resume", metavar="RUN_DIR", help="continue this run exactly where its checkpoint stopped "
-                        "(with another world size too: see the README)")
+                        "(with another world size too: docs/training.md)")
     train.add_argument("overrides", nargs="*", metavar="section.key=value",
                        help="config overrides for a new run, e.g. optim.lr=3e-4 stages.0.steps=500")
     train.add_argument("--run-dir", help="run directory for a new run (default runs/<name>)")

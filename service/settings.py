@@ -1,16 +1,18 @@
-"""Service settings: one object, read once from the environment, injected everywhere.
+"""Service settings: one object, read once from the `CDT_*` environment variables, injected
+everywhere.
 
-Plain pydantic (no pydantic-settings dependency): `Settings.from_env()` maps each
-`CDT_*` variable to a field and pydantic validates the values.
+pydantic-settings maps each field to the variable `CDT_<FIELD>` and validates its value.
+Each field's `description` is the setting's documentation: docs/settings.md is generated
+from them (docs/gen_reference.py).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Mapping
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model import DEFAULT_CHECKPOINT, NUM_TIMESTEPS, SUPPORTED_DTYPES
 
@@ -26,50 +28,89 @@ def mib(megabytes: float) -> int:
     return int(megabytes * 1024 * 1024)
 
 
-MAX_STEPS_VAR = ENV_PREFIX + "MAX_STEPS"
+class EnvSettings(BaseSettings):
+    """Settings read from `CDT_*` variables, whose invalid values raise one `SettingsError`
+    naming the variables."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True)
+
+    @classmethod
+    def env_names(cls) -> dict[str, str]:
+        """Field name -> environment variable."""
+        return {name: ENV_PREFIX + name.upper() for name in cls.model_fields}
+
+    @classmethod
+    def from_env(cls):
+        try:
+            return cls()
+        except ValidationError as exc:
+            names = cls.env_names()
+            problems = "; ".join(f"{names.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors())
+            raise SettingsError(f"invalid service settings: {problems}") from None
 
 
-class Settings(BaseModel):
-    model_config = ConfigDict(frozen=True)
+# The one setting the `cdt` commands share with the service (StepsLimit below).
+MaxSteps = Annotated[int, Field(ge=1, le=NUM_TIMESTEPS, description=(
+    "most DDIM steps a decode may take: on `/v1/decode`, in decode sessions, on the web page and in the `cdt` "
+    "commands (400 `bad_parameter`, or exit code 2, beyond); at most the model's "
+    f"{NUM_TIMESTEPS} diffusion levels"))]
+DEFAULT_MAX_STEPS = 1000
 
-    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint directory served")
-    device: str = Field("cpu", description="cpu, cuda or cuda:N")
-    # None = bf16 on CUDA, fp32 on CPU, whatever the CPU: sessions are pinned to a dtype, so
-    # a per-node default would break failover between unlike nodes. bf16 is ~2x faster on
-    # CPUs with AVX512-BF16/AMX and ~5x slower without (benchmarks/results/precision.md).
-    dtype: str | None = Field(None, description="fp32 or bf16 (default: bf16 on CUDA, fp32 on CPU)")
-    redis_url: str | None = Field(None, description="session store: redis:// or rediss:// for one "
-                                      "Redis, redis+cluster://host:port for a Redis Cluster (any node); in-process "
-                                      "store when unset")
-    api_keys: tuple[str, ...] = Field((), description="accepted Bearer keys; auth is off when empty")
-    max_upload_mb: float = Field(256.0, gt=0, description="largest request body")
-    max_frames: int = Field(1025, ge=1, description="longest clip (frames) a request may encode or decode: it "
-                            "bounds a request's time, not its memory (requests stream in chunks)")
-    memory_budget_mb: float | None = Field(None, gt=0, description="memory this replica admits whole-clip "
-                                           "requests into (default: 80% of the machine's or cgroup's memory, or of "
-                                           "the CUDA device's free memory, beyond what is resident at start)")
-    max_side: int = Field(2048, ge=8, description="largest height or width a request may encode or decode")
-    max_steps: int = Field(1000, ge=1, le=NUM_TIMESTEPS, description="most DDIM steps a decode may take: "
-                           "/v1/decode, decode sessions and the `cdt` commands (at most the model's "
-                           f"{NUM_TIMESTEPS} diffusion levels)")
-    queue_size: int = Field(8, ge=1, description="jobs waiting for the model beyond the running one")
-    request_timeout_s: float = Field(300.0, gt=0, description="queue wait + compute limit per model job: a session "
-                                     "chunk, or one chunk of a whole-clip request")
-    session_ttl_s: int = Field(3600, ge=1, description="idle lifetime of a streaming session (and the most a "
-                               "session may ask for)")
-    max_sessions: int = Field(1000, ge=1, description="live streaming sessions in the store (all replicas)")
-    session_hot_mb: float = Field(2048.0, ge=0, description="feature caches of the sessions this replica serves, "
-                                  "kept in its memory (LRU): a session whose cache was evicted is rebuilt from the "
-                                  "store on its next chunk")
-    max_session_log_mb: float = Field(512.0, gt=0, description="largest input log of one session: the chunk bodies "
-                                      "covering the model's receptive field (413 session_log_too_large beyond)")
-    session_snapshot_mb: float = Field(0.0, ge=0, description="largest feature cache written to the store as a "
-                                       "snapshot (off the response path); 0 = no snapshots, the store holds only "
-                                       "the log")
+
+class Settings(EnvSettings):
+    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description=(
+        "checkpoint directory served; by default the shipped one (in an installed wheel, its copy under "
+        "the environment's `share/cdt-tokenizer/`)"))
+    device: str = Field("cpu", description="`cpu`, `cuda` or `cuda:N`")
+    dtype: str | None = Field(None, description=(
+        "compute dtype, `fp32` or `bf16`; unset: `bf16` on CUDA and `fp32` on any CPU. Where the CPU has "
+        "bf16 arithmetic (AVX512-BF16/AMX) bf16 is faster than fp32, without it several times "
+        "slower, and the service logs a warning (`benchmarks/results/precision.md`). The CPU default does "
+        "not follow the CPU because a session is pinned to its replica's dtype: it fails over only between "
+        "replicas of one dtype"))
+    redis_url: str | None = Field(None, description=(
+        "session store shared by replicas: `redis://host:port/db` (or `rediss://`) for one Redis, "
+        "`redis+cluster://host:port` for a Redis Cluster (any node); unset: an in-process store. When set, "
+        "`/readyz` pings it"))
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field((), description=(
+        "comma-separated API keys; when set, `/v1/*` needs `Authorization: Bearer <key>` (the probes, "
+        "`/metrics` and the web page need none); unset: auth off"))
+    max_upload_mb: float = Field(256.0, gt=0, description=(
+        "largest request body (MiB), enforced while the body streams in; also the largest answer built in "
+        "memory (`/v1/frames`, the diffusers routes)"))
+    max_frames: int = Field(1025, ge=1, description=(
+        "longest clip (frames) a request or a session chunk may encode or decode. It bounds a request's "
+        "time (about this many times the per-frame compute), not its memory: requests stream in chunks"))
+    max_side: int = Field(2048, ge=8, description="largest frame height or width a request may encode or decode")
+    max_steps: MaxSteps = DEFAULT_MAX_STEPS
+    memory_budget_mb: float | None = Field(None, gt=0, description=(
+        "memory (MiB) this replica admits whole-clip requests into, each reserving its estimate; unset: 80% "
+        "of the machine's (or cgroup's, or the CUDA device's free) memory beyond what is resident once the "
+        "model is loaded, less `CDT_SESSION_HOT_MB`"))
+    queue_size: int = Field(8, ge=1, description=(
+        "requests that may wait for the model (or for memory) besides the running one; beyond: 429 "
+        "`overloaded` with `Retry-After`"))
+    request_timeout_s: float = Field(300.0, gt=0, description=(
+        "limit (seconds) on queue wait + compute of one model job: a session chunk (with the rebuild of its "
+        "stream), or one chunk of a whole-clip request"))
+    session_ttl_s: int = Field(3600, ge=1, description=(
+        "idle lifetime (seconds) of a streaming session, and the most a session may ask for"))
+    max_sessions: int = Field(1000, ge=1, description=(
+        "live streaming sessions in the store, all replicas together; beyond: 429 `too_many_sessions`"))
+    session_hot_mb: float = Field(2048.0, ge=0, description=(
+        "memory (MiB) for the feature caches of the sessions this replica serves, least recently used "
+        "evicted first: an evicted session's stream is rebuilt from the store on its next chunk"))
+    max_session_log_mb: float = Field(512.0, gt=0, description=(
+        "largest input log (MiB) of one session in the store: the chunk bodies covering the model's "
+        "receptive field (413 `session_log_too_large` beyond)"))
+    session_snapshot_mb: float = Field(0.0, ge=0, description=(
+        "largest feature cache (MiB) written to the store as a snapshot, off the response path, to make "
+        "rebuilds cheap; 0: no snapshots, the store holds only the log"))
     session_snapshot_every: int = Field(4, ge=1, description="chunks between snapshots of a session")
-    session_snapshot_part_mb: float = Field(64.0, gt=0, description="largest store value of a snapshot part")
-    session_key_prefix: str = Field("cdt:", min_length=1, description="Redis key prefix (several deployments "
-                                    "may share one Redis)")
+    session_snapshot_part_mb: float = Field(64.0, gt=0, description=(
+        "largest store value (MiB) of a snapshot, which is split into parts"))
+    session_key_prefix: str = Field("cdt:", min_length=1, description=(
+        "Redis key prefix (several deployments may share one Redis)"))
 
     @field_validator("device")
     @classmethod
@@ -122,25 +163,14 @@ class Settings(BaseModel):
     def max_upload_bytes(self) -> int:
         return mib(self.max_upload_mb)
 
-    @classmethod
-    def env_names(cls) -> dict[str, str]:
-        """Field name -> environment variable."""
-        return {name: ENV_PREFIX + name.upper() for name in cls.model_fields}
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
-        environ = os.environ if environ is None else environ
-        values = {name: environ[var] for name, var in cls.env_names().items() if var in environ}
-        try:
-            return cls(**values)
-        except ValidationError as exc:
-            names = cls.env_names()
-            problems = "; ".join(f"{names.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors())
-            raise SettingsError(f"invalid service settings: {problems}") from None
+class StepsLimit(EnvSettings):
+    """CDT_MAX_STEPS without the service's other variables: a `cdt` command bounds --steps as
+    the service bounds a request's `steps`, whatever the rest of the environment holds."""
+
+    max_steps: MaxSteps = DEFAULT_MAX_STEPS
 
 
-def max_steps_from_env(environ: Mapping[str, str] | None = None) -> int:
-    """CDT_MAX_STEPS alone, validated as the service validates it: the `cdt` commands bound
-    --steps by the same setting without depending on the service's other variables."""
-    environ = os.environ if environ is None else environ
-    return Settings.from_env({MAX_STEPS_VAR: environ[MAX_STEPS_VAR]} if MAX_STEPS_VAR in environ else {}).max_steps
+def max_steps_from_env() -> int:
+    """CDT_MAX_STEPS alone, validated as the service validates it."""
+    return StepsLimit.from_env().max_steps

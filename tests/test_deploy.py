@@ -260,12 +260,15 @@ def test_every_cdt_variable_in_deploy_files_is_a_setting():
         assert not unknown, f"{name} mentions variables the service does not read: {unknown}"
 
 
-def test_deploy_settings_are_valid_and_agree():
+def test_deploy_settings_are_valid_and_agree(monkeypatch):
     from service.settings import Settings
 
     compose_env, configmap = env_settings(), configmap_settings()
     for source, env in (("compose", compose_env), ("configmap", configmap)):
-        Settings.from_env(env)  # raises SettingsError on an invalid value
+        with monkeypatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            Settings.from_env()  # raises SettingsError on an invalid value
     assert {k: v for k, v in configmap.items() if k != "CDT_REDIS_URL"} == \
         {k: v for k, v in compose_env.items() if k != "CDT_REDIS_URL"}, "cdt.env and configmap.yaml disagree"
     assert compose_env["CDT_REDIS_URL"].startswith("redis://redis:")

@@ -20,7 +20,7 @@ from tests.session_helpers import npy_bytes, real_frames
 KEY_A, KEY_B = "lb-isolation-key-a", "lb-isolation-key-b"
 MAX_SESSIONS = 6
 PROBES = {"/healthz", "/readyz", "/metrics"}
-ID_BYTES = 24  # the README's 192 random bits
+ID_BYTES = 24  # docs/sessions.md's 192 random bits
 
 
 def auth(key: str) -> dict[str, str]:

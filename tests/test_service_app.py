@@ -240,17 +240,25 @@ def test_encode_options_and_float_input(tiny_checkpoint):
 
 # --- settings, readiness -------------------------------------------------------------------
 
-def test_settings_from_environment():
-    s = Settings.from_env({"CDT_API_KEYS": "a, b,,", "CDT_QUEUE_SIZE": "3", "CDT_REDIS_URL": "",
-                           "CDT_DEVICE": "cuda:1", "CDT_MAX_UPLOAD_MB": "0.5"})
+def set_environment(monkeypatch, variables: dict[str, str]) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_settings_from_environment(monkeypatch):
+    assert Settings.from_env().compute_dtype == "fp32"  # CPU default: fp32 is faster here
+    set_environment(monkeypatch, {"CDT_API_KEYS": "a, b,,", "CDT_QUEUE_SIZE": "3", "CDT_REDIS_URL": "",
+                                  "CDT_DEVICE": "cuda:1", "CDT_MAX_UPLOAD_MB": "0.5"})
+    s = Settings.from_env()
     assert s.api_keys == ("a", "b") and s.queue_size == 3 and s.redis_url is None
-    assert s.compute_dtype == "bf16" and Settings().compute_dtype == "fp32"  # CPU default: fp32 is faster here
+    assert s.compute_dtype == "bf16"
     assert s.max_upload_bytes == 512 * 1024
+    set_environment(monkeypatch, {"CDT_DEVICE": "tpu", "CDT_QUEUE_SIZE": "x"})
     with pytest.raises(SettingsError, match="CDT_DEVICE.*CDT_QUEUE_SIZE|CDT_QUEUE_SIZE.*CDT_DEVICE"):
-        Settings.from_env({"CDT_DEVICE": "tpu", "CDT_QUEUE_SIZE": "x"})
+        Settings.from_env()
 
 
-def test_one_steps_limit_bounds_clip_decodes_sessions_and_the_page(tiny_checkpoint):
+def test_one_steps_limit_bounds_clip_decodes_sessions_and_the_page(tiny_checkpoint, monkeypatch):
     async def scenario(app):
         async with http_for(app) as http:
             latents = (await http.post("/v1/encode", content=npy_bytes(frames(5, 16, 16)),
@@ -276,8 +284,9 @@ def test_one_steps_limit_bounds_clip_decodes_sessions_and_the_page(tiny_checkpoi
     steps = next(p for p in schema["paths"]["/v1/decode"]["post"]["parameters"] if p["name"] == "steps")
     assert steps["schema"]["maximum"] == schema["components"]["schemas"]["SessionSpec"]["properties"]["steps"][
         "maximum"] == 3
+    monkeypatch.setenv("CDT_MAX_STEPS", str(NUM_TIMESTEPS + 1))
     with pytest.raises(SettingsError, match="CDT_MAX_STEPS"):
-        Settings.from_env({"CDT_MAX_STEPS": str(NUM_TIMESTEPS + 1)})
+        Settings.from_env()
 
 
 @pytest.mark.parametrize("url, ready", [("redis://127.0.0.1:6379/0", True), ("redis://127.0.0.1:1/0", False)])
