@@ -5,8 +5,8 @@ float rounding: the model's contract is 1e-5 in floats, and which uint8 level a 
 .5 boundary rounds to then depends on the CPU's vector kernels. Tests comparing such paths
 use these bounds. Tests whose two sides run the same operations in the same order (the same
 chunk schedule, the same thread count, or stored bytes given back) assert equality instead,
-and say why it is exact by construction; `pytest -m exactness` selects every test of either
-kind, which `.ci/run` repeats under non-native kernels and one thread.
+and say why it is exact by construction. Those of the model's own arithmetic are marked
+`exactness`; scripts/test.sh repeats them on unvectorised kernels with one thread.
 """
 
 from __future__ import annotations
