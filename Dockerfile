@@ -40,9 +40,10 @@ RUN groupadd --system --gid 10001 cdt && useradd --system --uid 10001 --gid cdt 
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 # Code runs from /app (PYTHONPATH), so the default checkpoint path the code derives from
-# its own location, /app/checkpoints/cdt-tiny, is the baked-in one.
+# its own location, /app/checkpoints/cdt-tiny, is the baked-in one; /app/client holds the
+# formats package (cdt_client) the server shares with the client.
 COPY --chown=root:root . /app
-ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/app \
+ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/app:/app/client \
     CDT_CHECKPOINT=/app/checkpoints/cdt-tiny CDT_DEVICE=cpu \
     HOME=/tmp
 # Fail the build, not the first request, if the checkpoint or the app cannot load.

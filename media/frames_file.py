@@ -1,5 +1,6 @@
-"""Frames as tensor files: `.safetensors` (tensor `frames`, fps in the metadata) or
-`.npy` (the bare array; loaded with allow_pickle=False). Both hold uint8 (T,H,W,3) RGB."""
+"""Frames as tensor files: `.safetensors` (tensor `frames`, fps in the metadata; the format is
+`cdt_client.formats.files`) or `.npy` (the bare array; loaded with allow_pickle=False). Both
+hold uint8 (T,H,W,3) RGB."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from .tensor_headers import safetensors_metadata
+from cdt_client.formats.files import FRAMES_TENSOR, frames_metadata
+from cdt_client.formats.tensors import safetensors_metadata
+
 from .video import check_frames
 
-FRAMES_FORMAT = "cdt-frames"
-TENSOR_NAME = "frames"
 FRAME_FILE_SUFFIXES = (".safetensors", ".npy")
 
 
@@ -31,8 +32,7 @@ def save_frames(path: str | Path, frames: np.ndarray, fps: float | None = None) 
     if path.suffix.lower() == ".npy":
         np.save(path, np.ascontiguousarray(frames), allow_pickle=False)
     elif path.suffix.lower() == ".safetensors":
-        meta = {"format": FRAMES_FORMAT, **({"fps": repr(float(fps))} if fps else {})}
-        path.write_bytes(st_save({TENSOR_NAME: np.ascontiguousarray(frames)}, metadata=meta))
+        path.write_bytes(st_save({FRAMES_TENSOR: np.ascontiguousarray(frames)}, metadata=frames_metadata(fps)))
     else:
         raise FramesFileError(f"{path}: frames files end in {' or '.join(FRAME_FILE_SUFFIXES)}")
 
@@ -49,7 +49,7 @@ def load_frames(path: str | Path) -> tuple[np.ndarray, float | None]:
         else:
             data = path.read_bytes()
             meta = safetensors_metadata(data)
-            frames = st_load(data)[TENSOR_NAME]
+            frames = st_load(data)[FRAMES_TENSOR]
             fps = float(meta["fps"]) if "fps" in meta else None
     except Exception as exc:  # numpy and safetensors raise many types for bad files
         raise FramesFileError(f"{path}: not a frames file ({type(exc).__name__}: {exc})") from None

@@ -1,5 +1,6 @@
 """Latents files: safetensors with one tensor `latents` (1,16,T',H'/8,W'/8) and string
-metadata that says which model made them and how to crop the decode back exactly.
+metadata that says which model made them and how to crop the decode back exactly (the
+format is `cdt_client.formats.files`, shared with the client).
 
 The same bytes serve files on disk (`save_latents`/`load_latents`) and HTTP bodies
 (`latents_to_bytes`/`latents_from_bytes`).
@@ -14,15 +15,12 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from cdt_client.formats.files import LATENTS_TENSOR, LatentsMetadataError, latents_metadata, read_latents_metadata
+from cdt_client.formats.tensors import safetensors_metadata
 from model import LATENT_CHANNELS, SPACE_FACTOR, TIME_FACTOR
 
 from .padding import Padding
-from .tensor_headers import safetensors_metadata
 from .video import MAX_FPS
-
-LATENTS_FORMAT = "cdt-latents"
-LATENTS_FORMAT_VERSION = 1
-TENSOR_NAME = "latents"
 
 
 class LatentsFileError(ValueError):
@@ -67,42 +65,19 @@ class LatentsInfo:
 
     def metadata(self) -> dict[str, str]:
         """The file's string metadata."""
-        return {
-            "format": LATENTS_FORMAT,
-            "format_version": str(LATENTS_FORMAT_VERSION),
-            "model_hash": self.model_hash,
-            "preset": self.preset,
-            "model_kind": self.model_kind,
-            "dtype": self.dtype,
-            "frames": str(self.frames),
-            "height": str(self.height),
-            "width": str(self.width),
-            "fps": repr(float(self.fps)),
-            "pad_frames": str(self.padding.frames),
-            "pad_height": str(self.padding.height),
-            "pad_width": str(self.padding.width),
-        }
+        return latents_metadata(model_hash=self.model_hash, preset=self.preset, model_kind=self.model_kind,
+                                dtype=self.dtype, frames=self.frames, height=self.height, width=self.width,
+                                fps=self.fps, pad_frames=self.padding.frames, pad_height=self.padding.height,
+                                pad_width=self.padding.width)
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], source: str = "latents") -> "LatentsInfo":
-        if meta.get("format") != LATENTS_FORMAT:
-            raise LatentsFileError(f"{source}: not a {LATENTS_FORMAT} file (format={meta.get('format')!r})")
-        if meta.get("format_version") != str(LATENTS_FORMAT_VERSION):
-            raise LatentsFileError(f"{source}: unsupported format version {meta.get('format_version')!r}")
         try:
-            info = cls(
-                model_hash=meta["model_hash"],
-                preset=meta["preset"],
-                model_kind=meta["model_kind"],
-                dtype=meta["dtype"],
-                frames=int(meta["frames"]),
-                height=int(meta["height"]),
-                width=int(meta["width"]),
-                fps=float(meta["fps"]),
-                padding=Padding(int(meta["pad_frames"]), int(meta["pad_height"]), int(meta["pad_width"])),
-            )
-        except (KeyError, ValueError) as exc:
-            raise LatentsFileError(f"{source}: bad metadata ({exc})") from None
+            values = read_latents_metadata(meta)
+        except LatentsMetadataError as exc:
+            raise LatentsFileError(f"{source}: {exc}") from None
+        padding = Padding(values.pop("pad_frames"), values.pop("pad_height"), values.pop("pad_width"))
+        info = cls(padding=padding, **values)
         if not 0 < info.fps <= MAX_FPS:  # NaN fails too
             raise LatentsFileError(f"{source}: fps {info.fps} is not in (0, {MAX_FPS:g}]")
         try:
@@ -130,7 +105,7 @@ class LatentsFile(LatentsInfo):
 
 def latents_to_bytes(item: LatentsFile) -> bytes:
     item.check_latents(item.latents.is_floating_point(), item.latents.shape)
-    return st_save({TENSOR_NAME: item.latents.detach().cpu().contiguous()}, metadata=item.metadata())
+    return st_save({LATENTS_TENSOR: item.latents.detach().cpu().contiguous()}, metadata=item.metadata())
 
 
 def latents_from_bytes(data: bytes, model_hash: str | None = None, force: bool = False,
@@ -142,9 +117,9 @@ def latents_from_bytes(data: bytes, model_hash: str | None = None, force: bool =
     except Exception as exc:  # safetensors and the header parser raise several types
         raise LatentsFileError(f"{source}: not a safetensors file ({exc})") from None
     info = LatentsInfo.from_metadata(meta, source)
-    if TENSOR_NAME not in tensors:
-        raise LatentsFileError(f"{source}: no tensor named {TENSOR_NAME!r}")
-    latents = tensors[TENSOR_NAME]
+    if LATENTS_TENSOR not in tensors:
+        raise LatentsFileError(f"{source}: no tensor named {LATENTS_TENSOR!r}")
+    latents = tensors[LATENTS_TENSOR]
     info.check_latents(latents.is_floating_point(), latents.shape, source)
     if model_hash is not None:
         info.check_model(model_hash, force)

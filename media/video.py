@@ -6,8 +6,9 @@ rotation from the display matrix, and resizes with an antialiased bicubic filter
 
 Writing produces h264/yuv420p mp4. 4:2:0 chroma needs an even width and height, so an
 odd-sized clip is padded by repeating its last row/column and the true size is stored
-in the container metadata (`DISPLAY_SIZE_TAG`); `read_video` crops it back, so files
-written here round-trip at their exact size while other players show a 1-pixel edge.
+in the container metadata (`cdt_client.formats.video`, which the client reads too);
+`read_video` crops it back, so files written here round-trip at their exact size while
+other players show a 1-pixel edge.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DISPLAY_SIZE_TAG = "cdt_display_size"  # "WIDTHxHEIGHT", written only for odd-sized clips
+from cdt_client.formats.video import display_size, display_size_tags, displayed
+
 # The highest frame rate written: an mp4 stream's rate is a ratio of C ints, and no clip we
 # serve comes near it.
 MAX_FPS = 1000.0
@@ -96,7 +98,10 @@ class VideoReader:
         first = self._guard(next, decoded, None)
         if first is None:
             raise VideoDecodeError(f"{self.path}: the video has no frames")
-        self._display = _display_size(self._container, first)
+        try:
+            self._display = display_size(self._container.metadata, first.width, first.height)
+        except ValueError as exc:
+            raise VideoDecodeError(f"{self.path}: {exc}") from None
         self.source_width, self.source_height = self._display if first.rotation % 180 == 0 else self._display[::-1]
         self.source_frames: int | None = stream.frames or None
         self.fps = (fps or source_fps) / stride
@@ -183,19 +188,6 @@ def _crop_shape(crop: int | tuple[int, int]) -> tuple[int, int]:
     return (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
 
 
-def _display_size(container, first: av.VideoFrame) -> tuple[int, int]:
-    """(width, height) of the picture before rotation, minus any even-size padding."""
-    tag = container.metadata.get(DISPLAY_SIZE_TAG)
-    if tag:
-        try:
-            w, h = (int(v) for v in tag.split("x"))
-        except ValueError:
-            raise VideoDecodeError(f"bad {DISPLAY_SIZE_TAG} tag {tag!r}") from None
-        if 0 < w <= first.width and 0 < h <= first.height:
-            return w, h
-    return first.width, first.height
-
-
 def _timed(frames: Iterable[av.VideoFrame], source_fps: float) -> Iterator[tuple[float, av.VideoFrame]]:
     for index, frame in enumerate(frames):
         yield (frame.time if frame.time is not None else index / source_fps), frame
@@ -218,10 +210,7 @@ def _resample(timed: Iterator[tuple[float, av.VideoFrame]], fps: float, source_f
 
 
 def _to_rgb(frame: av.VideoFrame, display: tuple[int, int], size: int | None, crop) -> np.ndarray:
-    rgb = frame.to_ndarray(format="rgb24")[: display[1], : display[0]]
-    if frame.rotation % 360:
-        # `rotation` is counter-clockwise degrees, as np.rot90 turns for k > 0.
-        rgb = np.rot90(rgb, k=round(frame.rotation / 90) % 4)
+    rgb = displayed(frame.to_ndarray(format="rgb24"), display, frame.rotation)
     if size is not None:
         rgb = resize_short_side(rgb[None], size)[0]
     if crop is not None:
@@ -309,8 +298,7 @@ class VideoWriter:
         options = {"movflags": movflags, **({"frag_duration": str(_FRAGMENT_US)} if fragmented else {})}
         self._container = av.open(target if not isinstance(target, Path) else str(target), "w", format="mp4",
                                   options=options)
-        if width % 2 or height % 2:
-            self._container.metadata[DISPLAY_SIZE_TAG] = f"{width}x{height}"
+        self._container.metadata.update(display_size_tags(width, height))
         self._stream = self._container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         self._stream.width, self._stream.height = width + width % 2, height + height % 2
         self._stream.pix_fmt = "yuv420p"

@@ -149,7 +149,11 @@ class CacheScope:
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:
-    """The string metadata of a safetensors blob, without loading its tensors."""
+    """The string metadata of a safetensors blob, without loading its tensors.
+
+    The model reads this header itself: the `safetensors` library gives metadata only for a
+    file it opens by name (`safe_open`), and `model` imports nothing else of ours, so not the
+    formats' reader (`cdt_client.formats.tensors`) either."""
     if len(data) < 8:
         raise CacheFormatError("too short to be a safetensors file")
     n = int.from_bytes(data[:8], "little")

@@ -155,8 +155,8 @@ import httpx
 import numpy as np
 from safetensors.numpy import load
 
+from cdt_client.client import Client, content_type, raise_for_error
 from media.metrics import psnr
-from service.client import Client, content_type, raise_for_error
 
 url, pid, timeout, clip, frames, size, export_dir, run_dir = sys.argv[1:]
 client = Client(url, timeout=float(timeout))

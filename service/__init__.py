@@ -1,11 +1,11 @@
 """The CDT HTTP service: FastAPI app, request body parsing, worker pool, metrics, auth.
 
 Routes parse, validate and hand off to the worker pool; the pool and the model never
-see a Request object. May import `model` and `media`; nothing imports `service` but
-the CLI and clients.
+see a Request object. May import `model`, `media` and the formats of `cdt_client`;
+nothing imports `service` but the CLI.
 
-`create_app` and `Settings` load on first use, so `service.client` (httpx and numpy
-only) imports without the server's modules, torch or PyAV.
+`create_app` and `Settings` load on first use, so a module of `service` (the CLI's media
+commands take `service.settings`) imports without the app and its routes.
 """
 
 from __future__ import annotations

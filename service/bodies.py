@@ -19,11 +19,12 @@ from typing import BinaryIO, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from cdt_client.formats.api import METADATA_HEADER, NPY, SAFETENSORS  # noqa: F401 (routes take METADATA_HEADER here)
+from cdt_client.formats.files import FRAMES_TENSOR, LATENTS_TENSOR
+from cdt_client.formats.tensors import TensorHeaderError, TensorLayout, read_npy_header, read_safetensors_header
 from media import LatentsInfo, VideoReader, frames_to_tensor
-from media.frames_file import TENSOR_NAME as FRAMES_TENSOR
-from media.latents_file import TENSOR_NAME as LATENTS_TENSOR
 from media.latents_file import LatentsFileError, ModelMismatchError
-from media.tensor_headers import TensorHeaderError, TensorLayout, read_npy_header, read_safetensors_header, read_slab
+from media.tensor_data import read_slab
 from media.video import MAX_FPS, VideoDecodeError, resize_short_side, short_side_shape
 from model import LATENT_CHANNELS, SPACE_FACTOR
 
@@ -31,10 +32,7 @@ from .errors import BadParameter, Conflict, InvalidInput, PayloadTooLarge, Unsup
 
 DEFAULT_FPS = 30.0  # recorded for tensor inputs that carry no rate (npy), as `cdt encode` does
 MIN_SIDE = SPACE_FACTOR  # one latent cell: anything smaller is not a picture worth encoding
-METADATA_HEADER = "X-CDT-Metadata"  # latents metadata as JSON when the body is bare npy
 
-NPY = "application/x-npy"
-SAFETENSORS = "application/x-safetensors"
 OCTET_STREAM = "application/octet-stream"
 MP4 = "video/mp4"
 SNIFF_BYTES = 16  # enough for every magic below

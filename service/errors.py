@@ -2,11 +2,12 @@
 sent as JSON `{"error": {"code": ..., "message": ...}}` by the handlers installed here
 (plus `details`, an object of figures, where an error has them: 413 `clip_too_large`).
 
-Codes are the contract with clients (`service.client` maps them back to exceptions);
+Codes are the contract with clients (`cdt_client.client` maps answers back to exceptions);
 messages are for humans. Bad input never reaches a 500: body parsers and routes raise one
 of these, and model-side ValueErrors are wrapped as `InvalidInput` at the hand-off.
-`ERROR_CODES` lists every code by status; the OpenAPI's error schemas (`error_responses`)
-enumerate them, so a client (or a fuzzer) can check any error answer against it.
+`ERROR_CODES` (`cdt_client.formats.api`, shared with the client) lists every code by status;
+the OpenAPI's error schemas (`error_responses`) enumerate them, so a client (or a fuzzer)
+can check any error answer against it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+
+from cdt_client.formats.api import ERROR_CODES
 
 log = logging.getLogger("cdt.service")
 
@@ -90,24 +93,6 @@ class Unavailable(ServiceError):
 
 class GatewayTimeout(ServiceError):
     status, code = 504, "timeout"
-
-
-# Every code an error answer may carry, by status.
-ERROR_CODES: dict[int, tuple[str, ...]] = {
-    400: ("bad_parameter", "empty_body"),
-    401: ("missing_api_key",),
-    403: ("invalid_api_key",),
-    404: ("not_found", "session_not_found"),
-    405: ("method_not_allowed",),
-    409: ("conflict", "model_mismatch", "seq_out_of_order", "session_finished"),
-    413: ("payload_too_large", "clip_too_large", "session_log_too_large"),
-    415: ("unsupported_media_type",),
-    422: ("invalid_input", "invalid_tensor", "invalid_latents", "undecodable_video", "video_too_small",
-          "too_few_frames", "chunk_shape_mismatch", "empty_session"),
-    429: ("overloaded", "too_many_sessions"),
-    503: ("unavailable", "not_ready", "shutting_down", "queue_timeout", "session_store_unavailable"),
-    504: ("timeout", "compute_timeout"),
-}
 
 
 class ErrorInfo(BaseModel):

@@ -16,13 +16,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from cdt_client.formats.api import METADATA_HEADER, NPY, SAFETENSORS
+from cdt_client.formats.files import FRAMES_TENSOR, LATENTS_TENSOR, frames_metadata
+from cdt_client.formats.tensors import npy_header, safetensors_header
 from media import LatentsInfo, VideoWriter
-from media.frames_file import FRAMES_FORMAT
-from media.frames_file import TENSOR_NAME as FRAMES_TENSOR
-from media.latents_file import TENSOR_NAME as LATENTS_TENSOR
-from media.tensor_headers import npy_header, safetensors_header
 
-from .bodies import METADATA_HEADER, MP4, NPY, SAFETENSORS
+from .bodies import MP4
 
 FRAME_FORMATS = {"mp4": MP4, "npy": NPY, "safetensors": SAFETENSORS}
 _READ_BYTES = 1 << 20  # bytes per read when sending a spooled file
@@ -52,9 +51,8 @@ class FrameStream:
         self.shape = (frames, height, width, 3)
         self._sink = _Sink()
         self._writer = VideoWriter(self._sink, width, height, fps, fragmented=True) if fmt == "mp4" else None
-        meta = {"format": FRAMES_FORMAT, "fps": repr(float(fps))}
         self._header = {"mp4": b"", "npy": npy_header(np.uint8, self.shape),
-                        "safetensors": safetensors_header(FRAMES_TENSOR, "U8", self.shape, meta)}[fmt]
+                        "safetensors": safetensors_header(FRAMES_TENSOR, "U8", self.shape, frames_metadata(fps))}[fmt]
 
     @property
     def content_length(self) -> int | None:

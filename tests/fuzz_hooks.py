@@ -7,7 +7,7 @@
   model and of another one, with well-formed and hostile headers and metadata; any of them may
   be sent under another content type.
 - `error_is_documented`: every error answer is the JSON error body with a code listed for its
-  status in `service.errors.ERROR_CODES`.
+  status in `cdt_client.formats.api.ERROR_CODES`.
 - The run stays cheap: the server's limits (tests/api_fuzz.py) bound what a valid body costs,
   and DDIM steps in the valid range are folded to 1..4 before sending (the bounds themselves
   are still fuzzed: out-of-range values pass unchanged).
@@ -30,7 +30,7 @@ from media import write_video
 from media.latents_file import LatentsInfo
 from media.padding import Padding
 from model.config import LATENT_CHANNELS
-from service.errors import ERROR_CODES
+from cdt_client.formats.api import ERROR_CODES
 from service.settings import Settings
 
 RECORD = os.environ.get("API_FUZZ_RECORD")

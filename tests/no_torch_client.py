@@ -1,19 +1,21 @@
-"""Run by tests/test_client_no_torch.py in a venv that has httpx, numpy and safetensors but no
-torch or PyAV: drives a real server through `service.client` and writes what it got back.
+"""Run by tests/test_client_no_torch.py in a venv that has the client distribution (cdt-client)
+but no torch or PyAV: drives a real server through `cdt_client` and writes what it got back.
 
 usage: python no_torch_client.py URL API_KEY FRAMES.npy OUT_DIR
 """
 
 import asyncio
+import importlib.metadata
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from service.client import AsyncClient, Client
+import cdt_client
+from cdt_client import AsyncClient, Client
 
-SERVER_SIDE = ("torch", "av", "media", "model", "fastapi", "service.app", "service.sessions")
+SERVER_SIDE = ("torch", "av", "media", "model", "fastapi", "service")
 
 
 def loaded() -> list[str]:
@@ -22,7 +24,8 @@ def loaded() -> list[str]:
 
 def main(url: str, key: str, frames_path: str, out: str) -> None:
     out_dir = Path(out)
-    report = {"loaded_on_import": loaded()}
+    report = {"loaded_on_import": loaded(), "client_file": cdt_client.__file__,
+              "requires": importlib.metadata.requires("cdt-client")}
     frames = np.load(frames_path)
     with Client(url, api_key=key) as client:
         client.encode_file(frames_path, out_dir / "whole.safetensors")

@@ -1,11 +1,11 @@
-"""`service.client` in a venv without torch or PyAV (httpx, numpy and safetensors from the
-package index) against a real server: whole-clip and streamed encodes and decodes agree with
-the server's own /v1 answers, and nothing of the server side is imported."""
+"""The client distribution (client/) installed alone by pip into a venv without torch or PyAV,
+against a real server: whole-clip and streamed encodes and decodes agree with the server's own
+/v1 answers, and nothing of the server side is imported."""
 
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
 import sys
 
@@ -14,25 +14,30 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as st_load
 
+from cdt_client import Client
+from cdt_client.formats.tensors import safetensors_metadata
+from cdt_client.streaming import VIDEO_EXTRA
 from media import write_video
-from service.client import Client
-from service.stream_client import VIDEO_EXTRA, safetensors_metadata
 from tests.servers import REPO, Server
 from tests.session_helpers import npy_array, npy_bytes, real_frames
 
 KEY = "no-torch-key"
-CLIENT_PACKAGES = ["httpx", "numpy", "safetensors"]  # pyproject's `client` extra
 
 
 @pytest.fixture(scope="session")
 def client_venv(tmp_path_factory):
-    venv = tmp_path_factory.mktemp("client-venv") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *CLIENT_PACKAGES], check=True,
-                   capture_output=True)
-    modules = subprocess.run([str(python), "-c", "import importlib.util as u; print([m for m in ('torch', 'av') "
-                              "if u.find_spec(m)])"], check=True, capture_output=True, text=True).stdout
+    """A venv holding the client distribution and what pip installs with it. The client is
+    built from a copy, so that the build leaves nothing in the source tree."""
+    root = tmp_path_factory.mktemp("client-venv")
+    source = shutil.copytree(REPO / "client", root / "client", ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True)
+    python = root / "venv" / "bin" / "python"
+    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(source)], capture_output=True,
+                             text=True)
+    assert install.returncode == 0, install.stderr
+    modules = subprocess.run([str(python), "-c", "import importlib.util as u; print([m for m in ('torch', 'av', "
+                              "'media', 'model', 'service') if u.find_spec(m)])"], cwd=root, check=True,
+                             capture_output=True, text=True).stdout
     assert modules.strip() == "[]", f"the client venv has {modules}"
     return python
 
@@ -50,10 +55,9 @@ def frames(shared_videos):
 
 def test_client_without_torch_encodes_decodes_and_streams(client_venv, server, frames, tmp_path):
     (tmp_path / "frames.npy").write_bytes(npy_bytes(frames))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = subprocess.run([str(client_venv), str(REPO / "tests" / "no_torch_client.py"), server.url, KEY,
-                          str(tmp_path / "frames.npy"), str(tmp_path)], env=env, capture_output=True, text=True,
-                         timeout=120)
+    script = shutil.copy(REPO / "tests" / "no_torch_client.py", tmp_path)  # run outside the source tree
+    run = subprocess.run([str(client_venv), script, server.url, KEY, str(tmp_path / "frames.npy"), str(tmp_path)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     auth = {"Authorization": f"Bearer {KEY}"}
     whole = httpx.post(server.url + "/v1/encode", content=npy_bytes(frames), timeout=60,
@@ -66,7 +70,10 @@ def test_client_without_torch_encodes_decodes_and_streams(client_venv, server, f
 
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["loaded_on_import"] == [] and report["loaded_at_end"] == []
-    assert VIDEO_EXTRA in report["video_error"] and "PyAV" in report["video_error"]
+    assert report["client_file"].startswith(str(client_venv.parents[1])), report["client_file"]
+    # The extra the error names is the distribution's, and it brings PyAV.
+    assert f"cdt-client[{VIDEO_EXTRA}]" in report["video_error"] and "PyAV" in report["video_error"]
+    assert any(r.startswith("av") and f'extra == "{VIDEO_EXTRA}"' in r for r in report["requires"]), report["requires"]
 
     assert (tmp_path / "whole.safetensors").read_bytes() == whole.content
     reference = st_load(whole.content)["latents"]

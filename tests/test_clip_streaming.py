@@ -16,8 +16,9 @@ import httpx
 import numpy as np
 import pytest
 
+from cdt_client.formats.tensors import npy_header
+from cdt_client.formats.video import DISPLAY_SIZE_TAG
 from media import read_video
-from media.tensor_headers import npy_header
 from service.memory import MAX_CHUNK_FRAMES
 from tests.servers import Server
 
@@ -69,7 +70,7 @@ def test_a_streamed_mp4_response_is_a_valid_file_with_every_frame(server, shared
     path.write_bytes(b"".join(parts))
     with av.open(str(path)) as container:
         decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        assert container.metadata.get("cdt_display_size") == "28x21"  # odd height: padded, size recorded
+        assert container.metadata.get(DISPLAY_SIZE_TAG) == "28x21"  # odd height: padded, size recorded
     assert len(decoded) == 45
     assert read_video(path).frames.shape == (45, 21, 28, 3)
 

@@ -14,8 +14,8 @@ from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from cdt_client.formats.tensors import safetensors_metadata
 from media import read_video
-from media.tensor_headers import safetensors_metadata
 from tests.servers import Server
 from tests.session_helpers import npy_array, npy_bytes, real_frames
 from tests.tolerance import assert_uint8_close

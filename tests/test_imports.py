@@ -1,12 +1,18 @@
 """The import direction between our packages, read from every module's source with `ast`:
 `model` imports nothing of ours; `media` imports neither `service`, `training` nor `cli`;
-`training` does not import `service`; the client modules import no server module; no
-module takes a `_`-prefixed name from another package; and the other packages use `model`
-through what its `__init__` exports."""
+`training` does not import `service`; the client package `cdt_client` imports nothing of
+ours but itself, and only the third-party packages its distribution depends on; its formats
+import nothing of ours but each other, and neither torch nor the HTTP client; no module
+takes a `_`-prefixed name from another package; and the other packages use `model` through
+what its `__init__` exports."""
 
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -14,17 +20,30 @@ import pytest
 import model
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("model", "media", "training", "service", "cli", "benchmarks")
+# Each package of ours and the folder that holds it (the client's is its own distribution's).
+HOMES = {"model": ROOT, "media": ROOT, "training": ROOT, "service": ROOT, "cli": ROOT, "benchmarks": ROOT,
+         "cdt_client": ROOT / "client"}
+PACKAGES = tuple(HOMES)
 FORBIDDEN = {
-    "model": {"media", "training", "service", "cli", "benchmarks"},
+    "model": {"media", "training", "service", "cli", "benchmarks", "cdt_client"},
     "media": {"service", "training", "cli", "benchmarks"},
     "training": {"service", "cli", "benchmarks"},
+    "cdt_client": {"model", "media", "training", "service", "cli", "benchmarks"},
 }
-CLIENT_MODULES = ("service.client", "service.client_retry", "service.stream_client")
+FORMATS = "cdt_client.formats"
+FORMATS_THIRD_PARTY = {"numpy"}  # the formats are numpy and the standard library
+
+
+def client_dependencies() -> set[str]:
+    """The client distribution's dependencies and extras (each imports under its own name)."""
+    project = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    return {re.match(r"[A-Za-z0-9_.-]+", requirement).group() for requirement in requirements}
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
+    package = next(name for name, home in HOMES.items() if path.is_relative_to(home / name))
+    parts = path.relative_to(HOMES[package]).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -47,11 +66,12 @@ def imports(path: Path) -> list[tuple[str, list[str]]]:
     return found
 
 
-MODULES = {module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+MODULES = {module_name(p): p for pkg, home in HOMES.items() for p in sorted((home / pkg).rglob("*.py"))}
 
 
 def test_the_modules_are_found():
-    assert {"model.tokenizer", "media.tokenize", "service.app", "training.trainer", "cli.main"} <= set(MODULES)
+    assert {"model.tokenizer", "media.tokenize", "service.app", "training.trainer", "cli.main", "cdt_client.client",
+            "cdt_client.formats.tensors"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
@@ -62,8 +82,12 @@ def test_imports_follow_the_layers(name):
         target = module.split(".")[0]
         if target in FORBIDDEN.get(package, ()):
             problems.append(f"imports {module} ({package} may not import {target})")
-        if name in CLIENT_MODULES and target == "service" and module not in CLIENT_MODULES:
-            problems.append(f"imports the server module {module} (a client imports clients only)")
+        if package == "cdt_client" and target not in PACKAGES and not _standard(target) \
+                and target not in client_dependencies():
+            problems.append(f"imports {module}, which the client distribution does not depend on")
+        if name.startswith(FORMATS) and not (module.startswith(FORMATS) or _standard(target)
+                                             or target in FORMATS_THIRD_PARTY):
+            problems.append(f"imports {module} (the formats take numpy and the standard library only)")
         if target in PACKAGES and target != package:
             problems += [f"takes the private {n} from {module}" for n in names if n.startswith("_")]
         if target == "model" and package != "model" and (module != "model" or not set(names) <= set(model.__all__)):
@@ -71,10 +95,29 @@ def test_imports_follow_the_layers(name):
     assert not problems, f"{name}: " + "; ".join(problems)
 
 
+def _standard(module: str) -> bool:
+    return module in sys.stdlib_module_names or module == "__future__"
+
+
+def test_the_client_dependencies_are_read():
+    assert client_dependencies() == {"httpx", "numpy", "safetensors", "av"}
+
+
+def test_the_formats_load_without_torch_or_the_http_client():
+    """What importing the formats loads, in a fresh interpreter: the package's `__init__` keeps
+    the HTTP client out of the server's media and service."""
+    folder = HOMES["cdt_client"] / "cdt_client" / "formats"
+    formats = ", ".join(f"{FORMATS}.{path.stem}" for path in folder.glob("[!_]*.py"))
+    assert formats.count(FORMATS) == 4
+    code = f"import sys, {formats}; print([m for m in ('torch', 'httpx', 'safetensors', 'av') if m in sys.modules])"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
+    assert loaded.stdout.strip() == "[]"
+
+
 def test_the_checker_sees_relative_and_private_imports(tmp_path, monkeypatch):
     """The rules above would pass vacuously if `imports` resolved nothing."""
-    monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
+    monkeypatch.setitem(HOMES, "service", tmp_path)
     (tmp_path / "service").mkdir()
-    module = tmp_path / "service" / "client.py"
+    module = tmp_path / "service" / "bodies.py"
     module.write_text("from .app import create_app\nfrom media.lpips import _ALEX\nimport model.cache\n")
     assert imports(module) == [("service.app", ["create_app"]), ("media.lpips", ["_ALEX"]), ("model.cache", [])]

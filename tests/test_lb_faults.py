@@ -29,8 +29,8 @@ import httpx
 import numpy as np
 import pytest
 
-from service.client import AsyncClient, Client, NotFound
-from service.client_retry import Retrying
+from cdt_client.client import AsyncClient, Client, NotFound
+from cdt_client.retry import Retrying
 from tests.nginx import CONFIG, Deployment, loopback_config
 from tests.servers import SHARED_REDIS_URL, RedisServer, Server, metric_sum, wait_for
 from tests.session_helpers import latents_of, npy_bytes, real_frames

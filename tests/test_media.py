@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from cdt_client.formats.video import DISPLAY_SIZE_TAG
 from media import (
     LatentsFile,
     LatentsFileError,
@@ -39,16 +40,18 @@ from media.frames_file import FramesFileError
 from media.latents_file import latents_from_bytes, latents_to_bytes
 from media.lpips import LPIPS_SKIPPED, load_lpips
 from media.metrics import PSNR_CAP
-from media.video import DISPLAY_SIZE_TAG, resize_short_side
+from media.video import resize_short_side
 from model import from_pretrained
 from tests.tolerance import DECODE_ATOL, assert_float_close
 
 
 def encode_raw(path: Path, frames: np.ndarray, rate, pix_fmt: str = "yuv444p", pts: list[int] | None = None,
-               rotation: int = 0, time_base: Fraction | None = None) -> Path:
+               rotation: int = 0, time_base: Fraction | None = None, tags: dict[str, str] | None = None) -> Path:
     """Write frames with PyAV directly (not media.write_video): an independent fixture
-    encoder. yuv444p allows odd sizes; `pts` (in `time_base`) makes variable frame rate."""
-    with av.open(str(path), "w") as out:
+    encoder. yuv444p allows odd sizes; `pts` (in `time_base`) makes variable frame rate;
+    `tags` is container metadata."""
+    with av.open(str(path), "w", options={"movflags": "use_metadata_tags"} if tags else {}) as out:
+        out.metadata.update(tags or {})
         stream = out.add_stream("libx264", rate=rate)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = pix_fmt
@@ -191,6 +194,16 @@ def test_read_errors_are_video_decode_errors(tmp_path, shared_videos):
         read_video(shared_videos / "moviepy__example3.mp4", num_frames=1, size=16, crop=32)
 
 
+def test_a_display_size_tag_crops_when_it_fits_in_the_frame_and_must_parse(tmp_path):
+    frames = np.random.default_rng(3).integers(0, 256, (2, 20, 16, 3), dtype=np.uint8)
+    for tag, shape in [("15x19", (2, 19, 15, 3)), ("17x19", (2, 20, 16, 3))]:  # 17 > 16: the tag is ignored
+        path = encode_raw(tmp_path / f"{tag}.mp4", frames, 10, tags={DISPLAY_SIZE_TAG: tag})
+        assert read_video(path).frames.shape == shape
+    path = encode_raw(tmp_path / "bad.mp4", frames, 10, tags={DISPLAY_SIZE_TAG: "15 by 19"})
+    with pytest.raises(VideoDecodeError, match="bad cdt_display_size tag '15 by 19'"):
+        read_video(path)
+
+
 # --- writing -----------------------------------------------------------------------------
 
 def test_write_video_is_h264_yuv420p_and_round_trips_odd_sizes(tmp_path, shared_videos):
@@ -277,6 +290,12 @@ def test_latents_file_rejects_bad_files(tmp_path):
     data = latents_to_bytes(_latents_file()).replace(b'"frames":"10"', b'"frames":"11"')
     with pytest.raises(LatentsFileError, match="does not fit"):
         latents_from_bytes(data)
+    # Same-length edits of the metadata, so that the header stays a valid safetensors header.
+    for old, new, message in [(b'"format_version":"1"', b'"format_version":"2"', "unsupported format version '2'"),
+                              (b'"fps":"29.97"', b'"fps":"2x.97"', "bad metadata .*2x.97"),
+                              (b'"pad_width"', b'"pad_wdth_"', "bad metadata \\('pad_width'\\)")]:
+        with pytest.raises(LatentsFileError, match=message):
+            latents_from_bytes(latents_to_bytes(_latents_file()).replace(old, new))
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".npy"])

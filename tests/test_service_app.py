@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from cdt_client.client import AsyncClient, Overloaded, ServiceError
+from cdt_client.retry import NO_RETRY, Retrying
 from media import frames_to_tensor
 from media.latents_file import latents_from_bytes
 from model import NUM_TIMESTEPS
 from service import Settings, create_app
-from service.client import AsyncClient, Overloaded, ServiceError
-from service.client_retry import NO_RETRY, Retrying
 from service.errors import GatewayTimeout, Unavailable
 from service.metrics import Metrics
 from service.settings import SettingsError

@@ -20,11 +20,11 @@ import pytest
 import torch
 from test_media import cut_clip
 
+from cdt_client.client import Client, Conflict, Forbidden, InvalidInput, Unauthorized
 from cli.main import main as cdt
 from media import encode_frames, load_frames, read_video, write_video
 from media.latents_file import latents_from_bytes, latents_to_bytes
 from model import CDTConfig, build_model
-from service.client import Client, Conflict, Forbidden, InvalidInput, Unauthorized
 from service.memory import MAX_CHUNK_FRAMES
 from tests.servers import Server, metric_sum
 

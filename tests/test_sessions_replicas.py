@@ -249,8 +249,8 @@ class LoseResponses(httpx.HTTPTransport):
 
 def test_client_streams_and_retries_lost_answers_with_the_same_seq(replicas, shared_videos, tmp_path):
     from media import write_video
-    from service.client import Client
-    from service.client_retry import Retrying
+    from cdt_client.client import Client
+    from cdt_client.retry import Retrying
     from tests.session_helpers import real_frames
 
     clip = tmp_path / "clip.mp4"

@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 import torch
 
+from cdt_client.client import AsyncClient
 from media.video import read_video, write_video
 from model import from_pretrained
 from service import Settings, create_app
-from service.client import AsyncClient
 from training.export import TRAINING_FILE
 from training.trainer import train
 

@@ -1,6 +1,7 @@
 """The wheel built from this tree, installed into a fresh environment, serves: `cdt serve`
 there, run outside any source tree, loads the shipped checkpoint the wheel carries and
-serves the API and the web page."""
+serves the API and the web page. The wheel carries the client's package (`cdt_client`, from
+client/) too, whose formats the server imports."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import httpx
 from model import DEFAULT_CHECKPOINT
 from tests.servers import REPO, Server
 
-PACKAGES = ("model", "media", "training", "service", "cli")
+PACKAGES = ("model", "media", "training", "service", "cli", "cdt_client")
 
 
 def source_tree(destination: Path) -> Path:
@@ -43,6 +44,9 @@ def test_installed_wheel_serves_the_shipped_checkpoint(tmp_path):
     shipped = sorted(path.name for path in DEFAULT_CHECKPOINT.iterdir())
     assert sorted(n.rsplit("/", 1)[1] for n in names if "/checkpoints/cdt-tiny/" in n) == shipped
     assert any(name.startswith("service/web/static/") for name in names)
+    client = REPO / "client"
+    assert {name for name in names if name.startswith("cdt_client/")} == {
+        path.relative_to(client).as_posix() for path in (client / "cdt_client").rglob("*.py")}
 
     # A fresh environment: the wheel alone, its dependencies seen through a .pth file (they are
     # what this environment has; this project's editable install there is not processed).

@@ -9,14 +9,14 @@ Long videos stream through a session, chunk by chunk:
         latents = client.stream_encode("long.mp4", chunk_frames=16)
         frames = client.stream_decode(latents, chunk_latents=4, seed=0)
 
-The client needs only httpx, numpy and safetensors (no torch; PyAV only to read frames from
-a video file in `stream_encode`), and importing it loads none of the server's modules.
+The client needs only httpx, numpy and safetensors (no torch; PyAV, the `video` extra, only
+to read frames from a video file in `stream_encode`).
 
 Every call retries connection errors and 429/502/503/504 answers with backoff, honouring
-Retry-After, where a repeat is safe (`service.client_retry`; `retry=` sets the policy,
+Retry-After, where a repeat is safe (`cdt_client.retry`; `retry=` sets the policy,
 `NO_RETRY` turns it off). An error answer left after that becomes a `ServiceError` subclass
-chosen by status, carrying the service's error `code` and `message` (`Overloaded` also
-carries `retry_after`).
+chosen by status, carrying the service's error `code` (one of `formats.api.ERROR_CODES`) and
+`message` (`Overloaded` also carries `retry_after`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from .client_retry import Retrying
-from .stream_client import (
+from .formats.api import NPY, SAFETENSORS
+from .retry import Retrying
+from .streaming import (
     assemble_latents,
     chunk_info,
     concat_frames,
@@ -42,7 +43,7 @@ from .stream_client import (
 
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_FPS = 30.0  # recorded for streamed frames that carry no rate, as /v1/encode does
-_CONTENT_TYPES = {".npy": "application/x-npy", ".safetensors": "application/x-safetensors",
+_CONTENT_TYPES = {".npy": NPY, ".safetensors": SAFETENSORS,
                   ".mp4": "video/mp4", ".webm": "video/webm", ".avi": "video/x-msvideo", ".mkv": "video/x-matroska",
                   ".mov": "video/quicktime"}
 
@@ -112,7 +113,7 @@ def _encode_request(path: str | Path, frames, size, fps, format) -> dict:
 
 def _decode_request(path: str | Path, steps, seed, format) -> dict:
     return {"url": "/v1/decode", "content": Path(path).read_bytes(),
-            "headers": {"content-type": "application/x-safetensors"},
+            "headers": {"content-type": SAFETENSORS},
             "params": _params(steps=steps, seed=seed, format=format)}
 
 
@@ -175,7 +176,7 @@ class Client:
 
     def _push(self, sid: str, seq: int, chunk: np.ndarray, params: dict) -> httpx.Response:
         return self._post(f"/v1/sessions/{sid}/chunks/{seq}", content=npy_body(chunk), params=params,
-                          headers={"content-type": "application/x-npy"})
+                          headers={"content-type": NPY})
 
     def stream_encode(self, source: str | Path | np.ndarray, chunk_frames: int = 16, *,
                       fps: float | None = None) -> bytes:
@@ -252,7 +253,7 @@ class AsyncClient:
 
     async def _push(self, sid: str, seq: int, chunk: np.ndarray, params: dict) -> httpx.Response:
         return await self._post(f"/v1/sessions/{sid}/chunks/{seq}", content=npy_body(chunk), params=params,
-                                headers={"content-type": "application/x-npy"})
+                                headers={"content-type": NPY})
 
     async def stream_encode(self, source: str | Path | np.ndarray, chunk_frames: int = 16, *,
                             fps: float | None = None) -> bytes:

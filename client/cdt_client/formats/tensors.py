@@ -4,6 +4,9 @@ Reading a header first lets a caller check the declared dtype and shape against 
 limits before a byte of data is allocated (a 1 kB npy can claim terabytes), then read
 the data in slices. Writing a header from a known dtype and shape lets a file be
 streamed: header first, then the data as it is produced.
+
+The `safetensors` library reads a header only from a file it opens by name, so a body in
+memory or an open temporary file is read here (numpy reads npy headers).
 """
 
 from __future__ import annotations
@@ -16,14 +19,12 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
-import torch
 
 _ST_MAX_HEADER = 1 << 20  # bytes; ours are under 1 kB, safetensors itself allows 100 MB
 _ST_ALIGN = 8  # safetensors pads its JSON header so the data starts 8-byte aligned
-# safetensors dtype names of the dtypes we read or write, as torch dtypes, and as numpy's
-# where numpy has one (npy files cannot hold bf16).
-TORCH_DTYPES = {"U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-                "F64": torch.float64}
+# safetensors dtype names of the dtypes we read or write, with their sizes in bytes, and as
+# numpy's dtypes where numpy has one (npy files cannot hold bf16).
+ELEMENT_SIZES = {"U8": 1, "F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 NPY_DTYPES = {"U8": np.dtype(np.uint8), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
 
 
@@ -46,7 +47,7 @@ class TensorLayout:
 
 
 def element_size(dtype: str) -> int:
-    return TORCH_DTYPES[dtype].itemsize
+    return ELEMENT_SIZES[dtype]
 
 
 def _file_size(fp: BinaryIO) -> int:
@@ -126,7 +127,7 @@ def _safetensors_layout(name: str, entry, data_start: int, metadata: dict[str, s
         begin, end = int(begin), int(end)
     except (TypeError, KeyError, ValueError) as exc:
         raise TensorHeaderError(f"bad safetensors entry {name!r} ({exc})") from None
-    if not isinstance(dtype, str) or dtype not in TORCH_DTYPES:
+    if not isinstance(dtype, str) or dtype not in ELEMENT_SIZES:
         raise TensorHeaderError(f"tensor {name!r} has dtype {dtype}; uint8 or a float is needed")
     if min(shape, default=0) < 0:
         raise TensorHeaderError(f"tensor {name!r} has a negative dimension: {shape}")
@@ -150,21 +151,3 @@ def _check_size(fp: BinaryIO, layout: TensorLayout) -> None:
     if layout.nbytes > available:
         raise TensorHeaderError(f"the header declares {layout.dtype} {layout.shape} ({layout.nbytes} bytes), "
                                 f"the file holds {max(0, available)} bytes of data")
-
-
-def read_slab(fp: BinaryIO, layout: TensorLayout, axis: int, start: int, stop: int) -> torch.Tensor:
-    """Indices [start, stop) of dimension `axis` (all of the others), read from the file:
-    one contiguous read per index of the leading dimensions."""
-    shape = layout.shape
-    inner = math.prod(shape[axis + 1 :]) * element_size(layout.dtype)
-    span = shape[axis] * inner
-    data = bytearray()
-    for lead in range(math.prod(shape[:axis])):
-        fp.seek(layout.offset + lead * span + start * inner)
-        data += fp.read((stop - start) * inner)
-    if len(data) != math.prod(shape[:axis]) * (stop - start) * inner:
-        raise TensorHeaderError("the file ended before its declared data")
-    out_shape = (*shape[:axis], stop - start, *shape[axis + 1 :])
-    if not data:
-        return torch.empty(out_shape, dtype=TORCH_DTYPES[layout.dtype])
-    return torch.frombuffer(data, dtype=TORCH_DTYPES[layout.dtype]).reshape(out_shape)

@@ -1,11 +1,9 @@
 """Client side of streaming sessions: cutting the input into chunks and assembling the
-chunks' outputs. Used by the streaming calls of `service.client`, which retry a chunk with
-the same `seq` (`service.client_retry`).
+chunks' outputs. Used by the streaming calls of `cdt_client.client`, which retry a chunk with
+the same `seq` (`cdt_client.retry`).
 
-It needs only numpy and safetensors (no torch): the client imports nothing of `media` or
-`model`, so it reads and writes the latents file format (`media.latents_file`: one tensor
-`latents`, cdt-latents string metadata) with safetensors' numpy API, and decodes a video
-file with PyAV, imported only when a video path is given.
+It needs only numpy and safetensors (no torch): the formats come from `cdt_client.formats`,
+and a video file is decoded with PyAV, imported only when a video path is given.
 """
 
 from __future__ import annotations
@@ -20,11 +18,12 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-LATENTS_TENSOR = "latents"
-LATENTS_FORMAT = "cdt-latents"
-LATENTS_FORMAT_VERSION = "1"
-DISPLAY_SIZE_TAG = "cdt_display_size"  # the true size of an odd-sized clip written by `media.video`
-VIDEO_EXTRA = "client-video"  # the pyproject extra that adds PyAV to the client's dependencies
+from .formats.api import CHUNK_HEADER
+from .formats.files import LATENTS_TENSOR, latents_metadata, read_latents_metadata
+from .formats.tensors import safetensors_metadata
+from .formats.video import display_size, displayed
+
+VIDEO_EXTRA = "video"  # the client's extra that adds PyAV to its dependencies
 
 
 def npy_body(array: np.ndarray) -> bytes:
@@ -55,24 +54,19 @@ def video_chunks(path: Path, chunk_frames: int) -> tuple[Iterator[np.ndarray], f
     try:
         import av
     except ImportError:
-        raise ImportError(f"reading frames from a video file needs PyAV: pip install av (the {VIDEO_EXTRA!r} "
-                          "extra), or pass uint8 (T,H,W,3) frames") from None
+        raise ImportError(f"reading frames from a video file needs PyAV: pip install 'cdt-client[{VIDEO_EXTRA}]', "
+                          "or pass uint8 (T,H,W,3) frames") from None
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     container = av.open(str(path))
     stream = container.streams.video[0]
     rate = stream.average_rate or stream.guessed_rate
-    tag = container.metadata.get(DISPLAY_SIZE_TAG, "")
-    display = tuple(int(v) for v in tag.split("x")) if tag else None
 
     def frames() -> Iterator[np.ndarray]:
+        display = None
         for frame in container.decode(stream):
-            rgb = frame.to_ndarray(format="rgb24")
-            if display:
-                rgb = rgb[: display[1], : display[0]]
-            if frame.rotation % 360:
-                rgb = np.rot90(rgb, k=round(frame.rotation / 90) % 4)  # counter-clockwise degrees
-            yield np.ascontiguousarray(rgb)
+            display = display or display_size(container.metadata, frame.width, frame.height)
+            yield np.ascontiguousarray(displayed(frame.to_ndarray(format="rgb24"), display, frame.rotation))
 
     def chunks() -> Iterator[np.ndarray]:
         with container:
@@ -99,32 +93,17 @@ def read_latents(data: bytes) -> np.ndarray:
     return st_load(data)[LATENTS_TENSOR]
 
 
-def safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The string metadata of a safetensors file: an 8-byte little-endian header length, then
-    a JSON header whose `__metadata__` holds it."""
-    try:
-        length = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + length])
-        return dict(header.get("__metadata__") or {})
-    except (ValueError, AttributeError) as exc:
-        raise ValueError(f"not a safetensors file ({exc})") from None
-
-
 def assemble_latents(parts: list[np.ndarray], finish_info: dict, model: dict, fps: float) -> bytes:
     """A latents file (the /v1/encode format) from a finished encode session's chunks."""
     latents = np.ascontiguousarray(np.concatenate(parts, axis=2), dtype=np.float32)
-    metadata = {
-        "format": LATENTS_FORMAT, "format_version": LATENTS_FORMAT_VERSION, "model_hash": model["hash"],
-        "preset": model["preset"], "model_kind": model["kind"], "dtype": model["dtype"],
-        "frames": str(finish_info["frames"]), "height": str(finish_info["height"]),
-        "width": str(finish_info["width"]), "fps": repr(float(fps)), "pad_frames": str(finish_info["pad_frames"]),
-        "pad_height": str(finish_info["pad_height"]), "pad_width": str(finish_info["pad_width"]),
-    }
+    clip = {key: finish_info[key] for key in ("frames", "height", "width", "pad_frames", "pad_height", "pad_width")}
+    metadata = latents_metadata(model_hash=model["hash"], preset=model["preset"], model_kind=model["kind"],
+                                dtype=model["dtype"], fps=fps, **clip)
     return st_save({LATENTS_TENSOR: latents}, metadata=metadata)
 
 
 def chunk_info(response: httpx.Response) -> dict:
-    return json.loads(response.headers["x-cdt-chunk"])
+    return json.loads(response.headers[CHUNK_HEADER])
 
 
 def decode_session_spec(source: str | Path | bytes | np.ndarray, steps: int,
@@ -137,11 +116,8 @@ def decode_session_spec(source: str | Path | bytes | np.ndarray, steps: int,
             raise ValueError(f"latents must be float (1,16,T,h,w), got {source.dtype} {source.shape}")
         return source, spec
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    meta = safetensors_metadata(data)
-    if meta.get("format") != LATENTS_FORMAT:
-        raise ValueError(f"not a {LATENTS_FORMAT} file (format={meta.get('format')!r})")
-    spec.update(height=int(meta["height"]), width=int(meta["width"]), frames=int(meta["frames"]),
-                fps=float(meta["fps"]))
+    clip = read_latents_metadata(safetensors_metadata(data))
+    spec.update({key: clip[key] for key in ("height", "width", "frames", "fps")})
     return read_latents(data).astype(np.float32, copy=False), spec
 
 
