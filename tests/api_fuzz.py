@@ -80,7 +80,8 @@ def check_encode(url: str, clip: Path, checkpoint: Path) -> bool:
         return False
     served = latents_from_bytes(response.content)
     video = read_video(clip)
-    local = encode_frames(from_pretrained(checkpoint).eval(), [video.frames], video.fps, streamed=False)
+    model, identity = from_pretrained(checkpoint)
+    local = encode_frames(model, identity.content_hash, [video.frames], video.fps, streamed=False)
     return served.latents.shape == local.latents.shape and bool((served.latents == local.latents).all())
 
 

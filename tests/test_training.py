@@ -211,16 +211,16 @@ def test_resume_continues_exactly(clip_dir, tmp_path):
 
     served = tmp_path / "served"
     info = export(parts, served)
-    loaded = from_pretrained(served)
+    loaded, identity = from_pretrained(served)
     ema = torch.load(parts / "state.pt", weights_only=True)["ema"]
-    assert info["step"] == 2 and loaded.content_hash() == info["hash"]
+    assert info["step"] == 2 and identity.content_hash == info["hash"]
     name = "encoder.stem.conv.conv.weight"
     assert torch.equal(loaded.state_dict()[name], ema[name].to(torch.bfloat16).float())
     record = json.loads((served / TRAINING_FILE).read_text())
     assert record["model_hash"] == info["hash"] and record["config"] == config and record["step"] == 2
     assert record["data"]["videos"] == 3 and record["data"]["samples_drawn"]["video"] == 4  # 2 steps of batch 2
     assert cdt_main(["export", "--run", str(parts), "-o", str(tmp_path / "cli")]) == 0
-    assert from_pretrained(tmp_path / "cli").content_hash() == info["hash"]
+    assert from_pretrained(tmp_path / "cli").identity.content_hash == info["hash"]
 
 
 def test_a_run_written_before_an_option_existed_resumes_with_its_default(clip_dir, tmp_path):
@@ -371,7 +371,7 @@ def test_init_from_starts_a_run_from_a_checkpoint(clip_dir, tmp_path):
     config = tiny_config(clip_dir, tmp_path / "cache", **{"model.init_from": str(checkpoint)})
     run = prepare_run(tmp_path / "warm", config)
     model, _ = train(run, stop_at=0, progress=False)  # no step: the weights are the checkpoint's
-    source = from_pretrained(checkpoint)
+    source = from_pretrained(checkpoint).model
     for (name, a), b in zip(model.state_dict().items(), source.state_dict().values()):
         assert torch.equal(a, b), name
     vae = tiny_config(clip_dir, tmp_path / "cache", **{"model.init_from": str(checkpoint), "model.kind": "vae"})

@@ -31,8 +31,7 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16") -> dic
     state = load_state(run_dir)
     model = build_model(CDTConfig.from_preset(config["model"]["preset"]), config["model"]["kind"])
     model.load_state_dict(state["ema"])
-    model.refresh_hash()
-    digest = save_pretrained(model.eval(), out_dir, dtype=dtype)
+    digest = save_pretrained(model.eval(), out_dir, dtype=dtype).content_hash
     record = training_record(config, state, digest)
     (out_dir / TRAINING_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return {"checkpoint": str(out_dir), "run": str(run_dir), "step": state["step"], "kind": model.kind,

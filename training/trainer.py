@@ -92,7 +92,7 @@ def validate(model, clips: list[np.ndarray], steps: int) -> dict:
 
 def warm_start_weights(checkpoint: str | Path, model) -> dict:
     """The weights of a checkpoint of the same preset and kind, in float32."""
-    source = from_pretrained(checkpoint)
+    source = from_pretrained(checkpoint).model
     if source.kind != model.kind or source.config != model.config:
         raise ValueError(f"init_from {checkpoint}: a {source.config.preset} {source.kind} checkpoint cannot start "
                          f"a {model.config.preset} {model.kind} run")
