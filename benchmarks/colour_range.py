@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", action="append", required=True, help="checkpoint directory (repeatable)")
     parser.add_argument("--name", default="colour_range", help="results file name under benchmarks/results")
     args = parser.parse_args()
-    models = {path: from_pretrained(path).eval() for path in args.checkpoint}
+    models = {path: from_pretrained(path).model for path in args.checkpoint}
     results = {(name, path): reconstruct_swatch(model, rgb)
                for name, rgb in SWATCHES.items() for path, model in models.items()}
     rows = []

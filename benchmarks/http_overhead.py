@@ -63,13 +63,14 @@ def main() -> None:
         checkpoint = Path(tmp) / "tiny"
         torch.manual_seed(0)
         save_pretrained(build_model(CDTConfig.from_preset("tiny"), "cdt"), checkpoint)
-        model = from_pretrained(checkpoint).eval()
+        model, identity = from_pretrained(checkpoint)
 
         def direct() -> np.ndarray:
             with torch.inference_mode():
                 chunks = (frames[i : i + MAX_CHUNK_FRAMES] for i in range(0, len(frames), MAX_CHUNK_FRAMES))
-                item = encode_frames(model, chunks, 30.0, streamed=True)
-                return np.concatenate(list(decode_frames(model, item, 1, SEED, chunk=MAX_CHUNK_FRAMES // 4)))
+                item = encode_frames(model, identity.content_hash, chunks, 30.0, streamed=True)
+                decoded = decode_frames(model, identity.content_hash, item, 1, SEED, chunk=MAX_CHUNK_FRAMES // 4)
+                return np.concatenate(list(decoded))
 
         server = Server(checkpoint, Path(tmp) / "server.log").wait_ready()
         url = server.url

@@ -43,7 +43,7 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def stream(model, op: str, height: int, width: int, chunk: int, chunks: int, steps: int) -> None:
+def stream(model, model_hash: str, op: str, height: int, width: int, chunk: int, chunks: int, steps: int) -> None:
     """Run the service's streamed encode or decode of `chunks` chunks of `chunk` frames."""
     import torch
 
@@ -52,27 +52,28 @@ def stream(model, op: str, height: int, width: int, chunk: int, chunks: int, ste
     g = torch.Generator().manual_seed(0)
     if op == "encode":
         parts = (torch.rand(1, 3, chunk, height, width, generator=g) * 2 - 1 for _ in range(chunks))
-        for _ in encode_chunks(model, parts):
+        for _ in encode_chunks(model, model_hash, parts):
             pass
         return
     latent_chunk = chunk // 4
-    info = latents_info(model, 1 + 4 * (latent_chunk * chunks - 1), height, width, 30.0)
+    info = latents_info(model, model_hash, 1 + 4 * (latent_chunk * chunks - 1), height, width, 30.0)
     parts = (torch.randn(1, 16, latent_chunk, height // 8, width // 8, generator=g) for _ in range(chunks))
-    for _ in decode_chunks(model, info, parts, steps=steps):
+    for _ in decode_chunks(model, model_hash, info, parts, steps=steps):
         pass
 
 
 def measure_one(preset: str, op: str, height: int, width: int, chunk: int, steps: int, chunks: int) -> dict:
     import torch
 
-    from model import CDTConfig, build_model
+    from model import CDTConfig, build_model, content_hash
 
     torch.manual_seed(0)
     model = build_model(CDTConfig.from_preset(preset), "cdt").eval()
+    model_hash = content_hash(model)
     with torch.inference_mode():
-        stream(model, op, WARMUP_SIDE, WARMUP_SIDE, chunk, 3, steps)
+        stream(model, model_hash, op, WARMUP_SIDE, WARMUP_SIDE, chunk, 3, steps)
         baseline = peak_rss()
-        stream(model, op, height, width, chunk, chunks, steps)
+        stream(model, model_hash, op, height, width, chunk, chunks, steps)
     return {"baseline": baseline, "peak": peak_rss()}
 
 

@@ -21,12 +21,13 @@ MEASURES = ["model/", "benchmarks/stream_memory.py"]
 
 CHILD = """
 import json, resource, sys, torch
-from model import CDTConfig, StreamingDecoder, StreamingEncoder, build_model
+from model import CDTConfig, StreamingDecoder, StreamingEncoder, build_model, content_hash
 
 frames, size, preset, chunk = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 torch.manual_seed(0)
 model = build_model(CDTConfig.from_preset(preset), "cdt").eval()
-enc, dec = StreamingEncoder(model), StreamingDecoder(model, steps=1, seed=0)
+model_hash = content_hash(model)
+enc, dec = StreamingEncoder(model, model_hash), StreamingDecoder(model, model_hash, steps=1, seed=0)
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 done, state_bytes = 0, 0
 while done < frames:

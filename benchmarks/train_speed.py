@@ -22,7 +22,7 @@ import torch
 
 from benchmarks import report
 from model import CDTConfig, bf16_is_fast, build_model
-from training.config import DEFAULTS
+from training.config import LossSection
 from training.losses import Objective
 
 # The code these figures describe (`python -m benchmarks.run_all --stale`).
@@ -35,7 +35,7 @@ class Step:
     def __init__(self, kind: str, batch: int, frames: int, crop: int, bf16: bool = False) -> None:
         torch.manual_seed(0)
         self.model = build_model(CDTConfig.from_preset("tiny"), kind).train()
-        self.objective = Objective(self.model, DEFAULTS["loss"])
+        self.objective = Objective(self.model, LossSection())
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.video = torch.rand(batch, 3, frames, crop, crop) * 2 - 1
         self.bf16 = bf16

@@ -35,7 +35,7 @@ from media import provenance
 from media.frames_file import FRAME_FILE_SUFFIXES, is_frames_file, load_frames
 from media.lpips import LPIPS_SKIPPED, load_lpips
 from media.video import resize_short_side
-from model import DEFAULT_CHECKPOINT, Tokenizer, from_pretrained
+from model import DEFAULT_CHECKPOINT, Pretrained, Tokenizer, decode_chunk_latents, from_pretrained
 from service.settings import SettingsError, max_steps_from_env
 
 FALLBACK_FPS = 30.0
@@ -154,7 +154,7 @@ def _add_decode_args(parser) -> None:
     parser.add_argument("--crf", type=_crf, default=18, help="x264 quality of .mp4 output, 0..51 (default 18)")
 
 
-def load_model(args) -> Tokenizer:
+def load_model(args) -> Pretrained:
     if args.checkpoint is None and not DEFAULT_CHECKPOINT.is_dir():
         raise ValueError(f"no --checkpoint given and the default {DEFAULT_CHECKPOINT} does not exist: "
                          "pass --checkpoint DIR, or create one with `cdt init --preset tiny -o DIR`")
@@ -208,13 +208,14 @@ def _at_least(chunks: Iterable[np.ndarray], frames: int | None, path: Path) -> I
         raise ValueError(f"{path}: too few frames: it has {count}, --frames asks for {frames}")
 
 
-def _encode(args, model: Tokenizer) -> LatentsFile:
+def _encode(args, model: Tokenizer, model_hash: str) -> LatentsFile:
     with open_input(args, args.chunk) as (chunks, fps, total), _bar(args, total, "encode") as bar:
-        return encode_frames(model, _counted(chunks, bar), fps, streamed=args.chunk is not None)
+        return encode_frames(model, model_hash, _counted(chunks, bar), fps, streamed=args.chunk is not None)
 
 
-def _decoded(args, model: Tokenizer, item: LatentsFile, chunk: int | None, bar: tqdm) -> Iterator[np.ndarray]:
-    return _counted(decode_frames(model, item, steps=args.steps, seed=args.seed, chunk=chunk), bar)
+def _decoded(args, model: Tokenizer, model_hash: str, item: LatentsFile, chunk: int | None,
+             bar: tqdm) -> Iterator[np.ndarray]:
+    return _counted(decode_frames(model, model_hash, item, steps=args.steps, seed=args.seed, chunk=chunk), bar)
 
 
 def _save(output: Path, frames: np.ndarray, fps: float, crf: int) -> None:
@@ -226,8 +227,8 @@ def _save(output: Path, frames: np.ndarray, fps: float, crf: int) -> None:
 
 def run_encode(args) -> int:
     output = _check_output(args.output, (LATENTS_SUFFIX,))
-    model = load_model(args)
-    item = _encode(args, model)
+    model, identity = load_model(args)
+    item = _encode(args, model, identity.content_hash)
     save_latents(output, item)
     print(json.dumps({"output": str(output), "latents": list(item.latents.shape), "frames": item.frames,
                       "height": item.height, "width": item.width, "fps": item.fps, "model_hash": item.model_hash}))
@@ -236,10 +237,10 @@ def run_encode(args) -> int:
 
 def run_decode(args) -> int:
     output = _check_output(args.output, (VIDEO_OUTPUT_SUFFIX, *FRAME_FILE_SUFFIXES))
-    model = load_model(args)
-    item = load_latents(args.input, model.content_hash(), force=args.force)
+    model, identity = load_model(args)
+    item = load_latents(args.input, identity.content_hash, force=args.force)
     with _bar(args, item.frames, "decode") as bar:
-        decoded = _decoded(args, model, item, args.chunk, bar)
+        decoded = _decoded(args, model, identity.content_hash, item, args.chunk, bar)
         if output.suffix.lower() == VIDEO_OUTPUT_SUFFIX:
             # Written chunk by chunk: memory stays bounded by --chunk.
             with VideoWriter(output, item.width, item.height, item.fps, crf=args.crf) as writer:
@@ -254,15 +255,15 @@ def run_decode(args) -> int:
 
 def run_reconstruct(args) -> int:
     output = _check_output(args.output, (VIDEO_OUTPUT_SUFFIX, *FRAME_FILE_SUFFIXES))
-    model = load_model(args)
+    model, identity = load_model(args)
     # The input is kept for the metrics; its chunks still stream through the encoder.
     original: list[np.ndarray] = []
     with open_input(args, args.chunk) as (chunks, fps, total), _bar(args, total, "encode") as bar:
-        item = encode_frames(model, _counted(_kept(chunks, original), bar), fps, streamed=args.chunk is not None)
-    # A chunk of F pixel frames is about F/4 latent frames.
-    latent_chunk = None if args.chunk is None else max(1, args.chunk // 4)
+        item = encode_frames(model, identity.content_hash, _counted(_kept(chunks, original), bar), fps,
+                             streamed=args.chunk is not None)
+    latent_chunk = None if args.chunk is None else decode_chunk_latents(args.chunk)
     with _bar(args, item.frames, "decode") as bar:
-        decoded = np.concatenate(list(_decoded(args, model, item, latent_chunk, bar)))
+        decoded = np.concatenate(list(_decoded(args, model, identity.content_hash, item, latent_chunk, bar)))
     _save(output, decoded, item.fps, args.crf)
     reference = np.concatenate(original)
     print(f"{output}: {item.frames} frames {item.width}x{item.height} @ {item.fps:g} fps  "
@@ -285,15 +286,15 @@ def _eval_measures(args) -> list[str]:
 
 
 def run_eval(args) -> int:
-    model = load_model(args)
+    model, identity = load_model(args)
     lpips = load_lpips(*args.lpips_weights) if args.lpips_weights else None
     clips = []
     for path in tqdm(args.videos, desc="eval", unit="clip", disable=args.quiet, file=sys.stderr, leave=False):
         clip = read_video(path, num_frames=args.frames, size=args.size, crop=args.size)
         if len(clip.frames) < args.frames:
             raise ValueError(f"{path}: too few frames: it has {len(clip.frames)}, --frames asks for {args.frames}")
-        item = encode_frames(model, [clip.frames], clip.fps, streamed=False)
-        decoded = np.concatenate(list(decode_frames(model, item, args.steps, args.seed)))
+        item = encode_frames(model, identity.content_hash, [clip.frames], clip.fps, streamed=False)
+        decoded = np.concatenate(list(decode_frames(model, identity.content_hash, item, args.steps, args.seed)))
         scores = {"path": str(path), "psnr": psnr(clip.frames, decoded), "ssim": ssim(clip.frames, decoded)}
         if lpips is not None:
             scores["lpips"] = lpips.score(clip.frames, decoded)
@@ -305,7 +306,7 @@ def run_eval(args) -> int:
         "protocol": {"frames": args.frames, "size": args.size, "crop": [args.size, args.size], "steps": args.steps,
                      "seed": args.seed, "dtype": args.dtype, "space": "RGB [0,1], uint8-rounded reconstruction",
                      "lpips": lpips.description if lpips is not None else LPIPS_SKIPPED},
-        "checkpoint": {"path": str(args.checkpoint or DEFAULT_CHECKPOINT), "hash": model.content_hash(),
+        "checkpoint": {"path": str(args.checkpoint or DEFAULT_CHECKPOINT), "hash": identity.content_hash,
                        "preset": model.config.preset, "kind": model.kind},
     }
     if args.output:

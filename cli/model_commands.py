@@ -41,6 +41,7 @@ def run_info(args) -> int:
 def run_init(args) -> int:
     torch.manual_seed(args.seed)
     model = build_model(CDTConfig.from_preset(args.preset), args.kind)
-    digest = save_pretrained(model, args.output, dtype=args.dtype)
-    print(json.dumps({"checkpoint": args.output, "preset": args.preset, "kind": args.kind, "hash": digest}))
+    identity = save_pretrained(model, args.output, dtype=args.dtype)
+    print(json.dumps({"checkpoint": args.output, "preset": args.preset, "kind": args.kind,
+                      "hash": identity.content_hash}))
     return 0

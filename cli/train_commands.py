@@ -69,7 +69,7 @@ def run_train(args) -> int:
                 raise FileNotFoundError(f"{run_dir}: no checkpoint (state.pt) to resume from")
         else:
             config = load_config(args.config, args.overrides)
-            run_dir = prepare_run(Path(args.run_dir or Path("runs") / config["name"]), config)
+            run_dir = prepare_run(Path(args.run_dir or Path("runs") / config.name), config)
         stats = Run(run_dir, options).train(stop_at=args.stop_at, export_to=args.export)
     finally:
         shutdown_distributed()

@@ -70,7 +70,7 @@ class CDTAutoencoder(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, steps: int = 1, seed: int = 0, device: str = "cpu",
                         dtype: str | torch.dtype = "fp32") -> "CDTAutoencoder":
-        return cls(from_pretrained(directory, device=device, dtype=dtype).eval(), steps, seed)
+        return cls(from_pretrained(directory, device=device, dtype=dtype).model, steps, seed)
 
     @property
     def dtype(self) -> torch.dtype:

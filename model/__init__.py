@@ -1,14 +1,16 @@
 """CDT video tokenizer: pure PyTorch model code (no web, no storage services)."""
 
 from .cache import CacheFormatError, FeatureCache
-from .checkpoint import DEFAULT_CHECKPOINT, CheckpointError, from_pretrained, record_receptive_field, save_pretrained
+from .checkpoint import (DEFAULT_CHECKPOINT, CheckpointError, ModelIdentity, Pretrained, from_pretrained,
+                         record_receptive_field, save_pretrained)
 from .config import LATENT_CHANNELS, NUM_TIMESTEPS, PRESETS, SPACE_FACTOR, TIME_FACTOR, CDTConfig
 from .diffusion import CosineSchedule, frame_noise
 from .layers import ResnetBlock
-from .receptive_field import ReceptiveField, measure_receptive_field
-from .streaming import CacheMismatchError, StreamingDecoder, StreamingEncoder, pad_frames
+from .streaming import (CacheMismatchError, ReceptiveField, StreamingDecoder, StreamingEncoder, decode_chunk_latents,
+                        group_size, inputs_for, measure_receptive_field, outputs_for, pad_frames, resume_position,
+                        settled_inputs)
 from .tokenizer import (CDT, SUPPORTED_DTYPES, Tokenizer, TrainingExample, VAEBaseline, bf16_is_fast, build_model,
-                        dtype_name, parse_dtype, pixel_frames, validate_video)
+                        content_hash, dtype_name, parse_dtype, pixel_frames, validate_video)
 
 __all__ = [
     "CDT",
@@ -20,8 +22,10 @@ __all__ = [
     "DEFAULT_CHECKPOINT",
     "FeatureCache",
     "LATENT_CHANNELS",
+    "ModelIdentity",
     "NUM_TIMESTEPS",
     "PRESETS",
+    "Pretrained",
     "ReceptiveField",
     "ResnetBlock",
     "SPACE_FACTOR",
@@ -34,14 +38,21 @@ __all__ = [
     "VAEBaseline",
     "bf16_is_fast",
     "build_model",
+    "content_hash",
+    "decode_chunk_latents",
     "dtype_name",
     "frame_noise",
     "from_pretrained",
+    "group_size",
+    "inputs_for",
     "measure_receptive_field",
+    "outputs_for",
     "pad_frames",
     "parse_dtype",
     "pixel_frames",
     "validate_video",
     "record_receptive_field",
+    "resume_position",
     "save_pretrained",
+    "settled_inputs",
 ]

@@ -5,8 +5,11 @@ The hash covers the config and the weights (`hash_state`); loading recomputes it
 refuses a directory whose weights or config were changed. Nothing is unpickled.
 
 `receptive_field.json` records the streams' measured temporal receptive fields
-(model/receptive_field.py) with the hash they were measured for. It stays out of the
-hash: loading uses a record whose hash matches, and measures the model otherwise.
+(model/streaming/receptive_field.py) with the hash they were measured for. It stays out
+of the hash: loading uses a record whose hash matches, and measures the model otherwise.
+
+The loader returns the network with a `ModelIdentity`: what it verified and read about
+the weights, kept apart from the nn.Module, whose state is only its weights.
 """
 
 from __future__ import annotations
@@ -14,14 +17,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import CDTConfig
-from .receptive_field import MEASURED_BY, ReceptiveField, measure
+from .streaming.receptive_field import MEASURED_BY, ReceptiveField, measure
 from .tokenizer import Tokenizer, build_model, hash_state, parse_dtype
 
 CHECKPOINT_FORMAT = "cdt-checkpoint"
@@ -34,6 +39,8 @@ RECEPTIVE_FIELD_FORMAT = "cdt-receptive-field"
 RECEPTIVE_FIELD_VERSION = 1
 RECEPTIVE_FIELD_UNITS = {"encode": "pixel frames",
                          "decode": "latent frames: decode_base + decode_per_step * DDIM steps"}
+
+
 def _shipped_checkpoint() -> Path:
     """The checkpoint shipped with the project: `checkpoints/cdt-tiny` in a source tree; an
     installed wheel carries it as data files under the environment's prefix (pyproject.toml,
@@ -52,10 +59,34 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing, malformed or tampered with."""
 
 
-def save_pretrained(model: Tokenizer, directory: str | Path, dtype: str | torch.dtype | None = None) -> str:
-    """Write the checkpoint; `dtype` casts the stored weights (e.g. bf16 to halve the size).
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What names a checkpoint's weights and what its streams need to know of them, found
+    once when it is saved or loaded (costly to find again: hashing every weight, and
+    measuring the receptive field runs streams for seconds to minutes).
 
-    Returns the content hash of what was written."""
+    `content_hash` names the config and the weights as stored: stream states and latents
+    files carry it, so they are never taken up by another model. `receptive_field` tells
+    how many recent inputs a stream's state depends on, hence how far back a log of its
+    inputs must reach to rebuild it."""
+
+    content_hash: str
+    receptive_field: ReceptiveField
+
+
+class Pretrained(NamedTuple):
+    """A loaded checkpoint: the network and its identity (`model, identity = from_pretrained(d)`)."""
+
+    model: Tokenizer
+    identity: ModelIdentity
+
+
+def save_pretrained(model: Tokenizer, directory: str | Path, dtype: str | torch.dtype | None = None,
+                    receptive_field: ReceptiveField | None = None) -> ModelIdentity:
+    """Write the checkpoint; `dtype` casts the stored weights (e.g. bf16 to halve the size).
+    The receptive field recorded beside it is `receptive_field`, else measured.
+
+    Returns the identity of what was written."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     store = parse_dtype(dtype) if dtype is not None else None
@@ -67,8 +98,9 @@ def save_pretrained(model: Tokenizer, directory: str | Path, dtype: str | torch.
     (directory / CONFIG_FILE).write_text(json.dumps(header, indent=2, sort_keys=True) + "\n")
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"content_hash": digest, "kind": model.kind})
     (directory / HASH_FILE).write_text(digest + "\n")
-    write_receptive_field(directory, model.receptive_field_record(), digest)
-    return digest
+    field = receptive_field if receptive_field is not None else measure(model)
+    write_receptive_field(directory, field, digest)
+    return ModelIdentity(digest, field)
 
 
 def read_header(directory: str | Path) -> dict:
@@ -93,7 +125,17 @@ def from_pretrained(
     directory: str | Path,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "fp32",
-) -> Tokenizer:
+) -> Pretrained:
+    """The checkpoint's network in `dtype` on `device`, in eval mode, and its identity: the
+    verified hash, and the recorded receptive field (measured if none is recorded for
+    these weights)."""
+    model, digest = _load(directory, device, dtype)
+    field = read_receptive_field(directory, digest)
+    return Pretrained(model, ModelIdentity(digest, field if field is not None else measure(model)))
+
+
+def _load(directory: str | Path, device: str | torch.device, dtype: str | torch.dtype) -> tuple[Tokenizer, str]:
+    """The checkpoint's network and the content hash its weights were verified against."""
     directory = Path(directory)
     header = read_header(directory)
     config = CDTConfig.from_dict(header["config"])
@@ -116,8 +158,7 @@ def from_pretrained(
     if missing or unexpected:
         raise CheckpointError(f"{directory}: weights do not fit the config (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})")
-    model.set_identity(actual, read_receptive_field(directory, actual))
-    return model.set_precision(dtype).to(device).eval()
+    return model.set_precision(dtype).to(device).eval(), actual
 
 
 def write_receptive_field(directory: str | Path, field: ReceptiveField, digest: str) -> None:
@@ -139,7 +180,7 @@ def read_receptive_field(directory: str | Path, digest: str) -> ReceptiveField |
 
 def record_receptive_field(directory: str | Path) -> ReceptiveField:
     """Measure a saved checkpoint's receptive fields and write its record."""
-    model = from_pretrained(directory)
+    model, digest = _load(directory, "cpu", "fp32")
     field = measure(model)
-    write_receptive_field(directory, field, model.content_hash())
+    write_receptive_field(directory, field, digest)
     return field

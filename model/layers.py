@@ -11,7 +11,7 @@ first frame, per `time_pad`) with as many frames as its position in the stream c
 for: at a stream's start (or for a standalone clip) the first-frame padding, in a
 started cache (a stream resumed mid-way) the number of frames it keeps in steady state.
 No layer keeps any other history, so a stream's state depends only on a bounded window
-of recent inputs (model/receptive_field.py).
+of recent inputs (model/streaming/receptive_field.py).
 """
 
 from __future__ import annotations

@@ -3,8 +3,7 @@
 Both share the encoder and the public API:
   encode(video) -> latents          video (B,3,1+4k,H,W) in [-1,1], H,W % 8 == 0
   decode(latents, steps, seed)      latents (B,16,1+k,H/8,W/8) -> video (B,3,1+4k,H,W)
-and a chunk-level `decode_chunk` that the streaming decoder calls with a cache, and
-the temporal receptive field of those streams (`receptive_field`).
+and a chunk-level `decode_chunk` that the streaming decoder calls with a cache.
 
 What differs between the kinds is a method each overrides, so no caller tests `kind`:
 how many DDIM steps a decode runs (`decode_steps`) and what training compares
@@ -14,7 +13,7 @@ how many DDIM steps a decode runs (`decode_steps`) and what training compares
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -24,9 +23,6 @@ from .decoder import ConditionAdapter, TimeEmbedding, UNet, UpStage
 from .diffusion import CosineSchedule, frame_noise
 from .encoder import Encoder, KLHead, Posterior, ResnetChain
 from .layers import Cache, CausalConv3d, ChannelLayerNorm, assign_cache_keys
-
-if TYPE_CHECKING:
-    from .receptive_field import ReceptiveField
 
 # Modules that stay in float32 whatever the compute dtype (numerically fragile).
 FP32_MODULES = (KLHead, TimeEmbedding)
@@ -102,7 +98,7 @@ class TrainingExample(NamedTuple):
 
 
 class Tokenizer(nn.Module):
-    """Shared encoder, precision policy and identity of both tokenizers."""
+    """Shared encoder and precision policy of both tokenizers."""
 
     kind = ""
 
@@ -110,19 +106,11 @@ class Tokenizer(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
-        self._hash: str | None = None
-        self._receptive_field: ReceptiveField | None = None
 
     def _finish_init(self) -> None:
         assign_cache_keys(self)
 
-    def set_identity(self, content_hash: str, receptive_field: "ReceptiveField | None") -> None:
-        """Adopt what a checkpoint records about these weights: their verified hash, and
-        their receptive fields (None: measured when first asked for)."""
-        self._hash = content_hash
-        self._receptive_field = receptive_field
-
-    # --- identity / precision ----------------------------------------------------------
+    # --- precision -----------------------------------------------------------------------
     @property
     def compute_dtype(self) -> torch.dtype:
         return self.encoder.stem.conv.conv.weight.dtype
@@ -140,42 +128,14 @@ class Tokenizer(nn.Module):
         kernels (`python -m benchmarks.precision` times both layouts in both dtypes
         on the machine at hand).
         Activations are channels-last in both dtypes after the first LayerNorm (a free
-        view there), and the layers keep them so.
-
-        The identity hash is taken first: it names the weights as loaded, whatever
-        dtype they are later computed in."""
+        view there), and the layers keep them so."""
         dtype = parse_dtype(dtype)
-        self.content_hash()
         layout = torch.channels_last_3d if dtype == torch.bfloat16 else torch.contiguous_format
         self.to(dtype=dtype, memory_format=layout)
         for module in self.modules():
             if isinstance(module, FP32_MODULES):
                 module.float()
         return self
-
-    def content_hash(self) -> str:
-        """sha256 of the config and the weights (see `hash_state`). Memoised: weights
-        are fixed once loaded; a trainer that changes them calls `refresh_hash`."""
-        if self._hash is None:
-            self._hash = hash_state(self.config, self.state_dict())
-        return self._hash
-
-    def refresh_hash(self) -> str:
-        self._hash = None
-        return self.content_hash()
-
-    def receptive_field(self, kind: str, steps: int = 1) -> int:
-        """How many recent input frames a stream's state depends on: pixel frames for
-        "encode", latent frames for "decode" at `steps` DDIM steps."""
-        return self.receptive_field_record().frames(kind, steps)
-
-    def receptive_field_record(self) -> "ReceptiveField":
-        """The receptive fields recorded with the checkpoint, else measured once."""
-        if self._receptive_field is None:
-            from .receptive_field import measure  # it runs streams, whose module imports this one
-
-            self._receptive_field = measure(self)
-        return self._receptive_field
 
     def parameter_counts(self) -> dict[str, int]:
         total = sum(p.numel() for p in self.parameters())
@@ -341,6 +301,14 @@ def hash_state(config: CDTConfig, state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def content_hash(model: Tokenizer) -> str:
+    """The hash of a model's config and weights as they are now (`hash_state`), computed
+    anew at each call. A loaded checkpoint's is in the loader's `ModelIdentity`, taken of
+    the weights as stored: take this one before `set_precision` casts to bf16, which
+    rounds them."""
+    return hash_state(model.config, model.state_dict())
+
+
 def build_model(config: CDTConfig, kind: str = "cdt") -> Tokenizer:
     if kind == "cdt":
         return CDT(config)
@@ -349,19 +317,12 @@ def build_model(config: CDTConfig, kind: str = "cdt") -> Tokenizer:
     raise ValueError(f"unknown model kind {kind!r}; use 'cdt' or 'vae'")
 
 
-def frames_for_latents(latent_frames: int) -> int:
-    return pixel_frames(latent_frames, first_chunk=True)
-
-
-def latent_frames_for(frames: int) -> int:
-    return 1 + (frames - 1) // TIME_FACTOR
-
-
 __all__ = [
     "CDT",
     "VAEBaseline",
     "Tokenizer",
     "build_model",
+    "content_hash",
     "hash_state",
     "validate_video",
     "validate_latents",

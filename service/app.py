@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from model import Tokenizer, bf16_is_fast, from_pretrained
+from model import Pretrained, bf16_is_fast, from_pretrained
 
 from .errors import install_handlers
 from .metrics import Metrics, RequestMetricsMiddleware
@@ -41,12 +41,14 @@ def check_checkpoint(settings: Settings) -> None:
                                  "checkpoint directory (create one with `cdt init --preset tiny -o DIR`)")
 
 
-def load_model(settings: Settings) -> Tokenizer:
+def load_model(settings: Settings) -> Pretrained:
+    """The served checkpoint and its identity (measuring its receptive field, which sessions
+    size their input logs by, when the checkpoint records none)."""
     check_checkpoint(settings)
     if settings.compute_dtype == "bf16" and not bf16_is_fast(settings.device):
         log.warning("CDT_DTYPE=bf16 on a CPU without bf16 arithmetic (AVX512-BF16/AMX): PyTorch's fallback "
                     "is several times slower than fp32 here; unset CDT_DTYPE to compute in fp32")
-    return from_pretrained(settings.checkpoint, device=settings.device, dtype=settings.compute_dtype).eval()
+    return from_pretrained(settings.checkpoint, device=settings.device, dtype=settings.compute_dtype)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -56,14 +58,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         configure_allocator()
-        model = await asyncio.to_thread(load_model, settings)
-        # Sessions size their input logs by it: measured here when the checkpoint records none.
-        await asyncio.to_thread(model.receptive_field_record)
-        metrics.model_info.info({k: str(v) for k, v in model_card(model, settings.device).items()
+        model, identity = await asyncio.to_thread(load_model, settings)
+        metrics.model_info.info({k: str(v) for k, v in model_card(model, identity, settings.device).items()
                                  if k != "compression"})
         budget = (mib(settings.memory_budget_mb) if settings.memory_budget_mb
                   else default_budget(settings.device, settings.session_hot_bytes))
-        pool = WorkerPool(model, settings.queue_size, settings.request_timeout_s, metrics, budget)
+        pool = WorkerPool(model, identity, settings.queue_size, settings.request_timeout_s, metrics, budget)
         pool.start()
         app.state.pool = pool
         app.state.store = open_store(settings.redis_url, settings.session_key_prefix)

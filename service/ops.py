@@ -8,7 +8,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-from model import SPACE_FACTOR, TIME_FACTOR, Tokenizer, dtype_name
+from model import SPACE_FACTOR, TIME_FACTOR, ModelIdentity, Tokenizer, dtype_name
 
 from .errors import BadParameter, InvalidInput
 from .settings import Settings
@@ -29,12 +29,12 @@ def check_steps(steps: int, settings: Settings) -> None:
         raise BadParameter(f"steps: must be at most {settings.max_steps} (CDT_MAX_STEPS), got {steps}")
 
 
-def model_card(model: Tokenizer, device: str) -> dict:
+def model_card(model: Tokenizer, identity: ModelIdentity, device: str) -> dict:
     """What /v1/models and the model-info metric say about the served model."""
     config = model.config
     return {
-        "id": model.content_hash()[:12],
-        "hash": model.content_hash(),
+        "id": identity.content_hash[:12],
+        "hash": identity.content_hash,
         "preset": config.preset,
         "kind": model.kind,
         "dtype": dtype_name(model.compute_dtype),

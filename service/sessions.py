@@ -298,10 +298,12 @@ class Rebuild:
 def open_stream(model: Tokenizer, record: SessionRecord, position: int) -> Stream:
     """A stream of the session's kind that has taken `position` inputs and remembers none."""
     if record.kind == "encode":
-        return StreamingEncoder.resume(model, position) if position else StreamingEncoder(model)
+        if position:
+            return StreamingEncoder.resume(model, record.model_hash, position)
+        return StreamingEncoder(model, record.model_hash)
     if position:
-        return StreamingDecoder.resume(model, record.steps, record.seed, position)
-    return StreamingDecoder(model, steps=record.steps, seed=record.seed)
+        return StreamingDecoder.resume(model, record.model_hash, record.steps, record.seed, position)
+    return StreamingDecoder(model, record.model_hash, steps=record.steps, seed=record.seed)
 
 
 def parse_chunk(kind: str, body: Body, limits: Limits) -> torch.Tensor:
@@ -330,7 +332,7 @@ def rebuild_stream(model: Tokenizer, record: SessionRecord, rebuild: Rebuild, li
     logged chunks replayed with their original boundaries."""
     if rebuild.snapshot is not None:
         cls = StreamingEncoder if record.kind == "encode" else StreamingDecoder
-        stream, skip = cls.from_state(model, rebuild.snapshot), 0
+        stream, skip = cls.from_state(model, record.model_hash, rebuild.snapshot), 0
     else:
         start = rebuild.entries[0][0].start if rebuild.entries else 0
         position = resume_position(record.kind, start)
@@ -411,7 +413,7 @@ class Sessions:
         self.store, self.pool, self.settings = store, pool, settings
         self.metrics = SessionMetrics(metrics)
         model = pool.model
-        self.model_hash, self.dtype = model.content_hash(), dtype_name(model.compute_dtype)
+        self.model_hash, self.dtype = pool.identity.content_hash, dtype_name(model.compute_dtype)
         self.limits = Limits(settings.max_frames, settings.max_side)
         self.hot = HotStreams(settings.session_hot_bytes, self.metrics.evictions)
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -614,7 +616,7 @@ class Sessions:
         """Append `entry` to the record's log and drop the entries the window no longer needs;
         the names dropped. 413 when the kept log is over CDT_MAX_SESSION_LOG_MB."""
         entries = [*record.log, entry]
-        field = self.pool.model.receptive_field(record.kind, record.steps)
+        field = self.pool.identity.receptive_field.frames(record.kind, record.steps)
         keep = window(record.kind, entries, entry.start + entry.count, field)
         record.log = entries[keep:]
         kept_bytes = sum(e.nbytes for e in record.log)

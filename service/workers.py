@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 
 import torch
 
-from model import Tokenizer
+from model import ModelIdentity, Tokenizer
 
 from .errors import GatewayTimeout, Overloaded, Unavailable
 from .memory import release_free_memory
@@ -105,9 +105,9 @@ class _Job:
 
 
 class WorkerPool:
-    def __init__(self, model: Tokenizer, queue_size: int, timeout_s: float, metrics: Metrics,
-                 memory_bytes: int) -> None:
-        self.model = model
+    def __init__(self, model: Tokenizer, identity: ModelIdentity, queue_size: int, timeout_s: float,
+                 metrics: Metrics, memory_bytes: int) -> None:
+        self.model, self.identity = model, identity
         self.queue_size, self.timeout_s = queue_size, timeout_s
         self._metrics = metrics
         self.memory = MemoryBudget(memory_bytes)

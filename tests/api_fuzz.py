@@ -84,7 +84,8 @@ def check_encode(url: str, clip: Path, checkpoint: Path) -> bool:
     served = latents_from_bytes(response.content)
     video = read_video(clip)
     chunks = [video.frames[i : i + MAX_CHUNK_FRAMES] for i in range(0, len(video.frames), MAX_CHUNK_FRAMES)]
-    local = encode_frames(from_pretrained(checkpoint).eval(), chunks, video.fps, streamed=True)
+    model, identity = from_pretrained(checkpoint)
+    local = encode_frames(model, identity.content_hash, chunks, video.fps, streamed=True)
     return served.latents.shape == local.latents.shape and bool((served.latents == local.latents).all())
 
 

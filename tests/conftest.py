@@ -16,6 +16,7 @@ import redis
 import torch
 
 from model import CDTConfig, build_model, save_pretrained
+from model.streaming import measure
 from tests.servers import SHARED_REDIS_URL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,11 +30,18 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
+def tiny_field(tiny_model):
+    """The tiny CDT's measured receptive field (that of its config: any weights share it),
+    measured once for the checkpoints the tests save."""
+    return measure(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_field) -> Path:
     """A saved random-init tiny CDT checkpoint directory."""
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_pretrained(build_model(CDTConfig.from_preset("tiny"), "cdt"), directory)
+    save_pretrained(build_model(CDTConfig.from_preset("tiny"), "cdt"), directory, receptive_field=tiny_field)
     return directory
 
 

@@ -469,7 +469,7 @@ def test_k8s_training_job_runs_torchrun_across_its_indexed_pods():
 
     runs = volume_of(train.run_dir)["persistentVolumeClaim"]["claimName"]
     assert claims[runs]["spec"]["accessModes"] == ["ReadWriteMany"], "every rank reads the checkpoint on resume"
-    assert volume_of(config["data"]["manifest"])["persistentVolumeClaim"]["claimName"] in claims
+    assert volume_of(config.data.manifest)["persistentVolumeClaim"]["claimName"] in claims
     assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory"  # DataLoader workers' batches
     uid = int(re.findall(r"^USER\s+(\d+)", dockerfile(), re.M)[-1])
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == uid

@@ -28,7 +28,7 @@ def vae(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_checkpoint):
-    return from_pretrained(tiny_checkpoint).eval()
+    return from_pretrained(tiny_checkpoint).model
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ from media.latents_file import latents_from_bytes, latents_to_bytes
 from media.lpips import LPIPS_SKIPPED, load_lpips
 from media.metrics import PSNR_CAP
 from media.video import resize_short_side
-from model import from_pretrained
+from model import content_hash, from_pretrained
 from tests.tolerance import DECODE_ATOL, assert_float_close
 
 
@@ -326,31 +326,34 @@ def odd_frames(shared_videos) -> np.ndarray:
 
 @pytest.mark.exactness
 def test_streamed_encode_equals_whole_clip(tiny_model, odd_frames):
-    whole = encode_frames(tiny_model, [odd_frames], fps=20.0, streamed=False)
+    tag = content_hash(tiny_model)
+    whole = encode_frames(tiny_model, tag, [odd_frames], fps=20.0, streamed=False)
     chunks = [odd_frames[i : i + 4] for i in range(0, 6, 4)]
-    streamed = encode_frames(tiny_model, chunks, fps=20.0, streamed=True)
+    streamed = encode_frames(tiny_model, tag, chunks, fps=20.0, streamed=True)
     assert whole.latents.shape == (1, 16, 3, 4, 3)
     assert (whole.frames, whole.height, whole.width, whole.padding) == (6, 27, 21, Padding(3, 5, 3))
-    assert whole.model_hash == tiny_model.content_hash() and whole.dtype == "fp32"
+    assert whole.model_hash == tag and whole.dtype == "fp32"
     assert_float_close(streamed.latents, whole.latents)
 
 
 @pytest.mark.exactness
 def test_streamed_decode_equals_whole_clip_and_crops_back(tiny_model, odd_frames):
-    item = encode_frames(tiny_model, [odd_frames], fps=20.0, streamed=False)
-    whole = torch.cat(list(decode_video(tiny_model, item, steps=2, seed=7)), dim=2)
-    streamed = torch.cat(list(decode_video(tiny_model, item, steps=2, seed=7, chunk=1)), dim=2)
+    tag = content_hash(tiny_model)
+    item = encode_frames(tiny_model, tag, [odd_frames], fps=20.0, streamed=False)
+    whole = torch.cat(list(decode_video(tiny_model, tag, item, steps=2, seed=7)), dim=2)
+    streamed = torch.cat(list(decode_video(tiny_model, tag, item, steps=2, seed=7, chunk=1)), dim=2)
     assert whole.shape == (1, 3, 6, 27, 21)
     assert_float_close(streamed, whole, DECODE_ATOL)
-    other_seed = torch.cat(list(decode_video(tiny_model, item, steps=2, seed=8)), dim=2)
+    other_seed = torch.cat(list(decode_video(tiny_model, tag, item, steps=2, seed=8)), dim=2)
     assert (other_seed - whole).abs().max() > 1e-3
 
 
 def test_bf16_encode_records_its_dtype(tiny_checkpoint):
-    model = from_pretrained(tiny_checkpoint, dtype="bf16")
+    model, identity = from_pretrained(tiny_checkpoint, dtype="bf16")
     frames = np.random.default_rng(3).integers(0, 256, (1, 16, 16, 3), dtype=np.uint8)
-    item = encode_frames(model, [frames], fps=1.0, streamed=False)
-    reference = encode_frames(from_pretrained(tiny_checkpoint), [frames], fps=1.0, streamed=False)
+    item = encode_frames(model, identity.content_hash, [frames], fps=1.0, streamed=False)
+    fp32, fp32_identity = from_pretrained(tiny_checkpoint)
+    reference = encode_frames(fp32, fp32_identity.content_hash, [frames], fps=1.0, streamed=False)
     assert item.dtype == "bf16" and item.latents.dtype == torch.float32
     assert item.model_hash == reference.model_hash
     assert (item.latents - reference.latents).abs().max() < 0.1 * reference.latents.abs().max() + 0.05

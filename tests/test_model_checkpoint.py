@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from model import CDTConfig, CheckpointError, ReceptiveField, VAEBaseline, build_model, from_pretrained, save_pretrained
+from model import (CDTConfig, CheckpointError, ModelIdentity, ReceptiveField, VAEBaseline, build_model, content_hash,
+                   from_pretrained, save_pretrained)
 
 
 # A saved and reloaded model runs the same operations on the same weights as the original:
@@ -15,10 +16,10 @@ def sample_video():
     return torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
 
-def test_round_trip_is_bit_identical(tiny_model, tmp_path):
-    digest = save_pretrained(tiny_model, tmp_path / "ck")
-    loaded = from_pretrained(tmp_path / "ck")
-    assert loaded.content_hash() == digest == tiny_model.content_hash()
+def test_round_trip_is_bit_identical(tiny_model, tiny_field, tmp_path):
+    saved = save_pretrained(tiny_model, tmp_path / "ck", receptive_field=tiny_field)
+    loaded, identity = from_pretrained(tmp_path / "ck")
+    assert identity == saved and saved.content_hash == content_hash(tiny_model) == content_hash(loaded)
     video = sample_video()
     z = tiny_model.encode(video)
     assert torch.equal(loaded.encode(video), z)
@@ -28,44 +29,43 @@ def test_round_trip_is_bit_identical(tiny_model, tmp_path):
 def test_vae_baseline_round_trip(tmp_path):
     torch.manual_seed(0)
     vae = build_model(CDTConfig.from_preset("tiny"), "vae").eval()
-    save_pretrained(vae, tmp_path / "vae")
-    loaded = from_pretrained(tmp_path / "vae")
-    assert isinstance(loaded, VAEBaseline)
+    saved = save_pretrained(vae, tmp_path / "vae")  # no field given: measured
+    loaded, identity = from_pretrained(tmp_path / "vae")
+    assert isinstance(loaded, VAEBaseline) and identity == saved
+    assert saved.receptive_field.decode_per_step == 0  # a deterministic decoder: one pass whatever the steps
     z = vae.encode(sample_video())
     out = loaded.decode(z)
     assert out.shape == (1, 3, 5, 16, 16) and torch.equal(out, vae.decode(z))
 
 
-def test_receptive_field_is_recorded_beside_the_config(tiny_model, tmp_path, monkeypatch):
-    digest = save_pretrained(tiny_model, tmp_path / "ck")
+def test_receptive_field_is_recorded_beside_the_config(tiny_model, tiny_field, tmp_path, monkeypatch):
+    digest = save_pretrained(tiny_model, tmp_path / "ck", receptive_field=tiny_field).content_hash
     record = json.loads((tmp_path / "ck" / "receptive_field.json").read_text())
-    field = tiny_model.receptive_field_record()
-    assert record["model_hash"] == digest and record["measured_by"] == "model.receptive_field.measure"
+    assert record["model_hash"] == digest and record["measured_by"] == "model.streaming.receptive_field.measure"
     assert (record["encode"], record["decode_base"], record["decode_per_step"]) == (
-        field.encode, field.decode_base, field.decode_per_step)
+        tiny_field.encode, tiny_field.decode_base, tiny_field.decode_per_step)
     assert "receptive" not in (tmp_path / "ck" / "config.json").read_text()  # the hash does not cover it
 
     def measure(model):
         raise AssertionError("a checkpoint with a record must not be measured")
 
-    monkeypatch.setattr("model.receptive_field.measure", measure)
-    assert from_pretrained(tmp_path / "ck").receptive_field("decode", 2) == field.decode_receptive_field(2)
+    monkeypatch.setattr("model.checkpoint.measure", measure)
+    assert from_pretrained(tmp_path / "ck").identity == ModelIdentity(digest, tiny_field)
 
 
-def test_a_record_of_other_weights_is_measured_again(tiny_model, tmp_path, monkeypatch):
-    save_pretrained(tiny_model, tmp_path / "ck")
+def test_a_record_of_other_weights_is_measured_again(tiny_model, tiny_field, tmp_path, monkeypatch):
+    save_pretrained(tiny_model, tmp_path / "ck", receptive_field=tiny_field)
     path = tmp_path / "ck" / "receptive_field.json"
     record = json.loads(path.read_text())
     path.write_text(json.dumps({**record, "model_hash": "0" * 64}))
-    monkeypatch.setattr("model.receptive_field.measure", lambda model: ReceptiveField(4, 2, 1))
-    loaded = from_pretrained(tmp_path / "ck")
-    assert loaded.content_hash() == record["model_hash"]
-    assert loaded.receptive_field("encode") == 4 and loaded.receptive_field("decode", 3) == 5
+    monkeypatch.setattr("model.checkpoint.measure", lambda model: ReceptiveField(4, 2, 1))
+    identity = from_pretrained(tmp_path / "ck").identity
+    assert identity == ModelIdentity(record["model_hash"], ReceptiveField(4, 2, 1))
 
 
-def test_tampered_weights_are_detected(tiny_model, tmp_path):
+def test_tampered_weights_are_detected(tiny_model, tiny_field, tmp_path):
     ck = tmp_path / "ck"
-    save_pretrained(tiny_model, ck)
+    save_pretrained(tiny_model, ck, receptive_field=tiny_field)
     weights = ck / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0x01  # flip one bit of the last tensor's data
@@ -74,9 +74,9 @@ def test_tampered_weights_are_detected(tiny_model, tmp_path):
         from_pretrained(ck)
 
 
-def test_tampered_config_is_detected(tiny_model, tmp_path):
+def test_tampered_config_is_detected(tiny_model, tiny_field, tmp_path):
     ck = tmp_path / "ck"
-    save_pretrained(tiny_model, ck)
+    save_pretrained(tiny_model, ck, receptive_field=tiny_field)
     header = json.loads((ck / "config.json").read_text())
     header["config"]["noise_scale"] = 1.0
     (ck / "config.json").write_text(json.dumps(header))
@@ -92,12 +92,12 @@ def test_missing_or_foreign_directory(tmp_path):
         from_pretrained(tmp_path)
 
 
-def test_bf16_storage_hash_is_stable_across_compute_dtypes(tiny_model, tmp_path):
-    digest = save_pretrained(tiny_model, tmp_path / "ck", dtype="bf16")
+def test_bf16_storage_hash_is_stable_across_compute_dtypes(tiny_model, tiny_field, tmp_path):
+    digest = save_pretrained(tiny_model, tmp_path / "ck", dtype="bf16", receptive_field=tiny_field).content_hash
     assert (tmp_path / "ck" / "model.safetensors").stat().st_size < 0.6 * 4 * sum(
         p.numel() for p in tiny_model.parameters())
-    assert from_pretrained(tmp_path / "ck", dtype="fp32").content_hash() == digest
-    assert from_pretrained(tmp_path / "ck", dtype="bf16").content_hash() == digest
+    assert from_pretrained(tmp_path / "ck", dtype="fp32").identity.content_hash == digest
+    assert from_pretrained(tmp_path / "ck", dtype="bf16").identity.content_hash == digest
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -108,8 +108,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_bf16_matches_fp32(tiny_checkpoint):
     # bf16 convolutions are very slow on CPUs without AVX512-BF16: keep the input tiny.
-    fp32 = from_pretrained(tiny_checkpoint, dtype="fp32")
-    bf16 = from_pretrained(tiny_checkpoint, dtype="bf16")
+    fp32 = from_pretrained(tiny_checkpoint, dtype="fp32").model
+    bf16 = from_pretrained(tiny_checkpoint, dtype="bf16").model
     video = sample_video()
     z32, z16 = fp32.encode(video), bf16.encode(video)
     assert z16.dtype == torch.float32  # the KL head runs in fp32

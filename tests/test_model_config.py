@@ -65,8 +65,7 @@ def test_cli_init_writes_loadable_checkpoint(tmp_path, capsys):
     out = tmp_path / "ck"
     assert cdt_main(["init", "--preset", "tiny", "-o", str(out), "--seed", "3"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    model = from_pretrained(out)
-    assert model.content_hash() == printed["hash"]
+    assert from_pretrained(out).identity.content_hash == printed["hash"]
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "model.sha256",
                                                "receptive_field.json"}
     # The seed decides the weights.

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import CDTConfig, StreamingDecoder, StreamingEncoder, build_model, measure_receptive_field
+from model import (CDTConfig, ReceptiveField, StreamingDecoder, StreamingEncoder, build_model, content_hash,
+                   measure_receptive_field)
 from model.config import TIME_FACTOR
+from model.streaming import measure
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "cdt-tiny"
 # Frame sizes in pixels: the temporal field does not depend on them. Decoding runs the
@@ -46,6 +48,19 @@ def models(tiny_model):
     return {"cdt": tiny_model, "vae": build_model(CDTConfig.from_preset("tiny"), "vae").eval()}
 
 
+@pytest.fixture(scope="module")
+def fields(models):
+    """Each model's measured receptive fields, measured when first asked for."""
+    measured = {}
+
+    def field(kind: str):
+        if kind not in measured:
+            measured[kind] = measure(models[kind])
+        return measured[kind]
+
+    return field
+
+
 def inputs(case: Case, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     length = sum(case.sizes)
@@ -56,14 +71,14 @@ def inputs(case: Case, seed: int = 0) -> torch.Tensor:
 
 def open_stream(model, case: Case):
     if case.kind == "encode":
-        return StreamingEncoder(model)
-    return StreamingDecoder(model, steps=case.steps, seed=SEED)
+        return StreamingEncoder(model, content_hash(model))
+    return StreamingDecoder(model, content_hash(model), steps=case.steps, seed=SEED)
 
 
 def resume(model, case: Case, start: int):
     if case.kind == "encode":
-        return StreamingEncoder.resume(model, start)
-    return StreamingDecoder.resume(model, case.steps, SEED, start)
+        return StreamingEncoder.resume(model, content_hash(model), start)
+    return StreamingDecoder.resume(model, content_hash(model), case.steps, SEED, start)
 
 
 def cut(data: torch.Tensor, sizes) -> list[torch.Tensor]:
@@ -132,11 +147,11 @@ def uninterrupted(models):
 
 @pytest.mark.exactness
 @pytest.mark.parametrize("name", list(CASES))
-def test_replaying_the_window_rebuilds_the_stream(models, uninterrupted, name):
+def test_replaying_the_window_rebuilds_the_stream(models, fields, uninterrupted, name):
     case = CASES[name]
     model = models[case.model_kind]
     run = uninterrupted(name)
-    start = window_start(case, model.receptive_field(case.kind, case.steps))
+    start = window_start(case, fields(case.model_kind).frames(case.kind, case.steps))
     stream = resume(model, case, start)
     push_all(stream, logged_window(run.chunks, start))
     rebuilt, expected = stream.push(run.chunks[-1]), run.outputs[-1]
@@ -153,7 +168,7 @@ def test_replaying_after_a_snapshot_is_bit_identical(models, uninterrupted, name
     case = CASES[name]
     model = models[case.model_kind]
     run = uninterrupted(name)
-    restored = type(open_stream(model, case)).from_state(model, run.snapshot)
+    restored = type(open_stream(model, case)).from_state(model, content_hash(model), run.snapshot)
     for chunk, expected in zip(run.chunks[SNAPSHOT_AFTER + 1 :], run.outputs[SNAPSHOT_AFTER + 1 :]):
         assert torch.equal(restored.push(chunk), expected)
 
@@ -167,41 +182,42 @@ def perturbed_output(model, case: Case, frame: int) -> torch.Tensor:
 
 @pytest.mark.exactness
 @pytest.mark.parametrize("name", ["encode", "decode-1"])
-def test_only_inputs_inside_the_window_change_the_stream(models, uninterrupted, name):
+def test_only_inputs_inside_the_window_change_the_stream(models, fields, uninterrupted, name):
     case = CASES[name]
     model = models[case.model_kind]
     expected = uninterrupted(name).outputs[-1]
-    start = window_start(case, model.receptive_field(case.kind, case.steps))
+    start = window_start(case, fields(case.model_kind).frames(case.kind, case.steps))
     assert torch.equal(perturbed_output(model, case, start - 1), expected)
     # The field is tight: some phase of the window's first group still reaches the output.
     inside = [perturbed_output(model, case, frame) for frame in range(start, start + case.group)]
     assert any(not torch.equal(output, expected) for output in inside)
 
 
-def test_decode_field_is_affine_in_ddim_steps(tiny_model):
-    record = tiny_model.receptive_field_record()
+def test_decode_field_is_affine_in_ddim_steps(models, fields):
+    record = fields("cdt")
     assert record.decode_per_step > 0
-    assert measure_receptive_field(tiny_model, "decode", 3) == record.decode_receptive_field(3)
-    assert tiny_model.receptive_field("decode", 3) == record.decode_base + 3 * record.decode_per_step
+    assert measure_receptive_field(models["cdt"], "decode", 3) == record.decode_receptive_field(3)
+    assert record.frames("decode", 3) == record.decode_base + 3 * record.decode_per_step
 
 
-def test_field_does_not_depend_on_the_frame_size(tiny_model):
+def test_field_does_not_depend_on_the_frame_size(models, fields):
     """16x24 pixels takes the U-Net's odd-size path (24 -> 12 -> 6 -> 3 -> 2)."""
-    assert measure_receptive_field(tiny_model, "decode", 1, size=(16, 24)) == tiny_model.receptive_field("decode", 1)
-    assert measure_receptive_field(tiny_model, "encode", size=(16, 24)) == tiny_model.receptive_field("encode")
+    model, field = models["cdt"], fields("cdt")
+    assert measure_receptive_field(model, "decode", 1, size=(16, 24)) == field.frames("decode", 1)
+    assert measure_receptive_field(model, "encode", size=(16, 24)) == field.frames("encode")
 
 
-def test_vae_decode_field_ignores_steps(models):
-    record = models["vae"].receptive_field_record()
+def test_vae_decode_field_ignores_steps(fields):
+    record = fields("vae")
     assert record.decode_per_step == 0 and record.decode_base > 0
 
 
-def test_shipped_checkpoint_records_its_field(tiny_model):
+def test_shipped_checkpoint_records_its_field(fields):
     """The record belongs to the shipped weights, and the field is the tiny config's
     (the NaN probe sees the structure, not the weights)."""
     record = json.loads((SHIPPED / "receptive_field.json").read_text())
     assert record["model_hash"] == (SHIPPED / "model.sha256").read_text().strip()
-    field = tiny_model.receptive_field_record()
+    field = fields("cdt")
     assert (record["encode"], record["decode_base"], record["decode_per_step"]) == (
         field.encode, field.decode_base, field.decode_per_step)
 
@@ -210,4 +226,4 @@ def test_measuring_rejects_an_unknown_kind(tiny_model):
     with pytest.raises(ValueError, match="kind"):
         measure_receptive_field(tiny_model, "reconstruct")
     with pytest.raises(ValueError, match="kind"):
-        tiny_model.receptive_field("reconstruct")
+        ReceptiveField(4, 2, 1).frames("reconstruct")

@@ -18,7 +18,7 @@ from cdt_client.client import AsyncClient, Overloaded, ServiceError
 from cdt_client.retry import NO_RETRY, Retrying
 from media import frames_to_tensor
 from media.latents_file import latents_from_bytes
-from model import NUM_TIMESTEPS
+from model import NUM_TIMESTEPS, from_pretrained
 from service import Settings, create_app
 from service.errors import GatewayTimeout, Unavailable
 from service.metrics import Metrics
@@ -102,6 +102,12 @@ def test_the_client_repeats_timed_out_requests_a_bounded_number_of_times(tiny_ch
 
 # --- worker pool: timeouts and shutdown ----------------------------------------------------
 
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint):
+    """A loaded checkpoint, as the pool serves it: the model and its identity."""
+    return from_pretrained(tiny_checkpoint)
+
+
 def sleeper(seconds: float, ran: list):
     def job(model):
         time.sleep(seconds)
@@ -110,11 +116,11 @@ def sleeper(seconds: float, ran: list):
     return job
 
 
-def test_timeouts_are_504_while_computing_and_503_while_waiting(tiny_model):
+def test_timeouts_are_504_while_computing_and_503_while_waiting(served):
     ran: list = []
 
     async def scenario():
-        pool = WorkerPool(tiny_model, queue_size=4, timeout_s=0.3, metrics=Metrics(), memory_bytes=2**40)
+        pool = WorkerPool(*served, queue_size=4, timeout_s=0.3, metrics=Metrics(), memory_bytes=2**40)
         pool.start()
         running = asyncio.ensure_future(pool.run("slow", sleeper(0.6, ran)))
         await asyncio.sleep(0.05)
@@ -130,11 +136,11 @@ def test_timeouts_are_504_while_computing_and_503_while_waiting(tiny_model):
     assert later == 0.0 and ran == [0.6, 0.0]  # the expired queued job never ran
 
 
-def test_stop_finishes_accepted_jobs_and_refuses_new_ones(tiny_model):
+def test_stop_finishes_accepted_jobs_and_refuses_new_ones(served):
     ran: list = []
 
     async def scenario():
-        pool = WorkerPool(tiny_model, queue_size=4, timeout_s=30, metrics=Metrics(), memory_bytes=2**40)
+        pool = WorkerPool(*served, queue_size=4, timeout_s=30, metrics=Metrics(), memory_bytes=2**40)
         pool.start()
         jobs = [asyncio.ensure_future(pool.run("job", sleeper(0.1 * i, ran))) for i in range(1, 4)]
         await asyncio.sleep(0.01)
@@ -147,9 +153,9 @@ def test_stop_finishes_accepted_jobs_and_refuses_new_ones(tiny_model):
     assert len(ran) == 3
 
 
-def test_a_request_that_fits_alone_waits_for_memory_in_arrival_order(tiny_model):
+def test_a_request_that_fits_alone_waits_for_memory_in_arrival_order(served):
     async def scenario():
-        pool = WorkerPool(tiny_model, queue_size=4, timeout_s=0.5, metrics=Metrics(), memory_bytes=100)
+        pool = WorkerPool(*served, queue_size=4, timeout_s=0.5, metrics=Metrics(), memory_bytes=100)
         pool.start()
         first = await pool.admit(60)
         big = asyncio.ensure_future(pool.admit(70))
@@ -176,9 +182,9 @@ def test_a_request_that_fits_alone_waits_for_memory_in_arrival_order(tiny_model)
     assert code == "queue_timeout"
 
 
-def test_model_runs_off_the_event_loop(tiny_model):
+def test_model_runs_off_the_event_loop(served):
     async def scenario():
-        pool = WorkerPool(tiny_model, queue_size=1, timeout_s=30, metrics=Metrics(), memory_bytes=2**40)
+        pool = WorkerPool(*served, queue_size=1, timeout_s=30, metrics=Metrics(), memory_bytes=2**40)
         pool.start()
         loop_thread = threading.get_ident()
         job_thread = await pool.run("where", lambda model: threading.get_ident())

@@ -24,7 +24,7 @@ from cdt_client.client import Client, Conflict, Forbidden, InvalidInput, Unautho
 from cli.main import main as cdt
 from media import encode_frames, load_frames, read_video, write_video
 from media.latents_file import latents_from_bytes, latents_to_bytes
-from model import CDTConfig, build_model
+from model import CDTConfig, build_model, content_hash
 from service.memory import MAX_CHUNK_FRAMES
 from tests.servers import Server, metric_sum
 
@@ -145,7 +145,7 @@ def corpus(clip, tiny_checkpoint, tmp_path_factory) -> dict[str, tuple[str, byte
     frames = read_video(clip).frames
     torch.manual_seed(1)  # another random init: another content hash
     other = build_model(CDTConfig.from_preset("tiny"), "cdt").eval()
-    foreign = latents_to_bytes(encode_frames(other, [frames], 20.0, streamed=False))
+    foreign = latents_to_bytes(encode_frames(other, content_hash(other), [frames], 20.0, streamed=False))
     item = latents_from_bytes(foreign)
     item.model_hash = (tiny_checkpoint / "model.sha256").read_text().strip()
     item.latents[0, 0, 0, 0, 0] = float("nan")

@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 from cli.main import main as cdt_main
 from media.video import read_video, write_video
 from model import CDTConfig, build_model, from_pretrained, save_pretrained
-from training.config import load_config
+from training.config import ConfigError, DataSection, LossSection, Stage, TrainingConfig, load_config
 from training.data import CachedFrames, ClipDataset, StreamedFrames, build_cache
 from training.export import TRAINING_FILE, export
 from training.losses import Objective, build_lpips
@@ -90,6 +90,11 @@ def mixed_dir(clip_dir, tmp_path_factory):
     return out
 
 
+def shape(frames, crop, batch, image_ratio) -> Stage:
+    """A stage of this clip shape, batch and image share (what micro-batch specs read)."""
+    return Stage(name="s", steps=1, frames=frames, crop=crop, batch=batch, image_ratio=image_ratio, lpips_weight=0.0)
+
+
 def specs(stage, count, world=1, rank=0, pools=None, seed=0, cursor=None):
     """The first `count` micro-batch specs of a one-stage run."""
     pools = pools or {"video": 3, "image": 0}
@@ -102,19 +107,19 @@ def test_manifests_in_tsv_csv_and_jsonl_and_folders_of_videos_and_images(mixed_d
     (tmp_path / "m.tsv").write_text("file\tsplit\nx.mp4\ttrain\n")
     rows = read_manifest(tmp_path / "m.csv")
     assert [r["path"] for r in rows] == [str(tmp_path / p) for p in ("videos/a.mp4", "b.png", "c.webm")]
-    data = {"videos": None, "val_videos": None, "manifest": str(tmp_path / "m.csv")}
+    data = DataSection(manifest=str(tmp_path / "m.csv"))
     train_split, val_split = split_inputs(data, "train"), split_inputs(data, "val")
     assert train_split.videos == (str(tmp_path / "videos/a.mp4"), str(tmp_path / "c.webm"))  # no split: train
     assert train_split.captions == 1 and val_split.images == (str(tmp_path / "b.png"),) and not val_split.videos
-    jsonl = split_inputs({**data, "manifest": str(tmp_path / "m.jsonl")}, "train")
-    assert jsonl.images == ("/abs/b.jpg",) and jsonl.captions == 1 and split_inputs(
-        {**data, "manifest": str(tmp_path / "m.jsonl")}, "val").videos == ()
+    jsonl = DataSection(manifest=str(tmp_path / "m.jsonl"))
+    assert split_inputs(jsonl, "train").images == ("/abs/b.jpg",) and split_inputs(jsonl, "train").captions == 1
+    assert split_inputs(jsonl, "val").videos == ()
     assert read_manifest(tmp_path / "m.tsv")[0]["path"] == str(tmp_path / "x.mp4")  # the shared MANIFEST's `file`
     (tmp_path / "bad.csv").write_text("name\nx.mp4\n")
     with pytest.raises(ValueError, match="row 1 has no path or file"):
         read_manifest(tmp_path / "bad.csv")
 
-    folder = split_inputs({**data, "videos": [str(mixed_dir)]}, "train")  # recursive, by suffix
+    folder = split_inputs(DataSection(videos=[str(mixed_dir)]), "train")  # recursive, by suffix
     assert [os.path.basename(p) for p in folder.videos] == ["broken.mp4", *sorted(CLIPS)]
     assert [os.path.basename(p) for p in folder.images] == ["still.png"]
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
@@ -122,7 +127,7 @@ def test_manifests_in_tsv_csv_and_jsonl_and_folders_of_videos_and_images(mixed_d
 
 
 def test_batches_are_sharded_like_distributed_sampler_and_survive_a_world_change():
-    stage = {"frames": 5, "crop": 32, "batch": 2, "image_ratio": 0.25}
+    stage = shape(frames=5, crop=32, batch=2, image_ratio=0.25)
     pools = {"video": 10, "image": 4}
     world2 = [specs(stage, 30, world=2, rank=r, pools=pools) for r in range(2)]
     for a, b in zip(*world2):  # the ranks agree on the pool and clip length, not on the samples
@@ -144,7 +149,7 @@ def test_batches_are_sharded_like_distributed_sampler_and_survive_a_world_change
 
 
 def test_streamed_and_cached_clips_are_the_same_and_unusable_files_are_skipped(mixed_dir, tmp_path):
-    inputs = split_inputs({"videos": [str(mixed_dir)], "val_videos": None, "manifest": None}, "train")
+    inputs = split_inputs(DataSection(videos=[str(mixed_dir)]), "train")
     targets, failed = build_cache(inputs.videos + inputs.images, tmp_path / "cache", 40, 10, workers=2)
     n = len(inputs.videos)
     arrays = [np.load(t) for t in targets if t is not None]
@@ -155,7 +160,7 @@ def test_streamed_and_cached_clips_are_the_same_and_unusable_files_are_skipped(m
         "stream": {"video": StreamedFrames(inputs.videos, 40, 10), "image": StreamedFrames(inputs.images, 40, 10)},
         "cache": {"video": CachedFrames(inputs.videos, targets[:n]), "image": CachedFrames(inputs.images, targets[n:])},
     }
-    stage = {"frames": 9, "crop": 32, "batch": 3, "image_ratio": 0.3}
+    stage = shape(frames=9, crop=32, batch=3, image_ratio=0.3)
     plan = specs(stage, 12, pools={"video": n, "image": 1})
     out = {}
     for mode, pools in readers.items():
@@ -185,7 +190,7 @@ def test_channel_permute_reorders_colours_of_the_same_clip(clip_dir):
     plain = ClipDataset(pools, seed=0, max_stride=3)
     permuted = ClipDataset(pools, seed=0, max_stride=3, channel_permute=1.0)
     orders = set()
-    for spec in specs({"frames": 5, "crop": 32, "batch": 1, "image_ratio": 0.0}, 20):
+    for spec in specs(shape(frames=5, crop=32, batch=1, image_ratio=0.0), 20):
         a, b = plain[spec][0][0], permuted[spec][0][0]  # (3,T,H,W); the permutation is drawn after the crop
         order = tuple(next(c for c in range(3) if torch.equal(b[k], a[c])) for k in range(3))
         orders.add(order)
@@ -211,16 +216,16 @@ def test_resume_continues_exactly(clip_dir, tmp_path):
 
     served = tmp_path / "served"
     info = export(parts, served)
-    loaded = from_pretrained(served)
+    loaded, identity = from_pretrained(served)
     ema = torch.load(parts / "state.pt", weights_only=True)["ema"]
-    assert info["step"] == 2 and loaded.content_hash() == info["hash"]
+    assert info["step"] == 2 and identity.content_hash == info["hash"]
     name = "encoder.stem.conv.conv.weight"
     assert torch.equal(loaded.state_dict()[name], ema[name].to(torch.bfloat16).float())
     record = json.loads((served / TRAINING_FILE).read_text())
-    assert record["model_hash"] == info["hash"] and record["config"] == config and record["step"] == 2
+    assert record["model_hash"] == info["hash"] and record["config"] == config.to_data() and record["step"] == 2
     assert record["data"]["videos"] == 3 and record["data"]["samples_drawn"]["video"] == 4  # 2 steps of batch 2
     assert cdt_main(["export", "--run", str(parts), "-o", str(tmp_path / "cli")]) == 0
-    assert from_pretrained(tmp_path / "cli").content_hash() == info["hash"]
+    assert from_pretrained(tmp_path / "cli").identity.content_hash == info["hash"]
 
 
 def test_a_run_written_before_an_option_existed_resumes_with_its_default(clip_dir, tmp_path):
@@ -324,7 +329,7 @@ def test_ddp_two_processes_stay_in_sync(clip_dir, tmp_path):
     for name, p0 in ranks[0]["params"].items():
         assert torch.equal(p0, ranks[1]["params"][name]), name
         assert torch.equal(p0, saved[name]), name
-    torch.manual_seed(config["seed"])
+    torch.manual_seed(config.seed)
     initial = build_model(CDTConfig.from_preset("tiny"), "cdt").state_dict()
     assert not torch.equal(initial["unet.out_conv.conv.weight"], ranks[0]["params"]["unet.out_conv.conv.weight"])
 
@@ -333,7 +338,7 @@ def test_lpips_term_adds_to_the_loss_and_trains_the_decoder_only(alexnet_weights
     torch.manual_seed(0)
     model = build_model(CDTConfig.from_preset("tiny"), "vae")
     lpips = build_lpips(str(alexnet_weights))
-    objective = Objective(model, load_config(None, [])["loss"], lpips)
+    objective = Objective(model, LossSection(), lpips)
     video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
     plain, _ = objective(video, torch.Generator().manual_seed(1), 0.0)
     loss, stats = objective(video, torch.Generator().manual_seed(1), 0.5)
@@ -344,24 +349,65 @@ def test_lpips_term_adds_to_the_loss_and_trains_the_decoder_only(alexnet_weights
 
 
 def test_a_run_with_lpips_logs_it(clip_dir, tmp_path, alexnet_weights):
-    config = tiny_config(clip_dir, tmp_path / "cache", **{"loss.lpips_weights": str(alexnet_weights)})
-    config["stages"][0]["lpips_weight"] = 0.1
+    config = tiny_config(clip_dir, tmp_path / "cache", **{"loss.lpips_weights": str(alexnet_weights),
+                                                           "stages.0.lpips_weight": 0.1})
     run = prepare_run(tmp_path / "lpips", config)
     train(run, progress=False)
     assert all(r["lpips"] > 0 for r in log_rows(run))
 
 
 @pytest.mark.parametrize("override, message", [
-    ("optim.lrr=1", "unknown config key"),
-    ("stages.0.frames=8", "1+4k"),
-    ("stages.0.crop=40", "multiple of 16"),
-    ("stages.0.lpips_weight=0.01", "lpips_weights"),
-    ("data.decode=lazy", "data.decode"),
-    ("train.bf16=maybe", "train.bf16"),
+    ("optim.lrr=1", "optim.lrr: unknown config key (optim takes lr, min_lr, warmup, weight_decay, betas, "
+                    "grad_clip, ema_decay, accum)"),
+    ("optimm.lr=1", "optimm: unknown config key (the config takes name, seed, model, data, loss, optim, stages, "
+                    "val, train)"),
+    ("stages.0.frames=8", "stages.0.frames: must be 1+4k frames (1, 5, 9, ...), got 8"),
+    ("stages.0.crop=40", "stages.0.crop: must be a positive multiple of 16, got 40"),
+    ("stages.0.crop=256", "stages.0.crop (256) exceeds data.short_side (192)"),
+    ("stages.0.lpips_weight=0.01", "stages.0.lpips_weight > 0 needs loss.lpips_weights"),
+    ('stages=[{"name": "a", "steps": 5}]', "stages.0: missing frames, crop, batch, image_ratio, lpips_weight"),
+    ("stages=[]", "stages: needs at least 1 item, got []"),
+    ("stages.1.crop=96", "stages.1: no such item (there are 1)"),
+    ("data.decode=lazy", 'data.decode: must be "stream" or "cache", got "lazy"'),
+    ("train.bf16=maybe", 'train.bf16: must be true, false or "auto", got "maybe"'),
+    ("train.bf16=1", 'train.bf16: must be true, false or "auto", got 1'),
+    ('seed="3"', 'seed: must be an integer, got "3"'),
+    ("optim.warmup=2.5", "optim.warmup: must be an integer, got 2.5"),
+    ("optim.accum=0", "optim.accum: must be greater than or equal to 1, got 0"),
+    ("optim.betas=[0.9]", "optim.betas: must be a list of 2 numbers, got [0.9]"),
+    ("data.videos=clips/", 'data.videos: must be a list of strings or null, got "clips/"'),
+    ("model.preset=huge", 'model.preset: must be one of "base", "small", "tiny", got "huge"'),
+    ("loss.snr_min=6", "loss.snr_min (6.0) must be at most loss.snr_max (5.0)"),
+    ("optim.lr.max=1", "optim.lr holds a value, not keys"),
 ])
-def test_config_rejects_bad_options(override, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+def test_config_rejects_bad_options_naming_the_key_and_what_it_takes(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [override])
+
+
+def test_every_bad_key_of_a_config_file_is_reported(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"name": "bad", "optim": {"lr": "fast", "acum": 2}, "val": {"frames": 4}}))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).split(": ", 1)[1].split("; ") == [
+        'optim.lr: must be a number, got "fast"',
+        "optim.acum: unknown config key (optim takes lr, min_lr, warmup, weight_decay, betas, grad_clip, ema_decay, "
+        "accum)",
+        "val.frames: must be 1+4k frames (1, 5, 9, ...), got 4"]
+    assert str(caught.value).startswith(f"training config {path}: ")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "training" / "configs").glob("*.json")), ids=lambda p: p.name)
+def test_the_shipped_configs_load_as_written(path):
+    written = json.loads(path.read_text())
+    config = load_config(path)
+    data = config.to_data()
+    for section, values in written.items():  # what the file sets is what the config holds
+        assert (data[section] if not isinstance(values, dict) else {k: data[section][k] for k in values}) == values
+    assert TrainingConfig.from_data(data) == config  # and the run directory's copy reads back the same
+    assert config.total_steps == sum(stage["steps"] for stage in written["stages"])
+    assert config.stage_at(config.total_steps) == config.stages[-1]
 
 
 def test_init_from_starts_a_run_from_a_checkpoint(clip_dir, tmp_path):
@@ -371,7 +417,7 @@ def test_init_from_starts_a_run_from_a_checkpoint(clip_dir, tmp_path):
     config = tiny_config(clip_dir, tmp_path / "cache", **{"model.init_from": str(checkpoint)})
     run = prepare_run(tmp_path / "warm", config)
     model, _ = train(run, stop_at=0, progress=False)  # no step: the weights are the checkpoint's
-    source = from_pretrained(checkpoint)
+    source = from_pretrained(checkpoint).model
     for (name, a), b in zip(model.state_dict().items(), source.state_dict().values()):
         assert torch.equal(a, b), name
     vae = tiny_config(clip_dir, tmp_path / "cache", **{"model.init_from": str(checkpoint), "model.kind": "vae"})

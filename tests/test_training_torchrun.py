@@ -161,7 +161,7 @@ def test_the_export_is_the_checkpoint_the_service_serves(launches, tmp_path):
                 return await client.models(), await client.ready(), decoded
 
     models, ready, _ = asyncio.run(scenario())
-    assert ready and models[0]["hash"] == record["model_hash"] == from_pretrained(export).content_hash()
+    assert ready and models[0]["hash"] == record["model_hash"] == from_pretrained(export).identity.content_hash
     assert np.load(tmp_path / "out.npy").shape == read_video(clip, num_frames=5).frames.shape
     assert record["config"]["name"] == "ddp" and record["world"] == 2 and record["step"] == launches["stopped"][3] + 1
     (start,) = record["starts"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from model import CDTConfig, build_model, save_pretrained
 
-from .config import total_steps
+from .config import TrainingConfig
 from .state import load_state, read_run_config
 
 TRAINING_FILE = "training.json"
@@ -29,26 +29,25 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16") -> dic
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     config = read_run_config(run_dir)
     state = load_state(run_dir)
-    model = build_model(CDTConfig.from_preset(config["model"]["preset"]), config["model"]["kind"])
+    model = build_model(CDTConfig.from_preset(config.model.preset), config.model.kind)
     model.load_state_dict(state["ema"])
-    model.refresh_hash()
-    digest = save_pretrained(model.eval(), out_dir, dtype=dtype)
+    digest = save_pretrained(model.eval(), out_dir, dtype=dtype).content_hash
     record = training_record(config, state, digest)
     (out_dir / TRAINING_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return {"checkpoint": str(out_dir), "run": str(run_dir), "step": state["step"], "kind": model.kind,
-            "preset": config["model"]["preset"], "dtype": dtype, "hash": digest}
+            "preset": config.model.preset, "dtype": dtype, "hash": digest}
 
 
-def training_record(config: dict, state: dict, digest: str) -> dict:
+def training_record(config: TrainingConfig, state: dict, digest: str) -> dict:
     data = state["data"]
     unreadable = sorted(data["unreadable"].items())
-    summary = {**data["inputs"], "decode": config["data"]["decode"], "short_side": config["data"]["short_side"],
-               "max_frames": config["data"]["max_frames"], "samples_drawn": data["cursor"],
+    summary = {**data["inputs"], "decode": config.data.decode, "short_side": config.data.short_side,
+               "max_frames": config.data.max_frames, "samples_drawn": data["cursor"],
                "epochs": {pool: round(data["cursor"][pool] / n, 3) for pool, n in
                           (("video", data["inputs"]["videos"]), ("image", data["inputs"]["images"])) if n},
                "replaced_samples": data["replaced"], "unreadable_files": len(unreadable),
                "unreadable_examples": dict(unreadable[:LISTED_UNREADABLE])}
     return {"format": TRAINING_FORMAT, "version": TRAINING_VERSION, "model_hash": digest, "step": state["step"],
-            "total_steps": total_steps(config), "world": state["world"],
-            "wall_seconds": round(state["wall_seconds"], 1), "starts": state["starts"], "config": config,
+            "total_steps": config.total_steps, "world": state["world"],
+            "wall_seconds": round(state["wall_seconds"], 1), "starts": state["starts"], "config": config.to_data(),
             "data": summary}

@@ -23,11 +23,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import LossSection
+
 
 class Objective(nn.Module):
     """Wraps the tokenizer so that DistributedDataParallel sees one forward per step."""
 
-    def __init__(self, model: nn.Module, loss: dict, lpips=None) -> None:
+    def __init__(self, model: nn.Module, loss: LossSection, lpips=None) -> None:
         super().__init__()
         self.model = model
         self.cfg = loss
@@ -36,12 +38,12 @@ class Objective(nn.Module):
     def forward(self, video: torch.Tensor, gen: torch.Generator, lpips_weight: float = 0.0):
         post = self.model.posterior(video)
         z = post.sample(gen)
-        example = self.model.training_example(video, z, gen, terminal_fraction=self.cfg["terminal_fraction"],
-                                              snr_min=self.cfg["snr_min"], snr_max=self.cfg["snr_max"])
+        example = self.model.training_example(video, z, gen, terminal_fraction=self.cfg.terminal_fraction,
+                                              snr_min=self.cfg.snr_min, snr_max=self.cfg.snr_max)
         prediction, target = example.prediction, example.target
         mse = (prediction - target).pow(2).flatten(1).mean(1)
         kl = post.kl() / video[0].numel()
-        loss = (example.weight * mse).mean() + self.cfg["kl_weight"] * kl.mean()
+        loss = (example.weight * mse).mean() + self.cfg.kl_weight * kl.mean()
         stats = {"mse": mse.mean().item(), "kl": kl.mean().item()}
         if example.terminal.any():
             stats["mse_terminal"] = mse[example.terminal].mean().item()

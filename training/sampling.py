@@ -55,7 +55,7 @@ class BatchSpec:
 
 class BatchPlan:
     """The specs of micro-batches `start..stop-1` of `rank`, from the data position
-    `cursor` (that of micro-batch `start`). `stage_of(i)` gives micro-batch i's stage."""
+    `cursor` (that of micro-batch `start`). `stage_of(i)` gives micro-batch i's `Stage`."""
 
     def __init__(self, seed: int, stage_of, pool_sizes: dict[str, int], rank: int, world: int,
                  start: int, stop: int, cursor: dict[str, int]) -> None:
@@ -72,9 +72,9 @@ class BatchPlan:
         cursor = dict(self.cursor)
         for index in range(self.start, self.stop):
             stage = self.stage_of(index)
-            image = np.random.default_rng([self.seed, index, 1 << 20]).random() < stage["image_ratio"]
+            image = np.random.default_rng([self.seed, index, 1 << 20]).random() < stage.image_ratio
             pool = "image" if image and self.sizes["image"] else "video"
             base = cursor[pool]
-            slots = tuple(base + j * self.world + self.rank for j in range(stage["batch"]))
-            cursor[pool] = base + stage["batch"] * self.world
-            yield BatchSpec(index, pool, 1 if image else stage["frames"], stage["crop"], slots, dict(cursor))
+            slots = tuple(base + j * self.world + self.rank for j in range(stage.batch))
+            cursor[pool] = base + stage.batch * self.world
+            yield BatchSpec(index, pool, 1 if image else stage.frames, stage.crop, slots, dict(cursor))

@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import DataSection
+
 VIDEO_SUFFIXES = {".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 PATH_COLUMNS = ("path", "file")
@@ -73,15 +75,15 @@ def scan(items: list[str | Path]) -> list[str]:
     return out
 
 
-def split_inputs(data: dict, split: str) -> Inputs:
+def split_inputs(data: DataSection, split: str) -> Inputs:
     """`data.videos` (train) / `data.val_videos` (val) if set, else the manifest's rows
     of `split`; a manifest without a split column is all training rows."""
-    explicit = data["videos"] if split == "train" else data["val_videos"]
+    explicit = data.videos if split == "train" else data.val_videos
     if explicit:
         paths, captions, source = scan(explicit), 0, ", ".join(map(str, explicit))
     else:
-        rows = read_manifest(data["manifest"])
+        rows = read_manifest(data.manifest)
         rows = [r for r in rows if (r.get("split") or "train") == split]
-        paths, captions, source = [r["path"] for r in rows], sum(bool(r.get("caption")) for r in rows), data["manifest"]
+        paths, captions, source = [r["path"] for r in rows], sum(bool(r.get("caption")) for r in rows), data.manifest
     return Inputs(videos=tuple(p for p in paths if not is_image(p)), images=tuple(p for p in paths if is_image(p)),
                   captions=captions, source=str(source))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DEFAULTS, merge
+from .config import TrainingConfig
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
@@ -23,10 +23,11 @@ LOG_FILE = "log.jsonl"
 PLOT_FILE = "loss.png"
 
 
-def read_run_config(run_dir: Path) -> dict:
+def read_run_config(run_dir: Path) -> TrainingConfig:
     """The run's config over today's defaults: a run directory written before an option
     existed resumes with that option's default, which keeps its old behaviour."""
-    return merge(DEFAULTS, json.loads((Path(run_dir) / CONFIG_FILE).read_text()))
+    path = Path(run_dir) / CONFIG_FILE
+    return TrainingConfig.from_data(json.loads(path.read_text()), str(path))
 
 
 def rng_state() -> dict:

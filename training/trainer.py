@@ -33,7 +33,7 @@ from media.video import frames_to_tensor, tensor_to_frames
 from model import CDTConfig, build_model, from_pretrained
 
 from .acceleration import StepProfiler, allow_tf32, autocast, checkpoint_activations, compile_model
-from .config import stage_at, total_steps
+from .config import OptimSection, Stage, TrainingConfig
 from .data import CachedFrames, ClipDataset, StreamedFrames, batch_loader, build_cache, val_clips
 from .distributed import any_rank, barrier, gather_to_all, init_distributed, local_rank, rank_and_world, \
     resolve_device
@@ -49,12 +49,12 @@ from .state import CONFIG_FILE, LOG_FILE, PLOT_FILE, STATE_FILE, load_state, rea
 MAX_NONFINITE_STEPS = 20
 
 
-def lr_at(step: int, optim: dict, total: int) -> float:
+def lr_at(step: int, optim: OptimSection, total: int) -> float:
     """Linear warmup to `lr`, then cosine decay to `min_lr` at the last step."""
-    if step < optim["warmup"]:
-        return optim["lr"] * (step + 1) / optim["warmup"]
-    progress = min(1.0, (step - optim["warmup"]) / max(1, total - optim["warmup"]))
-    return optim["min_lr"] + 0.5 * (optim["lr"] - optim["min_lr"]) * (1 + math.cos(math.pi * progress))
+    if step < optim.warmup:
+        return optim.lr * (step + 1) / optim.warmup
+    progress = min(1.0, (step - optim.warmup) / max(1, total - optim.warmup))
+    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
@@ -63,8 +63,8 @@ def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.de
     return torch.Generator(device=device).manual_seed(int(mixed))
 
 
-def stage_of_batch(config: dict, accum: int, index: int) -> dict:
-    return stage_at(config, index // accum)
+def stage_of_batch(config: TrainingConfig, accum: int, index: int) -> Stage:
+    return config.stage_at(index // accum)
 
 
 @torch.no_grad()
@@ -92,14 +92,14 @@ def validate(model, clips: list[np.ndarray], steps: int) -> dict:
 
 def warm_start_weights(checkpoint: str | Path, model) -> dict:
     """The weights of a checkpoint of the same preset and kind, in float32."""
-    source = from_pretrained(checkpoint)
+    source = from_pretrained(checkpoint).model
     if source.kind != model.kind or source.config != model.config:
         raise ValueError(f"init_from {checkpoint}: a {source.config.preset} {source.kind} checkpoint cannot start "
                          f"a {model.config.preset} {model.kind} run")
     return source.state_dict()
 
 
-def prepare_run(run_dir: str | Path, config: dict) -> Path:
+def prepare_run(run_dir: str | Path, config: TrainingConfig) -> Path:
     """Create the run directory holding the resolved config (rank 0; the others wait).
 
     A directory already holding a run of this same config is continued: torchrun's
@@ -113,7 +113,7 @@ def prepare_run(run_dir: str | Path, config: dict) -> Path:
                                       f"`cdt train --resume {run_dir}` or give another --run-dir")
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            (run_dir / CONFIG_FILE).write_text(json.dumps(config.to_data(), indent=2) + "\n")
     barrier()
     return run_dir
 
@@ -144,7 +144,7 @@ class Run:
         self.config = read_run_config(self.run_dir)
         self.device = resolve_device(self.options.device)
         self.rank, self.world = init_distributed(self.device)
-        self.total, self.accum = total_steps(self.config), self.config["optim"]["accum"]
+        self.total, self.accum = self.config.total_steps, self.config.optim.accum
         self.steps_done, self.wall, self.cursor = 0, 0.0, fresh_cursor()
         self.replaced, self.unreadable, self.pending = 0, {}, {"replaced": 0, "broken": {}}
         self.skipped_updates, self.bad_in_a_row, self.stats, self.saved_world = 0, 0, {}, self.world
@@ -157,48 +157,48 @@ class Run:
 
     # --- setup -----------------------------------------------------------------------------
     def setup_compute(self) -> None:
-        train_cfg = self.config["train"]
+        train_cfg = self.config.train
         per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))  # the ranks sharing this CPU
-        torch.set_num_threads(max(1, (self.options.threads or train_cfg["threads"]) // per_machine))
-        auto_bf16 = self.device.type == "cuda" if train_cfg["bf16"] == "auto" else train_cfg["bf16"]
+        torch.set_num_threads(max(1, (self.options.threads or train_cfg.threads) // per_machine))
+        auto_bf16 = self.device.type == "cuda" if train_cfg.bf16 == "auto" else train_cfg.bf16
         self.bf16 = auto_bf16 if self.options.bf16 is None else self.options.bf16
         if self.device.type == "cuda":
             allow_tf32()
 
     def setup_model(self) -> None:
         config = self.config
-        torch.manual_seed(config["seed"])  # identical initial weights on every rank
-        model = build_model(CDTConfig.from_preset(config["model"]["preset"]), config["model"]["kind"])
-        if config["model"]["init_from"]:
-            model.load_state_dict(warm_start_weights(config["model"]["init_from"], model))
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        model = build_model(CDTConfig.from_preset(config.model.preset), config.model.kind)
+        if config.model.init_from:
+            model.load_state_dict(warm_start_weights(config.model.init_from, model))
         ema = build_model(model.config, model.kind).requires_grad_(False)
         ema.load_state_dict(model.state_dict())
         self.model, self.ema = model.to(self.device), ema.to(self.device)
-        optim = config["optim"]
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=optim["lr"], betas=tuple(optim["betas"]),
-                                     weight_decay=optim["weight_decay"])
+        optim = config.optim
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=optim.betas,
+                                     weight_decay=optim.weight_decay)
 
     def setup_objective(self) -> None:
         if self.options.activation_checkpointing:
             checkpoint_activations(self.model)
         if self.options.compile:
             compile_model(self.model)
-        self.lpips = build_lpips(self.config["loss"]["lpips_weights"])  # it follows its inputs' device
-        self.objective = Objective(self.model, self.config["loss"], self.lpips)
+        self.lpips = build_lpips(self.config.loss.lpips_weights)  # it follows its inputs' device
+        self.objective = Objective(self.model, self.config.loss, self.lpips)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.objective = torch.nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
 
     def setup_data(self) -> None:
-        data = self.config["data"]
+        data = self.config.data
         self.inputs = split_inputs(data, "train")
         pools = {"video": self.inputs.videos, "image": self.inputs.images}
-        if data["decode"] == "cache":
+        if data.decode == "cache":
             files = self.inputs.videos + self.inputs.images
             if local_rank() != 0:
                 barrier()  # the machine's first rank decodes, the others then find the cache built
-            targets, failed = build_cache(files, data["cache_dir"], data["short_side"], data["max_frames"],
-                                          data["decode_workers"])
+            targets, failed = build_cache(files, data.cache_dir, data.short_side, data.max_frames,
+                                          data.decode_workers)
             if local_rank() == 0:
                 barrier()
             self.pending["broken"].update(failed)
@@ -206,23 +206,23 @@ class Run:
             readers = {"video": CachedFrames(pools["video"], targets[:split]),
                        "image": CachedFrames(pools["image"], targets[split:])}
         else:
-            readers = {pool: StreamedFrames(paths, data["short_side"], data["max_frames"])
+            readers = {pool: StreamedFrames(paths, data.short_side, data.max_frames)
                        for pool, paths in pools.items()}
-        self.dataset = ClipDataset(readers, self.config["seed"], data["max_stride"], data["min_region"],
-                                   data["channel_permute"])
-        val = self.config["val"]
+        self.dataset = ClipDataset(readers, self.config.seed, data.max_stride, data.min_region,
+                                   data.channel_permute)
+        val = self.config.val
         self.val_set = []
         if self.rank == 0:
-            videos = split_inputs(data, "val").videos[: val["max_clips"]]
-            self.val_set, failed = val_clips(videos, val["frames"], val["size"])
+            videos = split_inputs(data, "val").videos[: val.max_clips]
+            self.val_set, failed = val_clips(videos, val.frames, val.size)
             for path, reason in failed.items():
                 print(f"validation skips {path}: {reason}", flush=True)
 
     def batches(self, stop: int):
-        plan = BatchPlan(self.config["seed"], functools.partial(stage_of_batch, self.config, self.accum),
+        plan = BatchPlan(self.config.seed, functools.partial(stage_of_batch, self.config, self.accum),
                          {"video": len(self.inputs.videos), "image": len(self.inputs.images)}, self.rank,
                          self.world, self.steps_done * self.accum, stop * self.accum, self.cursor)
-        return iter(batch_loader(self.dataset, plan, self.config["data"]["workers"],
+        return iter(batch_loader(self.dataset, plan, self.config.data.workers,
                                  pin_memory=self.device.type == "cuda"))
 
     # --- resume and checkpoint -------------------------------------------------------------
@@ -252,7 +252,7 @@ class Run:
                                   "optimizer": self.opt.state_dict(), "rng": rng_state(), "data": data,
                                   "starts": self.starts})
         try:
-            plot_log(self.run_dir / LOG_FILE, self.run_dir / PLOT_FILE, title=self.config["name"])
+            plot_log(self.run_dir / LOG_FILE, self.run_dir / PLOT_FILE, title=self.config.name)
         except ImportError:
             print("plot skipped: matplotlib missing (pip install -e '.[train]')")
 
@@ -263,8 +263,8 @@ class Run:
     # --- one step ----------------------------------------------------------------------------
     def step(self, batches) -> dict:
         """One optimizer step over `accum` micro-batches; returns what the log needs."""
-        stage = stage_at(self.config, self.steps_done)
-        lr = lr_at(self.steps_done, self.config["optim"], self.total)
+        stage = self.config.stage_at(self.steps_done)
+        lr = lr_at(self.steps_done, self.config.optim, self.total)
         for group in self.opt.param_groups:
             group["lr"] = lr
         micro_stats, waited, samples = [], 0.0, 0
@@ -275,24 +275,24 @@ class Run:
             self.take_report(report)
             video = video.to(self.device, non_blocking=True)
             samples += video.shape[0] * self.world
-            generator = step_generator(self.config["seed"], self.steps_done, micro, self.rank, self.device)
+            generator = step_generator(self.config.seed, self.steps_done, micro, self.rank, self.device)
             sync = self.world == 1 or micro == self.accum - 1
             with contextlib.nullcontext() if sync else self.objective.no_sync():
                 with autocast(self.device, self.bf16):
-                    loss, stats = self.objective(video, generator, stage["lpips_weight"])
+                    loss, stats = self.objective(video, generator, stage.lpips_weight)
                 (loss / self.accum).backward()
             micro_stats.append(stats)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config["optim"]["grad_clip"]).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip).item()
         self.update(grad_norm)
         self.opt.zero_grad(set_to_none=True)
         self.steps_done += 1
-        return {"micro": micro_stats, "lr": lr, "grad_norm": grad_norm, "stage": stage["name"], "samples": samples,
+        return {"micro": micro_stats, "lr": lr, "grad_norm": grad_norm, "stage": stage.name, "samples": samples,
                 "data_seconds": waited, "frames": int(video.shape[2]), "crop": int(video.shape[-1])}
 
     def update(self, grad_norm: float) -> None:
         if math.isfinite(grad_norm):  # the same on every rank: DDP has averaged the gradients
             self.opt.step()
-            ema_update(self.ema, self.model, self.config["optim"]["ema_decay"], self.steps_done)
+            ema_update(self.ema, self.model, self.config.optim.ema_decay, self.steps_done)
             self.bad_in_a_row = 0
             return
         # Skip the update, as loss scaling does: one bad batch must not turn the weights,
@@ -348,10 +348,10 @@ class Run:
 
     def log_start(self, stop: int) -> None:
         """The run's shape, printed and logged by rank 0 at every (re)start."""
-        stage, config = stage_at(self.config, self.steps_done), self.config
-        global_batch = stage["batch"] * self.world * self.accum
+        stage, config = self.config.stage_at(self.steps_done), self.config
+        global_batch = stage.batch * self.world * self.accum
         row = {"kind": "start", "step": self.steps_done, "stop": stop, "world": self.world,
-               "device": str(self.device), "bf16": self.bf16, "per_rank_batch": stage["batch"], "accum": self.accum,
+               "device": str(self.device), "bf16": self.bf16, "per_rank_batch": stage.batch, "accum": self.accum,
                "global_batch": global_batch, "compile": self.options.compile,
                "activation_checkpointing": self.options.activation_checkpointing, **self.inputs.summary()}
         if self.rank != 0:
@@ -360,12 +360,12 @@ class Run:
         self.starts.append({"step": self.steps_done, "world": self.world, "device": self.device.type,
                             "commit": commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         lpips_note = "on" if self.lpips is not None else "off (loss.lpips_weights not set)"
-        print(f"{config['name']}: {config['model']['preset']} {self.model.kind}, "
+        print(f"{config.name}: {config.model.preset} {self.model.kind}, "
               f"{self.model.parameter_counts()['parameters']:,} params, {self.device} x world {self.world}, "
-              f"steps {self.steps_done}->{stop} of {self.total}, batch {stage['batch']} per rank x {self.world} "
+              f"steps {self.steps_done}->{stop} of {self.total}, batch {stage.batch} per rank x {self.world} "
               f"x accum {self.accum} = global batch {global_batch}, bf16 autocast {'on' if self.bf16 else 'off'}, "
               f"LPIPS {lpips_note}, data {self.inputs.summary()['videos']} videos + "
-              f"{self.inputs.summary()['images']} images ({config['data']['decode']})", flush=True)
+              f"{self.inputs.summary()['images']} images ({config.data.decode})", flush=True)
         if self.saved_world != self.world:
             print(f"resuming a world-{self.saved_world} run with world {self.world}: the global batch is now "
                   f"{global_batch}; the data streams continue where they stopped", flush=True)
@@ -382,7 +382,7 @@ class Run:
         bar = tqdm(total=stop, initial=self.steps_done, disable=self.rank != 0 or not self.options.progress,
                    mininterval=10, dynamic_ncols=True)
         stopping, window, last_save, tick = False, [], time.time(), time.time()
-        train_cfg, val = self.config["train"], self.config["val"]
+        train_cfg, val = self.config.train, self.config.val
         try:
             self.log_start(stop)
             batches = self.batches(stop)
@@ -396,16 +396,16 @@ class Run:
                     window[-1]["seconds"], self.wall = now - tick, self.wall + now - tick
                     stopping = any_rank(bool(signalled), self.device)
                     done = self.steps_done == stop or stopping
-                    if self.steps_done % train_cfg["log_every"] == 0 or done:
+                    if self.steps_done % train_cfg.log_every == 0 or done:
                         self.log_train(window)
                         window = []
                         bar.set_postfix(loss=f"{self.stats['loss']:.4f}", lr=f"{self.stats['lr']:.2e}")
-                    if self.val_set and (self.steps_done % val["every"] == 0 or self.steps_done == self.total):
-                        self.write_log({"kind": "val", "step": self.steps_done, "steps": val["steps"],
-                                        "size": val["size"], "frames": val["frames"],
-                                        **validate(self.ema, self.val_set, val["steps"])})
-                    due = self.steps_done % train_cfg["ckpt_every_steps"] == 0 or \
-                        now - last_save > 60 * train_cfg["ckpt_every_minutes"]
+                    if self.val_set and (self.steps_done % val.every == 0 or self.steps_done == self.total):
+                        self.write_log({"kind": "val", "step": self.steps_done, "steps": val.steps,
+                                        "size": val.size, "frames": val.frames,
+                                        **validate(self.ema, self.val_set, val.steps)})
+                    due = self.steps_done % train_cfg.ckpt_every_steps == 0 or \
+                        now - last_save > 60 * train_cfg.ckpt_every_minutes
                     if due or done:
                         self.checkpoint()
                         last_save = time.time()

@@ -105,7 +105,8 @@ async def encode(
         chunk, admission = await admit(pool, "encode", source.height, source.width)
         try:
             with model_errors():
-                async for latents in pool.stream("encode", encode_chunks(pool.model, source.chunks(chunk))):
+                latents_stream = encode_chunks(pool.model, pool.identity.content_hash, source.chunks(chunk))
+                async for latents in pool.stream("encode", latents_stream):
                     spool.append(latents)
                     if await _client_gone(request, metrics, "encode"):
                         raise ClientClosedRequest("the client disconnected during the encode")
@@ -117,7 +118,7 @@ async def encode(
     finally:
         body.close()
     metrics.frames_total.labels("encode").inc(source.count)
-    info = latents_info(pool.model, source.count, source.height, source.width, source.fps)
+    info = latents_info(pool.model, pool.identity.content_hash, source.count, source.height, source.width, source.fps)
     header, data, media_type, headers = spool.body(info, format)
     length = spool.nbytes(header)
     metrics.bytes_total.labels("/v1/encode", "out").inc(length)
@@ -159,11 +160,12 @@ async def decode(
     admission: Admission | None = None
     try:
         with metrics.media("open_latents"):
-            source = await asyncio.to_thread(open_latents, body, pool.model.content_hash(), _limits(settings))
+            source = await asyncio.to_thread(open_latents, body, pool.identity.content_hash, _limits(settings))
         info = source.info
         chunk, admission = await admit(pool, "decode", info.height, info.width, steps)
         output = FrameStream(format, info.frames, info.height, info.width, info.fps)
-        parts = _rendered(output, decode_chunks(pool.model, info, source.chunks(chunk // 4), steps, seed))
+        latents = source.chunks(chunk // 4)
+        parts = _rendered(output, decode_chunks(pool.model, pool.identity.content_hash, info, latents, steps, seed))
         stream = pool.stream("decode", parts)
         with model_errors():
             first = await anext(stream)  # errors of the first chunk are still a JSON 4xx

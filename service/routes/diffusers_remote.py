@@ -115,17 +115,18 @@ async def diffusers_decode(
     if shift_factor is not None:
         latents = latents + shift_factor
     _check_finite(latents, "latents")
-    model = pool.model
+    model, model_hash = pool.model, pool.identity.content_hash
     t, h, w = latents.shape[2:]
-    info = latents_info(model, 1 + TIME_FACTOR * (t - 1), SPACE_FACTOR * h, SPACE_FACTOR * w, DEFAULT_FPS)
+    info = latents_info(model, model_hash, 1 + TIME_FACTOR * (t - 1), SPACE_FACTOR * h, SPACE_FACTOR * w, DEFAULT_FPS)
     accept = request.headers.get("accept", "")
     _check_answer(info.frames, info.height, info.width, image=output_type == "pil" and TENSOR_TYPE not in accept,
                   limit=settings.max_upload_bytes)
     chunk, admission = await admit(pool, "decode", info.height, info.width, steps)
     try:
         parts = _chunks(latents, max(1, chunk // TIME_FACTOR))  # as /v1/decode cuts them
+        decoded = decode_chunks(model, model_hash, info, parts, steps, seed)
         with model_errors():
-            videos = [v async for v in pool.stream("decode", decode_chunks(model, info, parts, steps, seed))]
+            videos = [v async for v in pool.stream("decode", decoded)]
     finally:
         admission.release()
     video = torch.cat(videos, dim=2)
@@ -169,9 +170,9 @@ async def diffusers_encode(
     _check_frames(video, settings)
     chunk, admission = await admit(pool, "encode", *video.shape[3:])
     try:
-        parts = _chunks(video, chunk)
+        parts = encode_chunks(pool.model, pool.identity.content_hash, _chunks(video, chunk))
         with model_errors():
-            latents = [z async for z in pool.stream("encode", encode_chunks(pool.model, parts))]
+            latents = [z async for z in pool.stream("encode", parts)]
     finally:
         admission.release()
     latents = torch.cat(latents, dim=2)

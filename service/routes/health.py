@@ -63,7 +63,7 @@ async def _pings(store) -> bool:
 @router.get("/v1/models", summary="the served model: preset, hash, dtype, device, compression",
             dependencies=[Depends(require_api_key)], responses={**AUTH_ERRORS, **NOT_READY})
 async def models(pool: WorkerPool = Depends(get_pool), settings: Settings = Depends(get_settings)) -> dict:
-    return {"models": [model_card(pool.model, settings.device)]}
+    return {"models": [model_card(pool.model, pool.identity, settings.device)]}
 
 
 @router.get("/metrics", summary="Prometheus metrics of this process", response_class=Response,

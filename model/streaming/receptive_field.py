@@ -25,10 +25,10 @@ margin on top.
 The spatial size does not change the temporal field (16x16 and 16x24 probes, the
 latter through the U-Net's odd-size path, measure the same as 8x8), so the probes use
 the smallest frame, 8x8 pixels (1x1 latents). A checkpoint records its figures in
-receptive_field.json (model/checkpoint.py); to write the record of a checkpoint saved
-without one:
+receptive_field.json (model/checkpoint.py), and the loader hands them out in its
+`ModelIdentity`; to write the record of a checkpoint saved without one:
 
-    python -c "from model.checkpoint import record_receptive_field as r; r('checkpoints/cdt-tiny')"
+    python -c "from model import record_receptive_field as r; r('checkpoints/cdt-tiny')"
 """
 
 from __future__ import annotations
@@ -37,11 +37,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import SPACE_FACTOR, TIME_FACTOR
-from .streaming import StreamingDecoder, StreamingEncoder
-from .tokenizer import Tokenizer, frames_for_latents
+from ..config import SPACE_FACTOR
+from ..tokenizer import Tokenizer, content_hash
+from .positions import check_kind, group_size, inputs_for
+from .streams import StreamingDecoder, StreamingEncoder
 
-MEASURED_BY = "model.receptive_field.measure"
+MEASURED_BY = "model.streaming.receptive_field.measure"
 PROBE_SIZE = (SPACE_FACTOR, SPACE_FACTOR)  # probe frame height and width in pixels
 CHUNK_GROUPS = 16  # groups per chunk after the first: long chunks amortise the per-call cost
 MAX_GROUPS = 4096  # a probe whose influence has not died out by then means a recurrent model
@@ -62,11 +63,10 @@ class ReceptiveField:
         return self.decode_base + self.decode_per_step * steps
 
     def frames(self, kind: str, steps: int = 1) -> int:
-        if kind == "encode":
-            return self.encode
-        if kind == "decode":
-            return self.decode_receptive_field(steps)
-        raise ValueError(f"kind must be 'encode' or 'decode', got {kind!r}")
+        """How many recent input frames a stream's state depends on: pixel frames for
+        "encode", latent frames for "decode" at `steps` DDIM steps."""
+        check_kind(kind)
+        return self.encode if kind == "encode" else self.decode_receptive_field(steps)
 
 
 def measure(model: Tokenizer) -> ReceptiveField:
@@ -81,9 +81,7 @@ def measure_receptive_field(model: Tokenizer, kind: str, steps: int = 1,
     """The number of most recent input frames (pixel frames for "encode", latent frames
     for "decode" at `steps` DDIM steps) that a stream's state and outputs depend on,
     probed on frames of `size` pixels."""
-    if kind not in ("encode", "decode"):
-        raise ValueError(f"kind must be 'encode' or 'decode', got {kind!r}")
-    group = _group(kind)
+    group = group_size(kind)
     # Every phase of the second group: the stream's first frame is a group of its own.
     probes = range(1 + group, 1 + 2 * group)
     ends = _influence_ends(model, kind, steps, size, probes)
@@ -100,11 +98,12 @@ def _influence_ends(model: Tokenizer, kind: str, steps: int, size: tuple[int, in
     frame, until every probe stream's state equals the reference's: from there on their
     outputs are equal too."""
     generator = torch.Generator().manual_seed(0)
-    reference = _open(model, kind, steps)
-    perturbed = [_open(model, kind, steps) for _ in probes]
+    model_hash = content_hash(model)
+    reference = _open(model, model_hash, kind, steps)
+    perturbed = [_open(model, model_hash, kind, steps) for _ in probes]
     last_output = [-1 for _ in probes]
     fed = produced = 0
-    group = _group(kind)
+    group = group_size(kind)
     while fed <= probes[-1] or not all(s.cache.equals(reference.cache) for s in perturbed):
         if fed > MAX_GROUPS * group:
             raise RuntimeError(f"a frame still changes the {kind} state {fed} frames later")
@@ -120,23 +119,13 @@ def _influence_ends(model: Tokenizer, kind: str, steps: int, size: tuple[int, in
                 last_output[i] = produced + int(differs.max())
         fed += n
         produced += expected.shape[2]
-    return [_inputs_for(kind, o + 1) for o in last_output]
+    return [inputs_for(kind, o + 1) for o in last_output]
 
 
-def _group(kind: str) -> int:
-    """Input frames per output group after a stream's first frame."""
-    return TIME_FACTOR if kind == "encode" else 1
-
-
-def _inputs_for(kind: str, outputs: int) -> int:
-    """The input frames a stream takes before it has emitted `outputs` output frames."""
+def _open(model: Tokenizer, model_hash: str, kind: str, steps: int) -> StreamingEncoder | StreamingDecoder:
     if kind == "encode":
-        return frames_for_latents(outputs)
-    return 1 + -(-(outputs - 1) // TIME_FACTOR)  # a latent frame decodes to 1, then 4 frames
-
-
-def _open(model: Tokenizer, kind: str, steps: int) -> StreamingEncoder | StreamingDecoder:
-    return StreamingEncoder(model) if kind == "encode" else StreamingDecoder(model, steps=steps, seed=0)
+        return StreamingEncoder(model, model_hash)
+    return StreamingDecoder(model, model_hash, steps=steps, seed=0)
 
 
 def _probe_inputs(model: Tokenizer, kind: str, length: int, size: tuple[int, int],

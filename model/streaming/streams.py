@@ -10,10 +10,14 @@ to: 1+4(m-1) for the first chunk, 4m afterwards.
 
 Concatenated outputs equal the whole-clip `encode`/`decode` up to float rounding.
 
+A stream's state names the weights it was computed with by their content hash (the
+loader's `ModelIdentity.content_hash`, or `content_hash(model)` for a model in memory), so
+a state is never continued by another model.
+
 `resume` starts either stream in the middle of a video with no history, keeping the
 original frame indexing: its layers pad the unknown past as in steady state. Once the
 inputs since the resume point cover the model's receptive field
-(model/receptive_field.py), its state and outputs equal those of the uninterrupted
+(model/streaming/receptive_field.py), its state and outputs equal those of the uninterrupted
 stream, so replaying a log of recent chunks rebuilds a stream anywhere.
 """
 
@@ -23,10 +27,10 @@ from typing import Any
 
 import torch
 
-from .cache import FeatureCache
-from .config import SPACE_FACTOR, TIME_FACTOR
-from .tokenizer import (Tokenizer, dtype_name, frames_for_latents, latent_frames_for, pixel_frames,
-                        validate_latents)
+from ..cache import FeatureCache
+from ..config import SPACE_FACTOR, TIME_FACTOR
+from ..tokenizer import Tokenizer, dtype_name, pixel_frames, validate_latents
+from .positions import outputs_for, resume_position, settled_inputs
 
 PENDING_KEY = "pending_frames"
 
@@ -46,10 +50,10 @@ def pad_frames(video: torch.Tensor) -> torch.Tensor:
 class _Stream:
     kind = ""
 
-    def __init__(self, model: Tokenizer, cache: FeatureCache | None, meta: dict[str, Any]) -> None:
-        self.model = model
+    def __init__(self, model: Tokenizer, model_hash: str, cache: FeatureCache | None, meta: dict[str, Any]) -> None:
+        self.model, self.model_hash = model, model_hash
         if cache is None:
-            cache = FeatureCache({"kind": self.kind, "model_hash": model.content_hash(),
+            cache = FeatureCache({"kind": self.kind, "model_hash": model_hash,
                                   "model_kind": model.kind, "dtype": dtype_name(model.compute_dtype), **meta})
             cache.started = False
         else:
@@ -62,7 +66,7 @@ class _Stream:
         return self.cache.meta
 
     def _check(self, cache: FeatureCache) -> None:
-        expected = {"kind": self.kind, "model_hash": self.model.content_hash(),
+        expected = {"kind": self.kind, "model_hash": self.model_hash,
                     "dtype": dtype_name(self.model.compute_dtype)}
         for key, value in expected.items():
             if cache.meta.get(key) != value:
@@ -74,26 +78,26 @@ class _Stream:
         return self.cache.to_bytes()
 
     @classmethod
-    def from_state(cls, model: Tokenizer, data: bytes):
-        return cls(model, cache=FeatureCache.from_bytes(data, model.device))
+    def from_state(cls, model: Tokenizer, model_hash: str, data: bytes):
+        return cls(model, model_hash, cache=FeatureCache.from_bytes(data, model.device))
 
 
 class StreamingEncoder(_Stream):
     kind = "encode"
 
-    def __init__(self, model: Tokenizer, cache: FeatureCache | None = None) -> None:
-        super().__init__(model, cache, {"frames_in": 0, "frames_encoded": 0, "latents_out": 0,
+    def __init__(self, model: Tokenizer, model_hash: str, cache: FeatureCache | None = None) -> None:
+        super().__init__(model, model_hash, cache, {"frames_in": 0, "frames_encoded": 0, "latents_out": 0,
                                         "shape": None, "steps": 0, "finished": False})
 
     @classmethod
-    def resume(cls, model: Tokenizer, frames_done: int) -> "StreamingEncoder":
+    def resume(cls, model: Tokenizer, model_hash: str, frames_done: int) -> "StreamingEncoder":
         """A stream that has encoded `frames_done` frames (a group boundary: 1, 5, 9, ...)
         with nothing pending, and remembers none of them."""
-        if frames_done < 1 or (frames_done - 1) % TIME_FACTOR:
+        if frames_done < 1 or resume_position(cls.kind, frames_done) != frames_done:
             raise ValueError(f"frames_done must be 1+{TIME_FACTOR}k (a group boundary), got {frames_done}")
-        stream = cls(model)
+        stream = cls(model, model_hash)
         stream.meta.update(frames_in=frames_done, frames_encoded=frames_done,
-                           latents_out=latent_frames_for(frames_done))
+                           latents_out=outputs_for(cls.kind, frames_done))
         stream.cache.started = True
         return stream
 
@@ -122,11 +126,8 @@ class StreamingEncoder(_Stream):
         frames = frames.to(self.model.device, self.model.compute_dtype)
         if pending is not None:
             frames = torch.cat([pending.to(frames.dtype), frames], dim=2)
-        total = frames.shape[2]
-        if self.meta["frames_encoded"] == 0:
-            usable = 1 + TIME_FACTOR * ((total - 1) // TIME_FACTOR) if total else 0
-        else:
-            usable = TIME_FACTOR * (total // TIME_FACTOR)
+        total, done = frames.shape[2], self.meta["frames_encoded"]
+        usable = settled_inputs(self.kind, done + total) - done
         if usable < total:
             self.cache.set(PENDING_KEY, frames[:, :, usable:])
         return self._encode(frames[:, :, :usable])
@@ -162,21 +163,23 @@ class StreamingEncoder(_Stream):
 class StreamingDecoder(_Stream):
     kind = "decode"
 
-    def __init__(self, model: Tokenizer, steps: int = 1, seed: int = 0, cache: FeatureCache | None = None) -> None:
+    def __init__(self, model: Tokenizer, model_hash: str, steps: int = 1, seed: int = 0,
+                 cache: FeatureCache | None = None) -> None:
         if cache is None:  # a restored state carries its steps
             steps = model.decode_steps(steps)
-        super().__init__(model, cache, {"steps": steps, "seed": int(seed), "latents_in": 0,
+        super().__init__(model, model_hash, cache, {"steps": steps, "seed": int(seed), "latents_in": 0,
                                         "frames_out": 0, "shape": None})
 
     @classmethod
-    def resume(cls, model: Tokenizer, steps: int, seed: int, latents_done: int) -> "StreamingDecoder":
+    def resume(cls, model: Tokenizer, model_hash: str, steps: int, seed: int,
+               latents_done: int) -> "StreamingDecoder":
         """A stream that has decoded `latents_done` latent frames (>= 1) and remembers
         none of them: the next frame's noise has its index in the whole video, and the
         temporal upsamplers no longer drop a stream's first frame."""
         if latents_done < 1:
             raise ValueError(f"latents_done must be >= 1, got {latents_done}")
-        stream = cls(model, steps=steps, seed=seed)
-        stream.meta.update(latents_in=latents_done, frames_out=frames_for_latents(latents_done))
+        stream = cls(model, model_hash, steps=steps, seed=seed)
+        stream.meta.update(latents_in=latents_done, frames_out=outputs_for(cls.kind, latents_done))
         stream.cache.started = True
         return stream
 
