@@ -13,7 +13,8 @@ from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .deps import get_settings
-from .errors import InvalidApiKey, MissingApiKey, error_responses
+from .domain_errors import InvalidApiKey, MissingApiKey
+from .errors import error_responses
 from .settings import Settings
 
 ANONYMOUS = "anonymous"
@@ -44,8 +45,7 @@ def require_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(_
     if not settings.api_keys:
         return ANONYMOUS
     if credentials is None:
-        raise MissingApiKey("this endpoint needs an API key: send 'Authorization: Bearer <key>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise MissingApiKey("this endpoint needs an API key: send 'Authorization: Bearer <key>'")
     if not key_matches(credentials.credentials, settings.api_keys):
         raise InvalidApiKey("the API key is not valid")
     return principal_of(credentials.credentials)

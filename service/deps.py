@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from .bodies import SNIFF_BYTES, Body, Kind, classify, spool
-from .errors import BadParameter, PayloadTooLarge, Unavailable
+from .bodies import SNIFF_BYTES, Body, BodyFormat, classify, spool
+from .domain_errors import BadParameter, TooLarge, Unavailable
 from .metrics import Metrics
 from .settings import Settings
 from .workers import WorkerPool
@@ -27,7 +27,7 @@ def get_pool(request: Request) -> WorkerPool:
     return pool
 
 
-async def receive_body(request: Request, accepted: tuple[Kind, ...], settings: Settings, pool: WorkerPool,
+async def receive_body(request: Request, accepted: tuple[BodyFormat, ...], settings: Settings, pool: WorkerPool,
                        metrics: Metrics) -> Body:
     """The classified body of a request that will run a model job, spooled to a temporary
     file. Capacity is checked first, so an overloaded server answers 429 without taking
@@ -41,13 +41,13 @@ async def receive_body(request: Request, accepted: tuple[Kind, ...], settings: S
         if not declared.isdigit():
             raise BadParameter(f"bad Content-Length {declared!r}")
         if int(declared) > limit:
-            raise PayloadTooLarge(f"the body is {int(declared)} bytes; the limit is {limit} (CDT_MAX_UPLOAD_MB)")
+            raise TooLarge(f"the body is {int(declared)} bytes; the limit is {limit} (CDT_MAX_UPLOAD_MB)")
     head, size, file = b"", 0, None
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise PayloadTooLarge(f"the body passed the limit of {limit} bytes (CDT_MAX_UPLOAD_MB)")
+                raise TooLarge(f"the body passed the limit of {limit} bytes (CDT_MAX_UPLOAD_MB)")
             if file is None:
                 head += chunk
                 if len(head) >= SNIFF_BYTES:

@@ -10,7 +10,7 @@ from typing import Iterator
 
 from model import SPACE_FACTOR, TIME_FACTOR, Tokenizer, dtype_name
 
-from .errors import BadParameter, InvalidInput
+from .domain_errors import BadParameter, InvalidInput
 from .settings import Settings
 
 

@@ -22,7 +22,8 @@ from media.frames_file import TENSOR_NAME as FRAMES_TENSOR
 from media.latents_file import TENSOR_NAME as LATENTS_TENSOR
 from media.tensor_headers import npy_header, safetensors_header
 
-from .bodies import METADATA_HEADER, MP4, NPY, SAFETENSORS
+from .bodies import MP4, NPY, SAFETENSORS
+from .wire import METADATA_HEADER
 
 FRAME_FORMATS = {"mp4": MP4, "npy": NPY, "safetensors": SAFETENSORS}
 _READ_BYTES = 1 << 20  # bytes per read when sending a spooled file

@@ -46,9 +46,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import MovedError, RedisClusterException, RedisError
 
+from .domain_errors import Unavailable
 
-class SessionStoreUnavailable(RuntimeError):
-    """The store cannot be reached (maps to 503 session_store_unavailable)."""
+
+class SessionStoreUnavailable(Unavailable):
+    """The store cannot be reached."""
+
+    code = "session_store_unavailable"
 
 
 @dataclass(frozen=True)

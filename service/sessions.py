@@ -41,34 +41,28 @@ from media.video import MAX_FPS
 from model import (NUM_TIMESTEPS, SPACE_FACTOR, TIME_FACTOR, CacheFormatError, CacheMismatchError, FeatureCache,
                    StreamingDecoder, StreamingEncoder, Tokenizer, dtype_name, pixel_frames)
 
-from .bodies import NPY, SAFETENSORS, Body, ClipOptions, Kind, Limits, body_from_bytes, parse_latent_chunk, \
+from .bodies import NPY, SAFETENSORS, Body, BodyFormat, ClipOptions, Limits, body_from_bytes, parse_latent_chunk, \
     read_clip
-from .errors import BadParameter, Conflict, InvalidInput, NotFound, PayloadTooLarge, ServiceError, Unavailable
+from .domain_errors import (BadParameter, Conflict, InvalidInput, NotFound, Overloaded, SeqOutOfOrder, TooLarge,
+                            Unavailable)
 from .memory import chunk_bytes, cost_for
 from .metrics import LATENCY_BUCKETS, Metrics
 from .ops import check_steps, model_errors
 from .responses import render_frames
-from .session_store import SessionStore, SessionStoreUnavailable, StoredSession
+from .session_store import SessionStore, StoredSession
 from .settings import Settings
+from .wire import CHUNK_FORMAT, CHUNK_HEADER, MAX_JSON_SEED, REBUILD_HEADER, REPLAYED_HEADER
 from .workers import WorkerPool
 
 log = logging.getLogger("cdt.sessions")
 
-CHUNK_FORMAT = "cdt-latent-chunk"
-CHUNK_HEADER = "X-CDT-Chunk"  # chunk metadata as JSON, on every chunk response
-REPLAYED_HEADER = "X-CDT-Replayed"
-REBUILD_HEADER = "X-CDT-Rebuild"  # why this replica rebuilt the stream for this chunk
 FINISH = "finish"  # the `seq` recorded for a finish, so a retried finish replays too
-CHUNK_KINDS = (Kind.VIDEO, Kind.NPY, Kind.SAFETENSORS)
+CHUNK_KINDS = tuple(BodyFormat)  # the session's kind is known only once its record is loaded
 # Sizes from kB (tiny model, small frames, one chunk) to GB (snapshots at 720p).
 BYTES_BUCKETS = tuple(2.0**k for k in range(10, 36, 2))
 EVICTED_MEMORY = 10_000  # evicted ids remembered to tell "evicted" from "missing" rebuilds
 
 Stream = StreamingEncoder | StreamingDecoder
-
-
-class TooManySessions(ServiceError):
-    status, code = 429, "too_many_sessions"
 
 
 class SessionRaced(Exception):
@@ -89,8 +83,7 @@ class SessionSpec(BaseModel):
     width: int | None = Field(None, ge=SPACE_FACTOR, description="original frame width")
     frames: int | None = Field(None, ge=1, description="decode: original frame count; output stops there")
     steps: int = Field(1, ge=1, le=NUM_TIMESTEPS, description="decode: DDIM steps, at most CDT_MAX_STEPS")
-    # 2**53 - 1: the largest integer every JSON parser reads exactly (RFC 8259, section 6).
-    seed: int = Field(0, ge=0, le=2**53 - 1, description="decode: noise seed")
+    seed: int = Field(0, ge=0, le=MAX_JSON_SEED, description="decode: noise seed")
     dtype: str | None = Field(None, description="compute dtype; must be the serving replica's")
     fps: float = Field(30.0, gt=0, le=MAX_FPS, description="decode: frame rate of mp4 output")
     ttl_s: int | None = Field(None, ge=1, description="idle lifetime; at most CDT_SESSION_TTL_S")
@@ -125,7 +118,7 @@ class LogEntry(BaseModel):
     seq: int
     start: int  # input position: pixel frames (encode) or latent frames (decode) before this chunk
     count: int  # input frames in this chunk, in the same unit
-    body_kind: Kind
+    body_kind: BodyFormat
     content_type: str
     nbytes: int
 
@@ -318,7 +311,7 @@ def model_input(kind: str, chunk: torch.Tensor) -> torch.Tensor:
 
 def logged_input(kind: str, entry: LogEntry, data: bytes, limits: Limits) -> torch.Tensor:
     """A logged chunk's model input, parsed by the same code as when it arrived."""
-    body = body_from_bytes(entry.content_type, data, (entry.body_kind,))
+    body = body_from_bytes(entry.body_kind, data)
     try:
         return model_input(kind, parse_chunk(kind, body, limits))
     finally:
@@ -427,8 +420,6 @@ class Sessions:
         start = time.perf_counter()
         try:
             return await coro
-        except SessionStoreUnavailable as exc:
-            raise Unavailable(str(exc), code="session_store_unavailable") from None
         finally:
             self.metrics.store_seconds.labels(op).observe(time.perf_counter() - start)
 
@@ -480,9 +471,8 @@ class Sessions:
         created = await self._store("create", self.store.create(record.id, record.model_dump(mode="json"), ttl,
                                                                 self.settings.max_sessions))
         if not created:
-            raise TooManySessions(f"the limit of {self.settings.max_sessions} live sessions is reached; finish "
-                                  "or delete sessions, or retry later (CDT_MAX_SESSIONS)",
-                                  headers={"Retry-After": "30"})
+            raise Overloaded(f"the limit of {self.settings.max_sessions} live sessions is reached; finish or "
+                             "delete sessions, or retry later (CDT_MAX_SESSIONS)", 30, code="too_many_sessions")
         await self.refresh_active()
         return describe(record, StoredSession(meta={}, version=1, expires_at=time.time() + ttl))
 
@@ -518,8 +508,7 @@ class Sessions:
             if record.finished:
                 raise Conflict("the session is finished; start a new one", code="session_finished")
             if body is not None and label != record.next_seq:
-                raise Conflict(f"expected chunk seq {record.next_seq}, got {label}", code="seq_out_of_order",
-                               headers={"X-CDT-Expected-Seq": str(record.next_seq)})
+                raise SeqOutOfOrder(f"expected chunk seq {record.next_seq}, got {label}", record.next_seq)
             try:
                 applied, log_put, log_drop = await self._compute(session_id, stored, record, body, content_type, fmt)
             except SessionRaced:
@@ -543,8 +532,7 @@ class Sessions:
         stored, record = await self._load(session_id, owner)
         replay = replayed(stored, record, label)
         if replay is None:
-            raise Conflict(f"chunk {label} raced with another write; expected seq {record.next_seq}",
-                           code="seq_out_of_order")
+            raise SeqOutOfOrder(f"chunk {label} raced with another write; expected seq {record.next_seq}")
         return replay
 
     def _after_commit(self, session_id: str, version: int, applied: Applied) -> None:
@@ -572,7 +560,7 @@ class Sessions:
             chunk = await asyncio.to_thread(parse_chunk, record.kind, body, self.limits)
             self._check_chunk(record, chunk)
             entry = LogEntry(seq=record.next_seq, start=record.input_end, count=chunk.shape[2],
-                             body_kind=body.kind, content_type=content_type, nbytes=body.size)
+                             body_kind=body.format, content_type=content_type, nbytes=body.size)
             log_put = (entry.name, await asyncio.to_thread(body.read))
             log_drop = self._plan_log(record, entry)
         if record.kind == "decode" and chunk is None:
@@ -602,8 +590,8 @@ class Sessions:
                                    code="chunk_shape_mismatch")
             return
         if pixel_frames(n, first_chunk=False) > self.settings.max_frames + 3:  # per chunk; a stream has no limit
-            raise PayloadTooLarge(f"a chunk of {n} latent frames decodes to more than {self.settings.max_frames} "
-                                  "frames; send fewer per chunk", code="clip_too_large")
+            raise TooLarge(f"a chunk of {n} latent frames decodes to more than {self.settings.max_frames} "
+                           "frames; send fewer per chunk", code="clip_too_large")
         height, width = record.height or h * SPACE_FACTOR, record.width or w * SPACE_FACTOR
         if height > h * SPACE_FACTOR or width > w * SPACE_FACTOR:
             raise InvalidInput(f"latents decode to {h * SPACE_FACTOR}x{w * SPACE_FACTOR}, smaller than the "
@@ -619,9 +607,9 @@ class Sessions:
         record.log = entries[keep:]
         kept_bytes = sum(e.nbytes for e in record.log)
         if kept_bytes > self.settings.max_session_log_bytes:
-            raise PayloadTooLarge(f"the session's input log would be {kept_bytes} bytes, over the limit of "
-                                  f"{self.settings.max_session_log_bytes} (CDT_MAX_SESSION_LOG_MB); send smaller "
-                                  "frames or a compressed container", code="session_log_too_large")
+            raise TooLarge(f"the session's input log would be {kept_bytes} bytes, over the limit of "
+                           f"{self.settings.max_session_log_bytes} (CDT_MAX_SESSION_LOG_MB); send smaller "
+                           "frames or a compressed container", code="session_log_too_large")
         return [e.name for e in entries[:keep]]
 
     async def _rebuild_source(self, session_id: str, stored: StoredSession, record: SessionRecord,

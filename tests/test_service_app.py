@@ -20,7 +20,7 @@ from model import NUM_TIMESTEPS
 from service import Settings, create_app
 from service.client import AsyncClient, Overloaded, ServiceError
 from service.client_retry import NO_RETRY, Retrying
-from service.errors import GatewayTimeout, Unavailable
+from service.domain_errors import Timeout, Unavailable
 from service.metrics import Metrics
 from service.settings import SettingsError
 from service.workers import WorkerPool
@@ -125,7 +125,7 @@ def test_timeouts_are_504_while_computing_and_503_while_waiting(tiny_model):
         return outcomes, later
 
     (computing, waited), later = asyncio.run(scenario())
-    assert isinstance(computing, GatewayTimeout) and computing.code == "compute_timeout"
+    assert isinstance(computing, Timeout) and computing.code == "compute_timeout"
     assert isinstance(waited, Unavailable) and waited.code == "queue_timeout"
     assert later == 0.0 and ran == [0.6, 0.0]  # the expired queued job never ran
 

@@ -26,19 +26,20 @@ from media.video import MAX_FPS
 from model import NUM_TIMESTEPS
 
 from ..auth import AUTH_ERRORS, require_api_key
-from ..bodies import METADATA_HEADER, MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, ClipOptions, Kind, Limits, \
+from ..bodies import FRAME_FORMATS, MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, BodyFormat, ClipOptions, Limits, \
     open_frames, open_latents
 from ..deps import get_metrics, get_pool, get_settings, receive_body
-from ..errors import ClientClosedRequest, error_responses
+from ..domain_errors import ClientGone
+from ..errors import error_responses
 from ..memory import cost_for, plan
 from ..metrics import Metrics
 from ..ops import check_steps, model_errors
 from ..responses import FrameStream, LatentSpool
 from ..settings import Settings
+from ..wire import MAX_QUERY_SEED, METADATA_HEADER
 from ..workers import Admission, WorkerPool
 from .openapi import BINARY, binary_body, model_request_errors
 
-MAX_SEED = 2**63 - 1
 MAX_SIZE = 2**16  # a resize target past any CDT_MAX_SIDE: keeps the size arithmetic finite
 
 VIDEO_TYPES = (MP4, "video/webm", "video/x-msvideo")  # any video/* is accepted; these are listed
@@ -97,10 +98,10 @@ async def encode(
     pool: WorkerPool = Depends(get_pool),
     metrics: Metrics = Depends(get_metrics),
 ) -> StreamingResponse:
-    body = await receive_body(request, (Kind.VIDEO, Kind.NPY, Kind.SAFETENSORS), settings, pool, metrics)
+    body = await receive_body(request, FRAME_FORMATS, settings, pool, metrics)
     spool = LatentSpool()
     try:
-        with metrics.media(f"open_{body.kind.value}"):
+        with metrics.media(f"open_{body.format.value}"):
             source = await asyncio.to_thread(open_frames, body, ClipOptions(frames, size, fps), _limits(settings))
         chunk, admission = await admit(pool, "encode", source.height, source.width)
         try:
@@ -108,7 +109,7 @@ async def encode(
                 async for latents in pool.stream("encode", encode_chunks(pool.model, source.chunks(chunk))):
                     spool.append(latents)
                     if await _client_gone(request, metrics, "encode"):
-                        raise ClientClosedRequest("the client disconnected during the encode")
+                        raise ClientGone("the client disconnected during the encode")
         finally:
             admission.release()
     except BaseException:
@@ -148,14 +149,14 @@ async def decode(
     request: Request,
     steps: Annotated[int, Query(ge=1, le=NUM_TIMESTEPS,
                                 description="diffusion decoding steps, at most CDT_MAX_STEPS")] = 1,
-    seed: Annotated[int, Query(ge=0, le=MAX_SEED, description="decoding noise seed")] = 0,
+    seed: Annotated[int, Query(ge=0, le=MAX_QUERY_SEED, description="decoding noise seed")] = 0,
     format: Annotated[Literal["mp4", "safetensors", "npy"], Query(description="output format")] = "mp4",
     settings: Settings = Depends(get_settings),
     pool: WorkerPool = Depends(get_pool),
     metrics: Metrics = Depends(get_metrics),
 ) -> StreamingResponse:
     check_steps(steps, settings)
-    body = await receive_body(request, (Kind.SAFETENSORS,), settings, pool, metrics)
+    body = await receive_body(request, (BodyFormat.SAFETENSORS,), settings, pool, metrics)
     admission: Admission | None = None
     try:
         with metrics.media("open_latents"):

@@ -41,13 +41,14 @@ from model import LATENT_CHANNELS, NUM_TIMESTEPS, SPACE_FACTOR, TIME_FACTOR
 from ..auth import AUTH_ERRORS, require_api_key
 from ..bodies import DEFAULT_FPS, MIN_SIDE, MP4
 from ..deps import get_metrics, get_pool, get_settings
-from ..errors import BadParameter, InvalidInput, PayloadTooLarge, UnsupportedMedia
+from ..domain_errors import BadParameter, InvalidInput, TooLarge, UnsupportedFormat
 from ..metrics import Metrics
 from ..ops import check_steps, model_errors
 from ..responses import render_frames
 from ..settings import Settings
+from ..wire import MAX_QUERY_SEED
 from ..workers import WorkerPool
-from .clips import MAX_SEED, admit
+from .clips import admit
 from .openapi import BINARY, model_request_errors
 
 TENSOR_TYPE = "tensor/binary"
@@ -97,7 +98,7 @@ async def diffusers_decode(
     shift_factor: Factor = None,
     steps: Annotated[int, Query(ge=1, le=NUM_TIMESTEPS, description="diffusion decoding steps, at most "
                                                                        "CDT_MAX_STEPS")] = 1,
-    seed: Annotated[int, Query(ge=0, le=MAX_SEED, description="decoding noise seed")] = 0,
+    seed: Annotated[int, Query(ge=0, le=MAX_QUERY_SEED, description="decoding noise seed")] = 0,
     settings: Settings = Depends(get_settings),
     pool: WorkerPool = Depends(get_pool),
     metrics: Metrics = Depends(get_metrics),
@@ -194,7 +195,7 @@ async def _receive(request: Request, settings: Settings, pool: WorkerPool, metri
     async for part in request.stream():
         size += len(part)
         if size > limit:
-            raise PayloadTooLarge(f"the body passed the limit of {limit} bytes (CDT_MAX_UPLOAD_MB)")
+            raise TooLarge(f"the body passed the limit of {limit} bytes (CDT_MAX_UPLOAD_MB)")
         parts.append(part)
     if size == 0:
         raise BadParameter("the request body is empty", code="empty_body")
@@ -226,9 +227,9 @@ def _check_latents(latents: torch.Tensor, settings: Settings) -> None:
     t, h, w = latents.shape[2:]
     frames, side = 1 + TIME_FACTOR * (t - 1), SPACE_FACTOR * max(h, w)
     if frames > settings.max_frames or side > settings.max_side:
-        raise PayloadTooLarge(f"the latents decode to {frames} frames of {SPACE_FACTOR * h}x{SPACE_FACTOR * w}; the "
-                              f"limits are {settings.max_frames} frames and {settings.max_side} pixels a side",
-                              code="clip_too_large")
+        raise TooLarge(f"the latents decode to {frames} frames of {SPACE_FACTOR * h}x{SPACE_FACTOR * w}; the "
+                       f"limits are {settings.max_frames} frames and {settings.max_side} pixels a side",
+                       code="clip_too_large")
     _check_finite(latents, "latents")
 
 
@@ -238,8 +239,8 @@ def _check_frames(video: torch.Tensor, settings: Settings) -> None:
                            code="invalid_tensor")
     t, h, w = video.shape[2:]
     if t > settings.max_frames or max(h, w) > settings.max_side:
-        raise PayloadTooLarge(f"{t} frames of {h}x{w}; the limits are {settings.max_frames} frames and "
-                              f"{settings.max_side} pixels a side", code="clip_too_large")
+        raise TooLarge(f"{t} frames of {h}x{w}; the limits are {settings.max_frames} frames and "
+                       f"{settings.max_side} pixels a side", code="clip_too_large")
     if min(h, w) < MIN_SIDE:
         raise InvalidInput(f"frames are {h}x{w}; both sides must be at least {MIN_SIDE} pixels",
                            code="video_too_small")
@@ -251,7 +252,7 @@ def _check_frames(video: torch.Tensor, settings: Settings) -> None:
 def _image_frames(body: bytes) -> torch.Tensor:
     """A PNG or JPEG image (remote_encode's PIL input) as one frame (1,3,1,H,W) in [-1,1]."""
     if not (body.startswith(b"\x89PNG\r\n\x1a\n") or body.startswith(b"\xff\xd8\xff")):
-        raise UnsupportedMedia("send a PNG or JPEG image, or a tensor with shape and dtype parameters")
+        raise UnsupportedFormat("send a PNG or JPEG image, or a tensor with shape and dtype parameters")
     try:
         with av.open(io.BytesIO(body)) as container:
             frame = next(container.decode(video=0))
@@ -299,9 +300,9 @@ def _check_answer(frames: int, height: int, width: int, image: bool, limit: int)
                            "output_type=mp4 or pt)", code="invalid_input")
     nbytes = frames * height * width * 3 * 4
     if nbytes > limit:
-        raise PayloadTooLarge(f"these latents decode to {frames} frames of {height}x{width}, {nbytes} bytes as "
-                              f"float32, over this endpoint's answer limit of {limit} (CDT_MAX_UPLOAD_MB); "
-                              "/v1/decode streams clips of any length", code="clip_too_large")
+        raise TooLarge(f"these latents decode to {frames} frames of {height}x{width}, {nbytes} bytes as "
+                       f"float32, over this endpoint's answer limit of {limit} (CDT_MAX_UPLOAD_MB); "
+                       "/v1/decode streams clips of any length", code="clip_too_large")
 
 
 def _image_answer(frames: np.ndarray, image_format: str) -> tuple[bytes, str]:

@@ -22,9 +22,10 @@ from media import tensor_to_frames
 from media.video import MAX_FPS
 
 from ..auth import AUTH_ERRORS, require_api_key
-from ..bodies import MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, ClipOptions, Kind, Limits, open_frames
+from ..bodies import FRAME_FORMATS, MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, ClipOptions, Limits, open_frames
 from ..deps import get_metrics, get_pool, get_settings, receive_body
-from ..errors import InvalidInput, PayloadTooLarge, error_responses
+from ..domain_errors import InvalidInput, TooLarge
+from ..errors import error_responses
 from ..metrics import Metrics
 from ..responses import render_frames
 from ..settings import Settings
@@ -69,9 +70,9 @@ async def frames(
     pool: WorkerPool = Depends(get_pool),
     metrics: Metrics = Depends(get_metrics),
 ) -> Response:
-    body = await receive_body(request, (Kind.VIDEO, Kind.NPY, Kind.SAFETENSORS), settings, pool, metrics)
+    body = await receive_body(request, FRAME_FORMATS, settings, pool, metrics)
     try:
-        with metrics.media(f"frames_{body.kind.value}"):
+        with metrics.media(f"frames_{body.format.value}"):
             data, media_type = await asyncio.to_thread(_render, body, ClipOptions(frames, size, fps), settings,
                                                        format)
     finally:
@@ -88,9 +89,9 @@ def _render(body: Body, options: ClipOptions, settings: Settings, fmt: str) -> t
         parts.append(tensor_to_frames(chunk))
         nbytes += parts[-1].nbytes
         if nbytes > settings.max_upload_bytes:
-            raise PayloadTooLarge(f"the frames come to more than {settings.max_upload_bytes} bytes, the upload limit "
-                                  "(CDT_MAX_UPLOAD_MB); ask for fewer (frames=) or smaller (size=) frames",
-                                  code="clip_too_large")
+            raise TooLarge(f"the frames come to more than {settings.max_upload_bytes} bytes, the upload limit "
+                           "(CDT_MAX_UPLOAD_MB); ask for fewer (frames=) or smaller (size=) frames",
+                           code="clip_too_large")
     if not parts:
         raise InvalidInput("the video has no frames", code="undecodable_video")
     return render_frames(np.concatenate(parts), source.fps, fmt)

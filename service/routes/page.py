@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 
 from ..bodies import MIN_SIDE
 from ..deps import get_settings
-from ..errors import NotFound
+from ..domain_errors import NotFound
 from ..settings import Settings
 
 WEB_DIR = Path(__file__).resolve().parents[1] / "web"

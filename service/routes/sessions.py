@@ -12,11 +12,12 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from ..auth import AUTH_ERRORS, require_api_key
 from ..bodies import MP4, NPY, OCTET_STREAM, SAFETENSORS
 from ..deps import get_metrics, get_settings, receive_body
-from ..errors import Unavailable, error_responses
+from ..domain_errors import Unavailable
+from ..errors import error_responses
 from ..metrics import Metrics
-from ..sessions import CHUNK_HEADER, CHUNK_KINDS, REBUILD_HEADER, REPLAYED_HEADER, Sessions, SessionInfo, \
-    SessionSpec
+from ..sessions import CHUNK_KINDS, Sessions, SessionInfo, SessionSpec
 from ..settings import Settings
+from ..wire import CHUNK_HEADER, EXPECTED_SEQ_HEADER, REBUILD_HEADER, REPLAYED_HEADER
 from .clips import VIDEO_TYPES
 from .openapi import BINARY, MODEL_ERRORS, RETRY_AFTER, binary_body, model_request_errors
 
@@ -26,7 +27,7 @@ CHUNK_BODY = binary_body(
     "Encode sessions: frames as a video container (`video/*`), npy or safetensors, as for /v1/encode; any number "
     "of frames. Decode sessions: latents (1,16,m,h,w) as safetensors (tensor `latents`: a chunk returned by an "
     "encode session, or a whole latents file) or npy; any m >= 1.", (*VIDEO_TYPES, NPY, SAFETENSORS, OCTET_STREAM))
-EXPECTED_SEQ = {"X-CDT-Expected-Seq": {"description": "`seq_out_of_order`: the seq the session expects",
+EXPECTED_SEQ = {EXPECTED_SEQ_HEADER: {"description": "`seq_out_of_order`: the seq the session expects",
                                        "schema": {"type": "integer"}}}
 # What a client can do next with the session a response describes (OpenAPI links).
 _ID, _NEXT_SEQ = "$response.body#/id", "$response.body#/next_seq"
