@@ -21,8 +21,8 @@ from .errors import install_handlers
 from .metrics import Metrics, RequestMetricsMiddleware
 from .ops import model_card
 from .routes import ROUTERS
-from .session_store import open_store
-from .sessions import Sessions
+from .sessions.service import Sessions
+from .sessions.store import open_store
 from .memory import configure_allocator, default_budget
 from .settings import Settings, mib
 from .workers import WorkerPool

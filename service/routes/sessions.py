@@ -15,7 +15,7 @@ from ..deps import get_metrics, get_settings, receive_body
 from ..domain_errors import Unavailable
 from ..errors import error_responses
 from ..metrics import Metrics
-from ..sessions import CHUNK_KINDS, Sessions, SessionInfo, SessionSpec
+from ..sessions.service import CHUNK_KINDS, Sessions, SessionInfo, SessionSpec
 from ..settings import Settings
 from ..wire import CHUNK_HEADER, EXPECTED_SEQ_HEADER, REBUILD_HEADER, REPLAYED_HEADER
 from .clips import VIDEO_TYPES

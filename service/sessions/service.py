@@ -41,18 +41,18 @@ from media.video import MAX_FPS
 from model import (NUM_TIMESTEPS, SPACE_FACTOR, TIME_FACTOR, CacheFormatError, CacheMismatchError, FeatureCache,
                    StreamingDecoder, StreamingEncoder, Tokenizer, dtype_name, pixel_frames)
 
-from .bodies import NPY, SAFETENSORS, Body, BodyFormat, ClipOptions, Limits, body_from_bytes, parse_latent_chunk, \
+from ..bodies import NPY, SAFETENSORS, Body, BodyFormat, ClipOptions, Limits, body_from_bytes, parse_latent_chunk, \
     read_clip
-from .domain_errors import (BadParameter, Conflict, InvalidInput, NotFound, Overloaded, SeqOutOfOrder, TooLarge,
+from ..domain_errors import (BadParameter, Conflict, InvalidInput, NotFound, Overloaded, SeqOutOfOrder, TooLarge,
                             Unavailable)
-from .memory import chunk_bytes, cost_for
-from .metrics import LATENCY_BUCKETS, Metrics
-from .ops import check_steps, model_errors
-from .responses import render_frames
-from .session_store import SessionStore, StoredSession
-from .settings import Settings
-from .wire import CHUNK_FORMAT, CHUNK_HEADER, MAX_JSON_SEED, REBUILD_HEADER, REPLAYED_HEADER
-from .workers import WorkerPool
+from ..memory import chunk_bytes, cost_for
+from ..metrics import LATENCY_BUCKETS, Metrics
+from ..ops import check_steps, model_errors
+from ..responses import render_frames
+from ..settings import Settings
+from ..wire import CHUNK_FORMAT, CHUNK_HEADER, MAX_JSON_SEED, REBUILD_HEADER, REPLAYED_HEADER
+from ..workers import WorkerPool
+from .store import SessionStore, StoredSession
 
 log = logging.getLogger("cdt.sessions")
 

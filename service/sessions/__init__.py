@@ -1,0 +1,1 @@
+"""Streaming sessions: a long video (or latent sequence) in successive chunk requests."""
