@@ -63,6 +63,10 @@ class Limits:
     def of(cls, settings: Settings) -> Limits:
         return cls(settings.max_frames, settings.max_side)
 
+    def fit(self, frames: int, height: int, width: int) -> bool:
+        """Whether a clip of `frames` frames of height x width is within the limits."""
+        return frames <= self.max_frames and max(height, width) <= self.max_side
+
 
 @dataclass(frozen=True)
 class ClipOptions:
@@ -198,6 +202,10 @@ def _check_size(height: int, width: int, limits: Limits) -> None:
     if max(height, width) > limits.max_side:
         raise TooLarge(f"frames are {height}x{width}; the largest side served is {limits.max_side} "
                        "(resize with size=S)", code="clip_too_large")
+    check_min_side(height, width)
+
+
+def check_min_side(height: int, width: int) -> None:
     if min(height, width) < MIN_SIDE:
         raise InvalidInput(f"frames are {height}x{width}; both sides must be at least {MIN_SIDE} pixels",
                            code="video_too_small")
@@ -344,7 +352,7 @@ def open_latents(body: Body, model_hash: str, limits: Limits) -> LatentsSource:
         raise Conflict(str(exc), code="model_mismatch") from None
     except (LatentsFileError, TensorHeaderError) as exc:
         raise InvalidInput(str(exc), code="invalid_latents") from None
-    if info.frames > limits.max_frames or max(info.height, info.width) > limits.max_side:
+    if not limits.fit(info.frames, info.height, info.width):
         raise TooLarge(f"latents decode to {info.frames} frames of {info.height}x{info.width}; the limits are "
                        f"{limits.max_frames} frames and {limits.max_side} pixels a side", code="clip_too_large")
     source = LatentsSource(info, body, layout)
