@@ -19,8 +19,9 @@ from model import Tokenizer, bf16_is_fast, from_pretrained
 
 from .errors import install_handlers
 from .memory import configure_allocator, default_budget
-from .metrics import Metrics, RequestMetricsMiddleware
+from .metrics import Metrics
 from .ops import model_card
+from .request_metrics import RequestMetricsMiddleware
 from .routes import ROUTERS
 from .sessions.service import SessionService
 from .sessions.store import open_store
