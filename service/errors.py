@@ -62,12 +62,10 @@ def _codes_by_status() -> dict[int, tuple[str, ...]]:
 ERROR_CODES: dict[int, tuple[str, ...]] = _codes_by_status()
 
 
-def status_of(exc: ServiceError) -> int:
-    """The status of the nearest class of `exc` that HTTP_ERRORS lists (500 for none)."""
-    for cls in type(exc).__mro__:
-        if cls in HTTP_ERRORS:
-            return HTTP_ERRORS[cls][0]
-    return INTERNAL_ERROR
+def http_error(cls: type[ServiceError]) -> tuple[int, tuple[str, ...]]:
+    """The status and codes of the nearest of `cls` and its bases that HTTP_ERRORS lists (a 500
+    for none: a domain error without a row is a bug)."""
+    return next((HTTP_ERRORS[c] for c in cls.__mro__ if c in HTTP_ERRORS), (INTERNAL_ERROR, (ServiceError.code,)))
 
 
 def headers_of(exc: ServiceError) -> dict[str, str]:
@@ -129,7 +127,7 @@ def allowed_methods(request: Request) -> str:
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(status_of(exc), exc.code, exc.message, headers_of(exc), exc.details)
+        return error_response(http_error(type(exc))[0], exc.code, exc.message, headers_of(exc), exc.details)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
