@@ -258,13 +258,18 @@ def test_settings_from_environment():
         Settings.from_env({"CDT_DEVICE": "tpu", "CDT_QUEUE_SIZE": "x"})
 
 
+async def decoder(http: httpx.AsyncClient):
+    """A call of /v1/decode (npy output) on the latents of 5 frames of 16x16, given the steps."""
+    latents = (await http.post("/v1/encode", content=npy_bytes(frames(5, 16, 16)),
+                               headers={"content-type": "application/x-npy"})).content
+    return lambda steps: http.post("/v1/decode", params={"steps": steps, "format": "npy"}, content=latents,
+                                   headers={"content-type": "application/x-safetensors"})
+
+
 def test_one_steps_limit_bounds_clip_decodes_sessions_and_the_page(tiny_checkpoint):
     async def scenario(app):
         async with http_for(app) as http:
-            latents = (await http.post("/v1/encode", content=npy_bytes(frames(5, 16, 16)),
-                                       headers={"content-type": "application/x-npy"})).content
-            decode = lambda steps: http.post("/v1/decode", params={"steps": steps, "format": "npy"},  # noqa: E731
-                                             content=latents, headers={"content-type": "application/x-safetensors"})
+            decode = await decoder(http)
             session = lambda steps: http.post("/v1/sessions", json={"kind": "decode", "steps": steps})  # noqa: E731
             return {"decode_3": await decode(3), "decode_4": await decode(4), "decode_8193": await decode(8193),
                     "session_3": await session(3), "session_4": await session(4),
@@ -298,10 +303,7 @@ def test_steps_past_the_checkpoints_schedule_are_refused_before_any_job(tmp_path
 
     async def scenario(app):
         async with http_for(app) as http:
-            latents = (await http.post("/v1/encode", content=npy_bytes(frames(5, 16, 16)),
-                                       headers={"content-type": "application/x-npy"})).content
-            decode = lambda steps: http.post("/v1/decode", params={"steps": steps, "format": "npy"},  # noqa: E731
-                                             content=latents, headers={"content-type": "application/x-safetensors"})
+            decode = await decoder(http)
             answers = {"decode": await decode(17), "session": await http.post(
                 "/v1/sessions", json={"kind": "decode", "steps": 17}), "diffusers": await http.post(
                 "/v1/diffusers/decode", params={"steps": 17, "shape": [1, 16, 1, 2, 2], "dtype": "float32",
