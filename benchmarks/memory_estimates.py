@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from benchmarks import report
-from service.errors import PayloadTooLarge
+from service.domain_errors import TooLarge
 from service.memory import COSTS, MAX_CHUNK_FRAMES, SAFETY, cost_for, estimate_bytes, padded_pixels, plan
 
 # The code these figures describe (`python -m benchmarks.run_all --stale`).
@@ -24,7 +24,7 @@ CASES = [("encode", 1), ("decode", 1), ("decode", 3)]
 def largest_side(preset: str, op: str, steps: int, budget: int) -> int:
     try:
         plan(cost_for(preset, op), budget, 1 << 15, 1 << 15, steps)
-    except PayloadTooLarge as exc:
+    except TooLarge as exc:
         return exc.details["max_square_side"]
     return 1 << 15
 

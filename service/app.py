@@ -18,12 +18,13 @@ from fastapi.openapi.utils import get_openapi
 from model import Pretrained, bf16_is_fast, from_pretrained
 
 from .errors import install_handlers
-from .metrics import Metrics, RequestMetricsMiddleware
-from .ops import model_card
-from .routes import ROUTERS
-from .session_store import open_store
-from .sessions import Sessions
 from .memory import configure_allocator, default_budget
+from .metrics import Metrics
+from .ops import model_card
+from .request_metrics import RequestMetricsMiddleware
+from .routes import ROUTERS
+from .sessions.service import SessionService
+from .sessions.store import open_store
 from .settings import Settings, mib
 from .workers import WorkerPool
 
@@ -67,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool.start()
         app.state.pool = pool
         app.state.store = open_store(settings.redis_url, settings.session_key_prefix)
-        app.state.sessions = Sessions(app.state.store, pool, settings, metrics)
+        app.state.sessions = SessionService(app.state.store, pool, settings, metrics)
         try:
             yield
         finally:

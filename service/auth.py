@@ -1,7 +1,8 @@
 """API keys: `Authorization: Bearer <key>` when CDT_API_KEYS is set; off otherwise.
 
-The dependency returns the caller's principal, an opaque id derived from the key
-(never the key itself), which sessions use to scope what each caller may see.
+`principal` gives the caller's principal, an opaque id derived from the key (never the key
+itself), which sessions use to scope what each caller may see; `deps.Owner` is the routes'
+dependency on it.
 """
 
 from __future__ import annotations
@@ -9,18 +10,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from .deps import get_settings
-from .errors import InvalidApiKey, MissingApiKey, error_responses
-from .settings import Settings
+from .domain_errors import InvalidApiKey, MissingApiKey
+from .errors import error_responses
 
 ANONYMOUS = "anonymous"
 
-_bearer = HTTPBearer(auto_error=False, description="one of the keys in CDT_API_KEYS (when set)")
+BEARER = HTTPBearer(auto_error=False, description="one of the keys in CDT_API_KEYS (when set)")
 
-# The errors of every route that depends on `require_api_key`.
+# The errors of every route that depends on the caller's key.
 AUTH_ERRORS = error_responses(
     {401: "`missing_api_key`: keys are configured and the request sends none",
      403: "`invalid_api_key`: the key sent is not one of CDT_API_KEYS"},
@@ -39,13 +38,12 @@ def key_matches(candidate: str, keys: tuple[str, ...]) -> bool:
     return found
 
 
-def require_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
-                    settings: Settings = Depends(get_settings)) -> str:
-    if not settings.api_keys:
+def principal(credentials: HTTPAuthorizationCredentials | None, keys: tuple[str, ...]) -> str:
+    """The caller's principal: ANONYMOUS when no keys are configured, else its key's."""
+    if not keys:
         return ANONYMOUS
     if credentials is None:
-        raise MissingApiKey("this endpoint needs an API key: send 'Authorization: Bearer <key>'",
-                            headers={"WWW-Authenticate": "Bearer"})
-    if not key_matches(credentials.credentials, settings.api_keys):
+        raise MissingApiKey("this endpoint needs an API key: send 'Authorization: Bearer <key>'")
+    if not key_matches(credentials.credentials, keys):
         raise InvalidApiKey("the API key is not valid")
     return principal_of(credentials.credentials)

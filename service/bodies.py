@@ -28,7 +28,8 @@ from media.tensor_data import read_slab
 from media.video import MAX_FPS, VideoDecodeError, resize_short_side, short_side_shape
 from model import LATENT_CHANNELS, SPACE_FACTOR
 
-from .errors import BadParameter, Conflict, InvalidInput, PayloadTooLarge, UnsupportedMedia
+from .domain_errors import BadParameter, Conflict, InvalidInput, TooLarge, UnsupportedFormat
+from .settings import Settings
 
 DEFAULT_FPS = 30.0  # recorded for tensor inputs that carry no rate (npy), as `cdt encode` does
 MIN_SIDE = SPACE_FACTOR  # one latent cell: anything smaller is not a picture worth encoding
@@ -38,13 +39,17 @@ MP4 = "video/mp4"
 SNIFF_BYTES = 16  # enough for every magic below
 
 
-class Kind(enum.Enum):
+class BodyFormat(enum.Enum):
+    """What a body holds, whatever its content type said: the parsers go by this."""
+
     VIDEO = "video"
     NPY = "npy"
     SAFETENSORS = "safetensors"
 
 
-_DECLARED = {NPY: Kind.NPY, SAFETENSORS: Kind.SAFETENSORS}
+FRAME_FORMATS = (BodyFormat.VIDEO, BodyFormat.NPY, BodyFormat.SAFETENSORS)  # what frames may come as
+
+_DECLARED = {NPY: BodyFormat.NPY, SAFETENSORS: BodyFormat.SAFETENSORS}
 _IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF"}
 
 
@@ -52,6 +57,14 @@ _IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "
 class Limits:
     max_frames: int
     max_side: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        return cls(settings.max_frames, settings.max_side)
+
+    def fit(self, frames: int, height: int, width: int) -> bool:
+        """Whether a clip of `frames` frames of height x width is within the limits."""
+        return frames <= self.max_frames and max(height, width) <= self.max_side
 
 
 @dataclass(frozen=True)
@@ -65,7 +78,7 @@ class ClipOptions:
 class Body:
     """A request body in a temporary file, deleted by `close()`."""
 
-    kind: Kind
+    format: BodyFormat
     file: BinaryIO
     size: int
 
@@ -92,44 +105,45 @@ def container_suffix(head: bytes) -> str | None:
     return None
 
 
-def sniff(head: bytes, size: int) -> Kind | None:
+def sniff(head: bytes, size: int) -> BodyFormat | None:
     if head.startswith(b"\x93NUMPY"):
-        return Kind.NPY
+        return BodyFormat.NPY
     # safetensors: an 8-byte little-endian header length, then a JSON object that fits.
     if size >= 10 and 2 <= int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{":
-        return Kind.SAFETENSORS
+        return BodyFormat.SAFETENSORS
     if container_suffix(head):
-        return Kind.VIDEO
+        return BodyFormat.VIDEO
     return None
 
 
-def classify(content_type: str | None, head: bytes, size: int, accepted: tuple[Kind, ...]) -> Kind:
-    """The body's kind from its content type and first bytes; 400 empty, 415 refused."""
+def classify(content_type: str | None, head: bytes, size: int, accepted: tuple[BodyFormat, ...]) -> BodyFormat:
+    """The body's format from its content type and first bytes: `empty_body` when there are none,
+    UnsupportedFormat when it is not one of `accepted` (or not what its content type says)."""
     if size == 0:
         raise BadParameter("the request body is empty", code="empty_body")
     declared = (content_type or OCTET_STREAM).split(";")[0].strip().lower()
     sniffed = sniff(head, size)
     image = next((name for magic, name in _IMAGE_MAGIC.items() if head.startswith(magic)), None)
     if image:
-        raise UnsupportedMedia(f"the body is a {image} image; send a video container or a frames tensor")
+        raise UnsupportedFormat(f"the body is a {image} image; send a video container or a frames tensor")
     if declared.startswith("video/"):
         # Unknown magic may still be a container FFmpeg reads (MPEG-TS, ...); let it try.
-        if sniffed not in (None, Kind.VIDEO):
-            raise UnsupportedMedia(f"content type {declared} but the body is {sniffed.value}")
-        kind = Kind.VIDEO
+        if sniffed not in (None, BodyFormat.VIDEO):
+            raise UnsupportedFormat(f"content type {declared} but the body is {sniffed.value}")
+        fmt = BodyFormat.VIDEO
     elif declared in _DECLARED:
-        kind = _DECLARED[declared]
+        fmt = _DECLARED[declared]
     elif declared == OCTET_STREAM:
         if sniffed is None:
-            raise UnsupportedMedia("application/octet-stream body of unknown format "
-                                   "(not an mp4/webm/avi container, npy or safetensors)")
-        kind = sniffed
+            raise UnsupportedFormat("application/octet-stream body of unknown format "
+                                    "(not an mp4/webm/avi container, npy or safetensors)")
+        fmt = sniffed
     else:
-        raise UnsupportedMedia(f"unsupported content type {declared!r}")
-    if kind not in accepted:
-        raise UnsupportedMedia(f"{kind.value} bodies are not accepted here; send "
-                               f"{' or '.join(k.value for k in accepted)}")
-    return kind
+        raise UnsupportedFormat(f"unsupported content type {declared!r}")
+    if fmt not in accepted:
+        raise UnsupportedFormat(f"{fmt.value} bodies are not accepted here; send "
+                                f"{' or '.join(k.value for k in accepted)}")
+    return fmt
 
 
 def spool(head: bytes) -> BinaryIO:
@@ -137,13 +151,12 @@ def spool(head: bytes) -> BinaryIO:
     return tempfile.NamedTemporaryFile(suffix=container_suffix(head) or ".bin")
 
 
-def body_from_bytes(content_type: str | None, data: bytes, accepted: tuple[Kind, ...]) -> Body:
-    """A Body of bytes already in memory (sessions' log replay, tests)."""
-    kind = classify(content_type, data[:SNIFF_BYTES], len(data), accepted)
+def body_from_bytes(fmt: BodyFormat, data: bytes) -> Body:
+    """A Body of bytes already in memory whose format is known (a session's logged chunk)."""
     file = spool(data[:SNIFF_BYTES])
     file.write(data)
     file.flush()
-    return Body(kind, file, len(data))
+    return Body(fmt, file, len(data))
 
 
 # --- frames --------------------------------------------------------------------------------
@@ -172,7 +185,7 @@ def resized(height: int, width: int, size: int | None) -> tuple[int, int]:
 
 def open_frames(body: Body, options: ClipOptions, limits: Limits) -> FrameSource:
     """The body's frames with `options` applied; sizes are checked now, lengths as read."""
-    if body.kind is Kind.VIDEO:
+    if body.format is BodyFormat.VIDEO:
         return _container_frames(body, options, limits)
     layout, fps = _frames_layout(body)
     return _tensor_frames(body, layout, fps, options, limits)
@@ -186,16 +199,20 @@ def read_clip(body: Body, options: ClipOptions, limits: Limits) -> tuple[torch.T
 
 def _check_size(height: int, width: int, limits: Limits) -> None:
     if max(height, width) > limits.max_side:
-        raise PayloadTooLarge(f"frames are {height}x{width}; the largest side served is {limits.max_side} "
-                              "(resize with size=S)", code="clip_too_large")
+        raise TooLarge(f"frames are {height}x{width}; the largest side served is {limits.max_side} "
+                       "(resize with size=S)", code="clip_too_large")
+    check_min_side(height, width)
+
+
+def check_min_side(height: int, width: int) -> None:
     if min(height, width) < MIN_SIDE:
         raise InvalidInput(f"frames are {height}x{width}; both sides must be at least {MIN_SIDE} pixels",
                            code="video_too_small")
 
 
-def _too_long(limits: Limits) -> PayloadTooLarge:
-    return PayloadTooLarge(f"the clip has more than {limits.max_frames} frames; send fewer (or frames=N)",
-                           code="clip_too_large")
+def _too_long(limits: Limits) -> TooLarge:
+    return TooLarge(f"the clip has more than {limits.max_frames} frames; send fewer (or frames=N)",
+                    code="clip_too_large")
 
 
 def _too_few(count: int, options: ClipOptions) -> InvalidInput:
@@ -236,11 +253,11 @@ def _container_frames(body: Body, options: ClipOptions, limits: Limits) -> Frame
 def _frames_layout(body: Body) -> tuple[TensorLayout, float | None]:
     """The frames tensor's layout in an npy or safetensors body, and its recorded fps."""
     try:
-        if body.kind is Kind.NPY:
+        if body.format is BodyFormat.NPY:
             return read_npy_header(body.file), None
         layouts, meta = read_safetensors_header(body.file)
     except TensorHeaderError as exc:
-        raise InvalidInput(f"not a valid {body.kind.value} file ({exc})", code="invalid_tensor") from None
+        raise InvalidInput(f"not a valid {body.format.value} file ({exc})", code="invalid_tensor") from None
     if FRAMES_TENSOR not in layouts and len(layouts) != 1:
         raise InvalidInput(f"safetensors frames need a tensor named {FRAMES_TENSOR!r} (or exactly one tensor), "
                            f"got {sorted(layouts)}", code="invalid_tensor")
@@ -334,9 +351,9 @@ def open_latents(body: Body, model_hash: str, limits: Limits) -> LatentsSource:
         raise Conflict(str(exc), code="model_mismatch") from None
     except (LatentsFileError, TensorHeaderError) as exc:
         raise InvalidInput(str(exc), code="invalid_latents") from None
-    if info.frames > limits.max_frames or max(info.height, info.width) > limits.max_side:
-        raise PayloadTooLarge(f"latents decode to {info.frames} frames of {info.height}x{info.width}; the limits are "
-                              f"{limits.max_frames} frames and {limits.max_side} pixels a side", code="clip_too_large")
+    if not limits.fit(info.frames, info.height, info.width):
+        raise TooLarge(f"latents decode to {info.frames} frames of {info.height}x{info.width}; the limits are "
+                       f"{limits.max_frames} frames and {limits.max_side} pixels a side", code="clip_too_large")
     source = LatentsSource(info, body, layout)
     if not all(torch.isfinite(part).all() for part in source.chunks(16)):
         raise InvalidInput("latents contain NaN or infinite values", code="invalid_latents")
@@ -347,9 +364,9 @@ def parse_latent_chunk(body: Body) -> torch.Tensor:
     """Latents (1,16,m,h,w) from a chunk response, a whole latents file, or npy, in the
     dtype they arrived in."""
     try:
-        if body.kind is Kind.NPY:
+        if body.format is BodyFormat.NPY:
             layout = read_npy_header(body.file)
-        elif body.kind is Kind.SAFETENSORS:
+        elif body.format is BodyFormat.SAFETENSORS:
             layouts, _ = read_safetensors_header(body.file)
             if LATENTS_TENSOR not in layouts:
                 raise InvalidInput("safetensors latents need a tensor named 'latents'", code="invalid_latents")
@@ -357,7 +374,7 @@ def parse_latent_chunk(body: Body) -> torch.Tensor:
         else:
             raise InvalidInput("decode sessions take latents as safetensors or npy", code="invalid_latents")
     except TensorHeaderError as exc:
-        raise InvalidInput(f"not a valid {body.kind.value} file ({exc})", code="invalid_latents") from None
+        raise InvalidInput(f"not a valid {body.format.value} file ({exc})", code="invalid_latents") from None
     shape = layout.shape
     if len(shape) != 5 or shape[0] != 1 or shape[1] != LATENT_CHANNELS or 0 in shape[2:] or layout.dtype == "U8":
         raise InvalidInput(f"latents must be float (1,{LATENT_CHANNELS},T,h,w), got {layout.dtype} {shape}",

@@ -1,13 +1,13 @@
-"""Service errors: each has an HTTP status and a stable machine-readable code, and is
-sent as JSON `{"error": {"code": ..., "message": ...}}` by the handlers installed here
+"""The HTTP edge of errors: every domain error (`service.domain_errors`) is sent with the
+status `HTTP_STATUS` gives its class, as JSON `{"error": {"code": ..., "message": ...}}`
 (plus `details`, an object of figures, where an error has them: 413 `clip_too_large`).
 
-Codes are the contract with clients (`cdt_client.client` maps answers back to exceptions);
-messages are for humans. Bad input never reaches a 500: body parsers and routes raise one
-of these, and model-side ValueErrors are wrapped as `InvalidInput` at the hand-off.
-`ERROR_CODES` (`cdt_client.formats.api`, shared with the client) lists every code by status;
-the OpenAPI's error schemas (`error_responses`) enumerate them, so a client (or a fuzzer)
-can check any error answer against it.
+Codes are the contract with clients (`cdt_client.client` maps them back to exceptions);
+messages are for humans. Bad input never reaches a 500: body parsers, the session service
+and the routes raise domain errors. Anything else that escapes a handler (a `ValueError`
+from inside the model included) is a bug: logged, and answered 500 `internal_error`.
+`ERROR_CODES` (`cdt_client.formats.api`, shared with the client) lists every code by status; the OpenAPI's error schemas (`error_responses`)
+enumerate them, so a client (or a fuzzer) can check any error answer against it.
 """
 
 from __future__ import annotations
@@ -22,77 +22,44 @@ from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from cdt_client.formats.api import ERROR_CODES
+from cdt_client.formats.api import ERROR_CODES, EXPECTED_SEQ_HEADER
+
+from .domain_errors import (BadParameter, ClientGone, Conflict, InvalidApiKey, InvalidInput, MissingApiKey, NotFound,
+                            Overloaded, SeqOutOfOrder, ServiceError, Timeout, TooLarge, Unavailable,
+                            UnsupportedFormat)
 
 log = logging.getLogger("cdt.service")
 
-
-class ServiceError(Exception):
-    status = 500
-    code = "internal_error"
-
-    def __init__(self, message: str, code: str | None = None, headers: dict[str, str] | None = None,
-                 details: dict | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code or self.code
-        self.headers = headers or {}
-        self.details = details  # machine-readable figures behind the message, when there are any
-
-
-class BadParameter(ServiceError):
-    status, code = 400, "bad_parameter"
+# Each domain error's status; the codes an answer of a status may carry are ERROR_CODES'
+# (`cdt_client.formats.api`, the list clients share).
+HTTP_STATUS: dict[type[ServiceError], int] = {
+    BadParameter: 400, MissingApiKey: 401, InvalidApiKey: 403, NotFound: 404, Conflict: 409, TooLarge: 413,
+    UnsupportedFormat: 415, InvalidInput: 422, Overloaded: 429,
+    ClientGone: 499,  # nginx's: nobody reads this answer, so ERROR_CODES does not list it
+    Unavailable: 503, Timeout: 504,
+}
+INTERNAL_ERROR = 500
+# Framework-raised statuses (a body that does not parse, unknown route, wrong method) get codes
+# in the same scheme.
+_FRAMEWORK_CODES = {400: "bad_parameter", 404: "not_found", 405: "method_not_allowed"}
 
 
-class MissingApiKey(ServiceError):
-    status, code = 401, "missing_api_key"
+def http_status(cls: type[ServiceError]) -> int:
+    """The status of the nearest of `cls` and its bases that HTTP_STATUS lists (500 for none: a
+    domain error without a row is a bug)."""
+    return next((HTTP_STATUS[c] for c in cls.__mro__ if c in HTTP_STATUS), INTERNAL_ERROR)
 
 
-class InvalidApiKey(ServiceError):
-    status, code = 403, "invalid_api_key"
-
-
-class NotFound(ServiceError):
-    status, code = 404, "not_found"
-
-
-class Conflict(ServiceError):
-    status, code = 409, "conflict"
-
-
-class PayloadTooLarge(ServiceError):
-    status, code = 413, "payload_too_large"
-
-
-class UnsupportedMedia(ServiceError):
-    status, code = 415, "unsupported_media_type"
-
-
-class InvalidInput(ServiceError):
-    """Well-formed request, content the model cannot take (undecodable, wrong shape/dtype)."""
-
-    status, code = 422, "invalid_input"
-
-
-class ClientClosedRequest(ServiceError):
-    """The client went away before the answer (nginx's 499); nobody reads this response."""
-
-    status, code = 499, "client_closed_request"
-
-
-class Overloaded(ServiceError):
-    status, code = 429, "overloaded"
-
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
-
-
-class Unavailable(ServiceError):
-    status, code = 503, "unavailable"
-
-
-class GatewayTimeout(ServiceError):
-    status, code = 504, "timeout"
+def headers_of(exc: ServiceError) -> dict[str, str]:
+    """The headers that carry an error's figures."""
+    headers = {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, MissingApiKey):
+        headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, SeqOutOfOrder) and exc.expected_seq is not None:
+        headers[EXPECTED_SEQ_HEADER] = str(exc.expected_seq)
+    return headers
 
 
 class ErrorInfo(BaseModel):
@@ -131,11 +98,6 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
 
 
-# Framework-raised statuses (a body that does not parse, unknown route, wrong method) get codes
-# in the same scheme.
-_HTTP_CODES = {400: "bad_parameter", 404: "not_found", 405: "method_not_allowed"}
-
-
 def allowed_methods(request: Request) -> str:
     """The Allow header of a path: the methods of every route at it (Starlette's 405 names only
     those of the first route that matched the path)."""
@@ -147,7 +109,7 @@ def allowed_methods(request: Request) -> str:
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.headers, exc.details)
+        return error_response(http_status(type(exc)), exc.code, exc.message, headers_of(exc), exc.details)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -157,10 +119,10 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = {**(exc.headers or {}), **({"Allow": allowed_methods(request)} if exc.status_code == 405 else {})}
-        return error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail),
+        return error_response(exc.status_code, _FRAMEWORK_CODES.get(exc.status_code, "http_error"), str(exc.detail),
                               headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, ServiceError.code, f"internal error ({type(exc).__name__})")
+        return error_response(INTERNAL_ERROR, ServiceError.code, f"internal error ({type(exc).__name__})")

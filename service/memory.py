@@ -34,7 +34,7 @@ from pathlib import Path
 
 from model import SPACE_FACTOR, TIME_FACTOR
 
-from .errors import PayloadTooLarge
+from .domain_errors import TooLarge
 
 # Headroom over the fitted estimate: the measured peak exceeds its fit by at most 32% of
 # itself (small encode at 64x64; tiny 14-17%, base under 10%), i.e. by 1.46x the fit
@@ -112,12 +112,12 @@ def chunk_bytes(cost: Cost, budget: int, height: int, width: int, frames: int, s
     return need
 
 
-def too_large(cost: Cost, budget: int, height: int, width: int, frames: int, steps: int) -> PayloadTooLarge:
+def too_large(cost: Cost, budget: int, height: int, width: int, frames: int, steps: int) -> TooLarge:
     need = estimate_bytes(cost, padded_pixels(height, width), frames, steps)
     per_pixel = cost.state * steps + cost.frame * frames
     max_pixels = max(0, int((budget / SAFETY - cost.fixed) / per_pixel))
     side = int(math.isqrt(max_pixels)) // SPACE_FACTOR * SPACE_FACTOR
-    return PayloadTooLarge(
+    return TooLarge(
         f"{frames} frames of {height}x{width} need about {need / 2**20:.0f} MiB to stream (steps={steps}); this "
         f"replica's memory budget is {budget / 2**20:.0f} MiB (CDT_MEMORY_BUDGET_MB). The largest frame that fits "
         f"is {max_pixels} pixels, e.g. {side}x{side}", code="clip_too_large",

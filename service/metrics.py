@@ -1,7 +1,7 @@
 """Prometheus metrics on a per-app registry (not the global default), so several apps
 can live in one process (tests) and each /metrics shows only its own app.
 
-Sessions add their collectors to `Metrics.registry`.
+Sessions add their collectors to `Metrics.registry`; `request_metrics` times the HTTP requests.
 """
 
 from __future__ import annotations
@@ -11,11 +11,9 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Seconds: from a few ms (tiny clips, codecs) to minutes (long clips on CPU).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-UNMATCHED = "unmatched"  # requests to unknown paths share one label: no unbounded cardinality
 
 
 class Metrics:
@@ -51,30 +49,3 @@ class Metrics:
             yield
         finally:
             self.media_seconds.labels(op).observe(time.perf_counter() - start)
-
-
-class RequestMetricsMiddleware:
-    """Request latency by route template and status, measured until the last body byte
-    is sent. Plain ASGI (not BaseHTTPMiddleware), so responses are not re-buffered."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start, status = time.perf_counter(), 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", UNMATCHED)
-            self.metrics.request_seconds.labels(endpoint, str(status)).observe(time.perf_counter() - start)

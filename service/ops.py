@@ -1,32 +1,38 @@
-"""The model as the routes see it: its ValueErrors (shapes the body parsers let through)
-surface as 422 `invalid_input` through `model_errors`, never as 500; `check_steps`
-applies the configured bound on DDIM steps; `model_card` describes it.
-"""
+"""The model as the routes and sessions see it: the bounds on DDIM steps (`check_steps`, the
+configured one; `check_decode_steps`, the model's own), admission of a whole-clip request
+(`admit`), and the model card (`model_card`)."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 from model import SPACE_FACTOR, TIME_FACTOR, ModelIdentity, Tokenizer, dtype_name
 
-from .errors import BadParameter, InvalidInput
+from .domain_errors import BadParameter, InvalidInput
+from .memory import cost_for, plan
 from .settings import Settings
-
-
-@contextmanager
-def model_errors() -> Iterator[None]:
-    try:
-        yield
-    except ValueError as exc:
-        raise InvalidInput(str(exc)) from None
+from .workers import Admission, WorkerPool
 
 
 def check_steps(steps: int, settings: Settings) -> None:
-    """CDT_MAX_STEPS, answered like the schema's own bounds (400 `bad_parameter`): the schema
-    can only state the model's hard bound, the setting being read at start."""
+    """CDT_MAX_STEPS, answered like the schema's own bounds (`bad_parameter`): the schema can
+    only state the model's hard bound, the setting being read at start."""
     if steps > settings.max_steps:
         raise BadParameter(f"steps: must be at most {settings.max_steps} (CDT_MAX_STEPS), got {steps}")
+
+
+def check_decode_steps(model: Tokenizer, steps: int) -> None:
+    """The served checkpoint's bound on DDIM steps (its diffusion schedule may be shorter than the
+    schema's bound), checked before any model job with the model's own check."""
+    try:
+        model.decode_steps(steps)
+    except ValueError as exc:  # decode_steps' documented answer to steps it cannot run
+        raise InvalidInput(str(exc)) from None
+
+
+async def admit(pool: WorkerPool, op: str, height: int, width: int, steps: int = 1) -> tuple[int, Admission]:
+    """A whole-clip request's chunk length (pixel frames), once admitted with the memory that
+    chunk length takes reserved."""
+    chunking = plan(cost_for(pool.model.config.preset, op), pool.memory.total, height, width, steps)
+    return chunking.chunk_frames, await pool.admit(chunking.bytes)
 
 
 def model_card(model: Tokenizer, identity: ModelIdentity, device: str) -> dict:

@@ -15,10 +15,10 @@ from typing import Iterator
 
 import numpy as np
 import torch
-
 from cdt_client.formats.api import METADATA_HEADER, NPY, SAFETENSORS
 from cdt_client.formats.files import FRAMES_TENSOR, LATENTS_TENSOR, frames_metadata
 from cdt_client.formats.tensors import npy_header, safetensors_header
+
 from media import LatentsInfo, VideoWriter
 
 from .bodies import MP4

@@ -33,7 +33,7 @@ import torch
 
 from model import ModelIdentity, Tokenizer
 
-from .errors import GatewayTimeout, Overloaded, Unavailable
+from .domain_errors import Overloaded, Timeout, Unavailable
 from .memory import release_free_memory
 from .metrics import Metrics
 
@@ -191,7 +191,7 @@ class WorkerPool:
                 # Nobody awaits the result any more; retrieve it so its error is not logged as lost.
                 job.future.add_done_callback(lambda f: f.cancelled() or f.exception())
                 self._metrics.rejected_total.labels("compute_timeout").inc()
-                raise GatewayTimeout(f"{op} did not finish within {self.timeout_s:g} s", code="compute_timeout")
+                raise Timeout(f"{op} did not finish within {self.timeout_s:g} s", code="compute_timeout")
             job.abandoned = True
             self._metrics.rejected_total.labels("queue_timeout").inc()
             raise Unavailable(f"{op} waited {self.timeout_s:g} s for the model without starting",

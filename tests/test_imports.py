@@ -9,11 +9,13 @@ what its `__init__` exports.
 Inside `model`, the network imports nothing of the streaming unit above it, which imports
 nothing of the checkpoint loader above it; and no module of ours imports itself through
 others (counting imports inside functions and under TYPE_CHECKING: a cycle hidden that
-way is still one)."""
+way is still one). The service's domain (sessions, bodies, errors, the worker pool) reaches
+no HTTP module."""
 
 from __future__ import annotations
 
 import ast
+import functools
 import graphlib
 import re
 import subprocess
@@ -193,3 +195,40 @@ def test_model_modules_import_only_their_layer_and_those_below(layer):
     name, modules = MODEL_LAYERS[layer]
     above = {module: sorted(graph[module] - allowed) for module in sorted(modules) if graph[module] - allowed}
     assert not above, f"{name} modules import from a layer above: {above}"
+
+
+# The domain of the service: nothing these import, directly or through other modules, is an HTTP
+# framework or the HTTP edge (routes, dependencies, auth, the error table, the app).
+HTTP_MODULES = ("fastapi", "starlette", "service.app", "service.auth", "service.deps", "service.errors",
+                "service.request_metrics", "service.routes")
+DOMAIN_MODULES = sorted(name for name in MODULES
+                        if name.startswith("service.sessions") or name in (
+                            "service.bodies", "service.domain_errors", "service.memory", "service.metrics",
+                            "service.ops", "service.responses", "service.workers"))
+
+
+def is_http(module: str) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in HTTP_MODULES)
+
+
+def test_the_domain_modules_are_found():
+    assert {"service.sessions.protocol", "service.sessions.record", "service.sessions.window",
+            "service.sessions.service", "service.sessions.store.redis_store", "service.bodies"} <= set(DOMAIN_MODULES)
+
+
+@functools.cache
+def our_dependencies() -> dict[str, set[str]]:
+    return dependencies(MODULES)
+
+
+@pytest.mark.parametrize("name", DOMAIN_MODULES)
+def test_the_domain_reaches_no_http(name):
+    graph, reached, pending = our_dependencies(), set(), [name]
+    while pending:
+        module = pending.pop()
+        if module not in reached:
+            reached.add(module)
+            pending += graph[module]
+    imported = {module for m in reached for module, _ in imports(MODULES[m])}
+    http = sorted(m for m in reached | imported if is_http(m))
+    assert not http, f"{name} reaches {http}"

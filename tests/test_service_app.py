@@ -1,6 +1,7 @@
 """The service in process (httpx ASGITransport against the real app and model):
 overload and backpressure, timeouts, clean shutdown, the upload limit while
-streaming, request options, settings, readiness with Redis, the async client."""
+streaming, request options, settings, readiness with Redis, the async client, and
+how errors are answered."""
 
 from __future__ import annotations
 
@@ -9,21 +10,28 @@ import io
 import threading
 import time
 
+import logging
+
 import httpx
 import numpy as np
 import pytest
 import torch
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
 from cdt_client.client import AsyncClient, Overloaded, ServiceError
 from cdt_client.retry import NO_RETRY, Retrying
 from media import frames_to_tensor
 from media.latents_file import latents_from_bytes
-from model import NUM_TIMESTEPS, from_pretrained
-from service import Settings, create_app
-from service.errors import GatewayTimeout, Unavailable
+from model import NUM_TIMESTEPS, CDTConfig, build_model, from_pretrained, save_pretrained
+from service import Settings, create_app, domain_errors
+from service.domain_errors import Timeout, Unavailable
+from service.errors import ERROR_CODES, http_status, install_handlers
 from service.metrics import Metrics
+from service.sessions.store import SessionStoreUnavailable
 from service.settings import SettingsError
 from service.workers import WorkerPool
+from tests.servers import metric_sum
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -131,7 +139,7 @@ def test_timeouts_are_504_while_computing_and_503_while_waiting(served):
         return outcomes, later
 
     (computing, waited), later = asyncio.run(scenario())
-    assert isinstance(computing, GatewayTimeout) and computing.code == "compute_timeout"
+    assert isinstance(computing, Timeout) and computing.code == "compute_timeout"
     assert isinstance(waited, Unavailable) and waited.code == "queue_timeout"
     assert later == 0.0 and ran == [0.6, 0.0]  # the expired queued job never ran
 
@@ -264,13 +272,18 @@ def test_settings_from_environment(monkeypatch):
         Settings.from_env()
 
 
+async def decoder(http: httpx.AsyncClient):
+    """A call of /v1/decode (npy output) on the latents of 5 frames of 16x16, given the steps."""
+    latents = (await http.post("/v1/encode", content=npy_bytes(frames(5, 16, 16)),
+                               headers={"content-type": "application/x-npy"})).content
+    return lambda steps: http.post("/v1/decode", params={"steps": steps, "format": "npy"}, content=latents,
+                                   headers={"content-type": "application/x-safetensors"})
+
+
 def test_one_steps_limit_bounds_clip_decodes_sessions_and_the_page(tiny_checkpoint, monkeypatch):
     async def scenario(app):
         async with http_for(app) as http:
-            latents = (await http.post("/v1/encode", content=npy_bytes(frames(5, 16, 16)),
-                                       headers={"content-type": "application/x-npy"})).content
-            decode = lambda steps: http.post("/v1/decode", params={"steps": steps, "format": "npy"},  # noqa: E731
-                                             content=latents, headers={"content-type": "application/x-safetensors"})
+            decode = await decoder(http)
             session = lambda steps: http.post("/v1/sessions", json={"kind": "decode", "steps": steps})  # noqa: E731
             return {"decode_3": await decode(3), "decode_4": await decode(4), "decode_8193": await decode(8193),
                     "session_3": await session(3), "session_4": await session(4),
@@ -293,6 +306,67 @@ def test_one_steps_limit_bounds_clip_decodes_sessions_and_the_page(tiny_checkpoi
     monkeypatch.setenv("CDT_MAX_STEPS", str(NUM_TIMESTEPS + 1))
     with pytest.raises(SettingsError, match="CDT_MAX_STEPS"):
         Settings.from_env()
+
+
+def test_steps_past_the_checkpoints_schedule_are_refused_before_any_job(tmp_path, tiny_field):
+    """A checkpoint's schedule may be shorter than the schema's bound: every decode route refuses
+    such steps with 422 `invalid_input` (the model's own check) without running a model job."""
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "short-schedule"
+    save_pretrained(build_model(CDTConfig.from_preset("tiny", num_timesteps=16), "cdt"), checkpoint,
+                    receptive_field=tiny_field)  # the schedule's length does not change the field
+    raw = torch.zeros(1, 16, 1, 2, 2).numpy().tobytes()
+
+    async def scenario(app):
+        async with http_for(app) as http:
+            decode = await decoder(http)
+            answers = {"decode": await decode(17), "session": await http.post(
+                "/v1/sessions", json={"kind": "decode", "steps": 17}), "diffusers": await http.post(
+                "/v1/diffusers/decode", params={"steps": 17, "shape": [1, 16, 1, 2, 2], "dtype": "float32",
+                                                "output_type": "pt"}, content=raw)}
+            failed_jobs = metric_sum((await http.get("/metrics")).text, "cdt_compute_seconds_count", outcome="error")
+            return answers, failed_jobs, await decode(16)
+
+    answers, failed_jobs, longest = run_app(Settings(checkpoint=checkpoint), scenario)
+    for name, answer in answers.items():
+        assert (answer.status_code, answer.json()["error"]["code"]) == (422, "invalid_input"), name
+        assert "16" in answer.json()["error"]["message"], name
+    assert failed_jobs == 0
+    assert longest.status_code == 200
+
+
+# --- errors --------------------------------------------------------------------------------
+
+def test_every_domain_error_has_a_status_and_its_code_is_listed():
+    classes = [c for c in vars(domain_errors).values() if isinstance(c, type) and issubclass(c, Exception)
+               and c is not domain_errors.ServiceError] + [SessionStoreUnavailable]
+    assert len(classes) >= 13
+    for cls in classes:
+        status = http_status(cls)
+        assert 400 <= status < 500 or status in (503, 504), cls
+        assert status == 499 or cls.code in ERROR_CODES[status], cls
+
+
+def test_an_escaping_value_error_is_a_logged_500(caplog):
+    """A ValueError no domain error stands for is a bug in the service, not the client's."""
+    app = FastAPI()
+    install_handlers(app)
+
+    @app.get("/bug")
+    async def raise_a_bug():
+        raise ValueError("frames must be a (B,3,T,H,W) tensor")
+
+    @app.get("/refused")
+    async def refuse():
+        raise domain_errors.SeqOutOfOrder("expected chunk seq 3, got 5", expected_seq=3)
+
+    with caplog.at_level(logging.ERROR, logger="cdt.service"), TestClient(app, raise_server_exceptions=False) as c:
+        bug, refused = c.get("/bug"), c.get("/refused")
+    assert bug.status_code == 500 and bug.json() == {"error": {"code": "internal_error",
+                                                               "message": "internal error (ValueError)"}}
+    assert "unhandled error on GET /bug" in caplog.text and "frames must be" in caplog.text
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "seq_out_of_order"
+    assert refused.headers["x-cdt-expected-seq"] == "3"
 
 
 @pytest.mark.parametrize("url, ready", [("redis://127.0.0.1:6379/0", True), ("redis://127.0.0.1:1/0", False)])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 import redis
 
-from service.session_store import (
+from service.sessions.store import (
     MemorySessionStore,
     RedisSessionStore,
     SessionStore,

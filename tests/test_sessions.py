@@ -153,6 +153,13 @@ def test_bad_session_requests(client, frames):
     nan = torch.full((1, 16, 1, 4, 4), float("nan")).numpy()
     bad = client.post(f"/v1/sessions/{dec}/chunks/0", content=npy_bytes(nan), headers=NPY)
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_latents"
+    latents = lambda h: npy_bytes(torch.zeros(1, 16, 1, h, h).numpy())  # noqa: E731
+    assert client.post(f"/v1/sessions/{dec}/chunks/0", content=latents(2), headers=NPY).status_code == 200
+    failed_jobs = metric(client, "cdt_compute_seconds_count", outcome="error")
+    wider = client.post(f"/v1/sessions/{dec}/chunks/1", content=latents(3), headers=NPY)
+    assert wider.status_code == 422 and wider.json()["error"]["code"] == "invalid_input"
+    assert "2x2" in wider.json()["error"]["message"]
+    assert metric(client, "cdt_compute_seconds_count", outcome="error") == failed_jobs  # refused before the model
 
 
 def metric(client, name: str, **labels) -> float:

@@ -18,30 +18,25 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, AsyncIterator, Iterator, Literal
 
+from cdt_client.formats.api import METADATA_HEADER
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from media import decode_chunks, encode_chunks, latents_info, tensor_to_frames
-from media.video import MAX_FPS
-from model import NUM_TIMESTEPS
+from model import decode_chunk_latents
 
-from ..auth import AUTH_ERRORS, require_api_key
-from ..bodies import METADATA_HEADER, MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, ClipOptions, Kind, Limits, \
-    open_frames, open_latents
-from ..deps import get_metrics, get_pool, get_settings, receive_body
-from ..errors import ClientClosedRequest, error_responses
-from ..memory import cost_for, plan
+from ..auth import AUTH_ERRORS
+from ..bodies import FRAME_FORMATS, MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, BodyFormat, ClipOptions, open_frames, \
+    open_latents
+from ..deps import FpsQuery, FramesQuery, LimitsDep, MetricsDep, PoolDep, SeedQuery, SettingsDep, SizeQuery, \
+    StepsQuery, UploadDep, require_api_key
+from ..domain_errors import ClientGone
+from ..errors import error_responses
 from ..metrics import Metrics
-from ..ops import check_steps, model_errors
+from ..ops import admit, check_decode_steps, check_steps
 from ..responses import FrameStream, LatentSpool
-from ..settings import Settings
-from ..workers import Admission, WorkerPool
-from .openapi import BINARY, binary_body, model_request_errors
-
-MAX_SEED = 2**63 - 1
-MAX_SIZE = 2**16  # a resize target past any CDT_MAX_SIDE: keeps the size arithmetic finite
-
-VIDEO_TYPES = (MP4, "video/webm", "video/x-msvideo")  # any video/* is accepted; these are listed
+from ..workers import Admission
+from .openapi import BINARY, VIDEO_TYPES, binary_body, model_request_errors
 
 router = APIRouter(prefix="/v1", tags=["whole clips"], dependencies=[Depends(require_api_key)],
                    responses={**AUTH_ERRORS, **model_request_errors({
@@ -57,23 +52,12 @@ DECODE_BODY = binary_body("A latents file (safetensors with cdt-latents metadata
                           (SAFETENSORS, OCTET_STREAM))
 
 
-def _limits(settings: Settings) -> Limits:
-    return Limits(settings.max_frames, settings.max_side)
-
-
 async def _client_gone(request: Request, metrics: Metrics, op: str) -> bool:
     """Whether the client disconnected (counted): its request stops at this chunk boundary."""
     if await request.is_disconnected():
         metrics.cancelled_total.labels(op).inc()
         return True
     return False
-
-
-async def admit(pool: WorkerPool, op: str, height: int, width: int, steps: int = 1):
-    """The request's chunk length, once admitted with its memory reserved."""
-    model = pool.model
-    chunking = plan(cost_for(model.config.preset, op), pool.memory.total, height, width, steps)
-    return chunking.chunk_frames, await pool.admit(chunking.bytes)
 
 
 @router.post(
@@ -88,28 +72,27 @@ async def admit(pool: WorkerPool, op: str, height: int, width: int, steps: int =
 )
 async def encode(
     request: Request,
-    frames: Annotated[int | None, Query(ge=1, description="use the first N frames (422 if fewer)")] = None,
-    size: Annotated[int | None, Query(ge=1, le=MAX_SIZE, description="resize so the short side is S")] = None,
-    fps: Annotated[float | None, Query(gt=0, le=MAX_FPS, description="rate recorded for inputs that carry none "
-                                                                      "(npy); default 30")] = None,
+    upload: UploadDep,
+    limits: LimitsDep,
+    pool: PoolDep,
+    metrics: MetricsDep,
+    frames: FramesQuery = None,
+    size: SizeQuery = None,
+    fps: FpsQuery = None,
     format: Annotated[Literal["safetensors", "npy"], Query(description="latents format")] = "safetensors",
-    settings: Settings = Depends(get_settings),
-    pool: WorkerPool = Depends(get_pool),
-    metrics: Metrics = Depends(get_metrics),
 ) -> StreamingResponse:
-    body = await receive_body(request, (Kind.VIDEO, Kind.NPY, Kind.SAFETENSORS), settings, pool, metrics)
+    body = await upload.spooled(FRAME_FORMATS)
     spool = LatentSpool()
     try:
-        with metrics.media(f"open_{body.kind.value}"):
-            source = await asyncio.to_thread(open_frames, body, ClipOptions(frames, size, fps), _limits(settings))
+        with metrics.media(f"open_{body.format.value}"):
+            source = await asyncio.to_thread(open_frames, body, ClipOptions(frames, size, fps), limits)
         chunk, admission = await admit(pool, "encode", source.height, source.width)
         try:
-            with model_errors():
-                latents_stream = encode_chunks(pool.model, pool.identity.content_hash, source.chunks(chunk))
-                async for latents in pool.stream("encode", latents_stream):
-                    spool.append(latents)
-                    if await _client_gone(request, metrics, "encode"):
-                        raise ClientClosedRequest("the client disconnected during the encode")
+            latents_stream = encode_chunks(pool.model, pool.identity.content_hash, source.chunks(chunk))
+            async for latents in pool.stream("encode", latents_stream):
+                spool.append(latents)
+                if await _client_gone(request, metrics, "encode"):
+                    raise ClientGone("the client disconnected during the encode")
         finally:
             admission.release()
     except BaseException:
@@ -147,28 +130,29 @@ async def _send(header: bytes, data: Iterator[bytes], close) -> AsyncIterator[by
 )
 async def decode(
     request: Request,
-    steps: Annotated[int, Query(ge=1, le=NUM_TIMESTEPS,
-                                description="diffusion decoding steps, at most CDT_MAX_STEPS")] = 1,
-    seed: Annotated[int, Query(ge=0, le=MAX_SEED, description="decoding noise seed")] = 0,
+    upload: UploadDep,
+    limits: LimitsDep,
+    settings: SettingsDep,
+    pool: PoolDep,
+    metrics: MetricsDep,
+    steps: StepsQuery = 1,
+    seed: SeedQuery = 0,
     format: Annotated[Literal["mp4", "safetensors", "npy"], Query(description="output format")] = "mp4",
-    settings: Settings = Depends(get_settings),
-    pool: WorkerPool = Depends(get_pool),
-    metrics: Metrics = Depends(get_metrics),
 ) -> StreamingResponse:
     check_steps(steps, settings)
-    body = await receive_body(request, (Kind.SAFETENSORS,), settings, pool, metrics)
+    body = await upload.spooled((BodyFormat.SAFETENSORS,))
     admission: Admission | None = None
     try:
         with metrics.media("open_latents"):
-            source = await asyncio.to_thread(open_latents, body, pool.identity.content_hash, _limits(settings))
+            source = await asyncio.to_thread(open_latents, body, pool.identity.content_hash, limits)
         info = source.info
         chunk, admission = await admit(pool, "decode", info.height, info.width, steps)
+        check_decode_steps(pool.model, steps)
         output = FrameStream(format, info.frames, info.height, info.width, info.fps)
-        latents = source.chunks(chunk // 4)
+        latents = source.chunks(decode_chunk_latents(chunk))
         parts = _rendered(output, decode_chunks(pool.model, pool.identity.content_hash, info, latents, steps, seed))
         stream = pool.stream("decode", parts)
-        with model_errors():
-            first = await anext(stream)  # errors of the first chunk are still a JSON 4xx
+        first = await anext(stream)  # errors of the first chunk are still a JSON 4xx
     except BaseException:
         body.close()
         if admission is not None:

@@ -36,18 +36,14 @@ import torch
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from media import decode_chunks, encode_chunks, frames_to_tensor, latents_info, tensor_to_frames
-from model import LATENT_CHANNELS, NUM_TIMESTEPS, SPACE_FACTOR, TIME_FACTOR
+from model import LATENT_CHANNELS, SPACE_FACTOR, decode_chunk_latents, outputs_for
 
-from ..auth import AUTH_ERRORS, require_api_key
-from ..bodies import DEFAULT_FPS, MIN_SIDE, MP4
-from ..deps import get_metrics, get_pool, get_settings
-from ..errors import BadParameter, InvalidInput, PayloadTooLarge, UnsupportedMedia
-from ..metrics import Metrics
-from ..ops import check_steps, model_errors
+from ..auth import AUTH_ERRORS
+from ..bodies import DEFAULT_FPS, MP4, Limits, check_min_side
+from ..deps import LimitsDep, MetricsDep, PoolDep, SeedQuery, SettingsDep, StepsQuery, UploadDep, require_api_key
+from ..domain_errors import BadParameter, InvalidInput, TooLarge, UnsupportedFormat
+from ..ops import admit, check_decode_steps, check_steps
 from ..responses import render_frames
-from ..settings import Settings
-from ..workers import WorkerPool
-from .clips import MAX_SEED, admit
 from .openapi import BINARY, model_request_errors
 
 TENSOR_TYPE = "tensor/binary"
@@ -88,6 +84,11 @@ Factor = Annotated[float | None, Query(description="diffusers' VAE normalisation
 )
 async def diffusers_decode(
     request: Request,
+    upload: UploadDep,
+    limits: LimitsDep,
+    settings: SettingsDep,
+    pool: PoolDep,
+    metrics: MetricsDep,
     shape: Shape = None,
     dtype: Dtype = None,
     output_type: Annotated[Literal["pt", "pil", "mp4"], Query(description="what the service answers")] = "pil",
@@ -95,21 +96,16 @@ async def diffusers_decode(
     image_format: Annotated[Literal["png", "jpg"], Query(description="output_type=pil image format")] = "jpg",
     scaling_factor: Factor = None,
     shift_factor: Factor = None,
-    steps: Annotated[int, Query(ge=1, le=NUM_TIMESTEPS, description="diffusion decoding steps, at most "
-                                                                       "CDT_MAX_STEPS")] = 1,
-    seed: Annotated[int, Query(ge=0, le=MAX_SEED, description="decoding noise seed")] = 0,
-    settings: Settings = Depends(get_settings),
-    pool: WorkerPool = Depends(get_pool),
-    metrics: Metrics = Depends(get_metrics),
+    steps: StepsQuery = 1,
+    seed: SeedQuery = 0,
 ) -> Response:
     check_steps(steps, settings)
     if shape is None or dtype is None:
         raise BadParameter("remote decode needs the latents' shape and dtype as query parameters")
-    body = await _receive(request, settings, pool, metrics)
-    latents = _tensor(body, shape, dtype)
+    latents = _tensor(await upload.in_memory(), shape, dtype)
     if latents.dim() == 4:
         latents = latents.unsqueeze(2)  # (1,16,h,w): one latent frame
-    _check_latents(latents, settings)
+    _check_latents(latents, limits)
     if scaling_factor is not None:
         latents = latents / scaling_factor
     if shift_factor is not None:
@@ -117,16 +113,15 @@ async def diffusers_decode(
     _check_finite(latents, "latents")
     model, model_hash = pool.model, pool.identity.content_hash
     t, h, w = latents.shape[2:]
-    info = latents_info(model, model_hash, 1 + TIME_FACTOR * (t - 1), SPACE_FACTOR * h, SPACE_FACTOR * w, DEFAULT_FPS)
+    info = latents_info(model, model_hash, outputs_for("decode", t), SPACE_FACTOR * h, SPACE_FACTOR * w, DEFAULT_FPS)
     accept = request.headers.get("accept", "")
     _check_answer(info.frames, info.height, info.width, image=output_type == "pil" and TENSOR_TYPE not in accept,
                   limit=settings.max_upload_bytes)
     chunk, admission = await admit(pool, "decode", info.height, info.width, steps)
     try:
-        parts = _chunks(latents, max(1, chunk // TIME_FACTOR))  # as /v1/decode cuts them
-        decoded = decode_chunks(model, model_hash, info, parts, steps, seed)
-        with model_errors():
-            videos = [v async for v in pool.stream("decode", decoded)]
+        check_decode_steps(model, steps)
+        parts = _chunks(latents, decode_chunk_latents(chunk))  # as /v1/decode cuts them
+        videos = [v async for v in pool.stream("decode", decode_chunks(model, model_hash, info, parts, steps, seed))]
     finally:
         admission.release()
     video = torch.cat(videos, dim=2)
@@ -150,15 +145,16 @@ async def diffusers_decode(
 )
 async def diffusers_encode(
     request: Request,
+    upload: UploadDep,
+    limits: LimitsDep,
+    pool: PoolDep,
+    metrics: MetricsDep,
     shape: Shape = None,
     dtype: Dtype = None,
     scaling_factor: Factor = None,
     shift_factor: Factor = None,
-    settings: Settings = Depends(get_settings),
-    pool: WorkerPool = Depends(get_pool),
-    metrics: Metrics = Depends(get_metrics),
 ) -> Response:
-    body = await _receive(request, settings, pool, metrics)
+    body = await upload.in_memory()
     if shape is None:
         video, image, answer_dtype = await asyncio.to_thread(_image_frames, body), True, torch.float32
     else:
@@ -167,12 +163,12 @@ async def diffusers_encode(
         video, image, answer_dtype = _tensor(body, shape, dtype), len(shape) == 4, DTYPES[dtype]
         if image:
             video = video.unsqueeze(2)
-    _check_frames(video, settings)
+    _check_frames(video, limits)
     chunk, admission = await admit(pool, "encode", *video.shape[3:])
     try:
-        parts = encode_chunks(pool.model, pool.identity.content_hash, _chunks(video, chunk))
-        with model_errors():
-            latents = [z async for z in pool.stream("encode", parts)]
+        parts = _chunks(video, chunk)
+        parts = encode_chunks(pool.model, pool.identity.content_hash, parts)
+        latents = [z async for z in pool.stream("encode", parts)]
     finally:
         admission.release()
     latents = torch.cat(latents, dim=2)
@@ -185,22 +181,6 @@ async def diffusers_encode(
     data, headers = _tensor_answer(latents.to(answer_dtype))
     metrics.bytes_total.labels(request.scope["route"].path, "out").inc(len(data))
     return Response(data, media_type=TENSOR_TYPE, headers=headers)
-
-
-async def _receive(request: Request, settings: Settings, pool: WorkerPool, metrics: Metrics) -> bytes:
-    """The body, refused once past the upload limit (checked before any model work)."""
-    pool.check_capacity()
-    limit = settings.max_upload_bytes
-    parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise PayloadTooLarge(f"the body passed the limit of {limit} bytes (CDT_MAX_UPLOAD_MB)")
-        parts.append(part)
-    if size == 0:
-        raise BadParameter("the request body is empty", code="empty_body")
-    metrics.bytes_total.labels(request.scope["route"].path, "in").inc(size)
-    return b"".join(parts)
 
 
 def _tensor(body: bytes, shape: list[int], dtype: str) -> torch.Tensor:
@@ -220,30 +200,27 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
                            else "invalid_tensor")
 
 
-def _check_latents(latents: torch.Tensor, settings: Settings) -> None:
+def _check_latents(latents: torch.Tensor, limits: Limits) -> None:
     if latents.dim() != 5 or latents.shape[:2] != (1, LATENT_CHANNELS):
         raise InvalidInput(f"latents must be (1,{LATENT_CHANNELS},T,h,w) or (1,{LATENT_CHANNELS},h,w), got "
                            f"{tuple(latents.shape)} (packed latents are not served)", code="invalid_latents")
     t, h, w = latents.shape[2:]
-    frames, side = 1 + TIME_FACTOR * (t - 1), SPACE_FACTOR * max(h, w)
-    if frames > settings.max_frames or side > settings.max_side:
-        raise PayloadTooLarge(f"the latents decode to {frames} frames of {SPACE_FACTOR * h}x{SPACE_FACTOR * w}; the "
-                              f"limits are {settings.max_frames} frames and {settings.max_side} pixels a side",
-                              code="clip_too_large")
+    frames, height, width = outputs_for("decode", t), SPACE_FACTOR * h, SPACE_FACTOR * w
+    if not limits.fit(frames, height, width):
+        raise TooLarge(f"the latents decode to {frames} frames of {height}x{width}; the limits are "
+                       f"{limits.max_frames} frames and {limits.max_side} pixels a side", code="clip_too_large")
     _check_finite(latents, "latents")
 
 
-def _check_frames(video: torch.Tensor, settings: Settings) -> None:
+def _check_frames(video: torch.Tensor, limits: Limits) -> None:
     if video.dim() != 5 or video.shape[:2] != (1, 3):
         raise InvalidInput(f"frames must be (1,3,T,H,W) or an image (1,3,H,W), got {tuple(video.shape)}",
                            code="invalid_tensor")
     t, h, w = video.shape[2:]
-    if t > settings.max_frames or max(h, w) > settings.max_side:
-        raise PayloadTooLarge(f"{t} frames of {h}x{w}; the limits are {settings.max_frames} frames and "
-                              f"{settings.max_side} pixels a side", code="clip_too_large")
-    if min(h, w) < MIN_SIDE:
-        raise InvalidInput(f"frames are {h}x{w}; both sides must be at least {MIN_SIDE} pixels",
-                           code="video_too_small")
+    if not limits.fit(t, h, w):
+        raise TooLarge(f"{t} frames of {h}x{w}; the limits are {limits.max_frames} frames and "
+                       f"{limits.max_side} pixels a side", code="clip_too_large")
+    check_min_side(h, w)
     _check_finite(video, "frames")
     if video.abs().max() > 1:
         raise InvalidInput("float frames must be in [-1, 1]", code="invalid_tensor")
@@ -252,7 +229,7 @@ def _check_frames(video: torch.Tensor, settings: Settings) -> None:
 def _image_frames(body: bytes) -> torch.Tensor:
     """A PNG or JPEG image (remote_encode's PIL input) as one frame (1,3,1,H,W) in [-1,1]."""
     if not (body.startswith(b"\x89PNG\r\n\x1a\n") or body.startswith(b"\xff\xd8\xff")):
-        raise UnsupportedMedia("send a PNG or JPEG image, or a tensor with shape and dtype parameters")
+        raise UnsupportedFormat("send a PNG or JPEG image, or a tensor with shape and dtype parameters")
     try:
         with av.open(io.BytesIO(body)) as container:
             frame = next(container.decode(video=0))
@@ -300,9 +277,9 @@ def _check_answer(frames: int, height: int, width: int, image: bool, limit: int)
                            "output_type=mp4 or pt)", code="invalid_input")
     nbytes = frames * height * width * 3 * 4
     if nbytes > limit:
-        raise PayloadTooLarge(f"these latents decode to {frames} frames of {height}x{width}, {nbytes} bytes as "
-                              f"float32, over this endpoint's answer limit of {limit} (CDT_MAX_UPLOAD_MB); "
-                              "/v1/decode streams clips of any length", code="clip_too_large")
+        raise TooLarge(f"these latents decode to {frames} frames of {height}x{width}, {nbytes} bytes as "
+                       f"float32, over this endpoint's answer limit of {limit} (CDT_MAX_UPLOAD_MB); "
+                       "/v1/decode streams clips of any length", code="clip_too_large")
 
 
 def _image_answer(frames: np.ndarray, image_format: str) -> tuple[bytes, str]:

@@ -16,21 +16,17 @@ import asyncio
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Response
 
 from media import tensor_to_frames
-from media.video import MAX_FPS
 
-from ..auth import AUTH_ERRORS, require_api_key
-from ..bodies import MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, ClipOptions, Kind, Limits, open_frames
-from ..deps import get_metrics, get_pool, get_settings, receive_body
-from ..errors import InvalidInput, PayloadTooLarge, error_responses
-from ..metrics import Metrics
+from ..auth import AUTH_ERRORS
+from ..bodies import FRAME_FORMATS, MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, ClipOptions, Limits, open_frames
+from ..deps import FpsQuery, FramesQuery, LimitsDep, MetricsDep, SettingsDep, SizeQuery, UploadDep, require_api_key
+from ..domain_errors import InvalidInput, TooLarge
+from ..errors import error_responses
 from ..responses import render_frames
-from ..settings import Settings
-from ..workers import WorkerPool
-from .clips import MAX_SIZE, VIDEO_TYPES
-from .openapi import BINARY, MODEL_ERRORS, RETRY_AFTER, binary_body
+from .openapi import BINARY, MODEL_ERRORS, RETRY_AFTER, VIDEO_TYPES, binary_body
 
 CHUNK_FRAMES = 8  # frames decoded at a time while the output is assembled
 
@@ -59,38 +55,37 @@ FRAMES_BODY = binary_body("As for /v1/encode: a video container (`video/*`), or 
                    503: "`not_ready`, `shutting_down`"}, headers={429: RETRY_AFTER})},
 )
 async def frames(
-    request: Request,
-    frames: Annotated[int | None, Query(ge=1, description="use the first N frames (422 if fewer)")] = None,
-    size: Annotated[int | None, Query(ge=1, le=MAX_SIZE, description="resize so the short side is S")] = None,
-    fps: Annotated[float | None, Query(gt=0, le=MAX_FPS, description="rate recorded for inputs that carry none "
-                                                                      "(npy); default 30")] = None,
+    upload: UploadDep,
+    limits: LimitsDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    frames: FramesQuery = None,
+    size: SizeQuery = None,
+    fps: FpsQuery = None,
     format: Annotated[Literal["safetensors", "npy", "mp4"], Query(description="output format")] = "safetensors",
-    settings: Settings = Depends(get_settings),
-    pool: WorkerPool = Depends(get_pool),
-    metrics: Metrics = Depends(get_metrics),
 ) -> Response:
-    body = await receive_body(request, (Kind.VIDEO, Kind.NPY, Kind.SAFETENSORS), settings, pool, metrics)
+    body = await upload.spooled(FRAME_FORMATS)
     try:
-        with metrics.media(f"frames_{body.kind.value}"):
-            data, media_type = await asyncio.to_thread(_render, body, ClipOptions(frames, size, fps), settings,
-                                                       format)
+        with metrics.media(f"frames_{body.format.value}"):
+            data, media_type = await asyncio.to_thread(_render, body, ClipOptions(frames, size, fps), limits,
+                                                       settings.max_upload_bytes, format)
     finally:
         body.close()
     metrics.bytes_total.labels("/v1/frames", "out").inc(len(data))
     return Response(data, media_type=media_type)
 
 
-def _render(body: Body, options: ClipOptions, settings: Settings, fmt: str) -> tuple[bytes, str]:
-    source = open_frames(body, options, Limits(settings.max_frames, settings.max_side))
+def _render(body: Body, options: ClipOptions, limits: Limits, max_bytes: int, fmt: str) -> tuple[bytes, str]:
+    source = open_frames(body, options, limits)
     parts, nbytes = [], 0
     for chunk in source.chunks(CHUNK_FRAMES):
         # The encoder's input, back in uint8: exact for uint8 inputs (k/127.5-1 rounds back to k).
         parts.append(tensor_to_frames(chunk))
         nbytes += parts[-1].nbytes
-        if nbytes > settings.max_upload_bytes:
-            raise PayloadTooLarge(f"the frames come to more than {settings.max_upload_bytes} bytes, the upload limit "
-                                  "(CDT_MAX_UPLOAD_MB); ask for fewer (frames=) or smaller (size=) frames",
-                                  code="clip_too_large")
+        if nbytes > max_bytes:
+            raise TooLarge(f"the frames come to more than {max_bytes} bytes, the upload limit "
+                           "(CDT_MAX_UPLOAD_MB); ask for fewer (frames=) or smaller (size=) frames",
+                           code="clip_too_large")
     if not parts:
         raise InvalidInput("the video has no frames", code="undecodable_video")
     return render_frames(np.concatenate(parts), source.fps, fmt)

@@ -10,12 +10,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from ..auth import AUTH_ERRORS, require_api_key
-from ..deps import get_metrics, get_pool, get_settings
+from ..auth import AUTH_ERRORS
+from ..deps import MetricsDep, PoolDep, SettingsDep, require_api_key
 from ..errors import error_response, error_responses
-from ..metrics import Metrics
 from ..ops import model_card
-from ..settings import Settings
+from ..sessions.service import SessionService
 from ..workers import WorkerPool
 
 STORE_PING_TIMEOUT_S = 1.0
@@ -41,20 +40,21 @@ async def healthz() -> Alive:
 
 @router.get("/readyz", summary="the model is loaded and the session store (if configured) answers",
             response_model=Ready, responses=NOT_READY)
-async def readyz(request: Request):
+async def readyz(request: Request, settings: SettingsDep):
     pool: WorkerPool | None = getattr(request.app.state, "pool", None)
     checks = {"model": pool is not None and pool.running}
-    if request.app.state.settings.redis_url:
-        checks["session_store"] = await _pings(request.app.state.store)
+    if settings.redis_url:
+        sessions: SessionService | None = getattr(request.app.state, "sessions", None)
+        checks["session_store"] = sessions is not None and await _pings(sessions)
     failing = [name for name, ok in checks.items() if not ok]
     if failing:
         return error_response(503, "not_ready", f"not ready: {', '.join(failing)}")
     return Ready(status="ready", checks=checks)
 
 
-async def _pings(store) -> bool:
+async def _pings(sessions: SessionService) -> bool:
     try:
-        await asyncio.wait_for(store.ping(), STORE_PING_TIMEOUT_S)
+        await asyncio.wait_for(sessions.ping_store(), STORE_PING_TIMEOUT_S)
         return True
     except Exception:  # any failure to answer means "not reachable"; the reason is not the probe's business
         return False
@@ -62,11 +62,11 @@ async def _pings(store) -> bool:
 
 @router.get("/v1/models", summary="the served model: preset, hash, dtype, device, compression",
             dependencies=[Depends(require_api_key)], responses={**AUTH_ERRORS, **NOT_READY})
-async def models(pool: WorkerPool = Depends(get_pool), settings: Settings = Depends(get_settings)) -> dict:
+async def models(pool: PoolDep, settings: SettingsDep) -> dict:
     return {"models": [model_card(pool.model, pool.identity, settings.device)]}
 
 
 @router.get("/metrics", summary="Prometheus metrics of this process", response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
-async def metrics(metrics: Metrics = Depends(get_metrics)) -> Response:
+async def metrics(metrics: MetricsDep) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

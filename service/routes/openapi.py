@@ -1,10 +1,13 @@
-"""OpenAPI fragments the routes share: binary bodies and the errors of model requests."""
+"""OpenAPI fragments the routes share: binary bodies, the video types listed, and the errors of
+model requests."""
 
 from __future__ import annotations
 
+from ..bodies import MP4
 from ..errors import error_responses
 
 BINARY = {"schema": {"type": "string", "format": "binary"}}
+VIDEO_TYPES = (MP4, "video/webm", "video/x-msvideo")  # any video/* is accepted; these are listed
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "required": True,
                                "schema": {"type": "integer"}}}
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from string import Template
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import FileResponse, HTMLResponse
 
 from ..bodies import MIN_SIDE
-from ..deps import get_settings
-from ..errors import NotFound
-from ..settings import Settings
+from ..deps import SettingsDep
+from ..domain_errors import NotFound
 
 WEB_DIR = Path(__file__).resolve().parents[1] / "web"
 STATIC_FILES = {path.name: path for path in (WEB_DIR / "static").iterdir() if path.is_file()}
@@ -29,7 +28,7 @@ router = APIRouter(include_in_schema=False)
 
 
 @router.get("/", response_class=HTMLResponse)
-async def page(settings: Settings = Depends(get_settings)) -> HTMLResponse:
+async def page(settings: SettingsDep) -> HTMLResponse:
     return HTMLResponse(_TEMPLATE.substitute(max_frames=settings.max_frames, max_side=settings.max_side,
                                              min_side=MIN_SIDE, max_steps=settings.max_steps))
 

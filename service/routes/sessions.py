@@ -1,24 +1,23 @@
 """Streaming sessions: `/v1/sessions` create, push chunk `seq`, finish, inspect, delete.
 
-Routes parse and validate, then hand off to `service.sessions.Sessions`.
+Routes parse and validate, hand off to the session service (`service.sessions.service`),
+and render its chunk results as responses: the body, and the chunk's facts as headers.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
-from ..auth import AUTH_ERRORS, require_api_key
-from ..bodies import MP4, NPY, OCTET_STREAM, SAFETENSORS
-from ..deps import get_metrics, get_settings, receive_body
-from ..errors import Unavailable, error_responses
-from ..metrics import Metrics
-from ..sessions import CHUNK_HEADER, CHUNK_KINDS, REBUILD_HEADER, REPLAYED_HEADER, Sessions, SessionInfo, \
-    SessionSpec
-from ..settings import Settings
-from .clips import VIDEO_TYPES
-from .openapi import BINARY, MODEL_ERRORS, RETRY_AFTER, binary_body, model_request_errors
+from ..auth import AUTH_ERRORS
+from ..bodies import MP4, NPY, OCTET_STREAM, SAFETENSORS, BodyFormat
+from ..deps import MetricsDep, Owner, SessionsDep, UploadDep
+from ..errors import error_responses
+from ..sessions.protocol import ChunkResult, SessionInfo, SessionSpec
+from cdt_client.formats.api import CHUNK_HEADER, EXPECTED_SEQ_HEADER, REBUILD_HEADER, REPLAYED_HEADER
+from .openapi import BINARY, MODEL_ERRORS, RETRY_AFTER, VIDEO_TYPES, binary_body, model_request_errors
 
 router = APIRouter(prefix="/v1/sessions", tags=["streaming sessions"], responses=AUTH_ERRORS)
 
@@ -26,7 +25,7 @@ CHUNK_BODY = binary_body(
     "Encode sessions: frames as a video container (`video/*`), npy or safetensors, as for /v1/encode; any number "
     "of frames. Decode sessions: latents (1,16,m,h,w) as safetensors (tensor `latents`: a chunk returned by an "
     "encode session, or a whole latents file) or npy; any m >= 1.", (*VIDEO_TYPES, NPY, SAFETENSORS, OCTET_STREAM))
-EXPECTED_SEQ = {"X-CDT-Expected-Seq": {"description": "`seq_out_of_order`: the seq the session expects",
+EXPECTED_SEQ = {EXPECTED_SEQ_HEADER: {"description": "`seq_out_of_order`: the seq the session expects",
                                        "schema": {"type": "integer"}}}
 # What a client can do next with the session a response describes (OpenAPI links).
 _ID, _NEXT_SEQ = "$response.body#/id", "$response.body#/next_seq"
@@ -46,6 +45,7 @@ SESSION_ERRORS = {
     409: "`model_mismatch`: the session belongs to another checkpoint or dtype",
     503: "`session_store_unavailable`, `not_ready`",
 }
+CHUNK_FORMATS = tuple(BodyFormat)  # the session's kind is known only once its record is loaded
 SessionId = Annotated[str, Path(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 Format = Literal["safetensors", "npy", "mp4"]
 _STRING = {"schema": {"type": "string"}}
@@ -59,15 +59,15 @@ CHUNK_HEADERS = {
 }
 
 
-def get_sessions(request: Request) -> Sessions:
-    sessions = getattr(request.app.state, "sessions", None)
-    if sessions is None:
-        raise Unavailable("the model is not loaded yet", code="not_ready")
-    return sessions
-
-
-def _response(result) -> Response:
-    return Response(result.body, media_type=result.media_type, headers=result.headers)
+def _response(result: ChunkResult) -> Response:
+    headers = {}
+    if result.chunk is not None:
+        headers[CHUNK_HEADER] = json.dumps(result.chunk)
+    if result.replayed:
+        headers[REPLAYED_HEADER] = "1"
+    if result.rebuild is not None:
+        headers[REBUILD_HEADER] = result.rebuild
+    return Response(result.body, media_type=result.media_type, headers=headers)
 
 
 @router.post("", summary="create a streaming session", status_code=201, response_model=SessionInfo,
@@ -76,23 +76,20 @@ def _response(result) -> Response:
                  409: "`model_mismatch`: `dtype` is not the one this replica computes in",
                  429: "`too_many_sessions`: CDT_MAX_SESSIONS live sessions",
                  503: "`session_store_unavailable`, `not_ready`"}, headers={429: RETRY_AFTER})})
-async def create_session(spec: SessionSpec, owner: str = Depends(require_api_key),
-                         sessions: Sessions = Depends(get_sessions)) -> SessionInfo:
+async def create_session(spec: SessionSpec, owner: Owner, sessions: SessionsDep) -> SessionInfo:
     return await sessions.create(spec, owner)
 
 
 @router.get("/{session_id}", summary="session state, progress, log and snapshot bytes, expiry",
             response_model=SessionInfo,
             responses={200: {"description": "the session", "links": SESSION_LINKS}, **error_responses(SESSION_ERRORS)})
-async def get_session(session_id: SessionId, owner: str = Depends(require_api_key),
-                      sessions: Sessions = Depends(get_sessions)) -> SessionInfo:
+async def get_session(session_id: SessionId, owner: Owner, sessions: SessionsDep) -> SessionInfo:
     return await sessions.get(session_id, owner)
 
 
 @router.delete("/{session_id}", summary="delete a session and its state", status_code=204,
                responses=error_responses(SESSION_ERRORS))
-async def delete_session(session_id: SessionId, owner: str = Depends(require_api_key),
-                         sessions: Sessions = Depends(get_sessions)) -> Response:
+async def delete_session(session_id: SessionId, owner: Owner, sessions: SessionsDep) -> Response:
     await sessions.delete(session_id, owner)
     return Response(status_code=204)
 
@@ -120,17 +117,16 @@ async def push_chunk(
     request: Request,
     session_id: SessionId,
     seq: Annotated[int, Path(ge=0, le=2**31)],
+    owner: Owner,
+    sessions: SessionsDep,
+    upload: UploadDep,
+    metrics: MetricsDep,
     format: Annotated[Format | None, Query(description="output format (default: safetensors for encode, mp4 "
                                                        "for decode)")] = None,
-    owner: str = Depends(require_api_key),
-    sessions: Sessions = Depends(get_sessions),
-    settings: Settings = Depends(get_settings),
-    metrics: Metrics = Depends(get_metrics),
 ) -> Response:
-    body = await receive_body(request, CHUNK_KINDS, settings, sessions.pool, metrics)
+    body = await upload.spooled(CHUNK_FORMATS)
     try:
-        result = await sessions.push(session_id, seq, owner, body, request.headers.get("content-type", OCTET_STREAM),
-                                     format)
+        result = await sessions.push(session_id, seq, owner, body, format)
     finally:
         body.close()
     metrics.bytes_total.labels(request.scope["route"].path, "out").inc(len(result.body))
@@ -155,9 +151,9 @@ async def push_chunk(
                             504: MODEL_ERRORS[504]}, headers={429: RETRY_AFTER})})
 async def finish_session(
     session_id: SessionId,
+    owner: Owner,
+    sessions: SessionsDep,
     format: Annotated[Format | None, Query(description="encode: latents format of the flushed tail")] = None,
-    owner: str = Depends(require_api_key),
-    sessions: Sessions = Depends(get_sessions),
 ) -> Response:
-    sessions.pool.check_capacity()
+    sessions.check_capacity()
     return _response(await sessions.finish(session_id, owner, format))

@@ -1,21 +1,6 @@
-"""The shared state of streaming sessions: what any replica needs to rebuild a session.
+"""Sessions in a Redis or a Redis Cluster: any replica continues any session.
 
-The replica serving a session keeps the model's FeatureCache in its own memory. The store keeps, per
-session, only what rebuilding it takes:
-
-- metadata (a JSON-serialisable dict the store does not interpret) and an integer version;
-- the last chunk's response, so a retried `seq` gets the same bytes without applying the chunk twice;
-- a bounded log of recent chunk inputs, entries named by the caller;
-- optionally a snapshot of the FeatureCache, written off the response path and split into parts.
-
-Every chunk is one compare-and-set on the version (`commit`): metadata, response and log changes land
-together or not at all, so two replicas racing on one session cannot both apply a chunk. A snapshot is
-written beside the commits (its parts are keys of their own; only the final pointer switch touches the
-session), and it only ever replaces a snapshot with a lower label.
-
-`MemorySessionStore` serves a single replica; `RedisSessionStore` lets any replica continue any session.
-
-Redis layout, for key prefix P and session id I. Every key of a session contains the hash tag `{I}`, so a
+Layout, for key prefix P and session id I. Every key of a session contains the hash tag `{I}`, so a
 session lives in one cluster slot and each of its scripts runs on one node:
 
 - `Ps:{I}`: hash of version, meta, response, expires_ms, log_bytes and the current snapshot pointer
@@ -39,166 +24,13 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import MovedError, RedisClusterException, RedisError
 
-
-class SessionStoreUnavailable(RuntimeError):
-    """The store cannot be reached (maps to 503 session_store_unavailable)."""
-
-
-@dataclass(frozen=True)
-class SnapshotRef:
-    """A stored snapshot: the caller's label, how many parts it was split into, its total size."""
-
-    label: int
-    parts: int
-    nbytes: int
-
-
-@dataclass
-class StoredSession:
-    meta: dict[str, Any]
-    version: int
-    expires_at: float  # unix seconds; refreshed by every commit
-    response: bytes = b""  # empty when loaded with response=False
-    snapshot: SnapshotRef | None = None
-    log_bytes: int = 0  # total size of the log entries held
-
-
-class SessionStore(Protocol):
-    async def create(self, session_id: str, meta: dict[str, Any], ttl_s: float, max_sessions: int) -> bool:
-        """Store a new session at version 1. False when `max_sessions` are live (store-wide) or the id
-        is taken."""
-
-    async def load(self, session_id: str, response: bool = True) -> StoredSession | None:
-        """The session, or None. response=False leaves the response out."""
-
-    async def commit(self, session_id: str, expected_version: int, meta: dict[str, Any], response: bytes,
-                     ttl_s: float, log_put: tuple[str, bytes] | None, log_drop: list[str]) -> bool:
-        """If the stored version is still `expected_version`, in one step: write meta and response,
-        delete the log entries named in `log_drop`, then add `log_put` (name, bytes), bump the version
-        and refresh the TTL of every key of the session. False if another writer got there first or
-        the session is gone."""
-
-    async def read_log(self, session_id: str, names: list[str]) -> dict[str, bytes]:
-        """The named log entries that exist."""
-
-    async def put_snapshot(self, session_id: str, label: int, data: bytes, part_bytes: int) -> bool:
-        """Store `data` in parts of at most `part_bytes` and make it the current snapshot if the session
-        still exists and its current snapshot (if any) has a lower label; the replaced snapshot is
-        deleted. False (and nothing kept) otherwise. Commits running meanwhile are not affected."""
-
-    async def read_snapshot(self, session_id: str) -> tuple[SnapshotRef, bytes] | None:
-        """The current snapshot and its bytes (all from one snapshot), or None when there is none."""
-
-    async def delete(self, session_id: str) -> bool:
-        """Remove the session with its log and snapshot. False if it did not exist."""
-
-    async def live_count(self) -> int: ...
-
-    async def ping(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-def _part_starts(nbytes: int, part_bytes: int) -> range:
-    """Offsets at which the parts of an `nbytes` snapshot begin."""
-    if part_bytes < 1:
-        raise ValueError(f"part_bytes must be positive, got {part_bytes}")
-    return range(0, nbytes, part_bytes)
-
-
-@dataclass
-class _MemorySession:
-    meta: dict[str, Any]
-    expires_at: float
-    version: int = 1
-    response: bytes = b""
-    log: dict[str, bytes] = field(default_factory=dict)
-    snapshot: tuple[SnapshotRef, bytes] | None = None
-
-
-class MemorySessionStore:
-    """In-process store for a single replica. Expiry is checked on access. No method awaits between
-    reading and writing, so each runs as one step on the event loop and needs no lock."""
-
-    def __init__(self) -> None:
-        self._sessions: dict[str, _MemorySession] = {}
-
-    def _live(self, session_id: str) -> _MemorySession | None:
-        self._prune()
-        return self._sessions.get(session_id)
-
-    def _prune(self) -> None:
-        now = time.time()
-        for session_id in [s for s, session in self._sessions.items() if session.expires_at <= now]:
-            del self._sessions[session_id]
-
-    async def create(self, session_id, meta, ttl_s, max_sessions) -> bool:
-        self._prune()
-        if len(self._sessions) >= max_sessions or session_id in self._sessions:
-            return False
-        self._sessions[session_id] = _MemorySession(json.loads(json.dumps(meta)), time.time() + ttl_s)
-        return True
-
-    async def load(self, session_id, response=True):
-        session = self._live(session_id)
-        if session is None:
-            return None
-        return StoredSession(meta=json.loads(json.dumps(session.meta)), version=session.version,
-                             expires_at=session.expires_at, response=session.response if response else b"",
-                             snapshot=session.snapshot[0] if session.snapshot else None,
-                             log_bytes=sum(len(entry) for entry in session.log.values()))
-
-    async def commit(self, session_id, expected_version, meta, response, ttl_s, log_put, log_drop) -> bool:
-        session = self._live(session_id)
-        if session is None or session.version != expected_version:
-            return False
-        for name in log_drop:
-            session.log.pop(name, None)
-        if log_put is not None:
-            session.log[log_put[0]] = bytes(log_put[1])
-        session.meta, session.response = json.loads(json.dumps(meta)), bytes(response)
-        session.version += 1
-        session.expires_at = time.time() + ttl_s
-        return True
-
-    async def read_log(self, session_id, names) -> dict[str, bytes]:
-        session = self._live(session_id)
-        if session is None:
-            return {}
-        return {name: session.log[name] for name in names if name in session.log}
-
-    async def put_snapshot(self, session_id, label, data, part_bytes) -> bool:
-        parts = len(_part_starts(len(data), part_bytes))
-        session = self._live(session_id)
-        if session is None or (session.snapshot is not None and session.snapshot[0].label >= label):
-            return False
-        session.snapshot = (SnapshotRef(label, parts, len(data)), bytes(data))
-        return True
-
-    async def read_snapshot(self, session_id):
-        session = self._live(session_id)
-        return None if session is None else session.snapshot
-
-    async def delete(self, session_id) -> bool:
-        return self._sessions.pop(session_id, None) is not None
-
-    async def live_count(self) -> int:
-        self._prune()
-        return len(self._sessions)
-
-    async def ping(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
+from .contract import SessionStoreUnavailable, SnapshotRef, StoredSession, part_starts
 
 # The part keys of a session's current snapshot. Scripts derive them from the session hash rather than
 # taking them in KEYS: they carry the session's hash tag, so they live in the slot the script runs on.
@@ -415,7 +247,7 @@ class RedisSessionStore:
 
     async def put_snapshot(self, session_id, label, data, part_bytes) -> bool:
         key, view = self._key(session_id), memoryview(data)
-        parts = [view[start:start + part_bytes] for start in _part_starts(len(data), part_bytes)]
+        parts = [view[start:start + part_bytes] for start in part_starts(len(data), part_bytes)]
         current, ttl_ms = await self._snapshot_label_and_ttl(key)
         if ttl_ms <= 0 or (current is not None and current >= label):
             return False  # gone, or a snapshot as new is already there: skip writing the parts
@@ -465,11 +297,3 @@ class RedisSessionStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
-
-
-def open_store(redis_url: str | None, prefix: str = "cdt:") -> SessionStore:
-    """Redis (single or cluster, by the URL rule in the module docstring) when a URL is given, else
-    the in-process store."""
-    if not redis_url:
-        return MemorySessionStore()
-    return RedisSessionStore(redis_url, prefix)

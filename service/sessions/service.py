@@ -1,0 +1,270 @@
+"""The session service: create, inspect and delete sessions, and apply their chunks exactly once.
+
+A chunk is applied exactly once: its commit is a compare-and-set on the store version that
+writes the record, the response and the log change together, so a retried `seq` (or a racing
+duplicate that lost the write) gets the winner's bytes back without a second apply. A replica
+whose hot stream is missing, evicted or older than the stored version rebuilds it
+(`rebuild`), in the same model job as the new chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import AsyncIterator
+
+import torch
+
+from model import CacheFormatError, CacheMismatchError, Tokenizer, dtype_name
+
+from ..bodies import Body, Limits
+from ..domain_errors import Conflict, NotFound, Overloaded, SeqOutOfOrder, TooLarge
+from ..memory import chunk_bytes, cost_for
+from ..metrics import Metrics
+from ..ops import check_steps
+from ..settings import Settings
+from ..workers import WorkerPool
+from .hot import HotStreams
+from .kinds import KINDS, Applied, SessionKind, Stream
+from .metrics import SessionMetrics
+from .protocol import ChunkResult, SessionInfo, SessionSpec
+from .rebuild import Rebuild, SessionRaced, read_rebuild, rebuild_stream
+from .record import FINISH, LastResponse, LogEntry, SessionRecord
+from .snapshots import Snapshots
+from .store import SessionStore, StoredSession
+from .window import window
+
+
+class SessionService:
+    """Session operations; the routes hand off to these and never touch the store or the pool."""
+
+    def __init__(self, store: SessionStore, pool: WorkerPool, settings: Settings, metrics: Metrics) -> None:
+        self.store, self.pool, self.settings = store, pool, settings
+        self.metrics = SessionMetrics(metrics)
+        model = pool.model
+        self.model_hash, self.dtype = pool.identity.content_hash, dtype_name(model.compute_dtype)
+        self.limits = Limits.of(settings)
+        self.hot = HotStreams(settings.session_hot_bytes, self.metrics.evictions)
+        self.snapshots = Snapshots(store, settings, self.metrics)
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    async def close(self) -> None:
+        await self.snapshots.close()
+
+    def check_capacity(self) -> None:
+        """Raise now if a chunk would be refused for lack of room: lets routes refuse before reading a body."""
+        self.pool.check_capacity()
+
+    async def ping_store(self) -> None:
+        await self.store.ping()
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def create(self, spec: SessionSpec, owner: str) -> SessionInfo:
+        if spec.dtype is not None and spec.dtype != self.dtype:
+            raise Conflict(f"this replica computes in {self.dtype}, the session asks for {spec.dtype}",
+                           code="model_mismatch")
+        check_steps(spec.steps, self.settings)
+        KINDS[spec.kind].check_steps(self.pool.model, spec.steps)
+        ttl = min(spec.ttl_s or self.settings.session_ttl_s, self.settings.session_ttl_s)
+        record = SessionRecord(**spec.model_dump(exclude={"ttl_s", "dtype"}), id=secrets.token_urlsafe(24),
+                               owner=owner, model_hash=self.model_hash, dtype=self.dtype, ttl_s=ttl,
+                               created_at=time.time())  # the id has 192 random bits: unguessable
+        created = await self.metrics.timed("create", self.store.create(
+            record.id, record.model_dump(mode="json"), ttl, self.settings.max_sessions))
+        if not created:
+            raise Overloaded(f"the limit of {self.settings.max_sessions} live sessions is reached; finish or "
+                             "delete sessions, or retry later (CDT_MAX_SESSIONS)", 30, code="too_many_sessions")
+        await self._refresh_active()
+        return describe(record, StoredSession(meta={}, version=1, expires_at=time.time() + ttl))
+
+    async def get(self, session_id: str, owner: str) -> SessionInfo:
+        stored, record = await self._load(session_id, owner, response=False)
+        return describe(record, stored)
+
+    async def delete(self, session_id: str, owner: str) -> None:
+        await self._load(session_id, owner, response=False)
+        await self.metrics.timed("delete", self.store.delete(session_id))
+        self.hot.discard(session_id)
+        await self._refresh_active()
+
+    async def _load(self, session_id: str, owner: str, response: bool = True) -> tuple[StoredSession, SessionRecord]:
+        stored = await self.metrics.timed("load", self.store.load(session_id, response))
+        # Another owner's session is reported exactly like a missing one.
+        if stored is None or stored.meta.get("owner") != owner:
+            raise NotFound(f"session {session_id} does not exist (unknown, expired or deleted)",
+                           code="session_not_found")
+        record = SessionRecord.model_validate(stored.meta)
+        if record.model_hash != self.model_hash or record.dtype != self.dtype:
+            raise Conflict(f"session belongs to model {record.model_hash[:12]} ({record.dtype}); this replica "
+                           f"serves {self.model_hash[:12]} ({self.dtype})", code="model_mismatch")
+        return stored, record
+
+    async def _refresh_active(self) -> None:
+        self.metrics.active.set(await self.metrics.timed("count", self.store.live_count()))
+
+    # --- chunks ---------------------------------------------------------------------------
+    async def push(self, session_id: str, seq: int, owner: str, body: Body, fmt: str | None) -> ChunkResult:
+        """Apply chunk `seq` exactly once and return its output."""
+        return await self._apply(session_id, seq, owner, body, fmt)
+
+    async def finish(self, session_id: str, owner: str, fmt: str | None) -> ChunkResult:
+        """Close the session (encode: flush the pending frames) exactly once."""
+        return await self._apply(session_id, FINISH, owner, None, fmt)
+
+    @asynccontextmanager
+    async def _exclusive(self, session_id: str) -> AsyncIterator[None]:
+        """One chunk of a session at a time on this replica: a hot stream has one user."""
+        lock, users = self._locks.get(session_id, (asyncio.Lock(), 0))
+        self._locks[session_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[session_id]
+            if users == 1:
+                del self._locks[session_id]
+            else:
+                self._locks[session_id] = (lock, users - 1)
+
+    async def _apply(self, session_id: str, label: int | str, owner: str, body: Body | None,
+                     fmt: str | None) -> ChunkResult:
+        start = time.perf_counter()
+        async with self._exclusive(session_id):
+            # The stored response is read only for a retry: a decode chunk's is its frames.
+            stored, record = await self._load(session_id, owner, response=False)
+            kind = KINDS[record.kind]
+            fmt = kind.output_format(fmt)
+            if record.last is not None and record.last.seq == label:
+                return await self._winner(session_id, owner, label)
+            if record.finished:
+                raise Conflict("the session is finished; start a new one", code="session_finished")
+            if body is not None and label != record.next_seq:
+                raise SeqOutOfOrder(f"expected chunk seq {record.next_seq}, got {label}", record.next_seq)
+            try:
+                applied, rebuild, log_put, log_drop = await self._compute(session_id, stored, record, kind, body,
+                                                                          fmt)
+            except SessionRaced:
+                return await self._winner(session_id, owner, label)
+            result = applied.result
+            applied.record.last = LastResponse(seq=label, media_type=result.media_type, chunk=result.chunk)
+            committed = await self.metrics.timed("commit", self.store.commit(
+                session_id, stored.version, applied.record.model_dump(mode="json"), result.body,
+                applied.record.ttl_s, log_put, log_drop))
+            if not committed:
+                return await self._winner(session_id, owner, label)
+            self._after_commit(session_id, stored.version + 1, applied)
+        self.metrics.chunk_seconds.labels(kind.name).observe(time.perf_counter() - start)
+        return result if rebuild is None else replace(result, rebuild=rebuild.reason)
+
+    async def _winner(self, session_id: str, owner: str, label: int | str) -> ChunkResult:
+        """The stored answer when `label` is the last applied chunk (a retry, or a race this request
+        lost); otherwise a conflict."""
+        stored, record = await self._load(session_id, owner)
+        last = record.last
+        if last is None or last.seq != label:
+            raise SeqOutOfOrder(f"chunk {label} raced with another write; expected seq {record.next_seq}")
+        return ChunkResult(stored.response, last.media_type, last.chunk, replayed=True)
+
+    def _after_commit(self, session_id: str, version: int, applied: Applied) -> None:
+        stream = applied.stream
+        if stream is None:
+            self.hot.discard(session_id)
+        else:
+            self.snapshots.maybe_take(session_id, applied.record, stream)
+            self.hot.put(session_id, stream, version)
+        self.metrics.hot_bytes.set(self.hot.nbytes)
+        self.metrics.log_bytes.observe(sum(entry.nbytes for entry in applied.record.log))
+
+    async def _compute(self, session_id: str, stored: StoredSession, base: SessionRecord, kind: SessionKind,
+                       body: Body | None, fmt: str
+                       ) -> tuple[Applied, Rebuild | None, tuple[str, bytes] | None, list[str]]:
+        """Parse the chunk, plan the log, get the stream (hot or rebuilt) and run the chunk on it.
+        `base` is the stored record; the returned one is its successor. Also: what the stream was
+        rebuilt from, if it was, and the log entry to put and those to drop."""
+        record = base.model_copy(deep=True)
+        if body is None:
+            answer = kind.finish(record)
+            log_put, log_drop = None, [entry.name for entry in record.log]
+            record.log = []
+            chunk = None
+            if answer is not None:
+                record.finished = True
+                return Applied(answer, record, None), None, log_put, log_drop
+        else:
+            chunk = await asyncio.to_thread(kind.parse, body, self.limits)
+            kind.check(record, chunk, self.limits)
+            entry = LogEntry(seq=record.next_seq, start=kind.inputs(record.counters), count=chunk.shape[2],
+                             format=body.format, nbytes=body.size)
+            log_put = (entry.name, await asyncio.to_thread(body.read))
+            log_drop = self._plan_log(record, kind, entry)
+        stream, reason = self.hot.take(session_id, stored.version)
+        rebuild = None
+        if stream is not None:
+            self.metrics.hot_hits.inc()
+        elif base.next_seq > 0:
+            rebuild = await read_rebuild(self.store, self.metrics, session_id, stored, base, reason)
+        stream, output = await self._run_chunk(base, kind, stream, rebuild, chunk)
+        return kind.applied(record, stream, chunk, output, fmt), rebuild, log_put, log_drop
+
+    def _plan_log(self, record: SessionRecord, kind: SessionKind, entry: LogEntry) -> list[str]:
+        """Append `entry` to the record's log and drop the entries the window no longer needs;
+        the names dropped. TooLarge when the kept log is over CDT_MAX_SESSION_LOG_MB."""
+        entries = [*record.log, entry]
+        field = self.pool.identity.receptive_field.frames(kind.name, kind.steps(record))
+        keep = window(kind.name, entries, entry.start + entry.count, field)
+        record.log = entries[keep:]
+        kept_bytes = sum(e.nbytes for e in record.log)
+        if kept_bytes > self.settings.max_session_log_bytes:
+            raise TooLarge(f"the session's input log would be {kept_bytes} bytes, over the limit of "
+                           f"{self.settings.max_session_log_bytes} (CDT_MAX_SESSION_LOG_MB); send smaller "
+                           "frames or a compressed container", code="session_log_too_large")
+        return [e.name for e in entries[:keep]]
+
+    async def _run_chunk(self, record: SessionRecord, kind: SessionKind, stream: Stream | None,
+                         rebuild: Rebuild | None, chunk: torch.Tensor | None) -> tuple[Stream, torch.Tensor]:
+        """One model job: rebuild the stream if needed, then push the chunk (or finish)."""
+        limits = self.limits
+
+        def job(model: Tokenizer):
+            started = time.perf_counter()
+            current = stream
+            if current is None:
+                current = (rebuild_stream(model, kind, record, rebuild, limits) if rebuild is not None
+                           else kind.open(model, record, 0))
+            rebuild_s = time.perf_counter() - started
+            output = current.finish() if chunk is None else current.push(kind.model_input(chunk))
+            return current, output.float().cpu(), rebuild_s
+
+        admission = await self.pool.admit(self._chunk_bytes(record, kind, chunk))
+        try:
+            current, output, rebuild_s = await self.pool.execute(f"session_{kind.name}", job)
+        except (CacheMismatchError, CacheFormatError) as exc:
+            raise Conflict(f"session state does not fit this replica: {exc}", code="model_mismatch") from None
+        finally:
+            admission.release()
+        if rebuild is not None:
+            self.metrics.rebuilds.labels(rebuild.reason, rebuild.source).inc()
+            self.metrics.rebuild_seconds.observe(rebuild.read_s + rebuild_s)
+        return current, output
+
+    def _chunk_bytes(self, record: SessionRecord, kind: SessionKind, chunk: torch.Tensor | None) -> int:
+        """The memory a chunk's job reserves: its estimate at the session's frame size."""
+        frames, height, width = kind.job_shape(record, chunk)
+        cost = cost_for(self.pool.model.config.preset, kind.name)
+        return chunk_bytes(cost, self.pool.memory.total, height, width, frames, kind.steps(record))
+
+
+def describe(record: SessionRecord, stored: StoredSession) -> SessionInfo:
+    counters = record.counters
+    snapshot = stored.snapshot
+    return SessionInfo(
+        id=record.id, kind=record.kind, state="finished" if record.finished else "open", next_seq=record.next_seq,
+        frames_in=counters.frames_in, frames_out=counters.frames_out, latents_in=counters.latents_in,
+        latents_out=counters.latents_out, height=record.height, width=record.width, frames=record.frames,
+        steps=record.steps, seed=record.seed, model_hash=record.model_hash, dtype=record.dtype,
+        log_chunks=len(record.log), log_bytes=stored.log_bytes,
+        snapshot_seq=None if snapshot is None else snapshot.label,
+        snapshot_bytes=0 if snapshot is None else snapshot.nbytes, expires_at=stored.expires_at, ttl_s=record.ttl_s)
