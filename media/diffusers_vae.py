@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from cdt_client.formats.api import MAX_QUERY_SEED
 from torch import nn
 
 from model import SPACE_FACTOR, TIME_FACTOR, Tokenizer, from_pretrained, validate_video
 
 DIFFUSERS_EXTRA = "diffusers"
-MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class CDTAutoencoder(nn.Module):
         """`generator`, when given and no `seed` is, draws the decoding noise seed."""
         _, _, output_cls = _diffusers()
         if seed is None and generator is not None:
-            seed = int(torch.randint(0, MAX_SEED, (1,), generator=generator))
+            seed = int(torch.randint(0, MAX_QUERY_SEED, (1,), generator=generator))
         image = z.dim() == 4
         video = self.tokenizer.decode(z.unsqueeze(2) if image else z, steps=steps or self.steps,
                                       seed=self.seed if seed is None else seed)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, AsyncIterator
 
+from cdt_client.formats.api import MAX_QUERY_SEED
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials
 
@@ -19,7 +20,6 @@ from .domain_errors import BadParameter, TooLarge, Unavailable
 from .metrics import Metrics
 from .sessions.service import SessionService
 from .settings import Settings
-from cdt_client.formats.api import MAX_QUERY_SEED
 from .workers import WorkerPool
 
 MAX_SIZE = 2**16  # a resize target past any CDT_MAX_SIDE: keeps the size arithmetic finite

@@ -245,3 +245,27 @@ def test_evicted_decode_streams_are_rebuilt_from_a_resumed_window(tiny_checkpoin
         assert metric(c, "cdt_session_rebuilds_total", reason="evicted", source="window") >= 1
     assert outputs["whole"].shape == (1 + 4 * 74, 16, 16, 3)
     assert_uint8_close(outputs["chunked"], outputs["whole"])
+
+
+def test_a_record_in_the_previous_release_layout_is_continued(tiny_checkpoint, frames):
+    """A rolling deploy: a replica of cdt-tokenizer 0.1.0 wrote the session's record (log entries
+    with the body's kind and content type, the last answer's headers); this release replays the
+    last chunk from it and rebuilds the stream from its log."""
+    with make_client(tiny_checkpoint, session_hot_mb=0.001) as c:  # no hot stream: the log is replayed
+        sid = c.post("/v1/sessions", json={"kind": "encode"}).json()["id"]
+        first = c.post(f"/v1/sessions/{sid}/chunks/0", content=npy_bytes(frames[:5]), headers=NPY)
+        assert first.status_code == 200, first.text
+        stored = c.app.state.store._sessions[sid]
+        for entry in stored.meta["log"]:
+            entry["body_kind"], entry["content_type"] = entry.pop("format"), NPY["content-type"]
+        last = stored.meta["last"]
+        last["headers"] = {"X-CDT-Chunk": first.headers["x-cdt-chunk"]}
+        del last["chunk"]
+        again = c.post(f"/v1/sessions/{sid}/chunks/0", content=npy_bytes(frames[:5]), headers=NPY)
+        assert again.content == first.content and again.headers["x-cdt-replayed"] == "1"
+        assert again.headers["x-cdt-chunk"] == first.headers["x-cdt-chunk"]
+        second = c.post(f"/v1/sessions/{sid}/chunks/1", content=npy_bytes(frames[5:9]), headers=NPY)
+        assert second.status_code == 200 and second.headers["x-cdt-rebuild"] == "evicted"
+        _, reference, _ = stream_encode(c, frames[:9], [5, 4])
+        assert_float_close(torch.cat([latents_of(first.content), latents_of(second.content)], dim=2),
+                           reference[:, :, :3])

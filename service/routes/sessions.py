@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
+from cdt_client.formats.api import CHUNK_HEADER, EXPECTED_SEQ_HEADER, REBUILD_HEADER, REPLAYED_HEADER
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from ..auth import AUTH_ERRORS
@@ -16,7 +17,6 @@ from ..bodies import MP4, NPY, OCTET_STREAM, SAFETENSORS, BodyFormat
 from ..deps import MetricsDep, Owner, SessionsDep, UploadDep
 from ..errors import error_responses
 from ..sessions.protocol import ChunkResult, SessionInfo, SessionSpec
-from cdt_client.formats.api import CHUNK_HEADER, EXPECTED_SEQ_HEADER, REBUILD_HEADER, REPLAYED_HEADER
 from .openapi import BINARY, MODEL_ERRORS, RETRY_AFTER, VIDEO_TYPES, binary_body, model_request_errors
 
 router = APIRouter(prefix="/v1/sessions", tags=["streaming sessions"], responses=AUTH_ERRORS)

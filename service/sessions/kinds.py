@@ -16,16 +16,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from cdt_client.formats.api import CHUNK_FORMAT, CHUNK_METADATA_KEY, NPY, SAFETENSORS
+from cdt_client.formats.files import LATENTS_TENSOR
 from safetensors.torch import save as st_save
 
 from media import Padding, pad_spatial, tensor_to_frames
 from model import SPACE_FACTOR, StreamingDecoder, StreamingEncoder, Tokenizer, group_size, pixel_frames
 
-from ..bodies import NPY, SAFETENSORS, Body, ClipOptions, Limits, parse_latent_chunk, read_clip
+from ..bodies import Body, ClipOptions, Limits, parse_latent_chunk, read_clip
 from ..domain_errors import BadParameter, InvalidInput, TooLarge
 from ..ops import check_decode_steps
 from ..responses import render_frames
-from cdt_client.formats.api import CHUNK_FORMAT
 from .protocol import ChunkResult
 from .record import Counters, SessionRecord
 
@@ -237,8 +238,8 @@ def latent_chunk(latents: torch.Tensor, facts: dict[str, Any], fmt: str) -> Chun
         buffer = io.BytesIO()
         np.save(buffer, latents.numpy(), allow_pickle=False)
         return ChunkResult(buffer.getvalue(), NPY, facts)
-    meta = {"cdt_chunk": json.dumps(facts), "format": CHUNK_FORMAT}
-    return ChunkResult(st_save({"latents": latents.contiguous()}, metadata=meta), SAFETENSORS, facts)
+    meta = {CHUNK_METADATA_KEY: json.dumps(facts), "format": CHUNK_FORMAT}
+    return ChunkResult(st_save({LATENTS_TENSOR: latents.contiguous()}, metadata=meta), SAFETENSORS, facts)
 
 
 KINDS: dict[str, SessionKind] = {kind.name: kind for kind in (EncodeKind(), DecodeKind())}

@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from cdt_client.formats.api import MAX_JSON_SEED
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from media.video import MAX_FPS
 from model import NUM_TIMESTEPS, SPACE_FACTOR
 
-from cdt_client.formats.api import MAX_JSON_SEED
 
 KindName = Literal["encode", "decode"]
 

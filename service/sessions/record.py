@@ -3,13 +3,19 @@
 The record is the store's `meta` (JSON). Its input log names the chunk bodies the store keeps
 beside it, described by their format (what the body parsers take), so a replica replays them
 through the same parser as when they arrived.
+
+Replicas of the previous release (cdt-tokenizer 0.1.0) store each log entry's body kind and
+content type, and the last answer's headers: records in that layout are read too, so a rolling
+deploy continues the sessions they hold (the other way round, they cannot read this layout).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from cdt_client.formats.api import CHUNK_HEADER
+from pydantic import BaseModel, Field, model_validator
 
 from ..bodies import BodyFormat
 from .protocol import KindName
@@ -33,6 +39,16 @@ class LastResponse(BaseModel):
     media_type: str
     chunk: dict[str, Any] | None  # the chunk's facts (`ChunkResult.chunk`)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_headers(cls, data: Any) -> Any:
+        """The 0.1.0 layout: the answer's headers, whose X-CDT-Chunk holds the facts."""
+        if isinstance(data, dict) and "headers" in data and "chunk" not in data:
+            data = {**data}
+            facts = data.pop("headers").get(CHUNK_HEADER)
+            data["chunk"] = None if facts is None else json.loads(facts)
+        return data
+
 
 class LogEntry(BaseModel):
     """A logged chunk input: its body is the store log entry named `name`, as received."""
@@ -42,6 +58,15 @@ class LogEntry(BaseModel):
     count: int  # input frames in this chunk, in the same unit
     format: BodyFormat
     nbytes: int
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_body_kind(cls, data: Any) -> Any:
+        """The 0.1.0 layout: the body's kind (the same names as BodyFormat) and content type."""
+        if isinstance(data, dict) and "body_kind" in data and "format" not in data:
+            data = {key: value for key, value in data.items() if key != "content_type"}
+            data["format"] = data.pop("body_kind")
+        return data
 
     @property
     def name(self) -> str:
