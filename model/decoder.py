@@ -20,6 +20,7 @@ from .layers import (
     TimeDownsample,
     TimeUpsample,
     Upsample,
+    full_precision,
 )
 
 
@@ -32,7 +33,7 @@ class TimeEmbedding(nn.Module):
         self.net = nn.Sequential(nn.Linear(1, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(t.device.type, enabled=False):
+        with full_precision(t.device):
             return self.net((t.float() / self.num_timesteps)[:, None])
 
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .config import CDTConfig
-from .layers import Block, Cache, CausalConv3d, Downsample, PointwiseConv3d, ResnetBlock, TimeDownsample
+from .layers import (Block, Cache, CausalConv3d, Downsample, PointwiseConv3d, ResnetBlock, TimeDownsample,
+                     full_precision)
 
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -53,7 +54,7 @@ class KLHead(nn.Module):
         self.branch_out = CausalConv3d(branch[-1], 2 * latent, (3, 3, 3), time_pad)
 
     def forward(self, x: torch.Tensor, cache: Cache = None) -> Posterior:
-        with torch.autocast(x.device.type, enabled=False):
+        with full_precision(x.device):
             x = x.float()
             moments = self.direct(x) + self.branch_out(self.branch(x, cache), cache)
         mean, logvar = moments.chunk(2, dim=1)

@@ -16,6 +16,7 @@ of recent inputs (model/streaming/receptive_field.py).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -35,6 +36,15 @@ def assign_cache_keys(root: nn.Module) -> None:
     for name, module in root.named_modules():
         if isinstance(module, Stateful):
             module.cache_key = name
+
+
+def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on `device`, for the modules that compute in float32 whatever the caller
+    autocasts. A device type without autocast (meta) has none to turn off, and
+    `torch.autocast` raises for it."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
