@@ -178,6 +178,16 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+def nearest_up2(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, C, T, 2H, 2W), each pixel copied into a 2x2 block: the values of
+    `F.interpolate(mode="nearest", scale_factor=2)` on the frames, as one broadcast copy.
+    CUDA's nearest-interpolation kernels fail on outputs of 2^31 elements or more (PyTorch
+    issues 141831 and 144855), which the U-Net's upsampling of an 8-frame chunk reaches above
+    ~2 megapixels a frame in CDT-S and at 1080p in CDT-B; an elementwise copy has no such limit."""
+    b, c, t, h, w = x.shape
+    return x[:, :, :, :, None, :, None].expand(b, c, t, h, 2, w, 2).reshape(b, c, t, 2 * h, 2 * w)
+
+
 class Upsample(nn.Module):
     """Spatial x2 up, by a transposed conv (1,5,5) or nearest x2 + conv (1,k,k)."""
 
@@ -193,9 +203,7 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         if self.mode == "nearest":
-            b, c, t, h, w = x.shape
-            x = F.interpolate(x.reshape(b, c * t, h, w), scale_factor=2.0, mode="nearest")
-            x = x.reshape(b, c, t, 2 * h, 2 * w)
+            x = nearest_up2(x)
         x = self.conv(x)
         if size is not None:
             x = x[..., : size[0], : size[1]]

@@ -1,12 +1,14 @@
-"""Layers that replace a stock PyTorch module for speed must compute the same thing, and
-stateful layers resumed mid-stream keep the stream's frame phase."""
+"""Layers that replace a stock PyTorch module or function (for speed, or past a CUDA kernel's
+limit) must compute the same thing, and stateful layers resumed mid-stream keep the stream's
+frame phase."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model import FeatureCache
-from model.layers import PointwiseConv3d, TimeDownsample, TimeUpsample
+from model.layers import PointwiseConv3d, TimeDownsample, TimeUpsample, Upsample, nearest_up2
 
 pytestmark = pytest.mark.exactness
 
@@ -58,3 +60,16 @@ def test_time_upsample_drops_the_first_frame_only_at_a_stream_start():
         assert layer(x).shape[2] == layer(x, FeatureCache()).shape[2] == 5
         assert layer(x, started_cache()).shape[2] == 6
         assert layer(x, started_cache().scope("step1/")).shape[2] == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1, 1), (1, 4, 3, 5, 7), (2, 6, 2, 8, 3)])
+def test_nearest_upsampling_copies_what_interpolate_computes(shape, layout, dtype):
+    torch.manual_seed(0)
+    b, c, t, h, w = shape
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=layout)
+    stock = F.interpolate(x.reshape(b, c * t, h, w), scale_factor=2.0, mode="nearest").reshape(b, c, t, 2 * h, 2 * w)
+    assert torch.equal(nearest_up2(x), stock)
+    layer = Upsample(c, 5, "nearest", kernel=3).to(dtype)  # the U-Net's: nearest x2, then a conv
+    assert torch.equal(layer(x), layer.conv(stock.contiguous()))
