@@ -22,8 +22,11 @@ class Posterior:
     logvar: torch.Tensor
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + torch.exp(0.5 * self.logvar) * eps
+        """mean + std * eps, eps drawn by `generator` on its own device (a random op takes only a
+        generator of its output's device), then moved to the mean's."""
+        device = self.mean.device if generator is None else generator.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + torch.exp(0.5 * self.logvar) * eps.to(self.mean.device)
 
     def kl(self) -> torch.Tensor:
         """KL to N(0, I), summed over latent elements, per batch item."""

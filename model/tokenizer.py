@@ -144,10 +144,13 @@ class Tokenizer(nn.Module):
 
     # --- encode --------------------------------------------------------------------------
     def posterior(self, video: torch.Tensor, cache: Cache = None) -> Posterior:
-        return self.encoder(video.to(self.compute_dtype), cache)
+        """The encoder's posterior of `video`, taken from any device to the model's, in its compute dtype."""
+        return self.encoder(video.to(self.device, self.compute_dtype), cache)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None):
+        """Latents of a whole clip on any device, on the model's device: the posterior mean, or
+        with `sample` a draw by `generator` (on any device)."""
         validate_video(video)
         post = self.posterior(video)
         return post.sample(generator) if sample else post.mean
@@ -155,8 +158,9 @@ class Tokenizer(nn.Module):
     # --- decode --------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, steps: int = 1, seed: int = 0) -> torch.Tensor:
+        """Pixel frames of whole-clip latents on any device, on the model's device."""
         validate_latents(latents, self.config.latent_channels)
-        return self.decode_chunk(latents, steps=steps, seed=seed, start=0, cache=None)
+        return self.decode_chunk(latents.to(self.device), steps=steps, seed=seed, start=0, cache=None)
 
     def decode_chunk(self, latents, steps: int, seed: int, start: int, cache: Cache) -> torch.Tensor:
         """Pixel frames of a latent chunk whose first output frame is frame `start` of

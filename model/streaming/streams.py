@@ -193,7 +193,7 @@ class StreamingDecoder(_Stream):
             raise ValueError(f"chunk has batch,height,width {[b, h, w]}, the stream started with {shape}")
         self.meta["shape"] = [b, h, w]
         if m == 0:
-            return torch.zeros(b, 3, 0, h * SPACE_FACTOR, w * SPACE_FACTOR)
+            return torch.zeros(b, 3, 0, h * SPACE_FACTOR, w * SPACE_FACTOR, device=self.model.device)
         start = self.meta["frames_out"]
         video = self.model.decode_chunk(latents.to(self.model.device), steps=self.meta["steps"],
                                         seed=self.meta["seed"], start=start, cache=self.cache)
