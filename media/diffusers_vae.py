@@ -96,10 +96,11 @@ class CDTAutoencoder(nn.Module):
     @torch.no_grad()
     def decode(self, z: torch.Tensor, return_dict: bool = True, generator: torch.Generator | None = None,
                steps: int | None = None, seed: int | None = None):
-        """`generator`, when given and no `seed` is, draws the decoding noise seed."""
+        """`generator`, when given and no `seed` is, draws the decoding noise seed (on the
+        generator's device: a random op takes only a generator of its output's device)."""
         _, _, output_cls = _diffusers()
         if seed is None and generator is not None:
-            seed = int(torch.randint(0, MAX_QUERY_SEED, (1,), generator=generator))
+            seed = int(torch.randint(0, MAX_QUERY_SEED, (1,), generator=generator, device=generator.device))
         image = z.dim() == 4
         video = self.tokenizer.decode(z.unsqueeze(2) if image else z, steps=steps or self.steps,
                                       seed=self.seed if seed is None else seed)

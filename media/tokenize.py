@@ -7,6 +7,11 @@ streaming keeps memory bounded by the chunk, not the clip.
 
 `model_hash` is the content hash of the model's weights (`ModelIdentity.content_hash` of a
 loaded checkpoint): latents files and stream states carry it.
+
+Inputs may be on any device. The latents and frames given back are on the host, copied off
+the model's device as each is made: the service runs each step of these generators as a job
+of its model thread, so the job's time includes the device's work and nothing else waits on
+the device.
 """
 
 from __future__ import annotations
@@ -38,10 +43,10 @@ def encode_chunks(model: Tokenizer, model_hash: str, chunks: Iterable[torch.Tens
     none), then one for the tail, padded like a whole clip."""
     encoder = StreamingEncoder(model, model_hash)
     for chunk in chunks:
-        yield encoder.push(pad_spatial(chunk.to(model.device)))
+        yield encoder.push(pad_spatial(chunk.to(model.device))).cpu()
     if encoder.meta["frames_in"] == 0:
         raise ValueError("no frames to encode")
-    yield encoder.finish()
+    yield encoder.finish().cpu()
 
 
 @torch.no_grad()
@@ -114,13 +119,14 @@ def decode_chunks(model: Tokenizer, model_hash: str, info: LatentsInfo, chunks: 
 
 
 def crop_decoded(info: LatentsInfo, videos: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """Decoded chunks cut to the original height, width and frame count (empty ones skipped)."""
+    """Decoded chunks cut to the original height, width and frame count (empty ones skipped),
+    copied to the host."""
     remaining = info.frames
     for video in videos:
         video = video[:, :, :remaining, : info.height, : info.width]
         remaining -= video.shape[2]
         if video.shape[2]:
-            yield video
+            yield video.cpu()
 
 
 def decode_frames(model: Tokenizer, model_hash: str, item: LatentsFile, steps: int = 1, seed: int = 0,

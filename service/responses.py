@@ -97,9 +97,11 @@ class LatentSpool:
         return sum(t for _, t in self._chunks)
 
     def append(self, latents: torch.Tensor) -> None:
+        """Spool a chunk of host latents (the encode job copies them off the device: the event
+        loop, which calls this, never waits on it)."""
         if latents.shape[2] == 0:
             return
-        array = latents[0].float().cpu().contiguous().numpy()
+        array = latents[0].float().contiguous().numpy()
         self._plane = (array.shape[0], *array.shape[2:])
         self._chunks.append((self._file.seek(0, 2), array.shape[1]))
         self._file.write(array.tobytes())

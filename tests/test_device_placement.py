@@ -10,6 +10,11 @@ output (CUDA's message), `.numpy()` of a device tensor raises, and a copy to the
 only way out: it gives zeros for the values the stand-in does not have, so what the host does
 with them afterwards (answers, exported states) runs for real too.
 
+The service tests run the app in process with its model moved onto the stand-in and its model
+thread computing there (a torch mode is per thread), and check that only that thread touched
+the device: the event loop never waits on it, and the timings of the model jobs include their
+copies to the host.
+
 What the stand-in cannot show: values computed on the device (a path that reads one, such as
 `.item()`, raises here; the service's paths read none), a CUDA generator (none can be made
 without CUDA: `media/diffusers_vae.py` draws on the generator's device by reading), and the
@@ -20,18 +25,29 @@ tensor takes a device guard, which a CPU build of torch has only for the CPU and
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 from contextlib import contextmanager
 
+import httpx
+import numpy as np
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 
-from model import CDTConfig, StreamingDecoder, StreamingEncoder, build_model
+from media.diffusers_vae import CDTAutoencoder
+from model import DEFAULT_CHECKPOINT, CDTConfig, StreamingDecoder, StreamingEncoder, build_model
+from service import Settings, create_app
+from tests.servers import metric_sum
+from tests.session_helpers import npy_array, npy_bytes
 
 DEVICE = torch.device("meta")
 HASH = "0" * 64  # the streams' states name their model by a hash: any, as long as it is the same
+NPY = {"content-type": "application/x-npy"}
+SAFETENSORS = {"content-type": "application/x-safetensors"}
+TENSOR = {"content-type": "tensor/binary"}
 HOST_COPIES = (torch.ops.aten._to_copy, torch.ops.aten.to)  # under inference mode `.cpu()` arrives as `to`
 VIDEO = torch.rand(1, 3, 5, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1  # on the host
 LATENTS = torch.randn(1, 16, 2, 1, 1, generator=torch.Generator().manual_seed(1))  # on the host
@@ -126,3 +142,110 @@ def test_streams_compute_on_the_device_and_their_states_follow_the_model(models,
         frames.append(decoder.push(LATENTS[:, :, 1:]))
     assert on_device(*latents, *frames)
     assert [z.shape[2] for z in latents] == [1, 0, 1, 0] and [v.shape[2] for v in frames] == [1, 0, 4]
+
+
+def test_the_diffusers_vae_takes_host_inputs_and_a_host_generator(models, device):
+    vae = CDTAutoencoder(models["cdt"], steps=2, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    with job(device):
+        posterior = vae.encode(VIDEO).latent_dist
+        image = vae.encode(VIDEO[:, :, 0]).latent_dist.mode()
+        frames = vae.decode(posterior.sample(generator), generator=generator).sample
+        picture = vae.decode(image, generator=generator).sample
+    assert on_device(posterior.mode(), image, frames, picture)
+    assert frames.shape == VIDEO.shape and picture.shape == VIDEO[:, :, 0].shape
+
+
+# --- the service ----------------------------------------------------------------------------
+
+def serve_on_stand_in(scenario, **settings):
+    """`scenario(app, http)` against the service in process, its model on a stand-in device;
+    returns its result once the service has stopped, after checking that only the model
+    thread computed on the device."""
+    device = StandInDevice()
+    app = create_app(Settings(checkpoint=DEFAULT_CHECKPOINT, **settings))
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            pool = app.state.pool
+            with device:
+                pool.model.to(DEVICE)
+            # The model thread enters the stand-in for good (a mode is per thread), outside any job:
+            # a job runs in inference mode, whose exit would leave the mode stacked but bypassed.
+            enter = pool._executor.submit(lambda: (device.__enter__(), threading.current_thread())[1])
+            model_thread = enter.result()
+            device.threads.clear()
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as http:
+                result = await scenario(app, http)
+        assert device.threads == {model_thread}, f"the device was used by {device.threads}"
+        return result
+
+    return asyncio.run(main())
+
+
+def ok(response: httpx.Response) -> httpx.Response:
+    assert response.status_code == 200, response.text
+    return response
+
+
+def test_whole_clip_and_diffusers_routes_answer_from_host_copies():
+    """Every answer builder runs on host tensors that the model jobs copied off the device."""
+    frames = np.zeros((9, 8, 8, 3), dtype=np.uint8)
+    remote_decode = "/v1/diffusers/decode"
+    latents = {"shape": [1, 16, 1, 1, 1], "dtype": "float32"}
+    latent_bytes = np.zeros((1, 16, 1, 1, 1), dtype=np.float32).tobytes()
+
+    async def scenario(app, http):
+        encoded = ok(await http.post("/v1/encode", content=npy_bytes(frames), headers=NPY))
+        decoded = ok(await http.post("/v1/decode", params={"format": "npy"}, content=encoded.content,
+                                     headers=SAFETENSORS))
+        assert npy_array(decoded.content).shape == frames.shape
+        for shape, latent_shape in (([1, 3, 5, 8, 8], [1, 16, 2, 1, 1]), ([1, 3, 8, 8], [1, 16, 1, 1])):
+            body = np.zeros(shape, dtype=np.float32).tobytes()
+            answer = ok(await http.post("/v1/diffusers/encode", params={"shape": shape, "dtype": "float32"},
+                                        content=body, headers=TENSOR))
+            assert json.loads(answer.headers["shape"]) == latent_shape
+        answers = {}
+        for name, params, accept in (("pt", {"output_type": "pt"}, "*/*"),
+                                     ("uint8", {"output_type": "pt", "partial_postprocess": True}, "*/*"),
+                                     ("pil frames", {"output_type": "pil"}, TENSOR["content-type"]),
+                                     ("image", {"output_type": "pil", "image_format": "png"}, "*/*"),
+                                     ("mp4", {"output_type": "mp4"}, "*/*")):
+            answers[name] = ok(await http.post(remote_decode, params={**latents, **params}, content=latent_bytes,
+                                               headers={**TENSOR, "accept": accept}))
+        return answers
+
+    answers = serve_on_stand_in(scenario)
+    assert json.loads(answers["pt"].headers["shape"]) == [1, 3, 1, 8, 8]
+    assert json.loads(answers["uint8"].headers["shape"]) == [1, 8, 8, 3]
+    assert json.loads(answers["pil frames"].headers["shape"]) == [1, 3, 8, 8]
+    assert answers["image"].headers["content-type"] == "image/png"
+    assert answers["mp4"].headers["content-type"] == "video/mp4"
+
+
+def test_session_chunks_and_rebuilds_from_a_resumed_stream_run_on_the_device():
+    """No stream stays hot, so every chunk after the first rebuilds its stream from the log. By
+    the last chunk the first has left the receptive field, and so the log: the stream is
+    resumed mid-video and replays the log from there."""
+    frames = np.zeros((40 + 72 + 4, 8, 8, 3), dtype=np.uint8)
+    latents = np.zeros((1, 16, 2 + 60 + 1, 1, 1), dtype=np.float32)
+
+    async def scenario(app, http):
+        rebuilds, windows = {}, {}
+        for kind, data, sizes in (("encode", frames, (40, 72, 4)), ("decode", latents, (2, 60, 1))):
+            sid = (await http.post("/v1/sessions", json={"kind": kind})).json()["id"]
+            start, rebuilds[kind] = 0, []
+            for seq, size in enumerate(sizes):
+                part = data[start : start + size] if kind == "encode" else data[:, :, start : start + size]
+                answer = ok(await http.post(f"/v1/sessions/{sid}/chunks/{seq}", params={"format": "npy"},
+                                            content=npy_bytes(part), headers=NPY))
+                rebuilds[kind].append(answer.headers.get("x-cdt-rebuild", ""))
+                start += size
+            ok(await http.post(f"/v1/sessions/{sid}/finish", params={"format": "npy"} if kind == "encode" else {}))
+            windows[kind] = metric_sum((await http.get("/metrics")).text, "cdt_session_rebuilds_total",
+                                       source="window")
+        return rebuilds, windows
+
+    rebuilds, windows = serve_on_stand_in(scenario, session_hot_mb=0.001)
+    assert rebuilds == {"encode": ["", "evicted", "evicted"], "decode": ["", "evicted", "evicted"]}
+    assert windows["encode"] >= 1 and windows["decode"] > windows["encode"]
