@@ -19,6 +19,7 @@ import os
 import secrets
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -102,8 +103,13 @@ def fuzz_api(checkpoint: Path, videos: Path, workdir: Path, seed: int = 0, redis
         with Server(checkpoint, workdir / "server.log", api_keys=KEY, redis_url=redis_url,
                     session_key_prefix=prefix, **LIMITS) as server:
             models = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
-            runs = {name: run_schemathesis(server.url, key, seed, workdir, models["models"][0]["hash"],
-                                           refusals_in_brief) for name, key in AUTH.items()}
+            # The three runs at once: the fuzzers' own generation, not the server, is most of the
+            # time, and a replica serves concurrent callers anyway.
+            with ThreadPoolExecutor(len(AUTH)) as runners:
+                started = {name: runners.submit(run_schemathesis, server.url, key, seed, workdir,
+                                                models["models"][0]["hash"], refusals_in_brief)
+                           for name, key in AUTH.items()}
+                runs = {name: run.result() for name, run in started.items()}
             alive = server.process.poll() is None and all(
                 httpx.get(server.url + path).status_code == 200 for path in ("/healthz", "/readyz"))
             encodes = check_encode(server.url, clip, checkpoint)
