@@ -19,6 +19,7 @@ import os
 import secrets
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -46,8 +47,11 @@ def real_clip(videos: Path, path: Path) -> Path:
     return path
 
 
-def run_schemathesis(url: str, key: str | None, seed: int, workdir: Path, model_hash: str) -> dict:
-    """One `st run` over every operation; its JSON report, and the answers recorded per operation."""
+def run_schemathesis(url: str, key: str | None, seed: int, workdir: Path, model_hash: str,
+                     refusals_in_brief: bool) -> dict:
+    """One `st run` over every operation; its JSON report, and the answers recorded per operation.
+    `refusals_in_brief`: without the valid key, only the examples and 5 fuzzed cases per operation
+    (auth refuses them all; the bounds' coverage would only repeat the refusal)."""
     name = "no-key" if key is None else ("valid-key" if key == KEY else "wrong-key")
     record, report = workdir / f"{name}.jsonl", workdir / f"{name}.json"
     command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "run", f"{url}/openapi.json",
@@ -56,7 +60,8 @@ def run_schemathesis(url: str, key: str | None, seed: int, workdir: Path, model_
     if key is not None:
         command += ["--header", f"Authorization: Bearer {key}"]
     if key != KEY:  # stateful chains start from a created session: they need the key
-        command += ["--phases", "examples,coverage,fuzzing"]
+        command += ["--phases", "examples,fuzzing", "--max-examples", "5"] if refusals_in_brief else \
+            ["--phases", "examples,coverage,fuzzing"]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.fuzz_hooks", "API_FUZZ_RECORD": str(record),
            "API_FUZZ_MODEL_HASH": model_hash, "PYTHONPATH": str(REPO)}
     with open(workdir / f"{name}.log", "wb") as log:
@@ -89,8 +94,8 @@ def check_encode(url: str, clip: Path, checkpoint: Path) -> bool:
     return served.latents.shape == local.latents.shape and bool((served.latents == local.latents).all())
 
 
-def fuzz_api(checkpoint: Path, videos: Path, workdir: Path, seed: int = 0,
-             redis_url: str = REDIS_URL) -> dict:
+def fuzz_api(checkpoint: Path, videos: Path, workdir: Path, seed: int = 0, redis_url: str = REDIS_URL,
+             refusals_in_brief: bool = False) -> dict:
     """Fuzz a fresh server with each of AUTH; what was sent, what came back, what failed."""
     prefix = f"cdt-fuzz-{secrets.token_hex(4)}:"
     clip = real_clip(videos, workdir / "clip.mp4")
@@ -98,8 +103,13 @@ def fuzz_api(checkpoint: Path, videos: Path, workdir: Path, seed: int = 0,
         with Server(checkpoint, workdir / "server.log", api_keys=KEY, redis_url=redis_url,
                     session_key_prefix=prefix, **LIMITS) as server:
             models = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
-            runs = {name: run_schemathesis(server.url, key, seed, workdir, models["models"][0]["hash"])
-                    for name, key in AUTH.items()}
+            # The three runs at once: the fuzzers' own generation, not the server, is most of the
+            # time, and a replica serves concurrent callers anyway.
+            with ThreadPoolExecutor(len(AUTH)) as runners:
+                started = {name: runners.submit(run_schemathesis, server.url, key, seed, workdir,
+                                                models["models"][0]["hash"], refusals_in_brief)
+                           for name, key in AUTH.items()}
+                runs = {name: run.result() for name, run in started.items()}
             alive = server.process.poll() is None and all(
                 httpx.get(server.url + path).status_code == 200 for path in ("/healthz", "/readyz"))
             encodes = check_encode(server.url, clip, checkpoint)

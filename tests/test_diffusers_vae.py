@@ -18,7 +18,6 @@ from tests.session_helpers import real_frames
 STEPS, SEED = 2, 5
 
 # CDTAutoencoder calls the Tokenizer's own encode and decode: equal by construction.
-pytestmark = pytest.mark.exactness
 
 
 @pytest.fixture(scope="module")

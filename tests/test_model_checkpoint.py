@@ -9,7 +9,6 @@ from model import (CDTConfig, CheckpointError, ModelIdentity, ReceptiveField, VA
 
 # A saved and reloaded model runs the same operations on the same weights as the original:
 # equal by construction.
-pytestmark = pytest.mark.exactness
 
 
 def sample_video():
@@ -106,6 +105,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(-10 * torch.log10(mse))
 
 
+@pytest.mark.exactness
 def test_bf16_matches_fp32(tiny_checkpoint):
     # bf16 convolutions are very slow on CPUs without AVX512-BF16: keep the input tiny.
     fp32 = from_pretrained(tiny_checkpoint, dtype="fp32").model
