@@ -6,8 +6,9 @@ Codes are the contract with clients (`cdt_client.client` maps them back to excep
 messages are for humans. Bad input never reaches a 500: body parsers, the session service
 and the routes raise domain errors. Anything else that escapes a handler (a `ValueError`
 from inside the model included) is a bug: logged, and answered 500 `internal_error`.
-`ERROR_CODES` (`cdt_client.formats.api`, shared with the client) lists every code by status; the OpenAPI's error schemas (`error_responses`)
-enumerate them, so a client (or a fuzzer) can check any error answer against it.
+`ERROR_CODES` (`cdt_client.formats.api`, shared with the client) lists every code by status;
+the OpenAPI's error schemas (`error_responses`) enumerate them, so a client (or a fuzzer) can
+check any error answer against it.
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
+from cdt_client.formats.api import ERROR_CODES, EXPECTED_SEQ_HEADER
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
-
-from cdt_client.formats.api import ERROR_CODES, EXPECTED_SEQ_HEADER
 
 from .domain_errors import (BadParameter, ClientGone, Conflict, InvalidApiKey, InvalidInput, MissingApiKey, NotFound,
                             Overloaded, SeqOutOfOrder, ServiceError, Timeout, TooLarge, Unavailable,

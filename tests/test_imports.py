@@ -102,6 +102,11 @@ def dependencies(modules: dict[str, Path]) -> dict[str, set[str]]:
     return graph
 
 
+@functools.cache
+def our_dependencies() -> dict[str, set[str]]:
+    return dependencies(MODULES)
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     try:
         graphlib.TopologicalSorter(graph).prepare()
@@ -165,7 +170,7 @@ def test_the_checker_sees_relative_and_private_imports(tmp_path, monkeypatch):
 
 
 def test_no_module_imports_itself_through_others():
-    cycle = find_cycle(dependencies(MODULES))
+    cycle = find_cycle(our_dependencies())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
@@ -191,7 +196,7 @@ def test_every_model_module_has_a_layer():
 @pytest.mark.parametrize("layer", range(len(MODEL_LAYERS)), ids=[name for name, _ in MODEL_LAYERS])
 def test_model_modules_import_only_their_layer_and_those_below(layer):
     allowed = set().union(*(modules for _, modules in MODEL_LAYERS[: layer + 1]))
-    graph = dependencies(MODULES)
+    graph = our_dependencies()
     name, modules = MODEL_LAYERS[layer]
     above = {module: sorted(graph[module] - allowed) for module in sorted(modules) if graph[module] - allowed}
     assert not above, f"{name} modules import from a layer above: {above}"
@@ -214,11 +219,6 @@ def is_http(module: str) -> bool:
 def test_the_domain_modules_are_found():
     assert {"service.sessions.protocol", "service.sessions.record", "service.sessions.window",
             "service.sessions.service", "service.sessions.store.redis_store", "service.bodies"} <= set(DOMAIN_MODULES)
-
-
-@functools.cache
-def our_dependencies() -> dict[str, set[str]]:
-    return dependencies(MODULES)
 
 
 @pytest.mark.parametrize("name", DOMAIN_MODULES)

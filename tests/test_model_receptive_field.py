@@ -13,6 +13,7 @@ from model import (CDTConfig, ReceptiveField, StreamingDecoder, StreamingEncoder
                    measure_receptive_field)
 from model.config import TIME_FACTOR
 from model.streaming import measure
+from tests.tolerance import assert_float_close
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "cdt-tiny"
 # Frame sizes in pixels: the temporal field does not depend on them. Decoding runs the
@@ -155,10 +156,8 @@ def test_replaying_the_window_rebuilds_the_stream(models, fields, uninterrupted,
     stream = resume(model, case, start)
     push_all(stream, logged_window(run.chunks, start))
     rebuilt, expected = stream.push(run.chunks[-1]), run.outputs[-1]
-    error = (rebuilt - expected).abs().max().item()
-    print(f"{name}: resumed at input frame {start}, max error {error:.3g}")
-    assert rebuilt.shape == expected.shape and rebuilt.shape[2] > 0
-    assert error <= 1e-5
+    assert rebuilt.shape[2] > 0
+    assert_float_close(rebuilt, expected)  # resumed with no history: within float rounding
     assert counters(stream) == run.counters
 
 

@@ -25,9 +25,10 @@ UINT8_LEVELS = 1
 UINT8_FLIP_FRACTION = 1e-3
 
 
-def assert_float_close(a: torch.Tensor, b: torch.Tensor, atol: float = FLOAT_ATOL) -> None:
+def assert_float_close(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, atol: float = FLOAT_ATOL) -> None:
+    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
     assert a.shape == b.shape, (a.shape, b.shape)
-    error = (a.float() - b.float()).abs().max().item()
+    error = (a - b).abs().max().item()
     assert error <= atol, f"max difference {error:.3g} > {atol:g}"
 
 
