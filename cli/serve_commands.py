@@ -16,9 +16,10 @@ def register(sub) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--workers", type=int, default=1,
-                       help="uvicorn processes; each loads its own model and worker pool (default 1)")
+                       help="uvicorn processes, each with its own models and worker pool, on CPU devices only: one "
+                            "process drives every GPU it is given (default 1)")
     serve.add_argument("--checkpoint", help="checkpoint directory (CDT_CHECKPOINT)")
-    serve.add_argument("--device", help="cpu, cuda or cuda:N (CDT_DEVICE)")
+    serve.add_argument("--devices", help="comma-separated cuda, cuda:N, cpu (CDT_DEVICES)")
     serve.add_argument("--dtype", choices=("fp32", "bf16"), help="compute dtype (CDT_DTYPE)")
     serve.add_argument("--redis-url", help="session store (CDT_REDIS_URL)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -30,9 +31,10 @@ def run_serve(args) -> int:
     import uvicorn
 
     from service.app import check_checkpoint
+    from service.devices import DeviceSetupError, resolve
     from service.settings import Settings
 
-    overrides = {"checkpoint": args.checkpoint, "device": args.device, "dtype": args.dtype,
+    overrides = {"checkpoint": args.checkpoint, "devices": args.devices, "dtype": args.dtype,
                  "redis_url": args.redis_url}
     names = Settings.env_names()
     for field, value in overrides.items():
@@ -40,6 +42,11 @@ def run_serve(args) -> int:
             os.environ[names[field]] = str(value)
     settings = Settings.from_env()  # fail here, with one line, rather than in each worker
     check_checkpoint(settings)
+    devices = resolve(settings.devices)
+    if args.workers > 1 and any(device.type == "cuda" for device in devices):
+        # Every process would load a model onto every GPU and budget the same free memory.
+        raise DeviceSetupError(f"--workers {args.workers} with CUDA devices: one process drives every GPU "
+                               "(CDT_DEVICES); run one process, or one `cdt serve` per set of GPUs, each with its own CDT_DEVICES and port")
     uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
                 log_level=args.log_level)
     return 0

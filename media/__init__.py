@@ -3,6 +3,8 @@ latent and frame files, clip-level encode/decode, and metrics.
 May import `model`, never `service` or `training`."""
 
 from .tokenize import (
+    ClipDecoder,
+    ClipEncoder,
     decode_chunks,
     decode_frames,
     decode_video,
@@ -20,13 +22,18 @@ from .video import (
     VideoDecodeError,
     VideoReader,
     VideoWriter,
+    frame_count,
     frames_to_tensor,
+    model_video,
+    quantise,
     read_video,
     tensor_to_frames,
     write_video,
 )
 
 __all__ = [
+    "ClipDecoder",
+    "ClipEncoder",
     "FramesFileError",
     "LatentsFile",
     "LatentsFileError",
@@ -43,13 +50,16 @@ __all__ = [
     "encode_chunks",
     "encode_frames",
     "encode_video",
+    "frame_count",
     "frames_to_tensor",
     "latents_info",
     "load_frames",
     "load_latents",
+    "model_video",
     "pad_spatial",
     "pad_video",
     "psnr",
+    "quantise",
     "read_video",
     "save_frames",
     "save_latents",

@@ -8,10 +8,11 @@ streaming keeps memory bounded by the chunk, not the clip.
 `model_hash` is the content hash of the model's weights (`ModelIdentity.content_hash` of a
 loaded checkpoint): latents files and stream states carry it.
 
-Inputs may be on any device. The latents and frames given back are on the host, copied off
-the model's device as each is made: the service runs each step of these generators as a job
-of its model thread, so the job's time includes the device's work and nothing else waits on
-the device.
+Inputs may be on any device; uint8 frames cross to the model's device as uint8. The latents
+and frames given back are on the host, copied off the model's device as each is made (frames
+quantised to uint8 there first): the service runs each `ClipEncoder`/`ClipDecoder` call as a
+job of its model thread, so the job's time includes the device's work and nothing else waits
+on the device.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from model import StreamingDecoder, StreamingEncoder, Tokenizer, dtype_name
 
 from .latents_file import LatentsFile, LatentsInfo
 from .padding import Padding, pad_spatial, pad_video
-from .video import frames_to_tensor, tensor_to_frames
+from .video import frames_to_tensor, model_video, tensor_to_frames
 
 
 @torch.no_grad()
@@ -36,17 +37,35 @@ def encode_video(model: Tokenizer, model_hash: str, video: torch.Tensor, fps: fl
     return latents_file(model, model_hash, latents, count, height, width, fps)
 
 
-@torch.no_grad()
-def encode_chunks(model: Tokenizer, model_hash: str, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """Latents of a clip given as successive float (1,3,n,H,W) chunks in [-1,1], at their
-    original size: one yield per chunk (the latents of its complete 4-frame groups, maybe
-    none), then one for the tail, padded like a whole clip."""
-    encoder = StreamingEncoder(model, model_hash)
+class ClipEncoder:
+    """One clip's streamed encode, a call per chunk (the service runs each call as one model job).
+    A chunk is uint8 (n,H,W,3) frames, converted to the model's input on its device, or float
+    (1,3,n,H,W) in [-1,1], at the clip's original size; `push` gives back the latents of its
+    complete 4-frame groups (maybe none), `finish` those of the tail, padded like a whole clip."""
+
+    def __init__(self, model: Tokenizer, model_hash: str) -> None:
+        self._device = model.device
+        self._stream = StreamingEncoder(model, model_hash)
+
+    @torch.no_grad()
+    def push(self, chunk: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return self._stream.push(pad_spatial(model_video(chunk, self._device))).cpu()
+
+    @torch.no_grad()
+    def finish(self) -> torch.Tensor:
+        if self._stream.meta["frames_in"] == 0:
+            raise ValueError("no frames to encode")
+        return self._stream.finish().cpu()
+
+
+def encode_chunks(model: Tokenizer, model_hash: str,
+                  chunks: Iterable[np.ndarray | torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Latents of a clip given as successive chunks (`ClipEncoder`): one yield per chunk, then
+    one for the tail."""
+    encoder = ClipEncoder(model, model_hash)
     for chunk in chunks:
-        yield encoder.push(pad_spatial(chunk.to(model.device))).cpu()
-    if encoder.meta["frames_in"] == 0:
-        raise ValueError("no frames to encode")
-    yield encoder.finish().cpu()
+        yield encoder.push(chunk)
+    yield encoder.finish()
 
 
 @torch.no_grad()
@@ -60,13 +79,13 @@ def encode_frames(model: Tokenizer, model_hash: str, chunks: Iterable[np.ndarray
         return encode_video(model, model_hash, frames_to_tensor(np.concatenate(list(chunks))), fps)
     count, shape = 0, None
 
-    def tensors() -> Iterator[torch.Tensor]:
+    def counted() -> Iterator[np.ndarray]:
         nonlocal count, shape
         for chunk in chunks:
             count, shape = count + len(chunk), chunk.shape[1:3]
-            yield frames_to_tensor(chunk)
+            yield chunk
 
-    latents = torch.cat(list(encode_chunks(model, model_hash, tensors())), dim=2)
+    latents = torch.cat(list(encode_chunks(model, model_hash, counted())), dim=2)
     return latents_file(model, model_hash, latents, count, *shape, fps)
 
 
@@ -101,7 +120,7 @@ def decode_video(model: Tokenizer, model_hash: str, item: LatentsFile, steps: in
     decodes the whole clip in one call."""
     latents = item.latents.to(model.device)
     if chunk is None:
-        yield from crop_decoded(item, [model.decode(latents, steps=steps, seed=seed)])
+        yield _Crop(item)(model.decode(latents, steps=steps, seed=seed)).cpu()
         return
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1 latent frame, got {chunk}")
@@ -109,24 +128,46 @@ def decode_video(model: Tokenizer, model_hash: str, item: LatentsFile, steps: in
     yield from decode_chunks(model, model_hash, item, parts, steps, seed)
 
 
-@torch.no_grad()
+class ClipDecoder:
+    """One clip's streamed decode, a call per latent chunk (1,16,m,h,w) (the service runs each call
+    as one model job): its frames cropped to the clip's size and length (`info`)."""
+
+    def __init__(self, model: Tokenizer, model_hash: str, info: LatentsInfo, steps: int = 1, seed: int = 0) -> None:
+        self._device = model.device
+        self._decoder = StreamingDecoder(model, model_hash, steps=steps, seed=seed)
+        self._crop = _Crop(info)
+
+    @torch.no_grad()
+    def push(self, latents: torch.Tensor) -> torch.Tensor:
+        """Float (1,3,n,H,W) frames on the model's device (n may be 0)."""
+        return self._crop(self._decoder.push(latents.to(self._device)))
+
+    def frames(self, latents: torch.Tensor) -> np.ndarray:
+        """uint8 (n,H,W,3) frames on the host, quantised on the model's device."""
+        return tensor_to_frames(self.push(latents))
+
+
 def decode_chunks(model: Tokenizer, model_hash: str, info: LatentsInfo, chunks: Iterable[torch.Tensor],
                   steps: int = 1, seed: int = 0) -> Iterator[torch.Tensor]:
-    """Decode successive latent chunks (1,16,m,h,w) of the clip `info` describes through a
-    StreamingDecoder: float (1,3,n,H,W) chunks, cropped to its size and length."""
-    decoder = StreamingDecoder(model, model_hash, steps=steps, seed=seed)
-    yield from crop_decoded(info, (decoder.push(part.to(model.device)) for part in chunks))
-
-
-def crop_decoded(info: LatentsInfo, videos: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """Decoded chunks cut to the original height, width and frame count (empty ones skipped),
-    copied to the host."""
-    remaining = info.frames
-    for video in videos:
-        video = video[:, :, :remaining, : info.height, : info.width]
-        remaining -= video.shape[2]
+    """Decode successive latent chunks of the clip `info` describes (`ClipDecoder`): float
+    (1,3,n,H,W) chunks on the host, empty ones skipped."""
+    decoder = ClipDecoder(model, model_hash, info, steps, seed)
+    for part in chunks:
+        video = decoder.push(part)
         if video.shape[2]:
             yield video.cpu()
+
+
+class _Crop:
+    """Decoded chunks cut to a clip's original height, width and frame count."""
+
+    def __init__(self, info: LatentsInfo) -> None:
+        self._info, self._remaining = info, info.frames
+
+    def __call__(self, video: torch.Tensor) -> torch.Tensor:
+        video = video[:, :, :self._remaining, :self._info.height, :self._info.width]
+        self._remaining -= video.shape[2]
+        return video
 
 
 def decode_frames(model: Tokenizer, model_hash: str, item: LatentsFile, steps: int = 1, seed: int = 0,

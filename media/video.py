@@ -247,19 +247,43 @@ def center_crop(frames: np.ndarray, crop: int | tuple[int, int]) -> np.ndarray:
     return frames[:, top : top + ch, left : left + cw]
 
 
-def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
-    """uint8 (T,H,W,3) -> float32 (1,3,T,H,W) in [-1,1]."""
+def frames_to_tensor(frames: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (T,H,W,3) -> float32 (1,3,T,H,W) in [-1,1] on `device`. The frames cross to the
+    device as uint8, a quarter of the float bytes, and are converted there."""
     check_frames(frames)
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).unsqueeze(0)
+    x = torch.from_numpy(np.ascontiguousarray(frames))
+    if torch.device(device).type == "cuda":
+        x = x.pin_memory()  # page-locked: the copy runs as DMA, without a staging copy
+    x = x.to(device, non_blocking=True).permute(3, 0, 1, 2).unsqueeze(0)
     return x.float() / 127.5 - 1.0
 
 
-def tensor_to_frames(video: torch.Tensor) -> np.ndarray:
-    """float (1,3,T,H,W) in [-1,1] -> uint8 (T,H,W,3); out-of-range values are clamped."""
+def model_video(chunk: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A chunk of a clip as the model takes it, on `device`: uint8 (n,H,W,3) frames converted
+    there (`frames_to_tensor`), or float (1,3,n,H,W) in [-1,1] moved there."""
+    if isinstance(chunk, np.ndarray):
+        return frames_to_tensor(chunk, device)
+    return chunk.to(device)
+
+
+def frame_count(chunk: np.ndarray | torch.Tensor) -> int:
+    """Frames in a chunk of either form `model_video` takes."""
+    return chunk.shape[0] if isinstance(chunk, np.ndarray) else chunk.shape[2]
+
+
+def quantise(video: torch.Tensor) -> torch.Tensor:
+    """float (1,3,T,H,W) in [-1,1] -> uint8 (T,H,W,3) on the video's device; out-of-range values
+    are clamped."""
     if not isinstance(video, torch.Tensor) or video.dim() != 5 or video.shape[:2] != (1, 3):
         raise ValueError(f"video must be a (1,3,T,H,W) tensor, got {tuple(getattr(video, 'shape', ()))}")
-    x = ((video[0].detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(1, 2, 3, 0).contiguous().numpy()
+    x = ((video[0].detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 3, 0).contiguous()
+
+
+def tensor_to_frames(video: torch.Tensor) -> np.ndarray:
+    """float (1,3,T,H,W) in [-1,1] -> uint8 (T,H,W,3) on the host, quantised on the video's
+    device (a quarter of the float bytes cross back)."""
+    return quantise(video).cpu().numpy()
 
 
 def check_frames(frames: np.ndarray) -> None:

@@ -1,5 +1,5 @@
 """The app factory: `create_app(settings)` builds the FastAPI app; its lifespan loads
-the model, starts the worker pool and, with CDT_REDIS_URL, connects to the session
+the model on each device, starts the worker pool and, with CDT_REDIS_URL, connects to the session
 store (in-process without it); on shutdown it finishes the accepted jobs before the process exits.
 
 `cdt serve` runs `create_app` as a uvicorn factory, so settings come from the
@@ -15,10 +15,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from model import Pretrained, bf16_is_fast, from_pretrained
+import torch
+
+from model import ModelIdentity, Tokenizer, bf16_is_fast, from_pretrained
 
 from .errors import install_handlers
-from .memory import configure_allocator, default_budget
+from .devices import DeviceSlot, compute_dtype, resolve, slots
+from .host import HostPool
+from .memory import MemoryModel, configure_allocator, default_budget
 from .metrics import Metrics
 from .ops import model_card
 from .request_metrics import RequestMetricsMiddleware
@@ -26,7 +30,7 @@ from .routes import ROUTERS
 from .sessions.service import SessionService
 from .sessions.store import open_store
 from .settings import Settings, mib
-from .workers import WorkerPool
+from .workers import DeviceWorker, WorkerPool
 
 
 log = logging.getLogger("cdt.service")
@@ -42,14 +46,41 @@ def check_checkpoint(settings: Settings) -> None:
                                  "checkpoint directory (create one with `cdt init --preset tiny -o DIR`)")
 
 
-def load_model(settings: Settings) -> Pretrained:
-    """The served checkpoint and its identity (measuring its receptive field, which sessions
+def load_models(settings: Settings, slots: list[DeviceSlot], dtype: str) -> tuple[list[Tokenizer], ModelIdentity]:
+    """The served checkpoint on each slot's device (slots on one device share its copy: inference
+    leaves a model unchanged), and its identity (measuring its receptive field, which sessions
     size their input logs by, when the checkpoint records none)."""
     check_checkpoint(settings)
-    if settings.compute_dtype == "bf16" and not bf16_is_fast(settings.device):
-        log.warning("CDT_DTYPE=bf16 on a CPU without bf16 arithmetic (AVX512-BF16/AMX): PyTorch's fallback "
-                    "is several times slower than fp32 here; unset CDT_DTYPE to compute in fp32")
-    return from_pretrained(settings.checkpoint, device=settings.device, dtype=settings.compute_dtype)
+    if dtype == "bf16" and not all(bf16_is_fast(slot.device) for slot in slots):
+        log.warning("CDT_DTYPE=bf16 on a device without fast bf16 arithmetic (a CPU without AVX512-BF16/AMX, "
+                    "a GPU before compute capability 8.0): it is several times slower than fp32 there; unset "
+                    "CDT_DTYPE to compute in fp32")
+    copies: dict[torch.device, Tokenizer] = {}
+    identity = None
+    for slot in slots:
+        if slot.device not in copies:
+            model, identity = from_pretrained(settings.checkpoint, device=slot.device, dtype=dtype)
+            copies[slot.device] = model
+    return [copies[slot.device] for slot in slots], identity
+
+
+def build_pool(settings: Settings, metrics: Metrics) -> WorkerPool:
+    """A worker per device of CDT_DEVICES, each with its model and memory budget, and the host pool."""
+    devices = resolve(settings.devices)
+    device_slots = slots(devices)
+    models, identity = load_models(settings, device_slots, compute_dtype(settings.dtype, devices))
+    cpu_workers = sum(slot.device.type == "cpu" for slot in device_slots)
+    workers = []
+    for slot, model in zip(device_slots, models):
+        budget = (mib(settings.memory_budget_mb) if settings.memory_budget_mb
+                  else default_budget(slot.device, settings.session_hot_bytes, max(1, cpu_workers)))
+        memory = MemoryModel(model.config.preset, slot.device.type, budget)
+        if not memory.fitted:
+            log.warning("no memory fit for %s devices (python -m benchmarks.memory_calibration --device %s): "
+                        "requests on %s run one at a time in 4-frame chunks", slot.device.type, slot.device.type,
+                        slot.name)
+        workers.append(DeviceWorker(slot, model, memory, settings.queue_size, settings.request_timeout_s, metrics))
+    return WorkerPool(workers, identity, HostPool(settings.host_threads, metrics), metrics)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -59,12 +90,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         configure_allocator()
-        model, identity = await asyncio.to_thread(load_model, settings)
-        metrics.model_info.info({k: str(v) for k, v in model_card(model, identity, settings.device).items()
-                                 if k != "compression"})
-        budget = (mib(settings.memory_budget_mb) if settings.memory_budget_mb
-                  else default_budget(settings.device, settings.session_hot_bytes))
-        pool = WorkerPool(model, identity, settings.queue_size, settings.request_timeout_s, metrics, budget)
+        pool = await asyncio.to_thread(build_pool, settings, metrics)
+        metrics.model_info.info({k: str(v) for k, v in model_card(pool).items() if k not in ("compression", "devices")})
         pool.start()
         app.state.pool = pool
         app.state.store = open_store(settings.redis_url, settings.session_key_prefix)

@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cdt_client.formats.api import METADATA_HEADER, NPY, SAFETENSORS  # noqa: F401 (routes take METADATA_HEADER here)
 from cdt_client.formats.files import FRAMES_TENSOR, LATENTS_TENSOR
 from cdt_client.formats.tensors import TensorHeaderError, TensorLayout, read_npy_header, read_safetensors_header
-from media import LatentsInfo, VideoReader, frames_to_tensor
+from media import LatentsInfo, VideoReader, frame_count, model_video
 from media.latents_file import LatentsFileError, ModelMismatchError
 from media.tensor_data import read_slab
 from media.video import MAX_FPS, VideoDecodeError, resize_short_side, short_side_shape
@@ -163,18 +164,20 @@ def body_from_bytes(fmt: BodyFormat, data: bytes) -> Body:
 
 @dataclass
 class FrameSource:
-    """A clip's frames, read chunk by chunk: `chunks(n)` yields float (1,3,<=n,H,W) in
-    [-1,1] and counts them in `count`; the limits are enforced as frames are read."""
+    """A clip's frames, read chunk by chunk: `chunks(n)` yields at most n frames a chunk, as
+    uint8 (n,H,W,3) frames where the body holds uint8 (they cross to the model's device as
+    uint8) or float (1,3,n,H,W) in [-1,1] (`media.model_video` takes either), and counts them
+    in `count`; the limits are enforced as frames are read."""
 
     height: int
     width: int
     fps: float
-    read: Callable[[int], Iterator[torch.Tensor]]
+    read: Callable[[int], Iterator[np.ndarray | torch.Tensor]]
     count: int = field(default=0, init=False)
 
-    def chunks(self, n: int) -> Iterator[torch.Tensor]:
+    def chunks(self, n: int) -> Iterator[np.ndarray | torch.Tensor]:
         for chunk in self.read(n):
-            self.count += chunk.shape[2]
+            self.count += frame_count(chunk)
             yield chunk
 
 
@@ -194,7 +197,7 @@ def open_frames(body: Body, options: ClipOptions, limits: Limits) -> FrameSource
 def read_clip(body: Body, options: ClipOptions, limits: Limits) -> tuple[torch.Tensor, float]:
     """All of a body's frames at once, as float (1,3,T,H,W): for bodies of one chunk."""
     source = open_frames(body, options, limits)
-    return torch.cat(list(source.chunks(limits.max_frames + 1)), dim=2), source.fps
+    return torch.cat([model_video(c, "cpu") for c in source.chunks(limits.max_frames + 1)], dim=2), source.fps
 
 
 def _check_size(height: int, width: int, limits: Limits) -> None:
@@ -233,7 +236,7 @@ def _container_frames(body: Body, options: ClipOptions, limits: Limits) -> Frame
         reader.close()
         raise
 
-    def read(n: int) -> Iterator[torch.Tensor]:
+    def read(n: int) -> Iterator[np.ndarray]:
         count = 0
         with reader:
             try:
@@ -241,7 +244,7 @@ def _container_frames(body: Body, options: ClipOptions, limits: Limits) -> Frame
                     count += len(frames)
                     if count > limits.max_frames:
                         raise _too_long(limits)
-                    yield frames_to_tensor(frames)
+                    yield frames
             except VideoDecodeError as exc:
                 raise InvalidInput(str(exc).replace(str(body.path), "video"), code="undecodable_video") from None
         if options.frames is not None and count < options.frames:
@@ -291,7 +294,7 @@ def _tensor_frames(body: Body, layout: TensorLayout, fps: float | None, options:
     height, width = resized(h, w, options.size)
     _check_size(height, width, limits)
 
-    def read(n: int) -> Iterator[torch.Tensor]:
+    def read(n: int) -> Iterator[np.ndarray | torch.Tensor]:
         for start in range(0, t, n):
             part = read_slab(body.file, layout, axis, start, min(t, start + n))
             yield _uint8_chunk(part, options) if axis == 0 else _float_chunk(part, options)
@@ -299,11 +302,9 @@ def _tensor_frames(body: Body, layout: TensorLayout, fps: float | None, options:
     return FrameSource(height, width, fps or options.fps or DEFAULT_FPS, read)
 
 
-def _uint8_chunk(frames: torch.Tensor, options: ClipOptions) -> torch.Tensor:
+def _uint8_chunk(frames: torch.Tensor, options: ClipOptions) -> np.ndarray:
     array = frames.numpy()
-    if options.size:
-        array = resize_short_side(array, options.size)
-    return frames_to_tensor(array)
+    return resize_short_side(array, options.size) if options.size else array
 
 
 def _float_chunk(frames: torch.Tensor, options: ClipOptions) -> torch.Tensor:

@@ -101,3 +101,18 @@ class Timeout(ServiceError):
     """A model job ran over its time."""
 
     code = "timeout"
+
+
+class DeviceOutOfMemory(Unavailable):
+    """The device could not allocate a job's memory; it goes on serving, so a retry may fit."""
+
+    code = "device_out_of_memory"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+
+
+class DeviceFailed(Unavailable):
+    """The device failed (a fatal accelerator error): it takes no more jobs."""
+
+    code = "device_failed"

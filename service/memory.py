@@ -1,4 +1,4 @@
-"""Memory a whole-clip request costs, and the replica's budget that admits requests.
+"""Memory a whole-clip request costs, and the budget of each device that admits requests.
 
 A whole-clip request streams through the model in chunks, so what it holds is its
 FeatureCache (which grows with the frame area, and for decode with the DDIM steps) plus
@@ -21,6 +21,7 @@ for its lifetime; a request that fits alone but not beside the running ones wait
 the queue (its admission slot counts toward the queue limit) until memory is released.
 A session chunk is admitted the same way at the length its sender chose (its stream's
 cache is counted in the hot-session budget, CDT_SESSION_HOT_MB, outside this one).
+Each device has its own budget and its own device kind's costs (`MemoryModel`).
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from model import SPACE_FACTOR, TIME_FACTOR
 
 from .domain_errors import TooLarge
+
+if TYPE_CHECKING:
+    import torch
 
 # Headroom over the fitted estimate: the measured peak exceeds its fit by at most 32% of
 # itself (small encode at 64x64; tiny 14-17%, base under 10%), i.e. by 1.46x the fit
@@ -58,22 +63,31 @@ class Cost:
     fixed: float
 
 
-# Measured by `python -m benchmarks.memory_calibration` (fp32, CPU); keyed by (preset, op).
-# Presets not listed use the costliest listed preset's.
-COSTS: dict[tuple[str, str], Cost] = {
-    ("tiny", "encode"): Cost(state=893.4, frame=516.9, fixed=140666503),
-    ("tiny", "decode"): Cost(state=1436.1, frame=1076.0, fixed=192357625),
-    ("small", "encode"): Cost(state=0.0, frame=1195.9, fixed=64272699),
-    ("small", "decode"): Cost(state=8546.0, frame=4671.7, fixed=38674204),
-    ("base", "encode"): Cost(state=0.0, frame=4614.6, fixed=56710772),
-    ("base", "decode"): Cost(state=28073.1, frame=10015.3, fixed=0),
+# Measured by `python -m benchmarks.memory_calibration`, per device kind; keyed by (preset, op).
+# Presets not listed use the costliest listed preset's. A device kind with no table has no
+# fit: its requests run one at a time (`MemoryModel`), because another kind's fit says nothing
+# of its memory (CUDA keeps bf16 activations, cuDNN workspaces and a caching allocator where
+# the CPU fit measured fp32 RSS).
+COSTS: dict[str, dict[tuple[str, str], Cost]] = {
+    "cpu": {  # fp32
+        ("tiny", "encode"): Cost(state=893.4, frame=516.9, fixed=140666503),
+        ("tiny", "decode"): Cost(state=1436.1, frame=1076.0, fixed=192357625),
+        ("small", "encode"): Cost(state=0.0, frame=1195.9, fixed=64272699),
+        ("small", "decode"): Cost(state=8546.0, frame=4671.7, fixed=38674204),
+        ("base", "encode"): Cost(state=0.0, frame=4614.6, fixed=56710772),
+        ("base", "decode"): Cost(state=28073.1, frame=10015.3, fixed=0),
+    },
 }
 
 
-def cost_for(preset: str, op: str) -> Cost:
-    if (preset, op) in COSTS:
-        return COSTS[(preset, op)]
-    return max((c for (p, o), c in COSTS.items() if o == op), key=lambda c: c.state + c.frame)
+def cost_for(preset: str, op: str, device_kind: str = "cpu") -> Cost | None:
+    """The fitted cost of `op` on `preset` on a device of `device_kind`; None without a fit."""
+    costs = COSTS.get(device_kind)
+    if costs is None:
+        return None
+    if (preset, op) in costs:
+        return costs[(preset, op)]
+    return max((c for (p, o), c in costs.items() if o == op), key=lambda c: c.state + c.frame)
 
 
 def estimate_bytes(cost: Cost, pixels: int, chunk_frames: int, steps: int = 1) -> int:
@@ -110,6 +124,28 @@ def chunk_bytes(cost: Cost, budget: int, height: int, width: int, frames: int, s
     if need > budget:
         raise too_large(cost, budget, height, width, frames, steps)
     return need
+
+
+class MemoryModel:
+    """How a device admits work into its budget: by the fitted costs of its device kind, or,
+    without a fit, one job's worth at a time: each request reserves the whole budget and
+    streams in the shortest chunks, so requests on the device run one after another and a
+    job that still does not fit fails as `device_out_of_memory`, not the process."""
+
+    def __init__(self, preset: str, device_kind: str, budget: int) -> None:
+        self.budget = budget
+        self.costs = {op: cost_for(preset, op, device_kind) for op in ("encode", "decode")}
+        self.fitted = all(cost is not None for cost in self.costs.values())
+
+    def plan(self, op: str, height: int, width: int, steps: int = 1) -> Plan:
+        if not self.fitted:
+            return Plan(MIN_CHUNK_FRAMES, self.budget)
+        return plan(self.costs[op], self.budget, height, width, steps)
+
+    def chunk_bytes(self, op: str, height: int, width: int, frames: int, steps: int = 1) -> int:
+        if not self.fitted:
+            return self.budget
+        return chunk_bytes(self.costs[op], self.budget, height, width, frames, steps)
 
 
 def too_large(cost: Cost, budget: int, height: int, width: int, frames: int, steps: int) -> TooLarge:
@@ -186,16 +222,17 @@ def resident_bytes() -> int:
         return 0
 
 
-def default_budget(device: str, hot_sessions: int) -> int:
+def default_budget(device: torch.device, hot_sessions: int, cpu_workers: int = 1) -> int:
     """Requests may use 80% of what the device holds beyond what is already resident (the
-    loaded model, the runtime) and what the hot session streams may take. On CUDA, the
-    device's free memory (untested here: no GPU)."""
-    if device.startswith("cuda"):
+    loaded models, the runtime) and what the device's hot session streams may take; model
+    threads sharing the CPU share its memory equally. On CUDA, the device's free memory
+    (untested here: no GPU)."""
+    if device.type == "cuda":
         import torch
 
-        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        free, _total = torch.cuda.mem_get_info(device)
         return max(0, int(0.8 * free) - hot_sessions)
     total = machine_memory_bytes()
     if total is None:
-        return FALLBACK_BUDGET_BYTES
-    return max(0, int(0.8 * (total - resident_bytes())) - hot_sessions)
+        return FALLBACK_BUDGET_BYTES // cpu_workers
+    return max(0, int(0.8 * (total - resident_bytes())) // cpu_workers - hot_sessions)

@@ -22,24 +22,30 @@ class Metrics:
         r = self.registry
         self.request_seconds = Histogram("cdt_request_seconds", "HTTP request latency", ["endpoint", "status"],
                                          buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait_seconds = Histogram("cdt_queue_wait_seconds", "time a job waited for the model", ["op"],
-                                            buckets=LATENCY_BUCKETS, registry=r)
-        self.compute_seconds = Histogram("cdt_compute_seconds", "model compute per job", ["op", "outcome"],
-                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait_seconds = Histogram("cdt_queue_wait_seconds", "time a job waited for the model",
+                                            ["op", "device"], buckets=LATENCY_BUCKETS, registry=r)
+        self.compute_seconds = Histogram("cdt_compute_seconds", "model compute per job, device copies included",
+                                         ["op", "outcome", "device"], buckets=LATENCY_BUCKETS, registry=r)
         self.media_seconds = Histogram("cdt_media_seconds", "decoding request bodies and encoding responses",
                                        ["op"], buckets=LATENCY_BUCKETS, registry=r)
         self.frames_total = Counter("cdt_frames_processed", "video frames encoded or decoded", ["op"], registry=r)
         self.bytes_total = Counter("cdt_bytes", "request and response body bytes", ["endpoint", "direction"],
                                    registry=r)
-        self.queue_depth = Gauge("cdt_queue_depth", "jobs waiting for the model", registry=r)
-        self.in_flight = Gauge("cdt_jobs_in_flight", "jobs running on the model", registry=r)
+        self.queue_depth = Gauge("cdt_queue_depth", "jobs waiting for the model", ["device"], registry=r)
+        self.in_flight = Gauge("cdt_jobs_in_flight", "jobs running on the model", ["device"], registry=r)
+        self.requests_admitted = Gauge("cdt_requests_admitted", "requests admitted to a device, waiting or "
+                                       "running: the replica's load signal", ["device"], registry=r)
+        self.device_healthy = Gauge("cdt_device_healthy", "1 while a device takes jobs, 0 after a fatal error",
+                                    ["device"], registry=r)
+        self.device_errors = Counter("cdt_device_errors", "jobs failed by their device", ["device", "kind"],
+                                     registry=r)
         self.rejected_total = Counter("cdt_jobs_rejected", "jobs refused or dropped", ["reason"], registry=r)
         self.cancelled_total = Counter("cdt_requests_cancelled", "whole-clip requests stopped at a chunk boundary "
                                        "because the client went away", ["op"], registry=r)
-        self.memory_budget = Gauge("cdt_memory_budget_bytes", "memory this replica admits requests into",
-                                   registry=r)
+        self.memory_budget = Gauge("cdt_memory_budget_bytes", "memory a device admits requests into",
+                                   ["device"], registry=r)
         self.memory_reserved = Gauge("cdt_memory_reserved_bytes", "memory reserved by admitted requests",
-                                     registry=r)
+                                     ["device"], registry=r)
         self.model_info = Info("cdt_model", "the served model", registry=r)
 
     @contextmanager

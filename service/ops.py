@@ -4,10 +4,9 @@ configured one; `check_decode_steps`, the model's own), admission of a whole-cli
 
 from __future__ import annotations
 
-from model import SPACE_FACTOR, TIME_FACTOR, ModelIdentity, Tokenizer, dtype_name
+from model import SPACE_FACTOR, TIME_FACTOR, Tokenizer, dtype_name
 
 from .domain_errors import BadParameter, InvalidInput
-from .memory import cost_for, plan
 from .settings import Settings
 from .workers import Admission, WorkerPool
 
@@ -29,14 +28,16 @@ def check_decode_steps(model: Tokenizer, steps: int) -> None:
 
 
 async def admit(pool: WorkerPool, op: str, height: int, width: int, steps: int = 1) -> tuple[int, Admission]:
-    """A whole-clip request's chunk length (pixel frames), once admitted with the memory that
-    chunk length takes reserved."""
-    chunking = plan(cost_for(pool.model.config.preset, op), pool.memory.total, height, width, steps)
-    return chunking.chunk_frames, await pool.admit(chunking.bytes)
+    """A whole-clip request's chunk length (pixel frames), once admitted to a device with the
+    memory that chunk length takes there reserved."""
+    worker = pool.choose()
+    chunking = worker.memory_model.plan(op, height, width, steps)
+    return chunking.chunk_frames, await worker.admit(chunking.bytes)
 
 
-def model_card(model: Tokenizer, identity: ModelIdentity, device: str) -> dict:
+def model_card(pool: WorkerPool) -> dict:
     """What /v1/models and the model-info metric say about the served model."""
+    model, identity = pool.model, pool.identity
     config = model.config
     return {
         "id": identity.content_hash[:12],
@@ -44,7 +45,11 @@ def model_card(model: Tokenizer, identity: ModelIdentity, device: str) -> dict:
         "preset": config.preset,
         "kind": model.kind,
         "dtype": dtype_name(model.compute_dtype),
-        "device": device,
+        "device": ",".join(worker.name for worker in pool.workers),
+        "devices": [{"name": worker.name, "healthy": worker.healthy,
+                     "memory_budget_bytes": worker.memory.total,
+                     "memory_model": "fitted" if worker.memory_model.fitted else "one request at a time"}
+                    for worker in pool.workers],
         "compression": {
             "time": TIME_FACTOR,
             "space": SPACE_FACTOR,

@@ -61,13 +61,20 @@ class Settings(EnvSettings):
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description=(
         "checkpoint directory served; by default the shipped one (in an installed wheel, its copy under "
         "the environment's `share/cdt-tokenizer/`)"))
-    device: str = Field("cpu", description="`cpu`, `cuda` or `cuda:N`")
+    devices: Annotated[tuple[str, ...], NoDecode] = Field((), description=(
+        "comma-separated devices this replica computes on, each with its own resident model, model thread "
+        "and memory budget: `cuda` (every visible GPU), `cuda:N`, `cpu`. `cpu` may repeat: `cpu,cpu` runs two "
+        "model threads that split the CPU's cores. Unset: every visible GPU, else `cpu`"))
     dtype: str | None = Field(None, description=(
-        "compute dtype, `fp32` or `bf16`; unset: `bf16` on CUDA and `fp32` on any CPU. Where the CPU has "
+        "compute dtype, `fp32` or `bf16`; unset: `bf16` when every device is a GPU with fast bf16 (compute "
+        "capability 8.0 and up), else `fp32`. Where the CPU has "
         "bf16 arithmetic (AVX512-BF16/AMX) bf16 is faster than fp32, without it several times "
         "slower, and the service logs a warning (`benchmarks/results/precision.md`). The CPU default does "
         "not follow the CPU because a session is pinned to its replica's dtype: it fails over only between "
         "replicas of one dtype"))
+    host_threads: int = Field(4, ge=1, description=(
+        "threads for the host work beside the model threads: decoding uploaded containers, reading "
+        "spooled latents, rendering mp4 and tensor answers"))
     redis_url: str | None = Field(None, description=(
         "session store shared by replicas: `redis://host:port/db` (or `rediss://`) for one Redis, "
         "`redis+cluster://host:port` for a Redis Cluster (any node); unset: an in-process store. When set, "
@@ -84,12 +91,13 @@ class Settings(EnvSettings):
     max_side: int = Field(2048, ge=8, description="largest frame height or width a request may encode or decode")
     max_steps: MaxSteps = DEFAULT_MAX_STEPS
     memory_budget_mb: float | None = Field(None, gt=0, description=(
-        "memory (MiB) this replica admits whole-clip requests into, each reserving its estimate; unset: 80% "
-        "of the machine's (or cgroup's, or the CUDA device's free) memory beyond what is resident once the "
-        "model is loaded, less `CDT_SESSION_HOT_MB`"))
+        "memory (MiB) each device admits requests into, each reserving its estimate; unset: read from the "
+        "device: on a GPU, 80% of its free memory once the model is loaded, less `CDT_SESSION_HOT_MB`; on "
+        "the CPU, 80% of the machine's (or cgroup's) memory beyond what is resident, shared equally by "
+        "the CPU's model threads, less `CDT_SESSION_HOT_MB`"))
     queue_size: int = Field(8, ge=1, description=(
-        "requests that may wait for the model (or for memory) besides the running one; beyond: 429 "
-        "`overloaded` with `Retry-After`"))
+        "requests that may wait for a device (or for its memory) besides the running one, per device; "
+        "beyond, on every device: 429 `overloaded` with `Retry-After`"))
     request_timeout_s: float = Field(300.0, gt=0, description=(
         "limit (seconds) on queue wait + compute of one model job: a session chunk (with the rebuild of its "
         "stream), or one chunk of a whole-clip request"))
@@ -98,7 +106,7 @@ class Settings(EnvSettings):
     max_sessions: int = Field(1000, ge=1, description=(
         "live streaming sessions in the store, all replicas together; beyond: 429 `too_many_sessions`"))
     session_hot_mb: float = Field(2048.0, ge=0, description=(
-        "memory (MiB) for the feature caches of the sessions this replica serves, least recently used "
+        "memory (MiB) per device for the feature caches of the sessions it serves, least recently used "
         "evicted first: an evicted session's stream is rebuilt from the store on its next chunk"))
     max_session_log_mb: float = Field(512.0, gt=0, description=(
         "largest input log (MiB) of one session in the store: the chunk bodies covering the model's "
@@ -112,13 +120,21 @@ class Settings(EnvSettings):
     session_key_prefix: str = Field("cdt:", min_length=1, description=(
         "Redis key prefix (several deployments may share one Redis)"))
 
-    @field_validator("device")
+    @field_validator("devices", mode="before")
     @classmethod
-    def _device(cls, value: str) -> str:
-        kind, _, index = value.partition(":")
-        if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
-            raise ValueError(f"device must be cpu, cuda or cuda:N, got {value!r}")
-        return value
+    def _devices(cls, value):
+        if isinstance(value, str):
+            value = value.split(",")
+        devices = tuple(device.strip() for device in value if device.strip())
+        for device in devices:
+            kind, _, index = device.partition(":")
+            if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+                raise ValueError(f"each device must be cpu, cuda or cuda:N, got {device!r}")
+        gpus = [device for device in devices if device != "cpu"]
+        if len(set(gpus)) != len(gpus) or ("cuda" in gpus and len(gpus) > 1):
+            # One model per GPU: a second one on the same GPU would split its memory, not add compute.
+            raise ValueError(f"a GPU may be listed once (`cuda` lists every GPU), got {','.join(devices)}")
+        return devices
 
     @field_validator("dtype")
     @classmethod
@@ -138,10 +154,6 @@ class Settings(EnvSettings):
     @classmethod
     def _blank_is_none(cls, value):
         return value or None
-
-    @property
-    def compute_dtype(self) -> str:
-        return self.dtype or ("bf16" if self.device.startswith("cuda") else "fp32")
 
     @property
     def session_hot_bytes(self) -> int:

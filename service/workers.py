@@ -1,97 +1,87 @@
-"""The worker pool: one model per device, a bounded job queue, model calls in a worker
-thread off the event loop.
+"""The worker pool: one worker per device, each with its resident model, one model thread, a
+job queue and a memory budget. The model thread runs only model work; host work (container
+decoding, rendering) runs on the host pool (`service.host`) around it.
 
-A job is a plain function of the model (`execute(op, fn)` awaits `fn(model)`); it never
-sees a request. A request is first admitted (`admit`), then runs jobs: a session chunk
-one job, a whole-clip request one job per chunk of its stream (`stream`), so other
-requests' jobs interleave with a long clip's and a slow reader never holds the model.
+A job is a plain function of the model (`execute(op, fn)` awaits `fn(model)` on the worker's
+thread); it never sees a request. A request is first admitted to one device (`admit`), and
+runs all its jobs there: a session chunk one job, a whole-clip request one job per chunk of
+its stream, so other requests' jobs interleave with a long clip's and a slow reader never
+holds the model. A job hands back host data: whatever copies leave the device finish inside
+the job, so its time is the device's and the event loop never waits on the device.
 
-Capacity is `queue_size` admitted requests waiting plus the one running: beyond that
-`admit` raises `Overloaded` (429 + Retry-After) at once instead of growing memory. An
-admitted request also reserves its estimated memory (`service.memory`) and waits, still
-counted in the queue, until that fits beside the running requests. The timeout covers
-one job's queue wait plus compute: a job still waiting when it expires is dropped and
-never runs (503 `queue_timeout`); a job already computing cannot be interrupted, so it
-finishes in the background and its caller gets 504 `compute_timeout`. `stop()` refuses
+Placement: a new request goes to the healthy device with the fewest admitted requests (then
+the lowest share of its memory budget reserved); a session's chunk goes to the device that
+holds its stream hot, and a stream that has to be built goes where a new request would.
+
+Capacity, per device: `queue_size` admitted requests waiting plus the one running; when no
+device has room, `admit` raises `Overloaded` (429 + Retry-After) at once instead of growing
+memory. An admitted request also reserves its estimated memory on its device
+(`service.memory`) and waits, still counted, until that fits beside the running requests.
+The timeout covers one job's queue wait plus compute: a job still waiting when it expires is
+dropped and never runs (503 `queue_timeout`); a job already computing cannot be interrupted,
+so it finishes in the background and its caller gets 504 `compute_timeout`. `stop()` refuses
 new requests and finishes every accepted job.
 
-No batching of same-shape jobs: on CPU one job already uses every core through torch's
-intra-op threads, so batching only adds queueing delay.
+Device failures: a job that runs the device out of memory fails alone (503
+`device_out_of_memory`, Retry-After), after the allocator's cache is emptied; a fatal
+accelerator error takes the device out of service (503 `device_failed` for its queued jobs;
+`/readyz` fails, and `/healthz` once no device is left).
+
+No batching of same-shape jobs: on CPU one job already uses every core given to its thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from collections import deque
 from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 
 import torch
 
 from model import ModelIdentity, Tokenizer
 
-from .domain_errors import Overloaded, Timeout, Unavailable
-from .memory import release_free_memory
+from .budget import MemoryBudget
+from .devices import DeviceSlot, is_device_failure, is_out_of_memory, release_device_cache
+from .domain_errors import DeviceFailed, DeviceOutOfMemory, Overloaded, Timeout, Unavailable
+from .host import HostPool
+from .memory import MemoryModel, release_free_memory
 from .metrics import Metrics
 
 T = TypeVar("T")
 _END = object()  # a stream's generator is exhausted
 
-
-class MemoryBudget:
-    """Bytes reserved by the admitted requests, at most `total`; waiters are served in
-    arrival order (a large request is not starved by a stream of small ones)."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.reserved = 0
-        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
-
-    async def reserve(self, nbytes: int) -> None:
-        if not self._waiters and self.reserved + nbytes <= self.total:
-            self.reserved += nbytes
-            return
-        granted = asyncio.get_running_loop().create_future()
-        self._waiters.append((nbytes, granted))
-        try:
-            await granted
-        except asyncio.CancelledError:
-            if granted.done() and not granted.cancelled():
-                self.release(nbytes)  # granted as the waiter was cancelled: give it back
-            else:
-                self._waiters.remove((nbytes, granted))
-                self._grant()
-            raise
-
-    def release(self, nbytes: int) -> None:
-        self.reserved -= nbytes
-        self._grant()
-
-    def _grant(self) -> None:
-        while self._waiters and self.reserved + self._waiters[0][0] <= self.total:
-            nbytes, granted = self._waiters.popleft()
-            self.reserved += nbytes
-            granted.set_result(None)
+log = logging.getLogger("cdt.service")
 
 
 class Admission:
-    """An admitted request's queue slot and memory reservation; `release()` (idempotent,
-    synchronous so it can run while a response is being cancelled) gives both back."""
+    """A request admitted to one device: its queue slot and memory reservation there, and the
+    way to run its jobs. `release()` (idempotent, synchronous so it can run while a response is
+    being cancelled) gives the slot and memory back."""
 
-    def __init__(self, pool: "WorkerPool", nbytes: int) -> None:
-        self._pool, self.nbytes = pool, nbytes
+    def __init__(self, worker: "DeviceWorker", nbytes: int) -> None:
+        self.worker, self.nbytes = worker, nbytes
         self._held = True
+
+    @property
+    def model(self) -> Tokenizer:
+        return self.worker.model
+
+    async def execute(self, op: str, fn: Callable[[Tokenizer], T]) -> T:
+        return await self.worker.execute(op, fn)
+
+    async def stream(self, op: str, steps: Iterator[T]) -> AsyncIterator[T]:
+        """Run a generator of model work, one job per item."""
+        while (item := await self.execute(op, lambda model: next(steps, _END))) is not _END:
+            yield item
 
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._pool._admitted -= 1
-            if self.nbytes:
-                self._pool.memory.release(self.nbytes)
-            self._pool._metrics.memory_reserved.set(self._pool.memory.reserved)
+            self.worker.released(self.nbytes)
 
 
 @dataclass(eq=False)
@@ -104,19 +94,25 @@ class _Job:
     abandoned: bool = False  # timed out or cancelled while waiting: skip it
 
 
-class WorkerPool:
-    def __init__(self, model: Tokenizer, identity: ModelIdentity, queue_size: int, timeout_s: float,
-                 metrics: Metrics, memory_bytes: int) -> None:
-        self.model, self.identity = model, identity
+class DeviceWorker:
+    """One device's resident model, model thread, job queue, memory budget and health."""
+
+    def __init__(self, slot: DeviceSlot, model: Tokenizer, memory: MemoryModel, queue_size: int, timeout_s: float,
+                 metrics: Metrics) -> None:
+        self.slot, self.name, self.model, self.memory_model = slot, slot.name, model, memory
         self.queue_size, self.timeout_s = queue_size, timeout_s
+        self.memory = MemoryBudget(memory.budget)
+        self.healthy = True
+        self.admitted = 0  # requests waiting + running here
         self._metrics = metrics
-        self.memory = MemoryBudget(memory_bytes)
-        metrics.memory_budget.set(memory_bytes)
-        # Unbounded queue, bounded by `_admitted`: counting admitted requests ourselves makes
-        # the capacity exact, independent of when the consumer task gets to run.
+        self._labels = {"device": slot.name}
+        metrics.memory_budget.labels(**self._labels).set(memory.budget)
+        metrics.device_healthy.labels(**self._labels).set(1)
+        # Unbounded queue, bounded by `admitted`: counting admitted requests ourselves makes the
+        # capacity exact, independent of when the consumer task gets to run.
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
-        self._admitted = 0  # requests waiting + running
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdt-model")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cdt-model-{slot.name}",
+                                            initializer=_model_thread, initargs=(slot,))
         self._consumer: asyncio.Task | None = None
         self._closing = False
         self._recent_compute_s = 1.0  # Retry-After estimate, updated after every job
@@ -125,8 +121,21 @@ class WorkerPool:
     def running(self) -> bool:
         return self._consumer is not None and not self._consumer.done() and not self._closing
 
+    @property
+    def has_room(self) -> bool:
+        return self.healthy and self.admitted <= self.queue_size
+
+    @property
+    def retry_after_s(self) -> int:
+        return max(1, math.ceil(self._recent_compute_s * (self._queue.qsize() + 1)))
+
+    @property
+    def load(self) -> tuple[int, float]:
+        """What placement compares: admitted requests, then the share of memory reserved."""
+        return self.admitted, self.memory.reserved / max(1, self.memory.total)
+
     def start(self) -> None:
-        self._consumer = asyncio.get_running_loop().create_task(self._consume(), name="cdt-worker")
+        self._consumer = asyncio.get_running_loop().create_task(self._consume(), name=f"cdt-worker-{self.name}")
 
     async def stop(self) -> None:
         """Refuse new jobs, finish the accepted ones, release the thread."""
@@ -136,20 +145,11 @@ class WorkerPool:
             await self._consumer
         self._executor.shutdown(wait=True)
 
-    def check_capacity(self) -> None:
-        """Raise now if a request would be refused: lets routes reject before reading a body."""
-        if self._closing or self._consumer is None:
-            raise Unavailable("the service is shutting down", code="shutting_down")
-        if self._admitted > self.queue_size:
-            self._metrics.rejected_total.labels("queue_full").inc()
-            retry = max(1, math.ceil(self._recent_compute_s * (self._queue.qsize() + 1)))
-            raise Overloaded(f"the job queue is full ({self.queue_size} waiting); retry later", retry)
-
-    async def admit(self, nbytes: int = 0) -> Admission:
-        """A queue slot, then `nbytes` of the memory budget once they fit (waiting at most
+    async def admit(self, nbytes: int) -> Admission:
+        """A queue slot here, then `nbytes` of this device's budget once they fit (waiting at most
         the timeout). Release the returned Admission when the request is done."""
-        self.check_capacity()
-        self._admitted += 1
+        self.admitted += 1
+        self._metrics.requests_admitted.labels(**self._labels).set(self.admitted)
         admission = Admission(self, 0)
         try:
             await asyncio.wait_for(self.memory.reserve(nbytes), self.timeout_s)
@@ -162,27 +162,23 @@ class WorkerPool:
             admission.release()
             raise
         admission.nbytes = nbytes
-        self._metrics.memory_reserved.set(self.memory.reserved)
+        self._metrics.memory_reserved.labels(**self._labels).set(self.memory.reserved)
         return admission
 
-    async def run(self, op: str, fn: Callable[[Tokenizer], T]) -> T:
-        """Admit a one-job request and run its job."""
-        admission = await self.admit()
-        try:
-            return await self.execute(op, fn)
-        finally:
-            admission.release()
-
-    async def stream(self, op: str, steps: Iterator[T]) -> AsyncIterator[T]:
-        """Run an admitted request's generator of model work, one job per item."""
-        while (item := await self.execute(op, lambda model: next(steps, _END))) is not _END:
-            yield item
+    def released(self, nbytes: int) -> None:
+        self.admitted -= 1
+        if nbytes:
+            self.memory.release(nbytes)
+        self._metrics.requests_admitted.labels(**self._labels).set(self.admitted)
+        self._metrics.memory_reserved.labels(**self._labels).set(self.memory.reserved)
 
     async def execute(self, op: str, fn: Callable[[Tokenizer], T]) -> T:
         """Queue one job of an admitted request and await its result."""
+        if not self.healthy:
+            raise DeviceFailed(f"device {self.name} has failed and takes no more jobs")
         job = _Job(op, fn, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(job)
-        self._metrics.queue_depth.set(self._queue.qsize())
+        self._metrics.queue_depth.labels(**self._labels).set(self._queue.qsize())
         try:
             # shield: a timeout must not cancel the future the worker will complete.
             return await asyncio.wait_for(asyncio.shield(job.future), self.timeout_s)
@@ -204,35 +200,126 @@ class WorkerPool:
 
     async def _consume(self) -> None:
         while (job := await self._queue.get()) is not None:
-            self._metrics.queue_depth.set(self._queue.qsize())
-            if not job.abandoned:
-                await self._execute(job)
+            self._metrics.queue_depth.labels(**self._labels).set(self._queue.qsize())
+            if job.abandoned:
+                continue
+            if not self.healthy:
+                job.future.set_exception(DeviceFailed(f"device {self.name} failed before this job ran"))
+                continue
+            await self._execute(job)
 
     async def _execute(self, job: _Job) -> None:
         loop = asyncio.get_running_loop()
         job.started = True
-        self._metrics.queue_wait_seconds.labels(job.op).observe(time.perf_counter() - job.submitted)
-        self._metrics.in_flight.inc()
+        self._metrics.queue_wait_seconds.labels(job.op, self.name).observe(time.perf_counter() - job.submitted)
+        in_flight = self._metrics.in_flight.labels(**self._labels)
+        in_flight.inc()
         start = time.perf_counter()
         try:
             result = await loop.run_in_executor(self._executor, self._call, job.fn)
         except Exception as exc:  # delivered to the caller, who maps it to a response
             outcome = "error"
             if not job.future.done():
-                job.future.set_exception(exc)
+                job.future.set_exception(self._device_error(exc))
         else:
             outcome = "ok"
             if not job.future.done():
                 job.future.set_result(result)
         finally:
-            self._metrics.in_flight.dec()
+            in_flight.dec()
         elapsed = time.perf_counter() - start
         self._recent_compute_s = elapsed
-        self._metrics.compute_seconds.labels(job.op, outcome).observe(elapsed)
+        self._metrics.compute_seconds.labels(job.op, outcome, self.name).observe(elapsed)
+
+    def _device_error(self, exc: Exception) -> Exception:
+        """The error the caller gets: the device's own failures in service terms, others as raised."""
+        if is_out_of_memory(exc):
+            self._metrics.device_errors.labels(self.name, "out_of_memory").inc()
+            return DeviceOutOfMemory(f"device {self.name} ran out of memory for this job; retry later, or send "
+                                     "smaller frames", retry_after_s=self.retry_after_s)
+        if is_device_failure(exc):
+            log.error("device %s failed and is taken out of service: %s", self.name, exc)
+            self.healthy = False
+            self._metrics.device_errors.labels(self.name, "fatal").inc()
+            self._metrics.device_healthy.labels(**self._labels).set(0)
+            return DeviceFailed(f"device {self.name} failed: {exc}")
+        return exc
 
     def _call(self, fn: Callable[[Tokenizer], T]) -> T:
         try:
             with torch.inference_mode():
                 return fn(self.model)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                release_device_cache(self.slot.device)  # what the failed job allocated, for the next ones
+            raise
         finally:
             release_free_memory()
+
+
+def _model_thread(slot: DeviceSlot) -> None:
+    """Set up a model thread: its share of the CPU's cores, and its device as the current one
+    (where code without an explicit device allocates)."""
+    if slot.threads is not None:
+        # OpenMP's team size is per thread; MKL's, which this also sets, is per process: every CPU
+        # model thread sets the same share, so they agree.
+        torch.set_num_threads(slot.threads)
+    if slot.device.type == "cuda":
+        torch.cuda.set_device(slot.device)
+
+
+class WorkerPool:
+    """The replica's device workers and its host pool; `model` is the first worker's copy, for
+    what every copy shares (config, dtype, the model's own checks): jobs run on their worker's
+    copy."""
+
+    def __init__(self, workers: list[DeviceWorker], identity: ModelIdentity, host: HostPool, metrics: Metrics) -> None:
+        self.workers, self.identity, self.host = workers, identity, host
+        self.model = workers[0].model
+        self._metrics = metrics
+        self._closing = False
+        self._started = False
+
+    @property
+    def running(self) -> bool:
+        return self._started and not self._closing and any(w.running for w in self.workers)
+
+    @property
+    def healthy(self) -> list[DeviceWorker]:
+        return [worker for worker in self.workers if worker.healthy]
+
+    def worker(self, name: str) -> DeviceWorker | None:
+        return next((w for w in self.workers if w.name == name), None)
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        """Refuse new requests, finish every accepted job, release the threads."""
+        self._closing = True
+        await asyncio.gather(*(worker.stop() for worker in self.workers))
+        self.host.close()
+
+    def choose(self, prefer: str | None = None) -> DeviceWorker:
+        """The device a request runs on: `prefer` (the device holding its session hot) while that
+        is healthy, else the least loaded healthy device with room. Raises when none can take it."""
+        if not self._started or self._closing:
+            raise Unavailable("the service is shutting down", code="shutting_down")
+        healthy = self.healthy
+        if not healthy:
+            raise DeviceFailed("no device of this replica is healthy")
+        preferred = self.worker(prefer) if prefer else None
+        candidates = [preferred] if preferred is not None and preferred.healthy else healthy
+        roomy = [worker for worker in candidates if worker.has_room]
+        if not roomy:
+            self._metrics.rejected_total.labels("queue_full").inc()
+            retry = min(worker.retry_after_s for worker in candidates)
+            raise Overloaded(f"the job queue is full ({candidates[0].queue_size} waiting per device); retry later",
+                             retry)
+        return min(roomy, key=lambda worker: worker.load)
+
+    def check_capacity(self) -> None:
+        """Raise now if a request would be refused: lets routes reject before reading a body."""
+        self.choose()

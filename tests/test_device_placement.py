@@ -172,7 +172,7 @@ def serve_on_stand_in(scenario, **settings):
                 pool.model.to(DEVICE)
             # The model thread enters the stand-in for good (a mode is per thread), outside any job:
             # a job runs in inference mode, whose exit would leave the mode stacked but bypassed.
-            enter = pool._executor.submit(lambda: (device.__enter__(), threading.current_thread())[1])
+            enter = pool.workers[0]._executor.submit(lambda: (device.__enter__(), threading.current_thread())[1])
             model_thread = enter.result()
             device.threads.clear()
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as http:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import threading
-import time
 
 import logging
 
@@ -23,14 +21,11 @@ from cdt_client.client import AsyncClient, Overloaded, ServiceError
 from cdt_client.retry import NO_RETRY, Retrying
 from media import frames_to_tensor
 from media.latents_file import latents_from_bytes
-from model import NUM_TIMESTEPS, CDTConfig, build_model, from_pretrained, save_pretrained
+from model import NUM_TIMESTEPS, CDTConfig, build_model, save_pretrained
 from service import Settings, create_app, domain_errors
-from service.domain_errors import Timeout, Unavailable
 from service.errors import ERROR_CODES, http_status, install_handlers
-from service.metrics import Metrics
 from service.sessions.store import SessionStoreUnavailable
 from service.settings import SettingsError
-from service.workers import WorkerPool
 from tests.servers import metric_sum
 
 pytestmark = pytest.mark.timeout(300)
@@ -108,101 +103,6 @@ def test_the_client_repeats_timed_out_requests_a_bounded_number_of_times(tiny_ch
     assert error.status in (503, 504) and error.code in rejected
 
 
-# --- worker pool: timeouts and shutdown ----------------------------------------------------
-
-@pytest.fixture(scope="module")
-def served(tiny_checkpoint):
-    """A loaded checkpoint, as the pool serves it: the model and its identity."""
-    return from_pretrained(tiny_checkpoint)
-
-
-def sleeper(seconds: float, ran: list):
-    def job(model):
-        time.sleep(seconds)
-        ran.append(seconds)
-        return seconds
-    return job
-
-
-def test_timeouts_are_504_while_computing_and_503_while_waiting(served):
-    ran: list = []
-
-    async def scenario():
-        pool = WorkerPool(*served, queue_size=4, timeout_s=0.3, metrics=Metrics(), memory_bytes=2**40)
-        pool.start()
-        running = asyncio.ensure_future(pool.run("slow", sleeper(0.6, ran)))
-        await asyncio.sleep(0.05)
-        waiting = asyncio.ensure_future(pool.run("queued", sleeper(0.01, ran)))
-        outcomes = await asyncio.gather(running, waiting, return_exceptions=True)
-        later = await pool.run("fast", sleeper(0.0, ran))
-        await pool.stop()
-        return outcomes, later
-
-    (computing, waited), later = asyncio.run(scenario())
-    assert isinstance(computing, Timeout) and computing.code == "compute_timeout"
-    assert isinstance(waited, Unavailable) and waited.code == "queue_timeout"
-    assert later == 0.0 and ran == [0.6, 0.0]  # the expired queued job never ran
-
-
-def test_stop_finishes_accepted_jobs_and_refuses_new_ones(served):
-    ran: list = []
-
-    async def scenario():
-        pool = WorkerPool(*served, queue_size=4, timeout_s=30, metrics=Metrics(), memory_bytes=2**40)
-        pool.start()
-        jobs = [asyncio.ensure_future(pool.run("job", sleeper(0.1 * i, ran))) for i in range(1, 4)]
-        await asyncio.sleep(0.01)
-        await pool.stop()
-        with pytest.raises(Unavailable, match="shutting down"):
-            await pool.run("late", sleeper(0, ran))
-        return await asyncio.gather(*jobs)
-
-    assert asyncio.run(scenario()) == pytest.approx([0.1, 0.2, 0.3])
-    assert len(ran) == 3
-
-
-def test_a_request_that_fits_alone_waits_for_memory_in_arrival_order(served):
-    async def scenario():
-        pool = WorkerPool(*served, queue_size=4, timeout_s=0.5, metrics=Metrics(), memory_bytes=100)
-        pool.start()
-        first = await pool.admit(60)
-        big = asyncio.ensure_future(pool.admit(70))
-        await asyncio.sleep(0.05)
-        small = asyncio.ensure_future(pool.admit(30))  # would fit now, but arrived after `big`
-        await asyncio.sleep(0.05)
-        waiting = (big.done(), small.done())
-        first.release()
-        second = await asyncio.wait_for(big, 1)
-        third = await asyncio.wait_for(small, 1)
-        reserved = pool.memory.reserved
-        second.release()
-        third.release()
-        blocker = await pool.admit(100)
-        with pytest.raises(Unavailable) as timed_out:
-            await pool.admit(1)  # never fits beside `blocker` within the timeout
-        blocker.release()
-        await pool.stop()
-        return waiting, reserved, pool.memory.reserved, timed_out.value.code
-
-    waiting, reserved, after, code = asyncio.run(scenario())
-    assert waiting == (False, False)
-    assert reserved == 100 and after == 0
-    assert code == "queue_timeout"
-
-
-def test_model_runs_off_the_event_loop(served):
-    async def scenario():
-        pool = WorkerPool(*served, queue_size=1, timeout_s=30, metrics=Metrics(), memory_bytes=2**40)
-        pool.start()
-        loop_thread = threading.get_ident()
-        job_thread = await pool.run("where", lambda model: threading.get_ident())
-        await pool.stop()
-        return loop_thread, job_thread
-
-    loop_thread, job_thread = asyncio.run(scenario())
-    assert loop_thread != job_thread
-
-
 # --- upload limit, options -----------------------------------------------------------------
 
 def test_upload_limit_stops_reading_a_chunked_body(tiny_checkpoint):
@@ -260,16 +160,19 @@ def set_environment(monkeypatch, variables: dict[str, str]) -> None:
 
 
 def test_settings_from_environment(monkeypatch):
-    assert Settings.from_env().compute_dtype == "fp32"  # CPU default: fp32 is faster here
     set_environment(monkeypatch, {"CDT_API_KEYS": "a, b,,", "CDT_QUEUE_SIZE": "3", "CDT_REDIS_URL": "",
-                                  "CDT_DEVICE": "cuda:1", "CDT_MAX_UPLOAD_MB": "0.5"})
+                                  "CDT_DEVICES": "cuda:1, cpu,cpu", "CDT_MAX_UPLOAD_MB": "0.5"})
     s = Settings.from_env()
     assert s.api_keys == ("a", "b") and s.queue_size == 3 and s.redis_url is None
-    assert s.compute_dtype == "bf16"
+    assert s.devices == ("cuda:1", "cpu", "cpu")
     assert s.max_upload_bytes == 512 * 1024
-    set_environment(monkeypatch, {"CDT_DEVICE": "tpu", "CDT_QUEUE_SIZE": "x"})
-    with pytest.raises(SettingsError, match="CDT_DEVICE.*CDT_QUEUE_SIZE|CDT_QUEUE_SIZE.*CDT_DEVICE"):
+    set_environment(monkeypatch, {"CDT_DEVICES": "tpu", "CDT_QUEUE_SIZE": "x"})
+    with pytest.raises(SettingsError, match="CDT_DEVICES.*CDT_QUEUE_SIZE|CDT_QUEUE_SIZE.*CDT_DEVICES"):
         Settings.from_env()
+    for listed_twice in ("cuda:0,cuda:0", "cuda,cuda:1"):  # one model per GPU
+        set_environment(monkeypatch, {"CDT_DEVICES": listed_twice, "CDT_QUEUE_SIZE": "3"})
+        with pytest.raises(SettingsError, match="a GPU may be listed once"):
+            Settings.from_env()
 
 
 async def decoder(http: httpx.AsyncClient):

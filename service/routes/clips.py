@@ -1,10 +1,12 @@
 """Whole-clip `/v1/encode` and `/v1/decode`, streamed through the model.
 
 Each route spools the body to disk under the upload limit, checks its header against
-the limits, plans the request's chunking and memory (`service.memory`), is admitted by
-the worker pool, then runs the streaming encoder or decoder one chunk per pool job:
-frames are decoded from the upload as the encoder consumes them, and decoded frames are
-rendered and sent as they are made. Memory follows the frame size, not the length.
+the limits, is admitted to one device by the worker pool with the chunking and memory
+planned there (`service.memory`), then runs the streaming encoder or decoder one chunk per
+model job on that device. The host work around the model runs on the host pool and
+overlaps with it: the upload's next chunk is decoded while the model encodes this one, and
+a decoded chunk is rendered (mp4, npy, safetensors) while the model decodes the next. Frames
+cross to and from the device as uint8. Memory follows the frame size, not the length.
 Between chunks, a client that went away stops the work (`cdt_requests_cancelled`).
 
 Errors found before the first byte is sent are JSON 4xx as usual: encode finishes its
@@ -16,14 +18,17 @@ carry an exact Content-Length, and mp4 is sent chunked without its final chunk.
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, AsyncIterator, Iterator, Literal
+from contextlib import aclosing
+from typing import Annotated, AsyncIterator, Callable, Iterator, Literal, TypeVar
+
+import torch
 
 from cdt_client.formats.api import METADATA_HEADER
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
-from media import decode_chunks, encode_chunks, latents_info, tensor_to_frames
-from model import decode_chunk_latents
+from media import ClipDecoder, ClipEncoder, latents_info
+from model import Tokenizer, decode_chunk_latents
 
 from ..auth import AUTH_ERRORS
 from ..bodies import FRAME_FORMATS, MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, BodyFormat, ClipOptions, open_frames, \
@@ -32,6 +37,7 @@ from ..deps import FpsQuery, FramesQuery, LimitsDep, MetricsDep, PoolDep, SeedQu
     StepsQuery, UploadDep, require_api_key
 from ..domain_errors import ClientGone
 from ..errors import error_responses
+from ..host import HostPool, settle
 from ..metrics import Metrics
 from ..ops import admit, check_decode_steps, check_steps
 from ..responses import FrameStream, LatentSpool
@@ -43,6 +49,8 @@ router = APIRouter(prefix="/v1", tags=["whole clips"], dependencies=[Depends(req
                        400: "`bad_parameter`: a query parameter out of its bounds; `empty_body`",
                        422: "`undecodable_video`, `invalid_tensor`, `invalid_latents`, `video_too_small` (a side "
                             "under 8 pixels), `too_few_frames`, `invalid_input`: content the model cannot take"})})
+
+T = TypeVar("T")
 
 ENCODE_BODY = binary_body(
     "A video container (mp4, webm, avi, ...; `video/*`), or frames as npy (`application/x-npy`) or safetensors "
@@ -83,16 +91,20 @@ async def encode(
 ) -> StreamingResponse:
     body = await upload.spooled(FRAME_FORMATS)
     spool = LatentSpool()
+    host = pool.host
     try:
-        with metrics.media(f"open_{body.format.value}"):
-            source = await asyncio.to_thread(open_frames, body, ClipOptions(frames, size, fps), limits)
+        source = await host.run(f"open_{body.format.value}", open_frames, body, ClipOptions(frames, size, fps), limits)
         chunk, admission = await admit(pool, "encode", source.height, source.width)
         try:
-            latents_stream = encode_chunks(pool.model, pool.identity.content_hash, source.chunks(chunk))
-            async for latents in pool.stream("encode", latents_stream):
-                spool.append(latents)
-                if await _client_gone(request, metrics, "encode"):
-                    raise ClientGone("the client disconnected during the encode")
+            encoder = ClipEncoder(admission.model, pool.identity.content_hash)
+            # Container decoding of chunk i+1 on the host pool overlaps the model's work on chunk i.
+            async with aclosing(host.iterate(f"read_{body.format.value}", source.chunks(chunk))) as parts:
+                async for part in parts:
+                    latents = await admission.execute("encode", _job(encoder.push, part))
+                    await host.run("spool_latents", spool.append, latents)
+                    if await _client_gone(request, metrics, "encode"):
+                        raise ClientGone("the client disconnected during the encode")
+            await host.run("spool_latents", spool.append, await admission.execute("encode", _job(encoder.finish)))
         finally:
             admission.release()
     except BaseException:
@@ -107,6 +119,11 @@ async def encode(
     metrics.bytes_total.labels("/v1/encode", "out").inc(length)
     return StreamingResponse(_send(header, data, spool.close), media_type=media_type,
                              headers={**headers, "Content-Length": str(length)})
+
+
+def _job(step: Callable[..., T], *args) -> Callable[[Tokenizer], T]:
+    """A model job that makes one call of a clip's encoder or decoder (bound to its worker's model)."""
+    return lambda model: step(*args)
 
 
 async def _send(header: bytes, data: Iterator[bytes], close) -> AsyncIterator[bytes]:
@@ -141,19 +158,21 @@ async def decode(
 ) -> StreamingResponse:
     check_steps(steps, settings)
     body = await upload.spooled((BodyFormat.SAFETENSORS,))
+    host = pool.host
     admission: Admission | None = None
+    stream: AsyncIterator[bytes] | None = None
     try:
-        with metrics.media("open_latents"):
-            source = await asyncio.to_thread(open_latents, body, pool.identity.content_hash, limits)
+        source = await host.run("open_latents", open_latents, body, pool.identity.content_hash, limits)
         info = source.info
         chunk, admission = await admit(pool, "decode", info.height, info.width, steps)
         check_decode_steps(pool.model, steps)
         output = FrameStream(format, info.frames, info.height, info.width, info.fps)
-        latents = source.chunks(decode_chunk_latents(chunk))
-        parts = _rendered(output, decode_chunks(pool.model, pool.identity.content_hash, info, latents, steps, seed))
-        stream = pool.stream("decode", parts)
+        decoder = ClipDecoder(admission.model, pool.identity.content_hash, info, steps, seed)
+        stream = _decode_stream(output, host, admission, decoder, source.chunks(decode_chunk_latents(chunk)))
         first = await anext(stream)  # errors of the first chunk are still a JSON 4xx
     except BaseException:
+        if stream is not None:
+            await stream.aclose()
         body.close()
         if admission is not None:
             admission.release()
@@ -163,13 +182,31 @@ async def decode(
                              media_type=output.media_type, headers=headers)
 
 
-def _rendered(output: FrameStream, videos: Iterator) -> Iterator[bytes]:
-    """The response bytes of each decoded chunk (the header goes out with the first)."""
-    pending = output.header()
-    for video in videos:
-        yield pending + output.write(tensor_to_frames(video))
-        pending = b""
-    yield pending + output.close()
+async def _decode_stream(output: FrameStream, host: HostPool, admission: Admission, decoder: ClipDecoder,
+                         latents: Iterator[torch.Tensor]) -> AsyncIterator[bytes]:
+    """The response bytes, chunk by chunk: while the model decodes chunk i+1, the host pool
+    renders chunk i and reads chunk i+2's latents. The first chunk goes out as soon as it is
+    rendered (its errors are still a JSON answer, and the client sees bytes early)."""
+    op = f"render_{output.fmt}"
+    header = output.header()
+    rendering: asyncio.Future | None = None
+    try:
+        async with aclosing(host.iterate("read_latents", latents)) as parts:
+            async for part in parts:
+                frames = await admission.execute("decode", _job(decoder.frames, part))
+                if header:
+                    yield header + await host.run(op, output.write, frames)
+                    header = b""
+                    continue
+                if rendering is not None:
+                    yield await rendering
+                rendering = asyncio.ensure_future(host.run(op, output.write, frames))
+        if rendering is not None:
+            yield await rendering
+        yield header + await host.run(op, output.close)
+    finally:
+        if rendering is not None:
+            await settle(rendering)
 
 
 async def _decoded(request: Request, first: bytes, stream: AsyncIterator[bytes], body: Body, admission: Admission,
@@ -188,5 +225,6 @@ async def _decoded(request: Request, first: bytes, stream: AsyncIterator[bytes],
         raise
     finally:
         metrics.bytes_total.labels("/v1/decode", "out").inc(sent)
+        await stream.aclose()  # its host work ends before the body it reads is closed
         admission.release()
         body.close()

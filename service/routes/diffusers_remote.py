@@ -24,7 +24,6 @@ The answer is assembled in memory, like /v1/frames: the limits on frames and sid
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import math
@@ -121,12 +120,13 @@ async def diffusers_decode(
     try:
         check_decode_steps(model, steps)
         parts = _chunks(latents, decode_chunk_latents(chunk))  # as /v1/decode cuts them
-        videos = [v async for v in pool.stream("decode", decode_chunks(model, model_hash, info, parts, steps, seed))]
+        decoded = decode_chunks(admission.model, model_hash, info, parts, steps, seed)
+        videos = [v async for v in admission.stream("decode", decoded)]
     finally:
         admission.release()
     video = torch.cat(videos, dim=2)
-    data, media_type, headers = await asyncio.to_thread(_decoded_answer, video, output_type, partial_postprocess,
-                                                        image_format, accept, DTYPES[dtype])
+    data, media_type, headers = await pool.host.run("render_diffusers", _decoded_answer, video, output_type,
+                                                    partial_postprocess, image_format, accept, DTYPES[dtype])
     metrics.bytes_total.labels(request.scope["route"].path, "out").inc(len(data))
     return Response(data, media_type=media_type, headers=headers)
 
@@ -156,7 +156,7 @@ async def diffusers_encode(
 ) -> Response:
     body = await upload.in_memory()
     if shape is None:
-        video, image, answer_dtype = await asyncio.to_thread(_image_frames, body), True, torch.float32
+        video, image, answer_dtype = await pool.host.run("open_image", _image_frames, body), True, torch.float32
     else:
         if dtype is None:
             raise BadParameter("a tensor body needs its dtype as a query parameter")
@@ -167,8 +167,8 @@ async def diffusers_encode(
     chunk, admission = await admit(pool, "encode", *video.shape[3:])
     try:
         parts = _chunks(video, chunk)
-        parts = encode_chunks(pool.model, pool.identity.content_hash, parts)
-        latents = [z async for z in pool.stream("encode", parts)]
+        parts = encode_chunks(admission.model, pool.identity.content_hash, parts)
+        latents = [z async for z in admission.stream("encode", parts)]
     finally:
         admission.release()
     latents = torch.cat(latents, dim=2)

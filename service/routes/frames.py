@@ -12,7 +12,6 @@ could not be sent back to the service anyway.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Literal
 
 import numpy as np
@@ -22,7 +21,8 @@ from media import tensor_to_frames
 
 from ..auth import AUTH_ERRORS
 from ..bodies import FRAME_FORMATS, MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, ClipOptions, Limits, open_frames
-from ..deps import FpsQuery, FramesQuery, LimitsDep, MetricsDep, SettingsDep, SizeQuery, UploadDep, require_api_key
+from ..deps import FpsQuery, FramesQuery, LimitsDep, MetricsDep, PoolDep, SettingsDep, SizeQuery, UploadDep, \
+    require_api_key
 from ..domain_errors import InvalidInput, TooLarge
 from ..errors import error_responses
 from ..responses import render_frames
@@ -58,6 +58,7 @@ async def frames(
     upload: UploadDep,
     limits: LimitsDep,
     settings: SettingsDep,
+    pool: PoolDep,
     metrics: MetricsDep,
     frames: FramesQuery = None,
     size: SizeQuery = None,
@@ -66,9 +67,9 @@ async def frames(
 ) -> Response:
     body = await upload.spooled(FRAME_FORMATS)
     try:
-        with metrics.media(f"frames_{body.format.value}"):
-            data, media_type = await asyncio.to_thread(_render, body, ClipOptions(frames, size, fps), limits,
-                                                       settings.max_upload_bytes, format)
+        data, media_type = await pool.host.run(f"frames_{body.format.value}", _render, body,
+                                               ClipOptions(frames, size, fps), limits, settings.max_upload_bytes,
+                                               format)
     finally:
         body.close()
     metrics.bytes_total.labels("/v1/frames", "out").inc(len(data))
@@ -79,8 +80,8 @@ def _render(body: Body, options: ClipOptions, limits: Limits, max_bytes: int, fm
     source = open_frames(body, options, limits)
     parts, nbytes = [], 0
     for chunk in source.chunks(CHUNK_FRAMES):
-        # The encoder's input, back in uint8: exact for uint8 inputs (k/127.5-1 rounds back to k).
-        parts.append(tensor_to_frames(chunk))
+        # uint8 bodies give their frames as they are; float ones are quantised as decoded frames are.
+        parts.append(chunk if isinstance(chunk, np.ndarray) else tensor_to_frames(chunk))
         nbytes += parts[-1].nbytes
         if nbytes > max_bytes:
             raise TooLarge(f"the frames come to more than {max_bytes} bytes, the upload limit "

@@ -19,7 +19,9 @@ from ..workers import WorkerPool
 
 STORE_PING_TIMEOUT_S = 1.0
 
-NOT_READY = error_responses({503: "`not_ready`: the model is not loaded yet (or the session store does not answer)"})
+NOT_READY = error_responses({503: "`not_ready`: the model is not loaded yet, a device has failed, or the session "
+                                  "store does not answer"})
+NOT_ALIVE = error_responses({503: "`not_ready`: every device of this replica has failed: restart it"})
 
 router = APIRouter(tags=["operations"])
 
@@ -33,16 +35,22 @@ class Ready(BaseModel):
     checks: dict[str, bool]
 
 
-@router.get("/healthz", summary="the process is alive")
-async def healthz() -> Alive:
+@router.get("/healthz", summary="the process is alive and has a working device", response_model=Alive,
+            responses=NOT_ALIVE)
+async def healthz(request: Request):
+    pool: WorkerPool | None = getattr(request.app.state, "pool", None)
+    if pool is not None and not pool.healthy:
+        return error_response(503, "not_ready", "every device of this replica has failed")
     return Alive(status="ok")
 
 
-@router.get("/readyz", summary="the model is loaded and the session store (if configured) answers",
-            response_model=Ready, responses=NOT_READY)
+@router.get("/readyz", summary="the model is loaded, every device works, and the session store (if configured) "
+                               "answers", response_model=Ready, responses=NOT_READY)
 async def readyz(request: Request, settings: SettingsDep):
     pool: WorkerPool | None = getattr(request.app.state, "pool", None)
     checks = {"model": pool is not None and pool.running}
+    for worker in pool.workers if pool is not None else ():
+        checks[f"device {worker.name}"] = worker.healthy
     if settings.redis_url:
         sessions: SessionService | None = getattr(request.app.state, "sessions", None)
         checks["session_store"] = sessions is not None and await _pings(sessions)
@@ -60,10 +68,10 @@ async def _pings(sessions: SessionService) -> bool:
         return False
 
 
-@router.get("/v1/models", summary="the served model: preset, hash, dtype, device, compression",
+@router.get("/v1/models", summary="the served model: preset, hash, dtype, devices, compression",
             dependencies=[Depends(require_api_key)], responses={**AUTH_ERRORS, **NOT_READY})
-async def models(pool: PoolDep, settings: SettingsDep) -> dict:
-    return {"models": [model_card(pool.model, pool.identity, settings.device)]}
+async def models(pool: PoolDep) -> dict:
+    return {"models": [model_card(pool)]}
 
 
 @router.get("/metrics", summary="Prometheus metrics of this process", response_class=Response,

@@ -20,7 +20,7 @@ from cdt_client.formats.api import CHUNK_FORMAT, CHUNK_METADATA_KEY, NPY, SAFETE
 from cdt_client.formats.files import LATENTS_TENSOR
 from safetensors.torch import save as st_save
 
-from media import Padding, pad_spatial, tensor_to_frames
+from media import Padding, pad_spatial, quantise
 from model import SPACE_FACTOR, StreamingDecoder, StreamingEncoder, Tokenizer, group_size, pixel_frames
 
 from ..bodies import Body, ClipOptions, Limits, parse_latent_chunk, read_clip
@@ -91,9 +91,15 @@ class SessionKind(ABC):
         which its memory estimate is of."""
 
     @abstractmethod
+    def to_host(self, output: torch.Tensor) -> torch.Tensor:
+        """A stream's output as the chunk's answer is made from, copied to the host (inside the
+        model job, so the job's time includes the device's)."""
+
+    @abstractmethod
     def applied(self, record: SessionRecord, stream: Stream, chunk: torch.Tensor | None, output: torch.Tensor,
                 fmt: str) -> Applied:
-        """Count a computed chunk (None: the flush of a finish) into `record` and make its answer."""
+        """Count a computed chunk (None: the flush of a finish) into `record` and make its answer
+        (host work: rendering, serialising)."""
 
 
 class EncodeKind(SessionKind):
@@ -141,6 +147,9 @@ class EncodeKind(SessionKind):
         if chunk is None:
             return group_size("encode"), record.height, record.width
         return chunk.shape[2] + group_size("encode") - 1, *chunk.shape[3:]
+
+    def to_host(self, output: torch.Tensor) -> torch.Tensor:
+        return output.float().cpu()
 
     def applied(self, record: SessionRecord, stream: Stream, chunk: torch.Tensor | None, output: torch.Tensor,
                 fmt: str) -> Applied:
@@ -212,17 +221,21 @@ class DecodeKind(SessionKind):
         """The frames a chunk decodes to (a decode finish runs no job)."""
         return pixel_frames(chunk.shape[2], first_chunk=False), SPACE_FACTOR * chunk.shape[3], SPACE_FACTOR * chunk.shape[4]
 
+    def to_host(self, output: torch.Tensor) -> torch.Tensor:
+        """uint8 (n,H,W,3) frames, quantised on the device: a quarter of the float bytes cross."""
+        return quantise(output).cpu()
+
     def applied(self, record: SessionRecord, stream: Stream, chunk: torch.Tensor | None, output: torch.Tensor,
                 fmt: str) -> Applied:
         counters = record.counters
         start = counters.frames_out
-        made = output.shape[2]
+        made = output.shape[0]
         keep = made if record.frames is None else max(0, min(made, record.frames - start))
         record.next_seq += 1
         counters.latents_in += chunk.shape[2]
         counters.frames_out += keep
         if keep:
-            frames = tensor_to_frames(output[:, :, :keep, :record.height, :record.width])
+            frames = output[:keep, :record.height, :record.width].numpy()
             body, media_type = render_frames(frames, record.fps, fmt)
         else:
             body, media_type = b"", "application/octet-stream"

@@ -22,11 +22,10 @@ from model import CacheFormatError, CacheMismatchError, Tokenizer, dtype_name
 
 from ..bodies import Body, Limits
 from ..domain_errors import Conflict, NotFound, Overloaded, SeqOutOfOrder, TooLarge
-from ..memory import chunk_bytes, cost_for
 from ..metrics import Metrics
 from ..ops import check_steps
 from ..settings import Settings
-from ..workers import WorkerPool
+from ..workers import DeviceWorker, WorkerPool
 from .hot import HotStreams
 from .kinds import KINDS, Applied, SessionKind, Stream
 from .metrics import SessionMetrics
@@ -144,8 +143,8 @@ class SessionService:
             if body is not None and label != record.next_seq:
                 raise SeqOutOfOrder(f"expected chunk seq {record.next_seq}, got {label}", record.next_seq)
             try:
-                applied, rebuild, log_put, log_drop = await self._compute(session_id, stored, record, kind, body,
-                                                                          fmt)
+                applied, rebuild, log_put, log_drop, device = await self._compute(session_id, stored, record, kind,
+                                                                                  body, fmt)
             except SessionRaced:
                 return await self._winner(session_id, owner, label)
             result = applied.result
@@ -155,7 +154,7 @@ class SessionService:
                 applied.record.ttl_s, log_put, log_drop))
             if not committed:
                 return await self._winner(session_id, owner, label)
-            self._after_commit(session_id, stored.version + 1, applied)
+            self._after_commit(session_id, stored.version + 1, applied, device)
         self.metrics.chunk_seconds.labels(kind.name).observe(time.perf_counter() - start)
         return result if rebuild is None else replace(result, rebuild=rebuild.reason)
 
@@ -168,23 +167,25 @@ class SessionService:
             raise SeqOutOfOrder(f"chunk {label} raced with another write; expected seq {record.next_seq}")
         return ChunkResult(stored.response, last.media_type, last.chunk, replayed=True)
 
-    def _after_commit(self, session_id: str, version: int, applied: Applied) -> None:
+    def _after_commit(self, session_id: str, version: int, applied: Applied, device: str | None) -> None:
         stream = applied.stream
         if stream is None:
             self.hot.discard(session_id)
         else:
             self.snapshots.maybe_take(session_id, applied.record, stream)
-            self.hot.put(session_id, stream, version)
+            self.hot.put(session_id, stream, version, device)
         self.metrics.hot_bytes.set(self.hot.nbytes)
         self.metrics.log_bytes.observe(sum(entry.nbytes for entry in applied.record.log))
 
     async def _compute(self, session_id: str, stored: StoredSession, base: SessionRecord, kind: SessionKind,
                        body: Body | None, fmt: str
-                       ) -> tuple[Applied, Rebuild | None, tuple[str, bytes] | None, list[str]]:
+                       ) -> tuple[Applied, Rebuild | None, tuple[str, bytes] | None, list[str], str | None]:
         """Parse the chunk, plan the log, get the stream (hot or rebuilt) and run the chunk on it.
         `base` is the stored record; the returned one is its successor. Also: what the stream was
-        rebuilt from, if it was, and the log entry to put and those to drop."""
+        rebuilt from, if it was, the log entry to put and those to drop, and the device the stream
+        is on (None when no job ran)."""
         record = base.model_copy(deep=True)
+        host = self.pool.host
         if body is None:
             answer = kind.finish(record)
             log_put, log_drop = None, [entry.name for entry in record.log]
@@ -192,22 +193,25 @@ class SessionService:
             chunk = None
             if answer is not None:
                 record.finished = True
-                return Applied(answer, record, None), None, log_put, log_drop
+                return Applied(answer, record, None), None, log_put, log_drop, None
         else:
-            chunk = await asyncio.to_thread(kind.parse, body, self.limits)
+            chunk = await host.run("parse_chunk", kind.parse, body, self.limits)
             kind.check(record, chunk, self.limits)
             entry = LogEntry(seq=record.next_seq, start=kind.inputs(record.counters), count=chunk.shape[2],
                              format=body.format, nbytes=body.size)
-            log_put = (entry.name, await asyncio.to_thread(body.read))
+            log_put = (entry.name, await host.run("read_chunk", body.read))
             log_drop = self._plan_log(record, kind, entry)
-        stream, reason = self.hot.take(session_id, stored.version)
+        # The device first: a refusal (429, 503) leaves the hot stream where it is.
+        worker = self.pool.choose(prefer=self.hot.device_of(session_id))
+        stream, reason = self.hot.take(session_id, stored.version, worker.name)
         rebuild = None
         if stream is not None:
             self.metrics.hot_hits.inc()
         elif base.next_seq > 0:
             rebuild = await read_rebuild(self.store, self.metrics, session_id, stored, base, reason)
-        stream, output = await self._run_chunk(base, kind, stream, rebuild, chunk)
-        return kind.applied(record, stream, chunk, output, fmt), rebuild, log_put, log_drop
+        stream, output = await self._run_chunk(worker, base, kind, stream, rebuild, chunk)
+        applied = await host.run("render_chunk", kind.applied, record, stream, chunk, output, fmt)
+        return applied, rebuild, log_put, log_drop, worker.name
 
     def _plan_log(self, record: SessionRecord, kind: SessionKind, entry: LogEntry) -> list[str]:
         """Append `entry` to the record's log and drop the entries the window no longer needs;
@@ -223,9 +227,10 @@ class SessionService:
                            "frames or a compressed container", code="session_log_too_large")
         return [e.name for e in entries[:keep]]
 
-    async def _run_chunk(self, record: SessionRecord, kind: SessionKind, stream: Stream | None,
+    async def _run_chunk(self, worker: DeviceWorker, record: SessionRecord, kind: SessionKind, stream: Stream | None,
                          rebuild: Rebuild | None, chunk: torch.Tensor | None) -> tuple[Stream, torch.Tensor]:
-        """One model job: rebuild the stream if needed, then push the chunk (or finish)."""
+        """One model job on `worker`: rebuild the stream if needed, then push the chunk (or finish).
+        The output comes back on the host (`SessionKind.to_host`)."""
         limits = self.limits
 
         def job(model: Tokenizer):
@@ -236,11 +241,13 @@ class SessionService:
                            else kind.open(model, record, 0))
             rebuild_s = time.perf_counter() - started
             output = current.finish() if chunk is None else current.push(kind.model_input(chunk))
-            return current, output.float().cpu(), rebuild_s
+            return current, kind.to_host(output), rebuild_s
 
-        admission = await self.pool.admit(self._chunk_bytes(record, kind, chunk))
+        frames, height, width = kind.job_shape(record, chunk)
+        admission = await worker.admit(worker.memory_model.chunk_bytes(kind.name, height, width, frames,
+                                                                       kind.steps(record)))
         try:
-            current, output, rebuild_s = await self.pool.execute(f"session_{kind.name}", job)
+            current, output, rebuild_s = await admission.execute(f"session_{kind.name}", job)
         except (CacheMismatchError, CacheFormatError) as exc:
             raise Conflict(f"session state does not fit this replica: {exc}", code="model_mismatch") from None
         finally:
@@ -249,12 +256,6 @@ class SessionService:
             self.metrics.rebuilds.labels(rebuild.reason, rebuild.source).inc()
             self.metrics.rebuild_seconds.observe(rebuild.read_s + rebuild_s)
         return current, output
-
-    def _chunk_bytes(self, record: SessionRecord, kind: SessionKind, chunk: torch.Tensor | None) -> int:
-        """The memory a chunk's job reserves: its estimate at the session's frame size."""
-        frames, height, width = kind.job_shape(record, chunk)
-        cost = cost_for(self.pool.model.config.preset, kind.name)
-        return chunk_bytes(cost, self.pool.memory.total, height, width, frames, kind.steps(record))
 
 
 def describe(record: SessionRecord, stored: StoredSession) -> SessionInfo:
