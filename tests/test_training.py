@@ -1,5 +1,6 @@
 """Training pipeline on real clips: inputs, sharding, clip cutting (streamed and cached),
-exact resume, 2-process gloo DDP, export, devices and step options.
+exact resume, 2-process gloo DDP, export, devices and step options
+(TF32's flags among them).
 
 Fixture clips are cut from the shared set with PyAV (12 frames, short side 48) into a
 tmp dir; runs use the tiny preset at 5 frames x 32x32, 2 optimizer steps. torchrun
@@ -26,6 +27,7 @@ import torch.multiprocessing as mp
 from cli.main import main as cdt_main
 from media.video import read_video, write_video
 from model import CDTConfig, build_model, from_pretrained, save_pretrained
+from training.acceleration import allow_tf32
 from training.config import ConfigError, DataSection, LossSection, Stage, TrainingConfig, load_config
 from training.data import CachedFrames, ClipDataset, StreamedFrames, build_cache
 from training.export import TRAINING_FILE, export
@@ -332,6 +334,37 @@ def test_ddp_two_processes_stay_in_sync(clip_dir, tmp_path):
     torch.manual_seed(config.seed)
     initial = build_model(CDTConfig.from_preset("tiny"), "cdt").state_dict()
     assert not torch.equal(initial["unet.out_conv.conv.weight"], ranks[0]["params"]["unet.out_conv.conv.weight"])
+
+
+# The getters that torch's own code reads the TF32 setting through (inductor's autotuning cache
+# keys and kernels, dynamo's guards), and what each reads with TF32 on.
+TF32_READERS = {
+    "torch.get_float32_matmul_precision()": (torch.get_float32_matmul_precision, "high"),
+    "torch.backends.cuda.matmul.allow_tf32": (lambda: torch.backends.cuda.matmul.allow_tf32, True),
+    "torch._C._get_cublas_allow_tf32()": (torch._C._get_cublas_allow_tf32, True),
+    "torch.backends.cuda.matmul.fp32_precision": (lambda: torch.backends.cuda.matmul.fp32_precision, "tf32"),
+    "torch._C._get_fp32_precision_getter('cuda', 'matmul')":
+        (lambda: torch._C._get_fp32_precision_getter("cuda", "matmul"), "tf32"),
+    "torch.backends.cudnn.allow_tf32": (lambda: torch.backends.cudnn.allow_tf32, True),
+    "torch.backends.cudnn.conv.fp32_precision": (lambda: torch.backends.cudnn.conv.fp32_precision, "tf32"),
+}
+
+
+@pytest.fixture
+def tf32_flags():
+    """The process-wide TF32 flags, put back after the test."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_tf32_is_on_for_every_reader_torch_has_and_none_raises(tf32_flags):
+    """The flags can be set and read without a GPU; only their effect on kernels needs one."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    expected = {name: on for name, (_, on) in TF32_READERS.items()}
+    assert all(read() != expected[name] for name, (read, _) in TF32_READERS.items())
+    allow_tf32()
+    assert {name: read() for name, (read, _) in TF32_READERS.items()} == expected
 
 
 def test_lpips_term_adds_to_the_loss_and_trains_the_decoder_only(alexnet_weights):
