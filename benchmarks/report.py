@@ -25,6 +25,12 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
     return statistics.median(times)
 
 
+def load(name: str) -> dict | None:
+    """results/NAME.json, or None if that benchmark has not written one."""
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def write(name: str, command: str, data: dict, table: list[dict], notes: str = "", *,
           measures: list[str]) -> Path:
     """Write results/NAME.json and .md. `measures`: the repository paths whose code the

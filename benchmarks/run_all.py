@@ -46,11 +46,6 @@ SUITE: dict[str, list[str]] = {
 }
 
 
-def load(name: str) -> dict | None:
-    path = report.RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _reconstruct_row(data: dict, model: str, dtype: str) -> dict:
     """A model's reconstruct row at the largest size that was timed; a projection only
     when nothing was."""
@@ -75,7 +70,7 @@ def targets() -> list[dict]:
         out.append({"target": claim, "goal": goal, "measured": value,
                     "met": "yes" if ok else ("not measured" if ok is None else "**no**"), "source": source})
 
-    speed = load("model_speed")
+    speed = report.load("model_speed")
     dtypes = sorted({r["dtype"] for r in speed["rows"]}, reverse=True) if speed else ["fp32"]  # fp32 first
     for dtype in dtypes:
         for baseline, goal in (("Hunyuan", 3.0), ("Wan", 1.5)):
@@ -94,22 +89,22 @@ def targets() -> list[dict]:
             ratio = fp32["seconds"] / bf16["seconds"]
             add("bf16 vs fp32 speed, CDT-S reconstruct", ">= 1.8x", f"{ratio:.2f}x ({bf16['shape']})", ratio >= 1.8,
                 "model_speed")
-    precision = load("precision")
+    precision = report.load("precision")
     bf16_rows = [r for r in precision["rows"] if r["case"].startswith("bf16")] if precision else []
     best = max(bf16_rows, key=lambda r: r["speedup"], default=None)  # the faster bf16 layout
     add("bf16 vs fp32 speed, tiny", ">= 1.8x",
         f"{best['speedup']:.2f}x ({best['case'].split(' (')[0]}, {best['shape']})" if best else "-",
         best["speedup"] >= 1.8 if best else None, "precision")
-    memory = load("stream_memory")
+    memory = report.load("stream_memory")
     if memory:
         rows = memory["rows"]
         add(f"streaming peak RSS, {rows[-1]['frames']} vs {rows[0]['frames']} frames", "<= 1.15",
             f"{memory['ratio']:.3f}", memory["ratio"] <= 1.15, "stream_memory")
-    overhead = load("http_overhead")
+    overhead = report.load("http_overhead")
     if overhead:
         add("HTTP overhead (time outside model jobs / compute)", "< 5%", f"{overhead['outside_ratio']:.2%} "
             f"(end-to-end ratio {overhead['ratio']:.3f})", overhead["outside_ratio"] < 0.05, "http_overhead")
-    requests = load("request_memory")
+    requests = report.load("request_memory")
     if requests:
         frames = sorted({r["frames"] for r in requests["rows"]})
         for endpoint, ratio in requests["rss_ratios"].items():
@@ -119,7 +114,7 @@ def targets() -> list[dict]:
             worst = max(by_length.values())
             add(f"{endpoint} time per frame vs the whole-clip service", "<= 1.10x", f"{worst:.3f}x (worst length)",
                 worst <= 1.10, "request_memory")
-    cost = load("session_cost")
+    cost = report.load("session_cost")
     if cost:
         add("session store time on the response path / chunk compute (hot replica)", "<= 5%",
             f"{cost['worst_store_share']:.2%}", cost["worst_store_share"] <= 0.05, "session_cost")
@@ -128,12 +123,12 @@ def targets() -> list[dict]:
         for name, scale in cost["scale"].items():
             add(f"Redis memory of a {name} session / its input window", "<= 2x",
                 f"{scale['redis_over_window']:.2f}x", scale["redis_over_window"] <= 2, "session_cost")
-    fuzz = load("api_fuzz")
+    fuzz = report.load("api_fuzz")
     if fuzz:
         add("API fuzzing (schemathesis, with and without keys): cases, server errors, failed checks", "0 5xx",
             f"{fuzz['cases']} cases, {fuzz['server_errors']} 5xx, {len(fuzz['check_failures'])} failed checks",
             fuzz["server_errors"] == 0 and not fuzz["check_failures"], "api_fuzz")
-    load_test = load("load_test")
+    load_test = report.load("load_test")
     if load_test:
         worst = load_test["rows"][-1]
         add("4x overload: 429s, never 5xx", "0 5xx", f"{worst['share_429']:.0%} 429, "
@@ -157,7 +152,7 @@ def compose() -> Path:
         path = report.RESULTS / f"{name}.md"
         if path.is_file():
             lines += ["", "#" + path.read_text().strip()]  # each result's title becomes a section
-            if "cpu" not in load(name)["machine"]:
+            if "cpu" not in report.load(name)["machine"]:
                 lines += ["", "Machine: not recorded (measured before results named their CPU)."]
         else:
             lines += ["", f"## {name}", "", "Not run yet."]

@@ -27,6 +27,9 @@ from .layers import Cache, CausalConv3d, ChannelLayerNorm, assign_cache_keys
 # Modules that stay in float32 whatever the compute dtype (numerically fragile).
 FP32_MODULES = (KLHead, TimeEmbedding)
 SUPPORTED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# bf16 tensor cores arrived with Ampere (compute capability 8.0); Volta (V100, 7.0) and
+# Turing (T4, 7.5) have fp16 tensor cores but none for bf16.
+BF16_TENSOR_CORES = (8, 0)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -46,10 +49,19 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def bf16_is_fast(device: str | torch.device = "cpu") -> bool:
-    """Whether bf16 has hardware arithmetic here: a CUDA device, or a CPU whose oneDNN
-    reports bf16 kernels (AVX512-BF16/AMX). Elsewhere PyTorch falls back to a scalar bf16
-    convolution several times slower than fp32 (benchmarks/results/precision.md)."""
-    return torch.device(device).type == "cuda" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether bf16 has hardware arithmetic here: a CUDA device with bf16 tensor cores, or
+    a CPU whose oneDNN reports bf16 kernels (AVX512-BF16/AMX). Elsewhere PyTorch falls back
+    to a scalar bf16 convolution several times slower than fp32
+    (benchmarks/results/precision.md). A CUDA device this machine does not have has none."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and cuda_bf16_is_fast(torch.cuda.get_device_capability(device))
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cuda_bf16_is_fast(capability: tuple[int, int]) -> bool:
+    """Whether a CUDA device of this compute capability (major, minor) has bf16 tensor cores."""
+    return tuple(capability) >= BF16_TENSOR_CORES
 
 
 def validate_video(video: torch.Tensor) -> None:

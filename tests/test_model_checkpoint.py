@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-from model import (CDTConfig, CheckpointError, ModelIdentity, ReceptiveField, VAEBaseline, build_model, content_hash,
-                   from_pretrained, save_pretrained)
+from model import (CDTConfig, CheckpointError, ModelIdentity, ReceptiveField, VAEBaseline, bf16_is_fast, build_model,
+                   content_hash, from_pretrained, save_pretrained)
+from model.tokenizer import cuda_bf16_is_fast
 
 
 # A saved and reloaded model runs the same operations on the same weights as the original:
@@ -120,3 +121,17 @@ def test_bf16_matches_fp32(tiny_checkpoint):
     assert bf16.unet.time_embed.net[0].weight.dtype == torch.float32
     assert bf16.encoder.head.direct.weight.dtype == torch.float32
     assert bf16.unet.down[0]["blocks"][0].block1.conv.conv.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("capability, fast", [
+    ((6, 1), False), ((7, 0), False), ((7, 5), False),  # Pascal; V100; T4
+    ((8, 0), True), ((8, 6), True), ((8, 9), True), ((9, 0), True), ((12, 0), True),  # A100; A10/3090; L4; H100
+])
+def test_bf16_is_fast_on_cuda_devices_of_compute_capability_8_and_above(capability, fast):
+    assert cuda_bf16_is_fast(capability) is fast
+
+
+def test_bf16_is_fast_on_a_cpu_with_onednn_bf16_kernels_and_not_on_an_absent_gpu():
+    assert bf16_is_fast("cpu") is bf16_is_fast() is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert not torch.cuda.is_available()  # the claim below is about machines without CUDA
+    assert bf16_is_fast("cuda") is False and bf16_is_fast("cuda:1") is False

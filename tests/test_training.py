@@ -1,5 +1,6 @@
 """Training pipeline on real clips: inputs, sharding, clip cutting (streamed and cached),
-exact resume, 2-process gloo DDP, export, devices and step options.
+exact resume, 2-process gloo DDP and its collective timeout, export, devices and step options
+(TF32's flags among them).
 
 Fixture clips are cut from the shared set with PyAV (12 frames, short side 48) into a
 tmp dir; runs use the tiny preset at 5 frames x 32x32, 2 optimizer steps. torchrun
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import av
 import numpy as np
@@ -26,8 +28,11 @@ import torch.multiprocessing as mp
 from cli.main import main as cdt_main
 from media.video import read_video, write_video
 from model import CDTConfig, build_model, from_pretrained, save_pretrained
+from training.acceleration import allow_tf32
 from training.config import ConfigError, DataSection, LossSection, Stage, TrainingConfig, load_config
 from training.data import CachedFrames, ClipDataset, StreamedFrames, build_cache
+from training.distributed import COLLECTIVE_TIMEOUT_ENV, barrier, collective_timeout, init_distributed, \
+    shutdown_distributed
 from training.export import TRAINING_FILE, export
 from training.losses import Objective, build_lpips
 from training.sampling import BatchPlan, BatchSpec, fresh_cursor
@@ -332,6 +337,75 @@ def test_ddp_two_processes_stay_in_sync(clip_dir, tmp_path):
     torch.manual_seed(config.seed)
     initial = build_model(CDTConfig.from_preset("tiny"), "cdt").state_dict()
     assert not torch.equal(initial["unet.out_conv.conv.weight"], ranks[0]["params"]["unet.out_conv.conv.weight"])
+
+
+def _straggler_worker(rank: int, port: int, timeout_s: float, late_s: float, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      **{COLLECTIVE_TIMEOUT_ENV: str(timeout_s)})
+    init_distributed(torch.device("cpu"))
+    if rank == 1:
+        time.sleep(late_s)  # reaches no collective before rank 0's wait has run out
+    else:
+        start = time.monotonic()
+        try:
+            barrier()
+            outcome = "arrived"
+        except RuntimeError as exc:
+            outcome = str(exc)
+        (Path(out_dir) / "rank0.json").write_text(json.dumps({"outcome": outcome, "waited": time.monotonic() - start}))
+    shutdown_distributed()
+
+
+def test_a_collective_waits_for_the_other_ranks_as_long_as_the_timeout_setting_says(tmp_path):
+    """The timeout reaches the process group: a barrier that a rank reaches too late fails
+    after CDT_COLLECTIVE_TIMEOUT_S, not after gloo's default 30 minutes."""
+    timeout_s, late_s = 2.0, 6.0
+    mp.spawn(_straggler_worker, args=(free_port(), timeout_s, late_s, str(tmp_path)), nprocs=2, join=True)
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    assert "Timed out" in rank0["outcome"]
+    assert timeout_s <= rank0["waited"] < late_s
+
+
+def test_the_collective_timeout_defaults_to_two_hours_and_rejects_bad_settings(monkeypatch):
+    monkeypatch.delenv(COLLECTIVE_TIMEOUT_ENV, raising=False)
+    assert collective_timeout().total_seconds() == 7200
+    monkeypatch.setenv(COLLECTIVE_TIMEOUT_ENV, "90.5")
+    assert collective_timeout().total_seconds() == 90.5
+    for bad in ("0", "-5", "soon", "nan", "inf"):
+        monkeypatch.setenv(COLLECTIVE_TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=re.escape(f"{COLLECTIVE_TIMEOUT_ENV}={bad!r}: must be a positive")):
+            collective_timeout()
+
+
+# The getters that torch's own code reads the TF32 setting through (inductor's autotuning cache
+# keys and kernels, dynamo's guards), and what each reads with TF32 on.
+TF32_READERS = {
+    "torch.get_float32_matmul_precision()": (torch.get_float32_matmul_precision, "high"),
+    "torch.backends.cuda.matmul.allow_tf32": (lambda: torch.backends.cuda.matmul.allow_tf32, True),
+    "torch._C._get_cublas_allow_tf32()": (torch._C._get_cublas_allow_tf32, True),
+    "torch.backends.cuda.matmul.fp32_precision": (lambda: torch.backends.cuda.matmul.fp32_precision, "tf32"),
+    "torch._C._get_fp32_precision_getter('cuda', 'matmul')":
+        (lambda: torch._C._get_fp32_precision_getter("cuda", "matmul"), "tf32"),
+    "torch.backends.cudnn.allow_tf32": (lambda: torch.backends.cudnn.allow_tf32, True),
+    "torch.backends.cudnn.conv.fp32_precision": (lambda: torch.backends.cudnn.conv.fp32_precision, "tf32"),
+}
+
+
+@pytest.fixture
+def tf32_flags():
+    """The process-wide TF32 flags, put back after the test."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_tf32_is_on_for_every_reader_torch_has_and_none_raises(tf32_flags):
+    """The flags can be set and read without a GPU; only their effect on kernels needs one."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    expected = {name: on for name, (_, on) in TF32_READERS.items()}
+    assert all(read() != expected[name] for name, (read, _) in TF32_READERS.items())
+    allow_tf32()
+    assert {name: read() for name, (read, _) in TF32_READERS.items()} == expected
 
 
 def test_lpips_term_adds_to_the_loss_and_trains_the_decoder_only(alexnet_weights):

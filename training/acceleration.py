@@ -30,9 +30,14 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def allow_tf32() -> None:
-    """fp32 matmuls and convolutions (those outside autocast) may use TF32 tensor cores."""
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    """fp32 matmuls and convolutions (those outside autocast) may use TF32 tensor cores.
+
+    Set through the `allow_tf32` flags: torch's own readers use both APIs (inductor keys its
+    autotuning cache on `torch.get_float32_matmul_precision()`, dynamo reads the cuBLAS flag,
+    others read `fp32_precision`), and only these setters keep both views readable: once
+    `fp32_precision` has been set, the legacy getters raise (torch 2.13)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def checkpoint_activations(model: torch.nn.Module) -> int:

@@ -5,16 +5,33 @@ train` run the same code: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and
 LOCAL_WORLD_SIZE, and each rank joins one process group, NCCL on CUDA and gloo on CPU.
 Under torchrun, `--device cuda` means cuda:LOCAL_RANK on every rank.
 
+A collective waits `CDT_COLLECTIVE_TIMEOUT_S` seconds (default 2 hours) for the other
+ranks before the run aborts, on NCCL and gloo alike. It is long because with
+`data.decode: "cache"` the other ranks of a machine wait at a barrier while its first rank
+decodes every file into the cache, which takes about files x decode time / decode_workers;
+NCCL's own default (10 minutes) aborts a run whose cache takes longer. Raise it for larger
+sets, or use `data.decode: "stream"`, which has no such wait. The price of a long timeout
+is that a rank that hangs (rather than dies: torchrun stops the run when a rank exits) is
+noticed that late. It is an environment setting, not a config key, because the group is
+joined before the run's config is read, and because it depends on the machine and the data
+set, like `--threads` (torchrun passes the environment to every rank; a resumed run may
+change it).
+
 The CUDA paths (NCCL, device placement) are written to PyTorch's documented contract but
 have not run on this repository's machines, which have no GPU.
 """
 
 from __future__ import annotations
 
+import datetime
+import math
 import os
 
 import torch
 import torch.distributed as dist
+
+COLLECTIVE_TIMEOUT_ENV = "CDT_COLLECTIVE_TIMEOUT_S"
+DEFAULT_COLLECTIVE_TIMEOUT_S = 2 * 3600
 
 
 class DeviceError(ValueError):
@@ -41,7 +58,7 @@ def resolve_device(requested: str | None) -> torch.device:
     if device.type == "cpu":
         return device
     if device.type != "cuda":
-        raise DeviceError(f"--device {requested}: training runs on cuda or cpu")
+        raise DeviceError(f"--device {requested}: only cuda and cpu are supported")
     if not torch.cuda.is_available():
         why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
         raise DeviceError(f"--device {requested}: CUDA is not available here ({why}); use --device cpu")
@@ -55,14 +72,29 @@ def resolve_device(requested: str | None) -> torch.device:
     return device
 
 
+def collective_timeout() -> datetime.timedelta:
+    """How long a collective waits for the other ranks: `CDT_COLLECTIVE_TIMEOUT_S` seconds."""
+    raw = os.environ.get(COLLECTIVE_TIMEOUT_ENV)
+    if raw is None:
+        return datetime.timedelta(seconds=DEFAULT_COLLECTIVE_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV}={raw!r}: must be a positive number of seconds")
+    return datetime.timedelta(seconds=seconds)
+
+
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size); joins the process group when started by torchrun."""
     world = world_size()
     if world > 1 and not dist.is_initialized():
+        timeout = collective_timeout()
         if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, timeout=timeout)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
