@@ -145,8 +145,9 @@ class ValSection(Section):
 
 class TrainSection(Section):
     threads: int = Field(2, ge=1)
-    # autocast: true, false or "auto" (on for CUDA, off on CPUs, where it is far slower
-    # than fp32 without AVX512-BF16 and can give NaN gradients: docs/results.md, 'Speed')
+    # autocast: true, false or "auto" (on for GPUs with bf16 tensor cores, compute capability
+    # 8.0 and up; off on older GPUs and on CPUs, where it is far slower than fp32 without
+    # AVX512-BF16 and can give NaN gradients: docs/results.md, 'Speed')
     bf16: bool | Literal["auto"] = "auto"
     log_every: int = Field(10, ge=1)
     ckpt_every_steps: int = Field(1000, ge=1)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from media.metrics import psnr, ssim
 from media.provenance import commit
 from media.video import frames_to_tensor, tensor_to_frames
-from model import CDTConfig, build_model, from_pretrained
+from model import CDTConfig, bf16_is_fast, build_model, from_pretrained
 
 from .acceleration import StepProfiler, allow_tf32, autocast, checkpoint_activations, compile_model
 from .config import OptimSection, Stage, TrainingConfig
@@ -160,7 +160,8 @@ class Run:
         train_cfg = self.config.train
         per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))  # the ranks sharing this CPU
         torch.set_num_threads(max(1, (self.options.threads or train_cfg.threads) // per_machine))
-        auto_bf16 = self.device.type == "cuda" if train_cfg.bf16 == "auto" else train_cfg.bf16
+        auto_bf16 = self.device.type == "cuda" and bf16_is_fast(self.device) if train_cfg.bf16 == "auto" \
+            else train_cfg.bf16
         self.bf16 = auto_bf16 if self.options.bf16 is None else self.options.bf16
         if self.device.type == "cuda":
             allow_tf32()
