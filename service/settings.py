@@ -61,9 +61,13 @@ class Settings(EnvSettings):
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description=(
         "checkpoint directory served; by default the shipped one (in an installed wheel, its copy under "
         "the environment's `share/cdt-tokenizer/`)"))
-    device: str = Field("cpu", description="`cpu`, `cuda` or `cuda:N`")
+    devices: Annotated[tuple[str, ...], NoDecode] = Field((), description=(
+        "comma-separated devices this replica computes on, each with its own resident model, model thread "
+        "and memory budget: `cuda` (every visible GPU), `cuda:N`, `cpu`. `cpu` may repeat: `cpu,cpu` runs two "
+        "model threads that split the CPU's cores. Unset: every visible GPU, else `cpu`"))
     dtype: str | None = Field(None, description=(
-        "compute dtype, `fp32` or `bf16`; unset: `bf16` on CUDA and `fp32` on any CPU. Where the CPU has "
+        "compute dtype, `fp32` or `bf16`; unset: `bf16` when every device is a GPU with fast bf16 (compute "
+        "capability 8.0 and up), else `fp32`. Where the CPU has "
         "bf16 arithmetic (AVX512-BF16/AMX) bf16 is faster than fp32, without it several times "
         "slower, and the service logs a warning (`benchmarks/results/precision.md`). The CPU default does "
         "not follow the CPU because a session is pinned to its replica's dtype: it fails over only between "
@@ -112,13 +116,21 @@ class Settings(EnvSettings):
     session_key_prefix: str = Field("cdt:", min_length=1, description=(
         "Redis key prefix (several deployments may share one Redis)"))
 
-    @field_validator("device")
+    @field_validator("devices", mode="before")
     @classmethod
-    def _device(cls, value: str) -> str:
-        kind, _, index = value.partition(":")
-        if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
-            raise ValueError(f"device must be cpu, cuda or cuda:N, got {value!r}")
-        return value
+    def _devices(cls, value):
+        if isinstance(value, str):
+            value = value.split(",")
+        devices = tuple(device.strip() for device in value if device.strip())
+        for device in devices:
+            kind, _, index = device.partition(":")
+            if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+                raise ValueError(f"each device must be cpu, cuda or cuda:N, got {device!r}")
+        gpus = [device for device in devices if device != "cpu"]
+        if len(set(gpus)) != len(gpus) or ("cuda" in gpus and len(gpus) > 1):
+            # One model per GPU: a second one on the same GPU would split its memory, not add compute.
+            raise ValueError(f"a GPU may be listed once (`cuda` lists every GPU), got {','.join(devices)}")
+        return devices
 
     @field_validator("dtype")
     @classmethod
@@ -138,10 +150,6 @@ class Settings(EnvSettings):
     @classmethod
     def _blank_is_none(cls, value):
         return value or None
-
-    @property
-    def compute_dtype(self) -> str:
-        return self.dtype or ("bf16" if self.device.startswith("cuda") else "fp32")
 
     @property
     def session_hot_bytes(self) -> int:
