@@ -34,10 +34,12 @@ def encode_local(run: ShardRun, models: list[Tokenizer], ref: ModelRef, options:
         raise ValueError(f"workers must be >= 1, got {workers}")
     lanes = [run.pending[i :: len(models)] for i in range(len(models))]
     errors: list[BaseException] = []
-    # spawn, not fork: a child forked from a process whose OpenMP pool has run (any torch
-    # op) can deadlock in its first parallel region.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    # Not forked from this process: a child forked from a process whose OpenMP pool has run
+    # (any torch op) can deadlock in its first parallel region. A fork server that has only
+    # imported the decoder (no torch op) forks the workers, which then skip that import.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([decode_input.__module__])
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         threads = [threading.Thread(target=_lane, args=(run, model, ref, options, lane, pool,
                                                         workers * PREFETCH_PER_WORKER, errors), daemon=True)
                    for model, lane in zip(models, lanes) if lane]

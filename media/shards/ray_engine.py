@@ -36,9 +36,12 @@ def encode_ray(run: ShardRun, checkpoint: str, ref: ModelRef, options: EncodeOpt
     import ray  # the `ray` extra
 
     if not ray.is_initialized():
-        # A local cluster runs this copy of the code; a cluster's workers have their own.
-        runtime_env = None if address else {"env_vars": {"PYTHONPATH": CODE_ROOT}}
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, include_dashboard=False)
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            # A local cluster listens on loopback only and runs this copy of the code.
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": CODE_ROOT}}, _node_ip_address="127.0.0.1",
+                     log_to_driver=False, include_dashboard=False)
     # The run's own bar reports progress; Ray Data's would print over it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     shards = {shard.name: shard for shard in run.pending}
