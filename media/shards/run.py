@@ -38,7 +38,9 @@ class OutputBusy(ValueError):
 class RunSummary:
     """What a run did: the clips and frames it encoded this time, how long it took, and how
     much of that time the models were busy (summed over models; `model_busy` is the share
-    of models x seconds that went to encoding, the rest waited for decoded frames)."""
+    of models x seconds that went to encoding, the rest waited for decoded frames).
+    `warm_seconds` is the time from the first encode's start to the end: `model_busy_warm`
+    leaves out the start of the decode pool or cluster."""
 
     output: str
     shards: int  # finished, in all
@@ -48,6 +50,7 @@ class RunSummary:
     encoded_clips: int  # by this run
     encoded_frames: int
     seconds: float
+    warm_seconds: float
     model_seconds: float
     models: int
 
@@ -57,12 +60,13 @@ class RunSummary:
 
     def to_dict(self) -> dict:
         rate = (lambda n: n / self.seconds if self.seconds > 0 else 0.0)
-        busy = self.model_seconds / (self.seconds * self.models) if self.seconds > 0 else 0.0
+        busy = (lambda seconds: self.model_seconds / (seconds * self.models) if seconds > 0 else 0.0)
         return {"output": self.output, "complete": self.complete, "shards": self.shards,
                 "planned_shards": self.planned_shards, "samples": self.samples, "failed": self.failed,
                 "encoded_clips": self.encoded_clips, "encoded_frames": self.encoded_frames,
                 "seconds": round(self.seconds, 3), "clips_per_s": round(rate(self.encoded_clips), 3),
-                "frames_per_s": round(rate(self.encoded_frames), 3), "model_busy": round(busy, 3)}
+                "frames_per_s": round(rate(self.encoded_frames), 3), "model_busy": round(busy(self.seconds), 3),
+                "warm_seconds": round(self.warm_seconds, 3), "model_busy_warm": round(busy(self.warm_seconds), 3)}
 
 
 class ShardRun:
@@ -95,6 +99,7 @@ class ShardRun:
         self._model_seconds = 0.0
         self._failed_now = 0
         self._start = time.perf_counter()
+        self._first_encode: float | None = None
         self._bar = tqdm(total=sum(len(s.inputs) for s in self.pending), unit="clip", desc="encode-dataset",
                          disable=not progress, file=sys.stderr, smoothing=0.1)
 
@@ -114,16 +119,21 @@ class ShardRun:
             else:
                 self._clips += 1
                 self._frames += sample.frames
+            now = time.perf_counter()
+            if self._first_encode is None and sample is not None:
+                self._first_encode = now - model_seconds
             self._model_seconds += model_seconds
-            elapsed = max(time.perf_counter() - self._start, 1e-9)
+            elapsed = max(now - self._start, 1e-9)
             self._bar.set_postfix_str(f"{self._frames / elapsed:.1f} frames/s, done {self._clips}, "
                                       f"failed {self._failed_now}", refresh=False)
             self._bar.update(1)
 
     def summary(self, models: int) -> RunSummary:
         totals = self.index.to_json()["totals"]
+        now = time.perf_counter()
         return RunSummary(str(self.output), totals["shards"], self.index.planned, totals["samples"],
-                          totals["failed"], self._clips, self._frames, time.perf_counter() - self._start,
+                          totals["failed"], self._clips, self._frames, now - self._start,
+                          now - (self._first_encode if self._first_encode is not None else now),
                           self._model_seconds, models)
 
     def close(self) -> None:
