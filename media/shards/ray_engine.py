@@ -10,7 +10,6 @@ the driver's copy of the code.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +95,6 @@ class _Encoder:
         # Ray sets one OpenMP thread in its workers; the local engine's models run with
         # `threads`, and the same thread count gives the same bits.
         torch.set_num_threads(threads)
-        os.environ["OMP_NUM_THREADS"] = str(threads)
         self.model, identity = from_pretrained(checkpoint, "cuda" if gpu else "cpu", options.dtype)
         if identity.content_hash != ref.hash:
             raise ValueError(f"{checkpoint} on this worker is model {identity.content_hash[:12]}, "
