@@ -40,6 +40,7 @@ SUITE: dict[str, list[str]] = {
     "session_cost": [],
     "load_test": [],
     "train_speed": [],
+    "dataset_encoding": [],
     "profile_cdt": [],
     "api_fuzz": [],
     "test_suite": [],

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import media_commands, model_commands, serve_commands, train_commands
+from . import dataset_commands, media_commands, model_commands, serve_commands, train_commands
 
-COMMAND_MODULES = (model_commands, media_commands, serve_commands, train_commands)
+COMMAND_MODULES = (model_commands, media_commands, dataset_commands, serve_commands, train_commands)
 
 
 class CommandError(Exception):

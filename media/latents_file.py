@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from cdt_client.formats.files import LATENTS_TENSOR, LatentsMetadataError, latents_metadata, read_latents_metadata
-from cdt_client.formats.tensors import safetensors_metadata
+from cdt_client.formats.tensors import safetensors_header, safetensors_metadata
 from model import LATENT_CHANNELS, SPACE_FACTOR, TIME_FACTOR
 
 from .padding import Padding
@@ -104,8 +103,13 @@ class LatentsFile(LatentsInfo):
 
 
 def latents_to_bytes(item: LatentsFile) -> bytes:
+    """The file's bytes: float32 latents under the header the service streams. The same
+    latents and metadata always give the same bytes (safetensors' own writer orders the
+    metadata differently from one process to the next), so data set shards can be compared
+    byte for byte."""
     item.check_latents(item.latents.is_floating_point(), item.latents.shape)
-    return st_save({LATENTS_TENSOR: item.latents.detach().cpu().contiguous()}, metadata=item.metadata())
+    data = item.latents.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
+    return safetensors_header(LATENTS_TENSOR, "F32", tuple(data.shape), item.metadata()) + data.tobytes()
 
 
 def latents_from_bytes(data: bytes, model_hash: str | None = None, force: bool = False,

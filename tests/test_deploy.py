@@ -1055,3 +1055,70 @@ def test_dashboard_panels_are_unique_and_tiled():
     assert len(set(cells)) == len(cells), "panels overlap"
     for p in panels:
         assert [t["refId"] for t in p["targets"]] == [chr(65 + i) for i in range(len(p["targets"]))], p["title"]
+
+
+# KubeRay's RayJob v1 (ray.io/v1) fields: its CRD is not among kubernetes-validate's
+# schemas, so its layout is checked here and each pod template against the Pod schema.
+RAYJOB_SPEC_FIELDS = {"entrypoint", "runtimeEnvYAML", "jobId", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished",
+                      "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "clusterSelector", "submissionMode",
+                      "submitterPodTemplate", "submitterConfig", "entrypointNumCpus", "entrypointNumGpus",
+                      "entrypointResources", "suspend", "managedBy", "deletionStrategy"}
+RAYCLUSTER_SPEC_FIELDS = {"rayVersion", "headGroupSpec", "workerGroupSpecs", "enableInTreeAutoscaling",
+                          "autoscalerOptions", "headServiceAnnotations", "suspend", "managedBy", "gcsFaultToleranceOptions"}
+
+
+def test_k8s_rayjob_encodes_a_dataset_on_gpu_workers():
+    """deploy/k8s/dataset/: a RayJob whose entrypoint is a `cdt encode-dataset` run on its Ray
+    cluster, parsed by the CLI's own parser: one model per GPU of the worker groups, the
+    source and checkpoint on volumes every pod mounts, the output on the head (the driver
+    writes it), and the claims it names defined (the training manifests share theirs)."""
+    import shlex
+
+    from cli.main import build_parser
+
+    docs = [d for f in sorted((K8S / "dataset").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    (job,) = [d for d in docs if d["kind"] == "RayJob"]
+    for doc in docs:
+        if doc is not job:
+            k8s_validate(doc)
+    assert job["apiVersion"] == "ray.io/v1" and job["metadata"]["name"]
+    spec = job["spec"]
+    assert set(spec) <= RAYJOB_SPEC_FIELDS and spec["shutdownAfterJobFinishes"] is True
+    cluster = spec["rayClusterSpec"]
+    assert set(cluster) <= RAYCLUSTER_SPEC_FIELDS
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values()), "KubeRay takes strings"
+        k8s_validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "template"},
+                      "spec": group["template"]["spec"]})
+    for group in cluster["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"] and group["groupName"]
+
+    command = shlex.split(spec["entrypoint"])
+    assert command[:3] == ["python", "-m", "cli.main"]
+    args = build_parser().parse_args(command[3:])
+    assert args.command == "encode-dataset" and args.engine == "ray" and args.ray_address == "auto"
+    assert args.device == "cuda"
+    gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+               for g in cluster["workerGroupSpecs"])
+    assert args.devices == gpus
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", "decoding runs on the workers"
+
+    claims = {d["metadata"]["name"]: d for d in docs + [d for _, d in k8s_documents()]
+              if d["kind"] == "PersistentVolumeClaim"}
+
+    def claim_of(pod: dict, path: str, writable: bool) -> str | None:
+        mounts = [m for m in pod["containers"][0]["volumeMounts"] if str(path).startswith(m["mountPath"] + "/")]
+        if not mounts or (writable and mounts[0].get("readOnly")):
+            return None
+        volume = next(v for v in pod["volumes"] if v["name"] == mounts[0]["name"])
+        return volume["persistentVolumeClaim"]["claimName"]
+
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert claim_of(head, str(args.output), writable=True) in claims
+    assert all(claim_of(g["template"]["spec"], str(args.output), writable=True) is None
+               for g in cluster["workerGroupSpecs"]), "only the driver writes the shards"
+    for group in groups:
+        pod = group["template"]["spec"]
+        assert claim_of(pod, str(args.source), writable=False) in claims
+        assert claim_of(pod, str(args.checkpoint), writable=False) in claims
