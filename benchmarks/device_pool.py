@@ -179,12 +179,14 @@ def main() -> None:
         before, after = med(times["base"][key]), med(times["current"][key])
         rows.append({"measure": label, "baseline": f"before the host pool ({base})", "baseline value": round(before, 3),
                      "compared": "host pool", "compared value": round(after, 3), "ratio": round(after / before, 3)})
+    latency_ratio = max(med(times["current"][k]) / med(times["base"][k]) for k in ("encode", "decode"))
     notes = (f"Tiny preset (random init), fp32, {SIDE}x{SIDE} frames, on this machine's CPU. Sessions: "
              f"{SESSIONS} at once, each {SESSION_CHUNKS} chunks; medians of {args.repeats} runs per "
              "configuration, alternating. Ratios: compared / baseline (frames/s: above 1 is faster; seconds: below "
              "1 is faster).")
     path = report.write("device_pool", "python -m benchmarks.device_pool",
-                        {"fps": fps, "times": times, "base": base}, rows, notes, measures=MEASURES)
+                        {"fps": fps, "times": times, "base": base, "latency_ratio": latency_ratio}, rows, notes,
+                        measures=MEASURES)
     print(path.read_text())
 
 

@@ -37,6 +37,7 @@ SUITE: dict[str, list[str]] = {
     "memory_estimates": [],
     "request_memory": [],
     "http_overhead": [],
+    "device_pool": [],
     "session_cost": [],
     "load_test": [],
     "train_speed": [],
@@ -105,6 +106,10 @@ def targets() -> list[dict]:
     if overhead:
         add("HTTP overhead (time outside model jobs / compute)", "< 5%", f"{overhead['outside_ratio']:.2%} "
             f"(end-to-end ratio {overhead['ratio']:.3f})", overhead["outside_ratio"] < 0.05, "http_overhead")
+    pool = report.load("device_pool")
+    if pool:
+        add("single-request latency (17 frames, encode and decode) vs the service before the host pool", "<= 1.05x",
+            f"{pool['latency_ratio']:.3f}x (worst)", pool["latency_ratio"] <= 1.05, "device_pool")
     requests = report.load("request_memory")
     if requests:
         frames = sorted({r["frames"] for r in requests["rows"]})
