@@ -10,8 +10,8 @@ processes (tiny preset, random init, fp32, 128x128 frames):
 3. Single-request latency, the same two services: one encode (npy in) and one decode (mp4
    out) of 17 frames.
 
-Servers run one at a time; runs alternate between the two sides of each comparison and
-medians are reported.
+The two servers of a comparison run side by side, each idle but for the request being
+timed; runs alternate between them and medians are reported.
 
     python -m benchmarks.device_pool [--base REF] [--repeats 3]
 """
@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -48,6 +48,7 @@ SESSIONS = 8
 SESSION_CHUNKS = 6
 CLIP_FRAMES = 257
 LATENCY_FRAMES = 17
+LATENCY_PAIRS = 15  # single requests per side: cheap, and the figure a target is set on
 NPY = {"content-type": "application/x-npy"}
 
 
@@ -133,36 +134,50 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", str(base_tree), base], cwd=REPO, check=True,
                        capture_output=True)
         try:
+            # Alternating runs between servers side by side: drifts in the machine's load hit both alike.
             # 1. sessions: one worker vs two
             encode_payloads = [npy(session_clip[i:i + CHUNK_FRAMES]) for i in range(0, len(session_clip), CHUNK_FRAMES)]
             fps: dict[str, dict[str, list[float]]] = {"cpu": {"encode": [], "decode": []},
                                                       "cpu,cpu": {"encode": [], "decode": []}}
-            for repeat in range(args.repeats):
-                for devices in sorted(fps, reverse=bool(repeat % 2)):
-                    with serving(checkpoint, tmp / f"sessions-{devices}.log", devices=devices) as http:
-                        decode_payloads = latent_chunks(http, session_clip)
-                        session_run(http, "encode", encode_payloads[:2])  # warm-up
-                        fps[devices]["encode"].append(sessions_fps(str(http.base_url), "encode", encode_payloads,
-                                                                   len(session_clip)))
-                        fps[devices]["decode"].append(sessions_fps(str(http.base_url), "decode", decode_payloads,
+            with ExitStack() as stack:
+                clients = {devices: stack.enter_context(serving(checkpoint, tmp / f"sessions-{devices}.log",
+                                                                devices=devices)) for devices in fps}
+                decode_payloads = latent_chunks(clients["cpu"], session_clip)
+                for http in clients.values():
+                    session_run(http, "encode", encode_payloads[:2])  # warm-up
+                for repeat in range(args.repeats):
+                    for devices in sorted(fps, reverse=bool(repeat % 2)):
+                        url = str(clients[devices].base_url)
+                        fps[devices]["encode"].append(sessions_fps(url, "encode", encode_payloads, len(session_clip)))
+                        fps[devices]["decode"].append(sessions_fps(url, "decode", decode_payloads,
                                                                    CHUNK_FRAMES * len(decode_payloads) - 3))
             # 2, 3. the host pool vs the service before it
             times: dict[str, dict[str, list[float]]] = {side: {"clip_decode": [], "encode": [], "decode": []}
                                                         for side in ("base", "current")}
-            for repeat in range(args.repeats):
-                for side in sorted(times, reverse=bool(repeat % 2)):
-                    repo = base_tree if side == "base" else REPO
-                    with serving(checkpoint, tmp / f"{side}.log", repo=repo, devices="cpu") as http:
-                        latents = http.post("/v1/encode", content=npy(long_clip), headers=NPY).raise_for_status().content
-                        short = http.post("/v1/encode", content=npy(short_clip), headers=NPY).raise_for_status().content
-                        decode = lambda body: http.post("/v1/decode", content=body, params={"format": "mp4"},  # noqa: E731
-                                                        headers={"content-type": "application/x-safetensors"}
-                                                        ).raise_for_status()
-                        decode(short)  # warm-up
-                        times[side]["clip_decode"].append(timed(lambda: decode(latents)))
-                        times[side]["encode"].append(timed(lambda: http.post("/v1/encode", content=npy(short_clip),
-                                                                             headers=NPY).raise_for_status()))
-                        times[side]["decode"].append(timed(lambda: decode(short)))
+            with ExitStack() as stack:
+                clients = {side: stack.enter_context(serving(checkpoint, tmp / f"{side}.log",
+                                                             repo=base_tree if side == "base" else REPO,
+                                                             devices="cpu")) for side in times}
+                current = clients["current"]
+                latents = current.post("/v1/encode", content=npy(long_clip), headers=NPY).raise_for_status().content
+                short = current.post("/v1/encode", content=npy(short_clip), headers=NPY).raise_for_status().content
+
+                def decode(http: httpx.Client, body: bytes) -> None:
+                    http.post("/v1/decode", content=body, params={"format": "mp4"},
+                              headers={"content-type": "application/x-safetensors"}).raise_for_status()
+
+                def encode(http: httpx.Client) -> None:
+                    http.post("/v1/encode", content=npy(short_clip), headers=NPY).raise_for_status()
+
+                for http in clients.values():
+                    decode(http, short)  # warm-up
+                for repeat in range(args.repeats):
+                    for side in sorted(times, reverse=bool(repeat % 2)):
+                        times[side]["clip_decode"].append(timed(lambda: decode(clients[side], latents)))
+                for repeat in range(LATENCY_PAIRS):
+                    for side in sorted(times, reverse=bool(repeat % 2)):
+                        times[side]["encode"].append(timed(lambda: encode(clients[side])))
+                        times[side]["decode"].append(timed(lambda: decode(clients[side], short)))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=REPO, check=False,
                            capture_output=True)
@@ -181,9 +196,10 @@ def main() -> None:
                      "compared": "host pool", "compared value": round(after, 3), "ratio": round(after / before, 3)})
     latency_ratio = max(med(times["current"][k]) / med(times["base"][k]) for k in ("encode", "decode"))
     notes = (f"Tiny preset (random init), fp32, {SIDE}x{SIDE} frames, on this machine's CPU. Sessions: "
-             f"{SESSIONS} at once, each {SESSION_CHUNKS} chunks; medians of {args.repeats} runs per "
-             "configuration, alternating. Ratios: compared / baseline (frames/s: above 1 is faster; seconds: below "
-             "1 is faster).")
+             f"{SESSIONS} at once, each {SESSION_CHUNKS} chunks. The two servers of each comparison run side by side "
+             f"and the runs alternate between them; medians of {args.repeats} runs per side (sessions, the "
+             f"{CLIP_FRAMES}-frame decode) and of {LATENCY_PAIRS} (single requests). Ratios: compared / baseline "
+             "(frames/s: above 1 is faster; seconds: below 1 is faster).")
     path = report.write("device_pool", "python -m benchmarks.device_pool",
                         {"fps": fps, "times": times, "base": base, "latency_ratio": latency_ratio}, rows, notes,
                         measures=MEASURES)

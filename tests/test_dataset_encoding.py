@@ -130,7 +130,8 @@ def test_a_killed_run_resumes_to_the_same_bytes(encoded, source, tmp_path, capsy
                                stderr=subprocess.PIPE)
     first = output / "shard-000000.tar"
     deadline = time.monotonic() + 60
-    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+    # Killed once the index lists a shard (the shard's file is renamed into place a moment before).
+    while not (read_index(output) or {}).get("shards") and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()

@@ -19,7 +19,7 @@ from model import from_pretrained
 
 from .plan import EncodeOptions, Input, ModelRef, Shard
 from .run import RunSummary, ShardRun
-from .sample import DecodedClip, InputFailure, Sample, decode_input, encode_input
+from .sample import DecodedClip, InputFailure, ModelTime, Sample, decode_input, encode_input
 
 # Rows per block of the input table: a block is one decode task's work, so blocks of one
 # row spread the decodes over the cluster; a cap keeps the scheduler's bookkeeping bounded.
@@ -57,14 +57,15 @@ def encode_ray(run: ShardRun, checkpoint: str, ref: ModelRef, options: EncodeOpt
     arrived: dict[str, dict[str, tuple[Sample | InputFailure, float]]] = {name: {} for name in shards}
     for row in dataset.iter_rows():
         results = arrived[row["shard"]]
-        results[row["key"]] = (_result(row), float(row["seconds"]))
+        timed = float(row["seconds"]) >= 0  # -1: the model did not run
+        results[row["key"]] = (_result(row), ModelTime(float(row["started"]), float(row["seconds"])) if timed else None)
         shard = shards[row["shard"]]
         if len(results) == len(shard.inputs):
             _write(run, shard, arrived.pop(shard.name))
     return run.summary(devices)
 
 
-def _write(run: ShardRun, shard: Shard, results: dict[str, tuple[Sample | InputFailure, float]]) -> None:
+def _write(run: ShardRun, shard: Shard, results: dict[str, tuple[Sample | InputFailure, ModelTime | None]]) -> None:
     with run.writer(shard) as out:
         for item in shard.inputs:
             out.add(item, *results[item.key])
@@ -103,10 +104,10 @@ class _Encoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {name: [] for name in ("shard", "key", "meta", "latents", "frames", "code", "reason",
-                                                      "seconds")}
+                                                      "started", "seconds")}
         for i in range(len(batch["key"])):
             row = {name: values[i] for name, values in batch.items()}
-            result, seconds = encode_input(self.model, self.ref, Input(str(row["key"]), str(row["name"]),
+            result, model_time = encode_input(self.model, self.ref, Input(str(row["key"]), str(row["name"]),
                                                                        str(row["path"])), _clip(row), self.options)
             failed = isinstance(result, InputFailure)
             out["shard"].append(row["shard"])
@@ -116,7 +117,8 @@ class _Encoder:
             out["frames"].append(0 if failed else result.frames)
             out["code"].append(result.code if failed else "")
             out["reason"].append(result.reason if failed else "")
-            out["seconds"].append(seconds)
+            out["started"].append(0.0 if model_time is None else model_time.started)
+            out["seconds"].append(-1.0 if model_time is None else model_time.seconds)
         return out
 
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .index import Index, continue_index, write_index
 from .plan import EncodeOptions, Input, ModelRef, Shard, source_digest
-from .sample import InputFailure, Sample
+from .sample import InputFailure, ModelTime, Sample
 from .tar_io import ShardWriter, remove_temporaries
 
 LOCK_NAME = ".lock"
@@ -99,7 +99,7 @@ class ShardRun:
         self._model_seconds = 0.0
         self._failed_now = 0
         self._start = time.perf_counter()
-        self._first_encode: float | None = None
+        self._first_encode: float | None = None  # wall clock: the models may run in other processes
         self._bar = tqdm(total=sum(len(s.inputs) for s in self.pending), unit="clip", desc="encode-dataset",
                          disable=not progress, file=sys.stderr, smoothing=0.1)
 
@@ -112,28 +112,26 @@ class ShardRun:
             self.index.add(record, failed)
             write_index(self.output, self.index)
 
-    def _count(self, sample: Sample | None, model_seconds: float) -> None:
+    def _count(self, sample: Sample | None, model_time: ModelTime | None) -> None:
         with self._mutex:
             if sample is None:
                 self._failed_now += 1
             else:
                 self._clips += 1
                 self._frames += sample.frames
-            now = time.perf_counter()
-            if self._first_encode is None and sample is not None:
-                self._first_encode = now - model_seconds
-            self._model_seconds += model_seconds
-            elapsed = max(now - self._start, 1e-9)
+            if model_time is not None:
+                self._model_seconds += model_time.seconds
+                self._first_encode = min(self._first_encode or model_time.started, model_time.started)
+            elapsed = max(time.perf_counter() - self._start, 1e-9)
             self._bar.set_postfix_str(f"{self._frames / elapsed:.1f} frames/s, done {self._clips}, "
                                       f"failed {self._failed_now}", refresh=False)
             self._bar.update(1)
 
     def summary(self, models: int) -> RunSummary:
         totals = self.index.to_json()["totals"]
-        now = time.perf_counter()
+        warm = time.time() - self._first_encode if self._first_encode is not None else 0.0
         return RunSummary(str(self.output), totals["shards"], self.index.planned, totals["samples"],
-                          totals["failed"], self._clips, self._frames, now - self._start,
-                          now - (self._first_encode if self._first_encode is not None else now),
+                          totals["failed"], self._clips, self._frames, time.perf_counter() - self._start, warm,
                           self._model_seconds, models)
 
     def close(self) -> None:
@@ -158,14 +156,14 @@ class ShardOutput:
         self._writer = ShardWriter(run.output / shard.name)
         self._failed: list[dict] = []
 
-    def add(self, item: Input, result: Sample | InputFailure, model_seconds: float = 0.0) -> None:
+    def add(self, item: Input, result: Sample | InputFailure, model_time: ModelTime | None = None) -> None:
         if isinstance(result, InputFailure):
             self._failed.append({"key": item.key, "source": item.name, "code": result.code,
                                  "reason": result.reason})
-            self._run._count(None, model_seconds)
+            self._run._count(None, model_time)
         else:
             self._writer.add(result)
-            self._run._count(result, model_seconds)
+            self._run._count(result, model_time)
         self._inputs.pop(item.key)
 
     def __enter__(self) -> "ShardOutput":

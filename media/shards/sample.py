@@ -105,15 +105,23 @@ def encode_sample(model: Tokenizer, ref: ModelRef, item: Input, clip: DecodedCli
     return Sample(item.key, (json.dumps(meta, sort_keys=True) + "\n").encode(), data, count)
 
 
+class ModelTime(NamedTuple):
+    """When the model started on an input (wall clock, comparable across processes and
+    machines' synchronised clocks) and the seconds it spent on it."""
+
+    started: float
+    seconds: float
+
+
 def encode_input(model: Tokenizer, ref: ModelRef, item: Input, clip: DecodedClip | InputFailure,
-                 options: EncodeOptions) -> tuple[Sample | InputFailure, float]:
+                 options: EncodeOptions) -> tuple[Sample | InputFailure, ModelTime | None]:
     """The input's sample, or why it has none (a failed decode, or content the model
-    refuses), and the seconds the model spent on it."""
+    refuses), and the model's time on it (None: the model did not run)."""
     if isinstance(clip, InputFailure):
-        return clip, 0.0
-    start = time.perf_counter()
+        return clip, None
+    started, start = time.time(), time.perf_counter()
     try:
-        sample = encode_sample(model, ref, item, clip, options)
+        result = encode_sample(model, ref, item, clip, options)
     except ValueError as exc:
-        return InputFailure("invalid_input", f"{item.path}: {exc}"), time.perf_counter() - start
-    return sample, time.perf_counter() - start
+        result = InputFailure("invalid_input", f"{item.path}: {exc}")
+    return result, ModelTime(started, time.perf_counter() - start)
