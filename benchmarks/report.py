@@ -38,18 +38,27 @@ def write(name: str, command: str, data: dict, table: list[dict], notes: str = "
     RESULTS.mkdir(exist_ok=True)
     payload = {"benchmark": name, **provenance.record(command, measures), **data, "rows": table}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    lines = [f"# {name}", "", f"Command: `{command}`", "", f"Commit: {payload['commit']}, date: {payload['date']}",
-             "", f"Machine: {json.dumps(payload['machine'])}", "",
-             f"Measures: {', '.join(payload['measures'])}", ""]
-    if table:
-        keys = list(table[0])
-        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        lines += ["| " + " | ".join(_fmt(row[k]) for k in keys) + " |" for row in table]
+    lines = [f"# {name}", "", *header(payload), *table_lines(table)]
     if notes:
         lines += ["", notes]
     path = RESULTS / f"{name}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def header(record: dict) -> list[str]:
+    """The Markdown lines of a `provenance.record`: command, commit, date, machine, measures."""
+    return [f"Command: `{record['command']}`", "", f"Commit: {record['commit']}, date: {record['date']}", "",
+            f"Machine: {json.dumps(record['machine'])}", "", f"Measures: {', '.join(record['measures'])}", ""]
+
+
+def table_lines(table: list[dict]) -> list[str]:
+    """A Markdown table of rows sharing the first row's keys (none for no rows)."""
+    if not table:
+        return []
+    keys = list(table[0])
+    return ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+            *("| " + " | ".join(_fmt(row[k]) for k in keys) + " |" for row in table)]
 
 
 def _fmt(value) -> str:

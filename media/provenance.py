@@ -60,6 +60,18 @@ def machine() -> dict:
             "cpu": cpu_model(), "cores": os.cpu_count(), "bf16_hardware": bf16_is_fast()}
 
 
+def accelerators() -> dict:
+    """The CUDA build and cuDNN this torch carries, and the GPUs this process sees: name,
+    compute capability and memory (no GPU: an empty list)."""
+    gpus = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            gpus.append({"name": props.name, "capability": f"{props.major}.{props.minor}",
+                         "memory_gib": round(props.total_memory / 2**30, 1)})
+    return {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "gpus": gpus}
+
+
 def record(command: str, measures: list[str]) -> dict:
     """The provenance of a result measured now: `measures` are the repository paths
     (files or folders) whose code the figure describes."""

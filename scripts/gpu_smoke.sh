@@ -24,8 +24,9 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"  # `-m cli.main` under torchrun resolves to this tree
-
-die() { echo "gpu_smoke: error: $*" >&2; exit 1; }
+NAME=gpu_smoke
+# shellcheck source=scripts/gpu_lib.sh
+. scripts/gpu_lib.sh
 
 DEVICE=${DEVICE:-cuda}
 PRESET=${PRESET:-small}
@@ -38,9 +39,6 @@ SHARED=$REPO/../shared/data/videos
 DATA=${DATA:-$SHARED/MANIFEST.tsv}
 CLIP=${CLIP:-$SHARED/cotracker__bear.mp4}
 SERVE_TIMEOUT=${SERVE_TIMEOUT:-300}
-if [ -z "${PYTHON:-}" ]; then
-    if [ -x "$REPO/.venv/bin/python" ]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
-fi
 
 case $DEVICE in cuda|cpu) ;; *) die "DEVICE must be cuda or cpu, got '$DEVICE'" ;; esac
 case $BF16 in on|off) ;; *) die "BF16 must be on or off, got '$BF16'" ;; esac
@@ -49,33 +47,17 @@ for name in STEPS FRAMES SIZE BATCH SERVE_TIMEOUT; do
 done
 [ -e "$DATA" ] || die "no training data at $DATA: give DATA=FOLDER_OF_VIDEOS (or a manifest)"
 [ -f "$CLIP" ] || die "no clip at $CLIP: give CLIP=VIDEO for the round trip"
-"$PYTHON" -c "import cli.main" 2>/dev/null \
-    || die "$PYTHON cannot import the project: give PYTHON=..., or run scripts/setup.sh"
+use_python
 
 if [ "$DEVICE" = cuda ]; then
-    gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
-    [ "$gpus" -gt 0 ] || die "DEVICE=cuda but torch sees no CUDA device (DEVICE=cpu runs the same steps on the CPU)"
-    NPROC=${NPROC:-$gpus}
+    require_gpus "the same steps"
+    NPROC=${NPROC:-$GPUS}
 else
     NPROC=${NPROC:-2}
 fi
 [[ $NPROC =~ ^[0-9]+$ ]] || die "NPROC must be a number of processes, got '$NPROC'"
 
-if [ -n "${RUN_DIR:-}" ]; then
-    mkdir -p "$RUN_DIR"
-else
-    RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/gpu_smoke.XXXXXX")
-fi
-server_pid=
-cleanup() {
-    if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
-        kill "$server_pid" 2>/dev/null || true
-        wait "$server_pid" 2>/dev/null || true
-    fi
-    if [ "${KEEP:-0}" = 1 ]; then echo "gpu_smoke: kept $RUN_DIR"; else rm -rf "$RUN_DIR"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM  # through the EXIT trap: the server is stopped on Ctrl-C too
+open_run_dir  # the server (CHILD_PID) is stopped on the way out, also on Ctrl-C
 
 if [ -d "$DATA" ]; then
     data_overrides=("data.videos=[\"$DATA\"]" "data.val_videos=[\"$DATA\"]")
@@ -144,9 +126,9 @@ echo "gpu_smoke: serving $export_dir on 127.0.0.1:$port"
 # The smoke server stands alone: in-process sessions, no keys.
 env -u CDT_REDIS_URL -u CDT_API_KEYS -u CDT_DTYPE "$PYTHON" -m cli.main serve --checkpoint "$export_dir" \
     --device "$DEVICE" --port "$port" --log-level warning > "$RUN_DIR/serve.out" 2>&1 &
-server_pid=$!
+CHILD_PID=$!
 
-"$PYTHON" - "http://127.0.0.1:$port" "$server_pid" "$SERVE_TIMEOUT" "$CLIP" "$FRAMES" "$SIZE" "$export_dir" \
+"$PYTHON" - "http://127.0.0.1:$port" "$CHILD_PID" "$SERVE_TIMEOUT" "$CLIP" "$FRAMES" "$SIZE" "$export_dir" \
     "$RUN_DIR" <<'EOF' || { tail -n 30 "$RUN_DIR/serve.out" >&2; die "the round trip through the server failed"; }
 import io, json, sys, time
 from pathlib import Path

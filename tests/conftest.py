@@ -53,6 +53,19 @@ def shared_videos() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smoke_clips(tmp_path_factory, shared_videos) -> Path:
+    """Two shared clips cut to 12 frames at short side 48: training data for the end-to-end runs
+    of scripts/gpu_smoke.sh on the CPU (with `data.short_side=48 data.max_frames=12`)."""
+    from media.video import read_video, write_video
+
+    out = tmp_path_factory.mktemp("smoke_clips")
+    for name in ("cotracker__cat.mp4", "propainter__tennis.mp4"):
+        clip = read_video(shared_videos / name, num_frames=12, size=48)
+        write_video(out / name, clip.frames, clip.fps, crf=10)
+    return out
+
+
+@pytest.fixture(scope="session")
 def alexnet_weights(tmp_path_factory) -> Path:
     """Randomly initialised AlexNet features in torchvision's key layout, plus LPIPS heads
     (the real weights cannot be fetched here; the code path is the same)."""

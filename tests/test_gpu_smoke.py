@@ -7,45 +7,23 @@ trains with it."""
 
 from __future__ import annotations
 
-import os
 import re
 import socket
-import subprocess
-import sys
 
 import pytest
 
-from media.video import read_video, write_video
+from tests.scripts import run_script, script_env
 
-from tests.conftest import REPO
-
-SCRIPT = REPO / "scripts" / "gpu_smoke.sh"
 pytestmark = pytest.mark.timeout(300)
 
 
-def smoke_env(tmp_path, **values) -> dict:
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path), **values}
-    return {key: value for key, value in env.items() if value is not None}
+def run(env: dict):
+    return run_script("gpu_smoke.sh", env)
 
 
-def run(env: dict) -> subprocess.CompletedProcess:
-    # Started outside the repository: the script finds it from its own path.
-    return subprocess.run(["bash", str(SCRIPT)], cwd=env["TMPDIR"], env=env, capture_output=True, text=True,
-                          timeout=240)
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory, shared_videos):
-    out = tmp_path_factory.mktemp("smoke_clips")
-    for name in ("cotracker__cat.mp4", "propainter__tennis.mp4"):
-        clip = read_video(shared_videos / name, num_frames=12, size=48)
-        write_video(out / name, clip.frames, clip.fps, crf=10)
-    return out
-
-
-def test_the_smoke_script_trains_serves_and_round_trips_on_the_cpu(tmp_path, clip_dir, shared_videos):
-    env = smoke_env(tmp_path, DEVICE="cpu", PRESET="tiny", STEPS="2", FRAMES="5", SIZE="32", NPROC="2", BF16="off",
-                    THREADS="2", DATA=str(clip_dir), CLIP=str(shared_videos / "cotracker__bear.mp4"),
+def test_the_smoke_script_trains_serves_and_round_trips_on_the_cpu(tmp_path, smoke_clips, shared_videos):
+    env = script_env(tmp_path, DEVICE="cpu", PRESET="tiny", STEPS="2", FRAMES="5", SIZE="32", NPROC="2", BF16="off",
+                    THREADS="2", DATA=str(smoke_clips), CLIP=str(shared_videos / "cotracker__bear.mp4"),
                     OVERRIDES="data.short_side=48 data.max_frames=12 data.workers=1")
     result = run(env)
     out = result.stdout
@@ -70,7 +48,7 @@ def test_the_smoke_script_trains_serves_and_round_trips_on_the_cpu(tmp_path, cli
 
 
 def test_cuda_without_a_gpu_is_one_clear_error(tmp_path):
-    result = run(smoke_env(tmp_path, DEVICE="cuda", CUDA_VISIBLE_DEVICES=""))  # none, also on a GPU machine
+    result = run(script_env(tmp_path, DEVICE="cuda", CUDA_VISIBLE_DEVICES=""))  # none, also on a GPU machine
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == ("gpu_smoke: error: DEVICE=cuda but torch sees no CUDA device "
                              "(DEVICE=cpu runs the same steps on the CPU)\n")
@@ -78,6 +56,6 @@ def test_cuda_without_a_gpu_is_one_clear_error(tmp_path):
 
 def test_a_missing_clip_is_one_clear_error(tmp_path):
     missing = tmp_path / "none.mp4"
-    result = run(smoke_env(tmp_path, DEVICE="cpu", CLIP=str(missing)))
+    result = run(script_env(tmp_path, DEVICE="cpu", CLIP=str(missing)))
     assert result.returncode == 1
     assert result.stderr == f"gpu_smoke: error: no clip at {missing}: give CLIP=VIDEO for the round trip\n"

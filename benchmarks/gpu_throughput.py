@@ -1,0 +1,142 @@
+"""Encode and decode throughput of model presets on one device, the throughput stage of
+`scripts/gpu_check.sh`.
+
+For each preset and frame size, a model of that preset (random weights: the time does not
+depend on them) in `--dtype` on the device streams `--frames` random frames through
+`media.ClipEncoder` in chunks of 8 frames (the service's whole-clip chunk), then their latents
+through `media.ClipDecoder` (1 DDIM step), as the service's model jobs do: frames go up as
+uint8, and every call returns its result on the host, so each call's time includes the
+device's work. Frames per second = frames / the clip's total time, after an untimed warm-up
+clip at the same size (kernel selection, allocator growth). A size that runs the device out
+of memory at 8-frame chunks is retried at 4 (the service's smallest chunk); rows say which
+chunk ran, and the device's peak allocated memory, or that even 4-frame chunks ran out of
+memory (a capacity of that device, reported; the service stage checks the failure's handling).
+
+    python -m benchmarks.gpu_throughput --device cuda [--presets tiny small]
+        [--sizes 256x256 512x512 720x1280] [--frames 33] [--run-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.gpu_check import PASSED, one_device, write_stage
+from media import ClipDecoder, ClipEncoder, latents_info
+from model import CDTConfig, build_model, content_hash, decode_chunk_latents
+from service.memory import MAX_CHUNK_FRAMES, MIN_CHUNK_FRAMES
+from service.devices import release_device_cache
+
+WARMUP_FRAMES = 2 * MAX_CHUNK_FRAMES + 1  # a first chunk and a steady one, as the timed clip has
+OUT_OF_MEMORY = "out of memory"  # a capacity, not a failure: reported, and the stage goes on
+
+
+def size(text: str) -> tuple[int, int]:
+    """HEIGHTxWIDTH."""
+    height, width = text.split("x")
+    return int(height), int(width)
+
+
+class Clip:
+    """One clip's streamed encode and decode on a model, timed call by call."""
+
+    def __init__(self, model, model_hash: str, frames: np.ndarray, chunk: int) -> None:
+        self.model, self.model_hash, self.frames, self.chunk = model, model_hash, frames, chunk
+
+    def encode(self) -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        encoder = ClipEncoder(self.model, self.model_hash)
+        parts = [encoder.push(self.frames[i:i + self.chunk]) for i in range(0, len(self.frames), self.chunk)]
+        latents = torch.cat([*parts, encoder.finish()], dim=2)
+        return latents, time.perf_counter() - start
+
+    def decode(self, latents: torch.Tensor) -> float:
+        start = time.perf_counter()
+        info = latents_info(self.model, self.model_hash, *self.frames.shape[:3], fps=24.0)
+        decoder = ClipDecoder(self.model, self.model_hash, info)
+        step = decode_chunk_latents(self.chunk)
+        for i in range(0, latents.shape[2], step):
+            decoder.frames(latents[:, :, i:i + step])
+        return time.perf_counter() - start
+
+
+def measure(model, model_hash: str, frames: np.ndarray, chunk: int, device: torch.device) -> list[tuple]:
+    """(op, seconds, peak bytes) of encode and decode, after a warm-up clip."""
+    with torch.inference_mode():
+        warmup = Clip(model, model_hash, frames[:WARMUP_FRAMES], chunk)
+        warmup.decode(warmup.encode()[0])
+        clip = Clip(model, model_hash, frames, chunk)
+        _reset_peak(device)
+        latents, encode_s = clip.encode()
+        encode_peak = _peak(device)
+        _reset_peak(device)
+        decode_s = clip.decode(latents)
+        return [("encode", encode_s, encode_peak), ("decode", decode_s, _peak(device))]
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def rows_for(preset: str, sizes: list[tuple[int, int]], frame_count: int, dtype: str, device: torch.device) -> list:
+    torch.manual_seed(0)
+    model = build_model(CDTConfig.from_preset(preset), "cdt").set_precision(dtype).to(device).eval()
+    model_hash = content_hash(model)
+    rows = []
+    for height, width in sizes:
+        frames = np.random.default_rng(0).integers(0, 256, (frame_count, height, width, 3), dtype=np.uint8)
+        measured = [(op, None, None) for op in ("encode", "decode")]
+        for chunk in (MAX_CHUNK_FRAMES, MIN_CHUNK_FRAMES):
+            try:
+                measured = measure(model, model_hash, frames, chunk, device)
+                break
+            except torch.OutOfMemoryError:
+                pass
+            # Past the except block the failed clip's tensors are freed, and their blocks can go back.
+            release_device_cache(device)
+        for op, seconds, peak in measured:
+            rows.append({"preset": preset, "size": f"{height}x{width}", "op": op, "dtype": dtype,
+                         "frames": frame_count, "chunk frames": chunk if seconds is not None else "",
+                         "seconds": seconds if seconds is not None else "",
+                         "frames/s": frame_count / seconds if seconds is not None else "out of memory",
+                         "peak GiB": peak / 2**30 if peak is not None else "n/a",
+                         "outcome": PASSED if seconds is not None else OUT_OF_MEMORY})
+            print(f"{preset} {height}x{width} {op}: {rows[-1]['frames/s']}", flush=True)
+    del model
+    release_device_cache(device)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--sizes", nargs="+", type=size, default=[(256, 256), (512, 512), (720, 1280)],
+                        help="HEIGHTxWIDTH")
+    parser.add_argument("--frames", type=int, default=33)
+    parser.add_argument("--run-dir", type=Path, required=True)
+    args = parser.parse_args()
+    device = one_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # where allocations without a device go, as on the service's model thread
+    rows = [row for preset in args.presets for row in rows_for(preset, args.sizes, args.frames, args.dtype, device)]
+    notes = (f"On {device}, {args.dtype}, random weights, 1 DDIM step; frames/s = frames / the whole clip's streamed "
+             "time (uint8 up, results copied to the host by every call), after a warm-up clip of "
+             f"{min(WARMUP_FRAMES, args.frames)} frames at the same size; one timed clip per row. Peak GiB: "
+             "torch.cuda.max_memory_allocated over the op.")
+    return write_stage(args.run_dir, "throughput", rows, notes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
