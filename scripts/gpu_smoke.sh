@@ -125,7 +125,7 @@ port=$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)
 echo "gpu_smoke: serving $export_dir on 127.0.0.1:$port"
 # The smoke server stands alone: in-process sessions, no keys.
 env -u CDT_REDIS_URL -u CDT_API_KEYS -u CDT_DTYPE "$PYTHON" -m cli.main serve --checkpoint "$export_dir" \
-    --device "$DEVICE" --port "$port" --log-level warning > "$RUN_DIR/serve.out" 2>&1 &
+    --devices "$DEVICE" --port "$port" --log-level warning > "$RUN_DIR/serve.out" 2>&1 &
 CHILD_PID=$!
 
 "$PYTHON" - "http://127.0.0.1:$port" "$CHILD_PID" "$SERVE_TIMEOUT" "$CLIP" "$FRAMES" "$SIZE" "$export_dir" \
