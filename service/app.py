@@ -20,6 +20,8 @@ import torch
 from model import ModelIdentity, Tokenizer, bf16_is_fast, from_pretrained
 
 from .errors import install_handlers
+from .auth import principal_of
+from .callers import Callers
 from .devices import DeviceSlot, compute_dtype, resolve, slots
 from .host import HostPool
 from .memory import MemoryModel, configure_allocator, default_budget
@@ -70,6 +72,8 @@ def build_pool(settings: Settings, metrics: Metrics) -> WorkerPool:
     device_slots = slots(devices)
     models, identity = load_models(settings, device_slots, compute_dtype(settings.dtype, devices))
     cpu_workers = sum(slot.device.type == "cpu" for slot in device_slots)
+    weights = {principal_of(key): weight for key, weight in settings.key_weights.items()}
+    callers = Callers(weights, settings.key_queue_size, settings.key_rate, settings.key_burst, metrics)
     workers = []
     for slot, model in zip(device_slots, models):
         budget = (mib(settings.memory_budget_mb) if settings.memory_budget_mb
@@ -79,8 +83,9 @@ def build_pool(settings: Settings, metrics: Metrics) -> WorkerPool:
             log.warning("no memory fit for %s devices (python -m benchmarks.memory_calibration --device %s): "
                         "requests on %s run one at a time in 4-frame chunks", slot.device.type, slot.device.type,
                         slot.name)
-        workers.append(DeviceWorker(slot, model, memory, settings.queue_size, settings.request_timeout_s, metrics))
-    return WorkerPool(workers, identity, HostPool(settings.host_threads, metrics), metrics)
+        workers.append(DeviceWorker(slot, model, memory, settings.queue_size, settings.request_timeout_s, metrics,
+                                    callers))
+    return WorkerPool(workers, identity, HostPool(settings.host_threads, metrics), callers, metrics)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -12,10 +12,9 @@ import hmac
 
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from .callers import ANONYMOUS
 from .domain_errors import InvalidApiKey, MissingApiKey
 from .errors import error_responses
-
-ANONYMOUS = "anonymous"
 
 BEARER = HTTPBearer(auto_error=False, description="one of the keys in CDT_API_KEYS (when set)")
 

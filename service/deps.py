@@ -62,7 +62,7 @@ LimitsDep = Annotated[Limits, Depends(get_limits)]
 
 def require_api_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
                     settings: SettingsDep) -> str:
-    return principal(credentials, settings.api_keys)
+    return principal(credentials, settings.keys)
 
 
 Owner = Annotated[str, Depends(require_api_key)]
@@ -74,8 +74,9 @@ class Upload:
     it passes the upload limit: a declared Content-Length over it before anything is read, a
     chunked body as it streams in."""
 
-    def __init__(self, request: Request, limit: int, pool: WorkerPool, metrics: Metrics) -> None:
+    def __init__(self, request: Request, limit: int, pool: WorkerPool, metrics: Metrics, caller: str) -> None:
         self._request, self._limit, self._pool, self._metrics = request, limit, pool, metrics
+        self._caller = caller
 
     async def spooled(self, accepted: tuple[BodyFormat, ...]) -> Body:
         """The body in a temporary file, classified (UnsupportedFormat unless one of `accepted`)."""
@@ -108,7 +109,7 @@ class Upload:
         return data
 
     async def _parts(self) -> AsyncIterator[bytes]:
-        self._pool.check_capacity()
+        self._pool.check_capacity(self._caller)
         limit = self._limit
         declared = self._request.headers.get("content-length")
         if declared is not None:
@@ -125,8 +126,8 @@ class Upload:
         self._metrics.bytes_total.labels(self._request.scope["route"].path, "in").inc(size)
 
 
-def get_upload(request: Request, settings: SettingsDep, pool: PoolDep, metrics: MetricsDep) -> Upload:
-    return Upload(request, settings.max_upload_bytes, pool, metrics)
+def get_upload(request: Request, settings: SettingsDep, pool: PoolDep, metrics: MetricsDep, owner: Owner) -> Upload:
+    return Upload(request, settings.max_upload_bytes, pool, metrics, owner)
 
 
 UploadDep = Annotated[Upload, Depends(get_upload)]

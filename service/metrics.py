@@ -37,6 +37,12 @@ class Metrics:
                                        "running: the replica's load signal", ["device"], registry=r)
         self.device_healthy = Gauge("cdt_device_healthy", "1 while a device takes jobs, 0 after a fatal error",
                                     ["device"], registry=r)
+        self.key_requests_admitted = Gauge("cdt_key_requests_admitted", "requests of a key (its principal) "
+                                           "waiting or running", ["key"], registry=r)
+        self.key_queue_wait_seconds = Histogram("cdt_key_queue_wait_seconds", "time a key's jobs waited for a device",
+                                                ["key"], buckets=LATENCY_BUCKETS, registry=r)
+        self.key_rejected_total = Counter("cdt_key_rejected", "requests refused by a key's own limits",
+                                          ["key", "reason"], registry=r)
         self.device_errors = Counter("cdt_device_errors", "jobs failed by their device", ["device", "kind"],
                                      registry=r)
         self.rejected_total = Counter("cdt_jobs_rejected", "jobs refused or dropped", ["reason"], registry=r)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from model import SPACE_FACTOR, TIME_FACTOR, Tokenizer, dtype_name
 
 from .domain_errors import BadParameter, InvalidInput
+from .memory import padded_pixels
 from .settings import Settings
 from .workers import Admission, WorkerPool
 
@@ -27,12 +28,15 @@ def check_decode_steps(model: Tokenizer, steps: int) -> None:
         raise InvalidInput(str(exc)) from None
 
 
-async def admit(pool: WorkerPool, op: str, height: int, width: int, steps: int = 1) -> tuple[int, Admission]:
+async def admit(pool: WorkerPool, owner: str, op: str, height: int, width: int,
+                steps: int = 1) -> tuple[int, Admission]:
     """A whole-clip request's chunk length (pixel frames), once admitted to a device with the
-    memory that chunk length takes there reserved."""
+    memory that chunk length takes there reserved. Its jobs are bulk work of `owner`, each
+    costing its chunk's pixels times frames times steps (`service.scheduling`)."""
     worker = pool.choose()
     chunking = worker.memory_model.plan(op, height, width, steps)
-    return chunking.chunk_frames, await worker.admit(chunking.bytes)
+    cost = chunking.chunk_frames * padded_pixels(height, width) * steps
+    return chunking.chunk_frames, await worker.admit(chunking.bytes, pool.caller(owner), cost)
 
 
 def model_card(pool: WorkerPool) -> dict:

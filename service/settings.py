@@ -80,8 +80,16 @@ class Settings(EnvSettings):
         "`redis+cluster://host:port` for a Redis Cluster (any node); unset: an in-process store. When set, "
         "`/readyz` pings it"))
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field((), description=(
-        "comma-separated API keys; when set, `/v1/*` needs `Authorization: Bearer <key>` (the probes, "
-        "`/metrics` and the web page need none); unset: auth off"))
+        "comma-separated API keys, each optionally `key:weight`; when set, `/v1/*` needs `Authorization: Bearer "
+        "<key>` (the probes, `/metrics` and the web page need none); unset: auth off. A key's weight (default "
+        "1) is its share of a device against the other keys with work waiting"))
+    key_queue_size: int = Field(4, ge=1, description=(
+        "requests one key (or the anonymous caller) may have waiting or running on the replica; beyond: 429 "
+        "`key_queue_full` with `Retry-After`, while other keys are still served"))
+    key_rate: float = Field(0.0, ge=0, description=(
+        "requests per second one key may send to the model routes (a token bucket of `CDT_KEY_BURST`); beyond: "
+        "429 `key_rate_limited` with `Retry-After`; 0: no rate limit"))
+    key_burst: int = Field(10, ge=1, description="requests one key may send at once above `CDT_KEY_RATE`")
     max_upload_mb: float = Field(256.0, gt=0, description=(
         "largest request body (MiB), enforced while the body streams in; also the largest answer built in "
         "memory (`/v1/frames`, the diffusers routes)"))
@@ -148,7 +156,26 @@ class Settings(EnvSettings):
     def _keys(cls, value):
         if isinstance(value, str):
             value = value.split(",")
-        return tuple(key.strip() for key in value if key.strip())
+        entries = tuple(entry.strip() for entry in value if entry.strip())
+        for entry in entries:
+            _, _, weight = entry.partition(":")
+            try:
+                ok = not weight or 0 < float(weight) < float("inf")
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"a key's weight must be a positive number (`key:weight`), got {weight!r}")
+        return entries
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The API keys, without their weights."""
+        return tuple(entry.partition(":")[0] for entry in self.api_keys)
+
+    @property
+    def key_weights(self) -> dict[str, float]:
+        """Each API key's weight."""
+        return {key: float(weight or 1) for key, _, weight in (entry.partition(":") for entry in self.api_keys)}
 
     @field_validator("redis_url", mode="before")
     @classmethod

@@ -14,7 +14,7 @@ the lowest share of its memory budget reserved); a session's chunk goes to the d
 holds its stream hot, and a stream that has to be built goes where a new request would.
 
 Capacity, per device: `queue_size` admitted requests waiting plus the one running; when no
-device has room, `admit` raises `Overloaded` (429 + Retry-After) at once instead of growing
+device has room, `choose` raises `Overloaded` (429 + Retry-After) at once instead of growing
 memory. An admitted request also reserves its estimated memory on its device
 (`service.memory`) and waits, still counted, until that fits beside the running requests.
 The timeout covers one job's queue wait plus compute: a job still waiting when it expires is
@@ -27,7 +27,9 @@ Device failures: a job that runs the device out of memory fails alone (503
 accelerator error takes the device out of service (503 `device_failed` for its queued jobs;
 `/readyz` fails, and `/healthz` once no device is left).
 
-No batching of same-shape jobs: on CPU one job already uses every core given to its thread.
+Order: each device takes its waiting jobs fairly between callers, session chunks first
+(`service.scheduling`); each caller's own limits are `service.callers`'. No batching of
+same-shape jobs.
 """
 
 from __future__ import annotations
@@ -45,11 +47,13 @@ import torch
 from model import ModelIdentity, Tokenizer
 
 from .budget import MemoryBudget
+from .callers import ANONYMOUS, Callers
 from .devices import DeviceSlot, is_device_failure, is_out_of_memory, release_device_cache
 from .domain_errors import DeviceFailed, DeviceOutOfMemory, Overloaded, Timeout, Unavailable
 from .host import HostPool
 from .memory import MemoryModel, release_free_memory
 from .metrics import Metrics
+from .scheduling import JobQueue
 
 T = TypeVar("T")
 _END = object()  # a stream's generator is exhausted
@@ -57,13 +61,26 @@ _END = object()  # a stream's generator is exhausted
 log = logging.getLogger("cdt.service")
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Whose a request is, as the scheduler sees it (`service.scheduling`)."""
+
+    name: str  # the principal, or the anonymous caller
+    weight: float = 1.0
+    interactive: bool = False  # a session chunk: someone waits on the stream
+
+
+ANONYMOUS_BULK = Caller(ANONYMOUS)
+
+
 class Admission:
     """A request admitted to one device: its queue slot and memory reservation there, and the
-    way to run its jobs. `release()` (idempotent, synchronous so it can run while a response is
-    being cancelled) gives the slot and memory back."""
+    way to run its jobs, each costing `cost` (`service.scheduling`) unless told otherwise.
+    `release()` (idempotent, synchronous so it can run while a response is being cancelled)
+    gives the slot and memory back."""
 
-    def __init__(self, worker: "DeviceWorker", nbytes: int) -> None:
-        self.worker, self.nbytes = worker, nbytes
+    def __init__(self, worker: "DeviceWorker", nbytes: int, caller: Caller, cost: float) -> None:
+        self.worker, self.nbytes, self.caller, self.cost = worker, nbytes, caller, cost
         self._held = True
 
     @property
@@ -71,7 +88,7 @@ class Admission:
         return self.worker.model
 
     async def execute(self, op: str, fn: Callable[[Tokenizer], T]) -> T:
-        return await self.worker.execute(op, fn)
+        return await self.worker.execute(op, fn, self.caller, self.cost)
 
     async def stream(self, op: str, steps: Iterator[T]) -> AsyncIterator[T]:
         """Run a generator of model work, one job per item."""
@@ -81,7 +98,7 @@ class Admission:
     def release(self) -> None:
         if self._held:
             self._held = False
-            self.worker.released(self.nbytes)
+            self.worker.released(self.nbytes, self.caller)
 
 
 @dataclass(eq=False)
@@ -89,6 +106,10 @@ class _Job:
     op: str
     fn: Callable[[Tokenizer], Any]
     future: asyncio.Future
+    caller: str
+    weight: float
+    cost: float
+    interactive: bool
     submitted: float = field(default_factory=time.perf_counter)
     started: bool = False
     abandoned: bool = False  # timed out or cancelled while waiting: skip it
@@ -98,8 +119,9 @@ class DeviceWorker:
     """One device's resident model, model thread, job queue, memory budget and health."""
 
     def __init__(self, slot: DeviceSlot, model: Tokenizer, memory: MemoryModel, queue_size: int, timeout_s: float,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, callers: Callers) -> None:
         self.slot, self.name, self.model, self.memory_model = slot, slot.name, model, memory
+        self.callers = callers
         self.queue_size, self.timeout_s = queue_size, timeout_s
         self.memory = MemoryBudget(memory.budget)
         self.healthy = True
@@ -110,7 +132,7 @@ class DeviceWorker:
         metrics.device_healthy.labels(**self._labels).set(1)
         # Unbounded queue, bounded by `admitted`: counting admitted requests ourselves makes the
         # capacity exact, independent of when the consumer task gets to run.
-        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._queue: JobQueue[_Job] = JobQueue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cdt-model-{slot.name}",
                                             initializer=_model_thread, initargs=(slot,))
         self._consumer: asyncio.Task | None = None
@@ -127,7 +149,7 @@ class DeviceWorker:
 
     @property
     def retry_after_s(self) -> int:
-        return max(1, math.ceil(self._recent_compute_s * (self._queue.qsize() + 1)))
+        return max(1, math.ceil(self._recent_compute_s * (len(self._queue) + 1)))
 
     @property
     def load(self) -> tuple[int, float]:
@@ -140,17 +162,19 @@ class DeviceWorker:
     async def stop(self) -> None:
         """Refuse new jobs, finish the accepted ones, release the thread."""
         self._closing = True
+        self._queue.close()
         if self._consumer is not None:
-            await self._queue.put(None)
             await self._consumer
         self._executor.shutdown(wait=True)
 
-    async def admit(self, nbytes: int) -> Admission:
+    async def admit(self, nbytes: int, caller: Caller = ANONYMOUS_BULK, cost: float = 1.0) -> Admission:
         """A queue slot here, then `nbytes` of this device's budget once they fit (waiting at most
         the timeout). Release the returned Admission when the request is done."""
+        self.callers.check_queue(caller.name, self.retry_after_s)
         self.admitted += 1
+        self.callers.admitted(caller.name, +1)
         self._metrics.requests_admitted.labels(**self._labels).set(self.admitted)
-        admission = Admission(self, 0)
+        admission = Admission(self, 0, caller, cost)
         try:
             await asyncio.wait_for(self.memory.reserve(nbytes), self.timeout_s)
         except asyncio.TimeoutError:
@@ -165,20 +189,23 @@ class DeviceWorker:
         self._metrics.memory_reserved.labels(**self._labels).set(self.memory.reserved)
         return admission
 
-    def released(self, nbytes: int) -> None:
+    def released(self, nbytes: int, caller: Caller) -> None:
         self.admitted -= 1
+        self.callers.admitted(caller.name, -1)
         if nbytes:
             self.memory.release(nbytes)
         self._metrics.requests_admitted.labels(**self._labels).set(self.admitted)
         self._metrics.memory_reserved.labels(**self._labels).set(self.memory.reserved)
 
-    async def execute(self, op: str, fn: Callable[[Tokenizer], T]) -> T:
+    async def execute(self, op: str, fn: Callable[[Tokenizer], T], caller: Caller = ANONYMOUS_BULK,
+                      cost: float = 1.0) -> T:
         """Queue one job of an admitted request and await its result."""
         if not self.healthy:
             raise DeviceFailed(f"device {self.name} has failed and takes no more jobs")
-        job = _Job(op, fn, asyncio.get_running_loop().create_future())
-        self._queue.put_nowait(job)
-        self._metrics.queue_depth.labels(**self._labels).set(self._queue.qsize())
+        job = _Job(op, fn, asyncio.get_running_loop().create_future(), caller.name, caller.weight, cost,
+                   caller.interactive)
+        self._queue.push(job)
+        self._metrics.queue_depth.labels(**self._labels).set(len(self._queue))
         try:
             # shield: a timeout must not cancel the future the worker will complete.
             return await asyncio.wait_for(asyncio.shield(job.future), self.timeout_s)
@@ -200,9 +227,7 @@ class DeviceWorker:
 
     async def _consume(self) -> None:
         while (job := await self._queue.get()) is not None:
-            self._metrics.queue_depth.labels(**self._labels).set(self._queue.qsize())
-            if job.abandoned:
-                continue
+            self._metrics.queue_depth.labels(**self._labels).set(len(self._queue))
             if not self.healthy:
                 job.future.set_exception(DeviceFailed(f"device {self.name} failed before this job ran"))
                 continue
@@ -211,7 +236,9 @@ class DeviceWorker:
     async def _execute(self, job: _Job) -> None:
         loop = asyncio.get_running_loop()
         job.started = True
-        self._metrics.queue_wait_seconds.labels(job.op, self.name).observe(time.perf_counter() - job.submitted)
+        waited = time.perf_counter() - job.submitted
+        self._metrics.queue_wait_seconds.labels(job.op, self.name).observe(waited)
+        self._metrics.key_queue_wait_seconds.labels(job.caller).observe(waited)
         in_flight = self._metrics.in_flight.labels(**self._labels)
         in_flight.inc()
         start = time.perf_counter()
@@ -250,11 +277,15 @@ class DeviceWorker:
             with torch.inference_mode():
                 return fn(self.model)
         except Exception as exc:
-            if is_out_of_memory(exc):
-                release_device_cache(self.slot.device)  # what the failed job allocated, for the next ones
-            raise
+            if not is_out_of_memory(exc):
+                raise
+            message = str(exc)
         finally:
             release_free_memory()
+        # Out of the except block: the error's traceback, whose frames hold the failed job's
+        # tensors, is gone, so the cache can give their blocks back to the device.
+        release_device_cache(self.slot.device)
+        raise torch.OutOfMemoryError(message)
 
 
 def _model_thread(slot: DeviceSlot) -> None:
@@ -273,8 +304,9 @@ class WorkerPool:
     what every copy shares (config, dtype, the model's own checks): jobs run on their worker's
     copy."""
 
-    def __init__(self, workers: list[DeviceWorker], identity: ModelIdentity, host: HostPool, metrics: Metrics) -> None:
-        self.workers, self.identity, self.host = workers, identity, host
+    def __init__(self, workers: list[DeviceWorker], identity: ModelIdentity, host: HostPool, callers: Callers,
+                 metrics: Metrics) -> None:
+        self.workers, self.identity, self.host, self.callers = workers, identity, host, callers
         self.model = workers[0].model
         self._metrics = metrics
         self._closing = False
@@ -287,6 +319,9 @@ class WorkerPool:
     @property
     def healthy(self) -> list[DeviceWorker]:
         return [worker for worker in self.workers if worker.healthy]
+
+    def caller(self, name: str, interactive: bool = False) -> Caller:
+        return Caller(name, self.callers.weight(name), interactive)
 
     def worker(self, name: str) -> DeviceWorker | None:
         return next((w for w in self.workers if w.name == name), None)
@@ -320,6 +355,9 @@ class WorkerPool:
                              retry)
         return min(roomy, key=lambda worker: worker.load)
 
-    def check_capacity(self) -> None:
-        """Raise now if a request would be refused: lets routes reject before reading a body."""
-        self.choose()
+    def check_capacity(self, caller: str) -> None:
+        """Raise now if `caller`'s request would be refused, and count it against the caller's
+        rate: lets routes reject before reading a body."""
+        worker = self.choose()
+        self.callers.check_queue(caller, worker.retry_after_s)
+        self.callers.take_token(caller)

@@ -23,7 +23,8 @@ import torch
 
 from media import encode_chunks
 from model import from_pretrained
-from service import Settings, create_app
+from service import Settings
+from service.callers import Callers
 from service.devices import DeviceSetupError, resolve, slots
 from service.domain_errors import Timeout, Unavailable
 from service.host import HostPool
@@ -49,9 +50,10 @@ def served(tiny_checkpoint):
 def make_pool(served, queue_size: int, timeout_s: float, memory_bytes: int, devices=("cpu",)) -> WorkerPool:
     model, identity = served
     metrics = Metrics()
+    callers = Callers({}, queue_limit=2 * queue_size * len(devices), rate=0, burst=1, metrics=metrics)
     workers = [DeviceWorker(slot, model, MemoryModel(model.config.preset, "cpu", memory_bytes), queue_size, timeout_s,
-                            metrics) for slot in slots([torch.device(d) for d in devices])]
-    return WorkerPool(workers, identity, HostPool(1, metrics), metrics)
+                            metrics, callers) for slot in slots([torch.device(d) for d in devices])]
+    return WorkerPool(workers, identity, HostPool(1, metrics), callers, metrics)
 
 
 async def run(pool: WorkerPool, op: str, fn):
@@ -154,7 +156,7 @@ def test_requests_go_to_the_least_loaded_device_and_stop_finishes_them_all(serve
         admissions = [await pool.choose().admit(0) for _ in range(4)]  # two per device: the queue limit
         placed = [a.worker.name for a in admissions]
         with pytest.raises(Exception) as full:
-            pool.check_capacity()
+            pool.check_capacity("anonymous")
         jobs = [asyncio.ensure_future(a.execute("job", sleeper(0.05 * (i + 1), ran)))
                 for i, a in enumerate(admissions)]
         await asyncio.sleep(0.01)

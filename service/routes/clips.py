@@ -34,7 +34,7 @@ from ..auth import AUTH_ERRORS
 from ..bodies import FRAME_FORMATS, MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, BodyFormat, ClipOptions, open_frames, \
     open_latents
 from ..deps import FpsQuery, FramesQuery, LimitsDep, MetricsDep, PoolDep, SeedQuery, SettingsDep, SizeQuery, \
-    StepsQuery, UploadDep, require_api_key
+    Owner, StepsQuery, UploadDep, require_api_key
 from ..domain_errors import ClientGone
 from ..errors import error_responses
 from ..host import HostPool, settle
@@ -81,6 +81,7 @@ async def _client_gone(request: Request, metrics: Metrics, op: str) -> bool:
 async def encode(
     request: Request,
     upload: UploadDep,
+    owner: Owner,
     limits: LimitsDep,
     pool: PoolDep,
     metrics: MetricsDep,
@@ -94,7 +95,7 @@ async def encode(
     host = pool.host
     try:
         source = await host.run(f"open_{body.format.value}", open_frames, body, ClipOptions(frames, size, fps), limits)
-        chunk, admission = await admit(pool, "encode", source.height, source.width)
+        chunk, admission = await admit(pool, owner, "encode", source.height, source.width)
         try:
             encoder = ClipEncoder(admission.model, pool.identity.content_hash)
             # Container decoding of chunk i+1 on the host pool overlaps the model's work on chunk i.
@@ -148,6 +149,7 @@ async def _send(header: bytes, data: Iterator[bytes], close) -> AsyncIterator[by
 async def decode(
     request: Request,
     upload: UploadDep,
+    owner: Owner,
     limits: LimitsDep,
     settings: SettingsDep,
     pool: PoolDep,
@@ -164,7 +166,7 @@ async def decode(
     try:
         source = await host.run("open_latents", open_latents, body, pool.identity.content_hash, limits)
         info = source.info
-        chunk, admission = await admit(pool, "decode", info.height, info.width, steps)
+        chunk, admission = await admit(pool, owner, "decode", info.height, info.width, steps)
         check_decode_steps(pool.model, steps)
         output = FrameStream(format, info.frames, info.height, info.width, info.fps)
         decoder = ClipDecoder(admission.model, pool.identity.content_hash, info, steps, seed)

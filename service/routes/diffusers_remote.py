@@ -39,7 +39,8 @@ from model import LATENT_CHANNELS, SPACE_FACTOR, decode_chunk_latents, outputs_f
 
 from ..auth import AUTH_ERRORS
 from ..bodies import DEFAULT_FPS, MP4, Limits, check_min_side
-from ..deps import LimitsDep, MetricsDep, PoolDep, SeedQuery, SettingsDep, StepsQuery, UploadDep, require_api_key
+from ..deps import LimitsDep, MetricsDep, Owner, PoolDep, SeedQuery, SettingsDep, StepsQuery, UploadDep, \
+    require_api_key
 from ..domain_errors import BadParameter, InvalidInput, TooLarge, UnsupportedFormat
 from ..ops import admit, check_decode_steps, check_steps
 from ..responses import render_frames
@@ -84,6 +85,7 @@ Factor = Annotated[float | None, Query(description="diffusers' VAE normalisation
 async def diffusers_decode(
     request: Request,
     upload: UploadDep,
+    owner: Owner,
     limits: LimitsDep,
     settings: SettingsDep,
     pool: PoolDep,
@@ -116,7 +118,7 @@ async def diffusers_decode(
     accept = request.headers.get("accept", "")
     _check_answer(info.frames, info.height, info.width, image=output_type == "pil" and TENSOR_TYPE not in accept,
                   limit=settings.max_upload_bytes)
-    chunk, admission = await admit(pool, "decode", info.height, info.width, steps)
+    chunk, admission = await admit(pool, owner, "decode", info.height, info.width, steps)
     try:
         check_decode_steps(model, steps)
         parts = _chunks(latents, decode_chunk_latents(chunk))  # as /v1/decode cuts them
@@ -146,6 +148,7 @@ async def diffusers_decode(
 async def diffusers_encode(
     request: Request,
     upload: UploadDep,
+    owner: Owner,
     limits: LimitsDep,
     pool: PoolDep,
     metrics: MetricsDep,
@@ -164,7 +167,7 @@ async def diffusers_encode(
         if image:
             video = video.unsqueeze(2)
     _check_frames(video, limits)
-    chunk, admission = await admit(pool, "encode", *video.shape[3:])
+    chunk, admission = await admit(pool, owner, "encode", *video.shape[3:])
     try:
         parts = _chunks(video, chunk)
         parts = encode_chunks(admission.model, pool.identity.content_hash, parts)

@@ -51,7 +51,8 @@ FRAMES_BODY = binary_body("As for /v1/encode: a video container (`video/*`), or 
                         "CDT_MAX_FRAMES or CDT_MAX_SIDE, or frames over the upload limit",
                    415: MODEL_ERRORS[415],
                    422: "`undecodable_video`, `invalid_tensor`, `video_too_small`, `too_few_frames`",
-                   429: "`overloaded`: the job queue is full (checked before the body is read)",
+                   429: "`overloaded`, `key_queue_full`, `key_rate_limited`: the job queue or this key's own "
+                        "limits are full (checked before the body is read)",
                    503: "`not_ready`, `shutting_down`"}, headers={429: RETRY_AFTER})},
 )
 async def frames(

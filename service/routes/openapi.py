@@ -17,8 +17,10 @@ MODEL_ERRORS = {
          "CDT_MAX_SIDE, or no chunk fits the memory budget (then `details`: estimate_bytes, budget_bytes, "
          "max_pixels, max_square_side)",
     415: "`unsupported_media_type`: a content type not listed here, an image, or magic bytes that contradict it",
-    429: "`overloaded`: the job queue is full",
-    503: "`not_ready`, `shutting_down`, `queue_timeout` (no model slot or memory within CDT_REQUEST_TIMEOUT_S)",
+    429: "`overloaded`: the job queue is full on every device; `key_queue_full`, `key_rate_limited`: this key is over "
+         "its own queue (CDT_KEY_QUEUE_SIZE) or rate (CDT_KEY_RATE) while other keys are served",
+    503: "`not_ready`, `shutting_down`, `queue_timeout` (no model slot or memory within CDT_REQUEST_TIMEOUT_S), "
+         "`device_out_of_memory` (with Retry-After), `device_failed`",
     504: "`compute_timeout`: a model job ran over CDT_REQUEST_TIMEOUT_S",
 }
 

@@ -155,5 +155,5 @@ async def finish_session(
     sessions: SessionsDep,
     format: Annotated[Format | None, Query(description="encode: latents format of the flushed tail")] = None,
 ) -> Response:
-    sessions.check_capacity()
+    sessions.check_capacity(owner)
     return _response(await sessions.finish(session_id, owner, format))

@@ -22,6 +22,7 @@ from model import CacheFormatError, CacheMismatchError, Tokenizer, dtype_name
 
 from ..bodies import Body, Limits
 from ..domain_errors import Conflict, NotFound, Overloaded, SeqOutOfOrder, TooLarge
+from ..memory import padded_pixels
 from ..metrics import Metrics
 from ..ops import check_steps
 from ..settings import Settings
@@ -53,9 +54,9 @@ class SessionService:
     async def close(self) -> None:
         await self.snapshots.close()
 
-    def check_capacity(self) -> None:
+    def check_capacity(self, owner: str) -> None:
         """Raise now if a chunk would be refused for lack of room: lets routes refuse before reading a body."""
-        self.pool.check_capacity()
+        self.pool.check_capacity(owner)
 
     async def ping_store(self) -> None:
         await self.store.ping()
@@ -244,8 +245,11 @@ class SessionService:
             return current, kind.to_host(output), rebuild_s
 
         frames, height, width = kind.job_shape(record, chunk)
-        admission = await worker.admit(worker.memory_model.chunk_bytes(kind.name, height, width, frames,
-                                                                       kind.steps(record)))
+        steps = kind.steps(record)
+        # Interactive work of the session's owner, costing its pixels times frames times steps.
+        admission = await worker.admit(worker.memory_model.chunk_bytes(kind.name, height, width, frames, steps),
+                                       self.pool.caller(record.owner, interactive=True),
+                                       padded_pixels(height, width) * frames * steps)
         try:
             current, output, rebuild_s = await admission.execute(f"session_{kind.name}", job)
         except (CacheMismatchError, CacheFormatError) as exc:
