@@ -38,6 +38,7 @@ SUITE: dict[str, list[str]] = {
     "request_memory": [],
     "http_overhead": [],
     "device_pool": [],
+    "fairness": [],
     "session_cost": [],
     "load_test": [],
     "train_speed": [],
@@ -110,6 +111,10 @@ def targets() -> list[dict]:
     if pool:
         add("single-request latency (17 frames, encode and decode) vs the service before the host pool", "<= 1.05x",
             f"{pool['latency_ratio']:.3f}x (worst)", pool["latency_ratio"] <= 1.05, "device_pool")
+    fairness = report.load("fairness")
+    if fairness:
+        add("key B's p99 latency while key A floods / alone", "<= 3x", f"{fairness['fair_p99_ratio']:.2f}x",
+            fairness["fair_p99_ratio"] <= 3, "fairness")
     requests = report.load("request_memory")
     if requests:
         frames = sorted({r["frames"] for r in requests["rows"]})
