@@ -6,7 +6,7 @@ first-in-first-out across keys.
 
 Every request is a whole-clip encode of 17 frames of 128x128 (npy in): three model jobs.
 
-    python -m benchmarks.fairness [--base REF] [--requests 20]
+    python -m benchmarks.fairness [--base REF] [--requests 12]
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def latencies(url: str, body: bytes, requests: int, flood: bool) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default=None, help="the git revision with first-in-first-out scheduling")
-    parser.add_argument("--requests", type=int, default=20, help="key B's requests per measurement")
+    parser.add_argument("--requests", type=int, default=12, help="key B's requests per measurement")
     args = parser.parse_args()
     base = subprocess.run(["git", "rev-parse", "--short", args.base or added_before("service/scheduling.py")],
                           cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
@@ -131,7 +131,7 @@ def main() -> None:
     fair_ratio = percentile(results["fair"], 99) / alone_p99
     notes = (f"Whole-clip encodes of {FRAMES}x{SIDE}x{SIDE} (3 model jobs each), tiny preset (random init), fp32, "
              f"one CPU worker. Key B sends {args.requests} requests one after another; key A keeps {FLOOD} requests "
-             "in flight throughout. p99 of 20 samples is their maximum.")
+             "in flight throughout. The p99 of so few samples is their maximum.")
     path = report.write("fairness", "python -m benchmarks.fairness", {"latencies": results, "base": base,
                                                                       "fair_p99_ratio": fair_ratio},
                         rows, notes, measures=MEASURES)
