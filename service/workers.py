@@ -75,7 +75,7 @@ ANONYMOUS_BULK = Caller(ANONYMOUS)
 
 class Admission:
     """A request admitted to one device: its queue slot and memory reservation there, and the
-    way to run its jobs, each costing `cost` (`service.scheduling`) unless told otherwise.
+    way to run its jobs, each costing `cost` (`service.scheduling`).
     `release()` (idempotent, synchronous so it can run while a response is being cancelled)
     gives the slot and memory back."""
 
