@@ -3,7 +3,7 @@
 from .cache import CacheFormatError, FeatureCache
 from .checkpoint import (DEFAULT_CHECKPOINT, CheckpointError, ModelIdentity, Pretrained, from_pretrained,
                          record_receptive_field, save_pretrained)
-from .config import LATENT_CHANNELS, NUM_TIMESTEPS, PRESETS, SPACE_FACTOR, TIME_FACTOR, CDTConfig
+from .config import LATENT_CHANNELS, NUM_TIMESTEPS, PRESETS, SPACE_FACTOR, TIME_FACTOR, CDTConfig, Level
 from .diffusion import CosineSchedule, frame_noise
 from .layers import ResnetBlock
 from .streaming import (CacheMismatchError, ReceptiveField, StreamingDecoder, StreamingEncoder, decode_chunk_latents,
@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_CHECKPOINT",
     "FeatureCache",
     "LATENT_CHANNELS",
+    "Level",
     "ModelIdentity",
     "NUM_TIMESTEPS",
     "PRESETS",
