@@ -5,6 +5,7 @@ from .checkpoint import (DEFAULT_CHECKPOINT, CheckpointError, ModelIdentity, Pre
                          record_receptive_field, save_pretrained)
 from .config import LATENT_CHANNELS, NUM_TIMESTEPS, PRESETS, SPACE_FACTOR, TIME_FACTOR, CDTConfig, Level
 from .diffusion import CosineSchedule, frame_noise
+from .growth import freeze_below, load_below, top_level
 from .layers import ResnetBlock
 from .streaming import (CacheMismatchError, ReceptiveField, StreamingDecoder, StreamingEncoder, decode_chunk_latents,
                         group_size, inputs_for, measure_receptive_field, outputs_for, pad_frames, resume_position,
@@ -43,9 +44,11 @@ __all__ = [
     "decode_chunk_latents",
     "dtype_name",
     "frame_noise",
+    "freeze_below",
     "from_pretrained",
     "group_size",
     "inputs_for",
+    "load_below",
     "measure_receptive_field",
     "outputs_for",
     "pad_frames",
@@ -56,4 +59,5 @@ __all__ = [
     "resume_position",
     "save_pretrained",
     "settled_inputs",
+    "top_level",
 ]

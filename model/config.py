@@ -55,6 +55,17 @@ class Level:
         return Level(int(width), int(blocks))
 
 
+def frames_rule(time_factor: int) -> str:
+    """The frame counts a model of `time_factor` takes, in words: "1+8k (1, 9, 17, ...)"."""
+    return f"1+{time_factor}k ({', '.join(str(1 + time_factor * k) for k in range(3))}, ...)"
+
+
+def check_frames(frames: int, time_factor: int) -> None:
+    """ValueError unless a clip of `frames` frames follows the rule 1 + time_factor*k."""
+    if frames < 1 or (frames - 1) % time_factor:
+        raise ValueError(f"video frame count must be {frames_rule(time_factor)}, got {frames}")
+
+
 def _stages(*specs: tuple[int, int, int]) -> tuple[Stage, ...]:
     return tuple(Stage.parse(s) for s in specs)
 
@@ -125,10 +136,7 @@ class CDTConfig:
 
     def check_frames(self, frames: int) -> None:
         """ValueError unless `frames` follows this model's rule, 1 + time_factor*k."""
-        f = self.time_factor
-        if frames < 1 or (frames - 1) % f:
-            raise ValueError(f"video frame count must be 1+{f}k ({', '.join(str(1 + f * k) for k in range(3))}, ...), "
-                             f"got {frames}")
+        check_frames(frames, self.time_factor)
 
     def below(self) -> "CDTConfig":
         """The config this one was grown from: its levels but the top one."""
