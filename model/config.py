@@ -134,6 +134,16 @@ class CDTConfig:
         Clips have 1 + time_factor*k frames and encode to 1 + k latent frames."""
         return TIME_FACTOR * 2 ** len(self.levels)
 
+    @property
+    def compression(self) -> str:
+        """Time x height x width compression, e.g. "8x8x8"."""
+        return f"{self.time_factor}x{SPACE_FACTOR}x{SPACE_FACTOR}"
+
+    @property
+    def frames_rule(self) -> str:
+        """The frame counts this model encodes, in words: "1+8k (1, 9, 17, ...)"."""
+        return frames_rule(self.time_factor)
+
     def check_frames(self, frames: int) -> None:
         """ValueError unless `frames` follows this model's rule, 1 + time_factor*k."""
         check_frames(frames, self.time_factor)

@@ -231,3 +231,15 @@ def test_a_resumed_stream_equals_the_uninterrupted_one_past_its_receptive_field(
     resumed.push(video[:, :, 1 : 1 + field])
     assert resumed.cache.equals(full.cache)
     assert torch.equal(resumed.push(video[:, :, 1 + field :]), full.push(video[:, :, 1 + field :]))
+
+
+def test_cdt_info_shows_the_compression_and_frames_rule(t8_checkpoint, capsys):
+    from cli.main import main
+
+    assert main(["info", "--checkpoint", str(t8_checkpoint), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["levels"] == 1 and report["compression"]["txhxw"] == "8x8x8"
+    assert report["frames_rule"] == "1+8k (1, 9, 17, ...)"
+    assert main(["info", "--preset", "tiny", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["compression"]["txhxw"], report["frames_rule"]) == ("4x8x8", "1+4k (1, 5, 9, ...)")
