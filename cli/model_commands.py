@@ -6,13 +6,17 @@ import json
 
 import torch
 
-from model import PRESETS, CDTConfig, build_model, save_pretrained
+from model import PRESETS, SPACE_FACTOR, CDTConfig, build_model, save_pretrained
+from model.checkpoint import read_header
 
 
 def register(sub) -> None:
-    info = sub.add_parser("info", help="parameter counts of a preset, counted from the built model")
-    info.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    info.add_argument("--kind", default="cdt", choices=("cdt", "vae"))
+    info = sub.add_parser("info", help="parameter counts and compression of a preset or a checkpoint, counted "
+                                       "from the built model")
+    which = info.add_mutually_exclusive_group(required=True)
+    which.add_argument("--preset", choices=sorted(PRESETS))
+    which.add_argument("--checkpoint", metavar="DIR", help="a checkpoint directory (its config: grown levels too)")
+    info.add_argument("--kind", default="cdt", choices=("cdt", "vae"), help="with --preset (default cdt)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(run=run_info)
 
@@ -26,10 +30,16 @@ def register(sub) -> None:
 
 
 def run_info(args) -> int:
-    config = CDTConfig.from_preset(args.preset)
-    model = build_model(config, args.kind)
-    report = {"preset": args.preset, "kind": args.kind, **model.parameter_counts(),
-              "compression": {"time": 4, "space": 8, "latent_channels": config.latent_channels}}
+    if args.checkpoint:
+        header = read_header(args.checkpoint)
+        config, kind = CDTConfig.from_dict(header["config"]), header.get("kind", "cdt")
+    else:
+        config, kind = CDTConfig.from_preset(args.preset), args.kind
+    model = build_model(config, kind)
+    report = {"preset": config.preset, "kind": kind, **model.parameter_counts(), "levels": len(config.levels),
+              "compression": {"txhxw": config.compression, "time": config.time_factor, "space": SPACE_FACTOR,
+                              "latent_channels": config.latent_channels},
+              "frames_rule": config.frames_rule}
     if args.json:
         print(json.dumps(report))
     else:

@@ -3,8 +3,9 @@
 from .cache import CacheFormatError, FeatureCache
 from .checkpoint import (DEFAULT_CHECKPOINT, CheckpointError, ModelIdentity, Pretrained, from_pretrained,
                          record_receptive_field, save_pretrained)
-from .config import LATENT_CHANNELS, NUM_TIMESTEPS, PRESETS, SPACE_FACTOR, TIME_FACTOR, CDTConfig
+from .config import LATENT_CHANNELS, NUM_TIMESTEPS, PRESETS, SPACE_FACTOR, TIME_FACTOR, CDTConfig, Level
 from .diffusion import CosineSchedule, frame_noise
+from .growth import freeze_below, load_below, top_level
 from .layers import ResnetBlock
 from .streaming import (CacheMismatchError, ReceptiveField, StreamingDecoder, StreamingEncoder, decode_chunk_latents,
                         group_size, inputs_for, measure_receptive_field, outputs_for, pad_frames, push_together,
@@ -22,6 +23,7 @@ __all__ = [
     "DEFAULT_CHECKPOINT",
     "FeatureCache",
     "LATENT_CHANNELS",
+    "Level",
     "ModelIdentity",
     "NUM_TIMESTEPS",
     "PRESETS",
@@ -42,9 +44,11 @@ __all__ = [
     "decode_chunk_latents",
     "dtype_name",
     "frame_noise",
+    "freeze_below",
     "from_pretrained",
     "group_size",
     "inputs_for",
+    "load_below",
     "measure_receptive_field",
     "outputs_for",
     "pad_frames",
@@ -56,4 +60,5 @@ __all__ = [
     "resume_position",
     "save_pretrained",
     "settled_inputs",
+    "top_level",
 ]

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LATENT_CHANNELS = 16
+# The base encoder's temporal factor (two 2x time downsamplings); a config with growth
+# levels compresses time by 2x more per level (`CDTConfig.time_factor`).
 TIME_FACTOR = 4
 SPACE_FACTOR = 8
 # Diffusion levels of every preset, hence the most DDIM steps a decode can take.
@@ -33,6 +35,35 @@ class Stage:
             return Stage(**spec)
         width, space, time = spec
         return Stage(int(width), bool(space), bool(time))
+
+
+@dataclass(frozen=True)
+class Level:
+    """One grown temporal level (model/encoder.py `TimeLevel`): its feature width and the
+    ResnetBlocks after its stride-2 time downsample and mixing."""
+
+    width: int
+    blocks: int = 1
+
+    @staticmethod
+    def parse(spec: Any) -> "Level":
+        if isinstance(spec, Level):
+            return spec
+        if isinstance(spec, dict):
+            return Level(**spec)
+        width, blocks = spec
+        return Level(int(width), int(blocks))
+
+
+def frames_rule(time_factor: int) -> str:
+    """The frame counts a model of `time_factor` takes, in words: "1+8k (1, 9, 17, ...)"."""
+    return f"1+{time_factor}k ({', '.join(str(1 + time_factor * k) for k in range(3))}, ...)"
+
+
+def check_frames(frames: int, time_factor: int) -> None:
+    """ValueError unless a clip of `frames` frames follows the rule 1 + time_factor*k."""
+    if frames < 1 or (frames - 1) % time_factor:
+        raise ValueError(f"video frame count must be {frames_rule(time_factor)}, got {frames}")
 
 
 def _stages(*specs: tuple[int, int, int]) -> tuple[Stage, ...]:
@@ -64,10 +95,14 @@ class CDTConfig:
     # Deterministic baseline decoder widths (mirror of the encoder, coarse to fine).
     vae_decoder_stages: tuple[Stage, ...] = field(default_factory=tuple)
     latent_channels: int = LATENT_CHANNELS
+    # Temporal levels grown on top of the 4x model, each halving the latent frame rate
+    # (../shared/docs/progressive-growing.md): () is the 4x model, one level 8x, two 16x.
+    levels: tuple[Level, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("encoder_stages", "adapter_stages", "unet_stages", "vae_decoder_stages"):
             object.__setattr__(self, name, tuple(Stage.parse(s) for s in getattr(self, name)))
+        object.__setattr__(self, "levels", tuple(Level.parse(v) for v in self.levels))
         for name in ("kl_branch", "lift_branch"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         self.validate()
@@ -89,10 +124,48 @@ class CDTConfig:
         for name in ("spatial_upsample", "unet_upsample"):
             if getattr(self, name) not in ("transposed", "nearest"):
                 raise ValueError(f"{name} must be 'transposed' or 'nearest'")
+        for level in self.levels:
+            if level.width < 1 or level.blocks < 0:
+                raise ValueError(f"a level needs a positive width and blocks >= 0, got {level}")
+
+    @property
+    def time_factor(self) -> int:
+        """Pixel frames per latent frame after a clip's first: 4 doubled per grown level.
+        Clips have 1 + time_factor*k frames and encode to 1 + k latent frames."""
+        return TIME_FACTOR * 2 ** len(self.levels)
+
+    @property
+    def compression(self) -> str:
+        """Time x height x width compression, e.g. "8x8x8"."""
+        return f"{self.time_factor}x{SPACE_FACTOR}x{SPACE_FACTOR}"
+
+    @property
+    def frames_rule(self) -> str:
+        """The frame counts this model encodes, in words: "1+8k (1, 9, 17, ...)"."""
+        return frames_rule(self.time_factor)
+
+    def check_frames(self, frames: int) -> None:
+        """ValueError unless `frames` follows this model's rule, 1 + time_factor*k."""
+        check_frames(frames, self.time_factor)
+
+    def below(self) -> "CDTConfig":
+        """The config this one was grown from: its levels but the top one."""
+        if not self.levels:
+            raise ValueError("a config without levels was not grown from another")
+        return dataclasses.replace(self, levels=self.levels[:-1])
+
+    def grown(self, level: Level) -> "CDTConfig":
+        """This config with `level` on top: 2x more temporal compression."""
+        return dataclasses.replace(self, levels=(*self.levels, Level.parse(level)))
 
     # --- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not self.levels:
+            # The 4x configs serialise as they did before levels existed, so their JSON,
+            # and the content hash over it, is unchanged.
+            del data["levels"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -74,11 +74,16 @@ class UpStage(nn.Module):
 
 
 class ConditionAdapter(nn.Module):
-    """Latents -> 4 context maps, finest first, shaped like the inputs of U-Net stages 0-3."""
+    """Latents -> 4 context maps, finest first, shaped like the inputs of U-Net stages 0-3.
+
+    A grown model (`config.levels`) first brings its latents back to the 4x rate with one
+    TimeUpsample per level, the top level's first; the rest is the 4x adapter."""
 
     def __init__(self, config: CDTConfig) -> None:
         super().__init__()
         pad = config.time_pad
+        # Indexed by level, so a model grown further keeps the names of the levels below.
+        self.time_up = nn.ModuleList(TimeUpsample(config.latent_channels) for _ in config.levels)
         self.lift = Lift(config.latent_channels, config.lift_branch, pad)
         self.stages = nn.ModuleList()
         cin = config.lift_branch[-1]
@@ -99,6 +104,8 @@ class ConditionAdapter(nn.Module):
         )
 
     def forward(self, z: torch.Tensor, cache: Cache = None) -> list[torch.Tensor]:
+        for up in reversed(self.time_up):
+            z = up(z, cache)
         h = self.lift(z, cache)
         maps = []
         for stage in self.stages:

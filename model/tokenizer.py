@@ -1,8 +1,9 @@
 """The tokenizers: CDT (diffusion decoder) and the deterministic VAE baseline.
 
 Both share the encoder and the public API:
-  encode(video) -> latents          video (B,3,1+4k,H,W) in [-1,1], H,W % 8 == 0
-  decode(latents, steps, seed)      latents (B,16,1+k,H/8,W/8) -> video (B,3,1+4k,H,W)
+  encode(video) -> latents          video (B,3,1+fk,H,W) in [-1,1], H,W % 8 == 0
+  decode(latents, steps, seed)      latents (B,16,1+k,H/8,W/8) -> video (B,3,1+fk,H,W)
+with f the config's time_factor (4, or 8, 16 for grown levels)
 and a chunk-level `decode_chunk` that the streaming decoder calls with a cache.
 
 What differs between the kinds is a method each overrides, so no caller tests `kind`:
@@ -18,7 +19,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import nn
 
-from .config import SPACE_FACTOR, TIME_FACTOR, CDTConfig
+from .config import SPACE_FACTOR, TIME_FACTOR, CDTConfig, check_frames
 from .decoder import ConditionAdapter, TimeEmbedding, UNet, UpStage
 from .diffusion import CosineSchedule, frame_noise
 from .encoder import Encoder, KLHead, Posterior, ResnetChain
@@ -64,7 +65,9 @@ def cuda_bf16_is_fast(capability: tuple[int, int]) -> bool:
     return tuple(capability) >= BF16_TENSOR_CORES
 
 
-def validate_video(video: torch.Tensor) -> None:
+def validate_video(video: torch.Tensor, time_factor: int = TIME_FACTOR) -> None:
+    """ValueError unless `video` is a clip a model of `time_factor` encodes (a model's own
+    is `config.time_factor`; the default is the base 4x model's)."""
     if not isinstance(video, torch.Tensor) or video.dim() != 5:
         shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
         raise ValueError(f"video must be a 5-D tensor (B,3,T,H,W), got {shape}")
@@ -73,8 +76,7 @@ def validate_video(video: torch.Tensor) -> None:
         raise ValueError(f"video must have 3 channels (RGB) in dim 1, got {c}")
     if not video.is_floating_point():
         raise ValueError(f"video must be a float tensor in [-1,1], got {video.dtype}")
-    if t < 1 or (t - 1) % TIME_FACTOR:
-        raise ValueError(f"video frame count must be 1+4k (1, 5, 9, ...), got {t}")
+    check_frames(t, time_factor)
     if h < SPACE_FACTOR or w < SPACE_FACTOR or h % SPACE_FACTOR or w % SPACE_FACTOR:
         raise ValueError(f"video height and width must be positive multiples of 8, got {h}x{w}")
 
@@ -91,11 +93,11 @@ def validate_latents(latents: torch.Tensor, channels: int, allow_empty: bool = F
         raise ValueError(f"latents have an empty dimension: {tuple(latents.shape)}")
 
 
-def pixel_frames(latent_frames: int, first_chunk: bool) -> int:
-    """Pixel frames decoded from a chunk of latent frames."""
+def pixel_frames(latent_frames: int, first_chunk: bool, time_factor: int = TIME_FACTOR) -> int:
+    """Pixel frames decoded from a chunk of latent frames by a model of `time_factor`."""
     if latent_frames == 0:
         return 0
-    return 1 + TIME_FACTOR * (latent_frames - 1) if first_chunk else TIME_FACTOR * latent_frames
+    return 1 + time_factor * (latent_frames - 1) if first_chunk else time_factor * latent_frames
 
 
 class TrainingExample(NamedTuple):
@@ -163,7 +165,7 @@ class Tokenizer(nn.Module):
     def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None):
         """Latents of a whole clip on any device, on the model's device: the posterior mean, or
         with `sample` a draw by `generator` (on any device)."""
-        validate_video(video)
+        validate_video(video, self.config.time_factor)
         post = self.posterior(video)
         return post.sample(generator) if sample else post.mean
 
@@ -224,16 +226,16 @@ class CDT(Tokenizer):
         `start` may be given per batch item (streams decoded together, `push_together`): each
         item's noise is then its own stream's, as if decoded alone."""
         b, _, t_lat, h, w = latents.shape
+        size = (h * SPACE_FACTOR, w * SPACE_FACTOR)
         if isinstance(seed, int) and isinstance(start, int):
             first = start == 0
-            noise = frame_noise(seed, start, pixel_frames(t_lat, first), (b, 3, h * SPACE_FACTOR, w * SPACE_FACTOR))
+            noise = frame_noise(seed, start, pixel_frames(t_lat, first, self.config.time_factor), (b, 3, *size))
         else:
             first = start[0] == 0
             if len(seed) != b or len(start) != b or any((s == 0) != first for s in start):
                 raise ValueError("per-item seeds and starts need one of each per item, all first chunks or none")
-            n = pixel_frames(t_lat, first)
-            noise = torch.cat([frame_noise(s, i, n, (1, 3, h * SPACE_FACTOR, w * SPACE_FACTOR))
-                               for s, i in zip(seed, start)])
+            n = pixel_frames(t_lat, first, self.config.time_factor)
+            noise = torch.cat([frame_noise(s, i, n, (1, 3, *size)) for s, i in zip(seed, start)])
         x = (self.config.noise_scale * noise).to(self.device)
         contexts = self.contexts(latents, cache)
         timesteps = self.schedule.ddim_timesteps(steps)

@@ -500,6 +500,46 @@ def test_init_from_starts_a_run_from_a_checkpoint(clip_dir, tmp_path):
 
 
 
+GROWN = {"model.levels": [{"width": 96, "blocks": 1}], "stages.0.frames": 9, "val.frames": 9}
+
+
+def test_a_grown_run_starts_from_the_model_below_and_trains_its_top_level_alone(clip_dir, tmp_path, tiny_field):
+    """Stage 1 of growing 8x on a 4x checkpoint: the 4x weights stay as they were, the top
+    level learns; the export is an 8x checkpoint that starts stage 2 (same config)."""
+    torch.manual_seed(12345)
+    below = tmp_path / "below"
+    save_pretrained(build_model(CDTConfig.from_preset("tiny"), "cdt"), below, receptive_field=tiny_field)
+    config = tiny_config(clip_dir, tmp_path / "cache", **GROWN, **{"model.init_from": str(below),
+                                                                  "model.train": "top_level"})
+    model, _ = train(prepare_run(tmp_path / "grow", config), stop_at=1, progress=False)
+    source = from_pretrained(below).model.state_dict()
+    torch.manual_seed(config.seed)
+    start = build_model(model.config).state_dict()  # the run's own init of the top level
+    for name, value in model.state_dict().items():
+        if name in source:
+            assert torch.equal(value, source[name]) == (not name.startswith("encoder.head.")), name
+        else:
+            assert not torch.equal(value, start[name]), name
+    exported = export(tmp_path / "grow", tmp_path / "t8", dtype="fp32")
+    assert from_pretrained(exported["checkpoint"]).model.config.time_factor == 8
+    joint = tiny_config(clip_dir, tmp_path / "cache", **GROWN, **{"model.init_from": exported["checkpoint"]})
+    model, _ = train(prepare_run(tmp_path / "joint", joint), stop_at=0, progress=False)
+    for name, value in from_pretrained(exported["checkpoint"]).model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_a_grown_config_takes_its_frames_rule(clip_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"stages.0.frames \(5\) must be 1\+8k"):
+        tiny_config(clip_dir, tmp_path, **{**GROWN, "stages.0.frames": 5})
+    with pytest.raises(ConfigError, match="needs model.levels"):
+        tiny_config(clip_dir, tmp_path, **{"model.train": "top_level"})
+    config = tiny_config(clip_dir, tmp_path / "cache", **{
+        "model.levels": [{"width": 96, "blocks": 1}] * 2, "stages.0.frames": 17, "val.frames": 17,
+        "model.init_from": str(REPO / "checkpoints" / "cdt-tiny")})
+    with pytest.raises(ValueError, match="a tiny 4x cdt checkpoint cannot start a tiny 16x cdt run"):
+        train(prepare_run(tmp_path / "skip", config), stop_at=0, progress=False)
+
+
 def test_activation_checkpointing_gives_the_same_step(clip_dir, tmp_path):
     """Recomputed activations give the same gradients: one step lands on the same weights."""
     config = tiny_config(clip_dir, tmp_path / "cache")

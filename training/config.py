@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from model import NUM_TIMESTEPS, PRESETS, TIME_FACTOR
+from model import NUM_TIMESTEPS, PRESETS, TIME_FACTOR, CDTConfig, Level
 
 # The shared clips sit beside the repository (../shared), wherever it is cloned.
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
@@ -39,6 +39,8 @@ class ConfigError(ValueError):
 
 
 def _clip_frames(frames: int) -> int:
+    """The base model's rule; a grown model's stricter one is checked across sections
+    (`TrainingConfig._frames_fit`)."""
     if frames < 1 or (frames - 1) % TIME_FACTOR:
         raise ValueError(f"must be 1+{TIME_FACTOR}k frames (1, 5, 9, ...)")
     return frames
@@ -62,12 +64,30 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+class LevelSpec(Section):
+    """A temporal level grown on the preset (model.config.Level): 2x more time compression."""
+
+    width: int = Field(ge=1)
+    blocks: int = Field(1, ge=0)
+
+
 class ModelSection(Section):
     preset: str = "tiny"
     kind: Literal["cdt", "vae"] = "cdt"
-    # A checkpoint directory whose weights start a new run (model and EMA), e.g. the
-    # shipped checkpoint when the run directory that made it is gone.
+    # Temporal levels on top of the preset's 4x encoder: one for 8x, two for 16x.
+    levels: tuple[LevelSpec, ...] = Field((), strict=False)  # a JSON list
+    # A checkpoint directory whose weights start a new run (model and EMA): one of this
+    # same model (e.g. the shipped checkpoint when the run directory that made it is
+    # gone), or of the model this one was grown from (its levels but the top one), which
+    # starts the top level as model/growth.py describes.
     init_from: str | None = None
+    # "all" trains every weight; "top_level" only the grown top level's (model/growth.py
+    # `top_level`), the rest frozen: the first stage of growing a level.
+    train: Literal["all", "top_level"] = "all"
+
+    def cdt_config(self) -> CDTConfig:
+        """The network's config: the preset with this section's levels."""
+        return CDTConfig.from_preset(self.preset, levels=tuple(Level(lv.width, lv.blocks) for lv in self.levels))
 
     @field_validator("preset")
     @classmethod
@@ -167,6 +187,18 @@ class TrainingConfig(Section):
     stages: tuple[Stage, ...] = Field((DEFAULT_STAGE,), min_length=1, strict=False)  # a JSON list
     val: ValSection = ValSection()
     train: TrainSection = TrainSection()
+
+    @model_validator(mode="after")
+    def _frames_fit(self) -> "TrainingConfig":
+        if self.model.train == "top_level" and not self.model.levels:
+            raise ValueError("model.train \"top_level\" needs model.levels (a grown model)")
+        factor = self.model.cdt_config().time_factor
+        clips = [(f"stages.{i}.frames", stage.frames) for i, stage in enumerate(self.stages)]
+        for key, frames in [*clips, ("val.frames", self.val.frames)]:
+            if (frames - 1) % factor:
+                raise ValueError(f"{key} ({frames}) must be 1+{factor}k frames for a model of {factor}x time "
+                                 "compression")
+        return self
 
     @model_validator(mode="after")
     def _stages_fit(self) -> "TrainingConfig":

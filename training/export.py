@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from model import CDTConfig, build_model, save_pretrained
+from model import build_model, save_pretrained
 
 from .config import TrainingConfig
 from .state import load_state, read_run_config
@@ -29,7 +29,7 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16") -> dic
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     config = read_run_config(run_dir)
     state = load_state(run_dir)
-    model = build_model(CDTConfig.from_preset(config.model.preset), config.model.kind)
+    model = build_model(config.model.cdt_config(), config.model.kind)
     model.load_state_dict(state["ema"])
     digest = save_pretrained(model.eval(), out_dir, dtype=dtype).content_hash
     record = training_record(config, state, digest)

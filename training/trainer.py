@@ -30,7 +30,7 @@ from tqdm import tqdm
 from media.metrics import psnr, ssim
 from media.provenance import commit
 from media.video import frames_to_tensor, tensor_to_frames
-from model import CDTConfig, bf16_is_fast, build_model, from_pretrained
+from model import bf16_is_fast, build_model, freeze_below, from_pretrained, load_below
 
 from .acceleration import StepProfiler, allow_tf32, autocast, checkpoint_activations, compile_model
 from .config import OptimSection, Stage, TrainingConfig
@@ -90,13 +90,21 @@ def validate(model, clips: list[np.ndarray], steps: int) -> dict:
     return {"psnr": float(np.mean([s[0] for s in scores])), "ssim": float(np.mean([s[1] for s in scores]))}
 
 
-def warm_start_weights(checkpoint: str | Path, model) -> dict:
-    """The weights of a checkpoint of the same preset and kind, in float32."""
+def warm_start(checkpoint: str | Path, model) -> None:
+    """Start `model` from a checkpoint of the same config and kind, or of the config it was
+    grown from (its levels but the top one: model/growth.py), in float32."""
     source = from_pretrained(checkpoint).model
-    if source.kind != model.kind or source.config != model.config:
-        raise ValueError(f"init_from {checkpoint}: a {source.config.preset} {source.kind} checkpoint cannot start "
-                         f"a {model.config.preset} {model.kind} run")
-    return source.state_dict()
+    if source.kind == model.kind and source.config == model.config:
+        model.load_state_dict(source.state_dict())
+    elif source.kind == model.kind and model.config.levels and source.config == model.config.below():
+        load_below(model, source.state_dict())
+    else:
+        raise ValueError(f"init_from {checkpoint}: a {_described(source)} checkpoint cannot start a "
+                         f"{_described(model)} run (same model, or the one it was grown from)")
+
+
+def _described(model) -> str:
+    return f"{model.config.preset} {model.config.time_factor}x {model.kind}"
 
 
 def prepare_run(run_dir: str | Path, config: TrainingConfig) -> Path:
@@ -169,11 +177,14 @@ class Run:
     def setup_model(self) -> None:
         config = self.config
         torch.manual_seed(config.seed)  # identical initial weights on every rank
-        model = build_model(CDTConfig.from_preset(config.model.preset), config.model.kind)
+        model = build_model(config.model.cdt_config(), config.model.kind)
         if config.model.init_from:
-            model.load_state_dict(warm_start_weights(config.model.init_from, model))
+            warm_start(config.model.init_from, model)
         ema = build_model(model.config, model.kind).requires_grad_(False)
         ema.load_state_dict(model.state_dict())
+        if config.model.train == "top_level":
+            # Frozen weights get no gradient, so AdamW leaves them (and their decay) alone.
+            freeze_below(model)
         self.model, self.ema = model.to(self.device), ema.to(self.device)
         optim = config.optim
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=optim.betas,

@@ -81,7 +81,7 @@ def measure_receptive_field(model: Tokenizer, kind: str, steps: int = 1,
     """The number of most recent input frames (pixel frames for "encode", latent frames
     for "decode" at `steps` DDIM steps) that a stream's state and outputs depend on,
     probed on frames of `size` pixels."""
-    group = group_size(kind)
+    group = group_size(kind, model.config.time_factor)
     # Every phase of the second group: the stream's first frame is a group of its own.
     probes = range(1 + group, 1 + 2 * group)
     ends = _influence_ends(model, kind, steps, size, probes)
@@ -103,7 +103,8 @@ def _influence_ends(model: Tokenizer, kind: str, steps: int, size: tuple[int, in
     perturbed = [_open(model, model_hash, kind, steps) for _ in probes]
     last_output = [-1 for _ in probes]
     fed = produced = 0
-    group = group_size(kind)
+    factor = model.config.time_factor
+    group = group_size(kind, factor)
     while fed <= probes[-1] or not all(s.cache.equals(reference.cache) for s in perturbed):
         if fed > MAX_GROUPS * group:
             raise RuntimeError(f"a frame still changes the {kind} state {fed} frames later")
@@ -119,7 +120,7 @@ def _influence_ends(model: Tokenizer, kind: str, steps: int, size: tuple[int, in
                 last_output[i] = produced + int(differs.max())
         fed += n
         produced += expected.shape[2]
-    return [inputs_for(kind, o + 1) for o in last_output]
+    return [inputs_for(kind, o + 1, factor) for o in last_output]
 
 
 def _open(model: Tokenizer, model_hash: str, kind: str, steps: int) -> StreamingEncoder | StreamingDecoder:

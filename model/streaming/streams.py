@@ -1,12 +1,12 @@
 """Streaming encode/decode over an explicit FeatureCache.
 
 The encoder takes frames in chunks of any length: it emits latents for every complete
-group (1 frame first, then 4 at a time) and keeps the remainder in the cache, so the
+group (1 frame first, then the model's `config.time_factor` at a time) and keeps the remainder in the cache, so the
 buffered frames travel with the exported state. `finish()` pads the remainder by
 repeating its last frame, as `pad_frames` does for a whole clip.
 
 The decoder takes latent chunks of any length and emits the pixel frames they decode
-to: 1+4(m-1) for the first chunk, 4m afterwards.
+to: 1+f(m-1) for the first chunk, fm afterwards (f the time factor).
 
 Concatenated outputs equal the whole-clip `encode`/`decode` up to float rounding.
 
@@ -39,9 +39,10 @@ class CacheMismatchError(ValueError):
     """A cache made by another model, dtype, or kind of stream."""
 
 
-def pad_frames(video: torch.Tensor) -> torch.Tensor:
-    """Pad (B,C,T,H,W) to 1+4k frames by repeating the last frame."""
-    missing = (-(video.shape[2] - 1)) % TIME_FACTOR
+def pad_frames(video: torch.Tensor, time_factor: int = TIME_FACTOR) -> torch.Tensor:
+    """Pad (B,C,T,H,W) to 1+fk frames (f = `time_factor`, the model's
+    `config.time_factor`) by repeating the last frame."""
+    missing = (-(video.shape[2] - 1)) % time_factor
     if missing == 0:
         return video
     return torch.cat([video, video[:, :, -1:].expand(-1, -1, missing, -1, -1)], dim=2)
@@ -64,6 +65,10 @@ class _Stream:
     @property
     def meta(self) -> dict[str, Any]:
         return self.cache.meta
+
+    @property
+    def time_factor(self) -> int:
+        return self.model.config.time_factor
 
     def _check(self, cache: FeatureCache) -> None:
         expected = {"kind": self.kind, "model_hash": self.model_hash,
@@ -104,11 +109,12 @@ class StreamingEncoder(_Stream):
     def resume(cls, model: Tokenizer, model_hash: str, frames_done: int) -> "StreamingEncoder":
         """A stream that has encoded `frames_done` frames (a group boundary: 1, 5, 9, ...)
         with nothing pending, and remembers none of them."""
-        if frames_done < 1 or resume_position(cls.kind, frames_done) != frames_done:
-            raise ValueError(f"frames_done must be 1+{TIME_FACTOR}k (a group boundary), got {frames_done}")
+        factor = model.config.time_factor
+        if frames_done < 1 or resume_position(cls.kind, frames_done, factor) != frames_done:
+            raise ValueError(f"frames_done must be 1+{factor}k (a group boundary), got {frames_done}")
         stream = cls(model, model_hash)
         stream.meta.update(frames_in=frames_done, frames_encoded=frames_done,
-                           latents_out=outputs_for(cls.kind, frames_done))
+                           latents_out=outputs_for(cls.kind, frames_done, factor))
         stream.cache.started = True
         return stream
 
@@ -145,7 +151,7 @@ class StreamingEncoder(_Stream):
         if pending is not None:
             frames = torch.cat([pending.to(frames.dtype), frames], dim=2)
         done = self.meta["frames_encoded"]
-        usable = settled_inputs(self.kind, done + frames.shape[2]) - done
+        usable = settled_inputs(self.kind, done + frames.shape[2], self.time_factor) - done
         return frames[:, :, :usable], frames[:, :, usable:]
 
     def _took(self, frames: torch.Tensor, ready: torch.Tensor, rest: torch.Tensor,
@@ -181,8 +187,8 @@ class StreamingEncoder(_Stream):
         pending = self.cache.pop(PENDING_KEY)
         if pending is None:
             return self._empty()
-        # Past the first frame, every group is 4 frames: top the remainder up to one.
-        missing = TIME_FACTOR - pending.shape[2]
+        # Past the first frame, every group is time_factor frames: top the remainder up to one.
+        missing = self.time_factor - pending.shape[2]
         frames = torch.cat([pending, pending[:, :, -1:].expand(-1, -1, missing, -1, -1)], dim=2)
         return self._encoded(frames, self.model.posterior(frames, self.cache).mean)
 
@@ -206,7 +212,8 @@ class StreamingDecoder(_Stream):
         if latents_done < 1:
             raise ValueError(f"latents_done must be >= 1, got {latents_done}")
         stream = cls(model, model_hash, steps=steps, seed=seed)
-        stream.meta.update(latents_in=latents_done, frames_out=outputs_for(cls.kind, latents_done))
+        stream.meta.update(latents_in=latents_done,
+                           frames_out=outputs_for(cls.kind, latents_done, model.config.time_factor))
         stream.cache.started = True
         return stream
 
@@ -236,7 +243,7 @@ class StreamingDecoder(_Stream):
         self.meta["shape"] = [b, h, w]
         if video is None:
             return torch.zeros(b, 3, 0, h * SPACE_FACTOR, w * SPACE_FACTOR, device=self.model.device)
-        frames = pixel_frames(m, first_chunk=self._first())
+        frames = pixel_frames(m, first_chunk=self._first(), time_factor=self.time_factor)
         self.cache.started = True
         self.meta["latents_in"] += m
         self.meta["frames_out"] += frames
