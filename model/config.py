@@ -90,6 +90,11 @@ class CDTConfig:
             if getattr(self, name) not in ("transposed", "nearest"):
                 raise ValueError(f"{name} must be 'transposed' or 'nearest'")
 
+    @property
+    def time_factor(self) -> int:
+        """Pixel frames per latent frame after the first (the frames rule is 1 + time_factor*k)."""
+        return TIME_FACTOR
+
     # --- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,9 +1,10 @@
-"""The worker pool: one worker per device, each with its resident model, one model thread, a
-job queue and a memory budget. The model thread runs only model work; host work (container
+"""The worker pool: one worker per device, each with its resident copy of every served model
+(`service.catalog`), one model thread, a job queue and a memory budget. The model thread runs only model work; host work (container
 decoding, rendering) runs on the host pool (`service.host`) around it.
 
 A job is a plain function of the model (`execute(op, fn)` awaits `fn(model)` on the worker's
-thread); it never sees a request. A request is first admitted to one device (`admit`), and
+thread, with the worker's copy of the model its request was admitted for); it never sees a
+request. A request is first admitted to one device for one model (`admit`), and
 runs all its jobs there: a session chunk one job, a whole-clip request one job per chunk of
 its stream, so other requests' jobs interleave with a long clip's and a slow reader never
 holds the model. A job hands back host data: whatever copies leave the device finish inside
@@ -44,10 +45,11 @@ from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 
 import torch
 
-from model import ModelIdentity, Tokenizer
+from model import Tokenizer
 
 from .budget import MemoryBudget
 from .callers import ANONYMOUS, Callers
+from .catalog import Catalog
 from .devices import DeviceSlot, is_device_failure, is_out_of_memory, release_device_cache
 from .domain_errors import DeviceFailed, DeviceOutOfMemory, Overloaded, Timeout, Unavailable
 from .host import HostPool
@@ -79,16 +81,18 @@ class Admission:
     `release()` (idempotent, synchronous so it can run while a response is being cancelled)
     gives the slot and memory back."""
 
-    def __init__(self, worker: "DeviceWorker", nbytes: int, caller: Caller, cost: float) -> None:
+    def __init__(self, worker: "DeviceWorker", nbytes: int, caller: Caller, cost: float, model: str) -> None:
         self.worker, self.nbytes, self.caller, self.cost = worker, nbytes, caller, cost
+        self.model_name = model
         self._held = True
 
     @property
     def model(self) -> Tokenizer:
-        return self.worker.model
+        """This device's copy of the request's model."""
+        return self.worker.models[self.model_name]
 
     async def execute(self, op: str, fn: Callable[[Tokenizer], T]) -> T:
-        return await self.worker.execute(op, fn, self.caller, self.cost)
+        return await self.worker.execute(op, fn, self.caller, self.cost, self.model_name)
 
     async def stream(self, op: str, steps: Iterator[T]) -> AsyncIterator[T]:
         """Run a generator of model work, one job per item."""
@@ -110,17 +114,18 @@ class _Job:
     weight: float
     cost: float
     interactive: bool
+    model: str  # the served model's name: `fn` runs on the worker's copy of it
     submitted: float = field(default_factory=time.perf_counter)
     started: bool = False
     abandoned: bool = False  # timed out or cancelled while waiting: skip it
 
 
 class DeviceWorker:
-    """One device's resident model, model thread, job queue, memory budget and health."""
+    """One device's resident models (by name), model thread, job queue, memory budget and health."""
 
-    def __init__(self, slot: DeviceSlot, model: Tokenizer, memory: MemoryModel, queue_size: int, timeout_s: float,
-                 metrics: Metrics, callers: Callers) -> None:
-        self.slot, self.name, self.model, self.memory_model = slot, slot.name, model, memory
+    def __init__(self, slot: DeviceSlot, models: dict[str, Tokenizer], memory: MemoryModel, queue_size: int,
+                 timeout_s: float, metrics: Metrics, callers: Callers) -> None:
+        self.slot, self.name, self.models, self.memory_model = slot, slot.name, models, memory
         self.callers = callers
         self.queue_size, self.timeout_s = queue_size, timeout_s
         self.memory = MemoryBudget(memory.budget)
@@ -167,14 +172,17 @@ class DeviceWorker:
             await self._consumer
         self._executor.shutdown(wait=True)
 
-    async def admit(self, nbytes: int, caller: Caller = ANONYMOUS_BULK, cost: float = 1.0) -> Admission:
+    async def admit(self, nbytes: int, caller: Caller = ANONYMOUS_BULK, cost: float = 1.0,
+                    model: str | None = None) -> Admission:
         """A queue slot here, then `nbytes` of this device's budget once they fit (waiting at most
-        the timeout). Release the returned Admission when the request is done."""
+        the timeout), for jobs of `model` (a served name; None: the first). Release the returned
+        Admission when the request is done."""
+        model = next(iter(self.models)) if model is None else model
         self.callers.check_queue(caller.name, self.retry_after_s)
         self.admitted += 1
         self.callers.admitted(caller.name, +1)
         self._metrics.requests_admitted.labels(**self._labels).set(self.admitted)
-        admission = Admission(self, 0, caller, cost)
+        admission = Admission(self, 0, caller, cost, model)
         try:
             await asyncio.wait_for(self.memory.reserve(nbytes), self.timeout_s)
         except asyncio.TimeoutError:
@@ -198,12 +206,13 @@ class DeviceWorker:
         self._metrics.memory_reserved.labels(**self._labels).set(self.memory.reserved)
 
     async def execute(self, op: str, fn: Callable[[Tokenizer], T], caller: Caller = ANONYMOUS_BULK,
-                      cost: float = 1.0) -> T:
+                      cost: float = 1.0, model: str | None = None) -> T:
         """Queue one job of an admitted request and await its result."""
+        model = next(iter(self.models)) if model is None else model
         if not self.healthy:
             raise DeviceFailed(f"device {self.name} has failed and takes no more jobs")
         job = _Job(op, fn, asyncio.get_running_loop().create_future(), caller.name, caller.weight, cost,
-                   caller.interactive)
+                   caller.interactive, model)
         self._queue.push(job)
         self._metrics.queue_depth.labels(**self._labels).set(len(self._queue))
         try:
@@ -237,13 +246,13 @@ class DeviceWorker:
         loop = asyncio.get_running_loop()
         job.started = True
         waited = time.perf_counter() - job.submitted
-        self._metrics.queue_wait_seconds.labels(job.op, self.name).observe(waited)
+        self._metrics.queue_wait_seconds.labels(job.op, self.name, job.model).observe(waited)
         self._metrics.key_queue_wait_seconds.labels(job.caller).observe(waited)
         in_flight = self._metrics.in_flight.labels(**self._labels)
         in_flight.inc()
         start = time.perf_counter()
         try:
-            result = await loop.run_in_executor(self._executor, self._call, job.fn)
+            result = await loop.run_in_executor(self._executor, self._call, job.fn, self.models[job.model])
         except Exception as exc:  # delivered to the caller, who maps it to a response
             outcome = "error"
             if not job.future.done():
@@ -256,7 +265,7 @@ class DeviceWorker:
             in_flight.dec()
         elapsed = time.perf_counter() - start
         self._recent_compute_s = elapsed
-        self._metrics.compute_seconds.labels(job.op, outcome, self.name).observe(elapsed)
+        self._metrics.compute_seconds.labels(job.op, outcome, self.name, job.model).observe(elapsed)
 
     def _device_error(self, exc: Exception) -> Exception:
         """The error the caller gets: the device's own failures in service terms, others as raised."""
@@ -272,10 +281,10 @@ class DeviceWorker:
             return DeviceFailed(f"device {self.name} failed: {exc}")
         return exc
 
-    def _call(self, fn: Callable[[Tokenizer], T]) -> T:
+    def _call(self, fn: Callable[[Tokenizer], T], model: Tokenizer) -> T:
         try:
             with torch.inference_mode():
-                return fn(self.model)
+                return fn(model)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -300,14 +309,13 @@ def _model_thread(slot: DeviceSlot) -> None:
 
 
 class WorkerPool:
-    """The replica's device workers and its host pool; `model` is the first worker's copy, for
-    what every copy shares (config, dtype, the model's own checks): jobs run on their worker's
-    copy."""
+    """The replica's device workers, the catalog of the models they hold (`models`: names,
+    identities, the copy for what every copy shares) and its host pool: jobs run on their
+    worker's copy."""
 
-    def __init__(self, workers: list[DeviceWorker], identity: ModelIdentity, host: HostPool, callers: Callers,
+    def __init__(self, workers: list[DeviceWorker], models: Catalog, host: HostPool, callers: Callers,
                  metrics: Metrics) -> None:
-        self.workers, self.identity, self.host, self.callers = workers, identity, host, callers
-        self.model = workers[0].model
+        self.workers, self.models, self.host, self.callers = workers, models, host, callers
         self._metrics = metrics
         self._closing = False
         self._started = False
