@@ -208,9 +208,16 @@ def _at_least(chunks: Iterable[np.ndarray], frames: int | None, path: Path) -> I
         raise ValueError(f"{path}: too few frames: it has {count}, --frames asks for {frames}")
 
 
+def model_name(args) -> str:
+    """The name latents files record for the checkpoint: its directory's, as `cdt serve` names a
+    single checkpoint."""
+    return Path(args.checkpoint or DEFAULT_CHECKPOINT).name
+
+
 def _encode(args, model: Tokenizer, model_hash: str) -> LatentsFile:
     with open_input(args, args.chunk) as (chunks, fps, total), _bar(args, total, "encode") as bar:
-        return encode_frames(model, model_hash, _counted(chunks, bar), fps, streamed=args.chunk is not None)
+        return encode_frames(model, model_hash, _counted(chunks, bar), fps, streamed=args.chunk is not None,
+                             model_name=model_name(args))
 
 
 def _decoded(args, model: Tokenizer, model_hash: str, item: LatentsFile, chunk: int | None,
@@ -231,7 +238,8 @@ def run_encode(args) -> int:
     item = _encode(args, model, identity.content_hash)
     save_latents(output, item)
     print(json.dumps({"output": str(output), "latents": list(item.latents.shape), "frames": item.frames,
-                      "height": item.height, "width": item.width, "fps": item.fps, "model_hash": item.model_hash}))
+                      "height": item.height, "width": item.width, "fps": item.fps, "model": item.model_name,
+                      "model_hash": item.model_hash}))
     return 0
 
 
