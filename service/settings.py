@@ -25,6 +25,14 @@ class SettingsError(ValueError):
     """An environment variable with an invalid value."""
 
 
+def comma_list(value) -> tuple[str, ...]:
+    """A list setting's entries: a comma-separated string's, or a sequence's, stripped, without
+    empty ones."""
+    if isinstance(value, str):
+        value = value.split(",")
+    return tuple(entry.strip() for entry in value if entry.strip())
+
+
 def mib(megabytes: float) -> int:
     """A size setting in MiB, as bytes."""
     return int(megabytes * 1024 * 1024)
@@ -143,9 +151,7 @@ class Settings(EnvSettings):
     @field_validator("devices", mode="before")
     @classmethod
     def _devices(cls, value):
-        if isinstance(value, str):
-            value = value.split(",")
-        devices = tuple(device.strip() for device in value if device.strip())
+        devices = comma_list(value)
         for device in devices:
             kind, _, index = device.partition(":")
             if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
@@ -159,9 +165,7 @@ class Settings(EnvSettings):
     @field_validator("models", mode="before")
     @classmethod
     def _models(cls, value):
-        if isinstance(value, str):
-            value = value.split(",")
-        entries = tuple(entry.strip() for entry in value if entry.strip())
+        entries = comma_list(value)
         named = [entry for entry in entries if "=" in entry]
         if (named and len(named) != len(entries)) or (not named and len(entries) > 1):
             raise ValueError("give `name=path` entries, or one directory of checkpoints")
@@ -189,9 +193,7 @@ class Settings(EnvSettings):
     @field_validator("api_keys", mode="before")
     @classmethod
     def _keys(cls, value):
-        if isinstance(value, str):
-            value = value.split(",")
-        entries = tuple(entry.strip() for entry in value if entry.strip())
+        entries = comma_list(value)
         for entry in entries:
             _, _, weight = entry.partition(":")
             try:
