@@ -225,7 +225,7 @@ def post_encode(http: httpx.AsyncClient, clip: np.ndarray):
 
 def test_out_of_memory_fails_only_its_job_and_the_device_goes_on(tiny_checkpoint):
     async def scenario(app):
-        model = app.state.pool.workers[0].model
+        model = app.state.pool.workers[0].models["tiny"]
         async with http_for(app) as http:
             with fault(model, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "cpu"):
                 refused = await post_encode(http, frames(9, 16, 16))
