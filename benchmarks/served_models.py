@@ -13,7 +13,7 @@ beside it (the same architecture, another content hash: a stand-in until other c
 ship); `--models` measures
 any set, as CDT_MODELS takes it.
 
-    python -m benchmarks.served_models [--models name=path,name=path] [--repeats 5]
+    python -m benchmarks.served_models [--models name=path,name=path] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def timed(http: httpx.Client, path: str, body: bytes, headers: dict, params: dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", help="CDT_MODELS (default: the shipped checkpoint and a fresh tiny one)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,8 +112,9 @@ def main() -> None:
              f"median of {args.repeats} requests per model and op on one replica, alternating between the models.")
     data = {"models": models, "rss_alone_bytes": alone, "rss_all_bytes": together, "rss_added_bytes": added,
             "added_weights_bytes": weights}
-    path = report.write("served_models", "python -m benchmarks.served_models" +
-                        (f" --models {args.models}" if args.models else ""), data, rows, notes, measures=MEASURES)
+    command = "python -m benchmarks.served_models" + (f" --models {args.models}" if args.models else "") + (
+        f" --repeats {args.repeats}" if args.repeats != parser.get_default("repeats") else "")
+    path = report.write("served_models", command, data, rows, notes, measures=MEASURES)
     print(path.read_text())
 
 
