@@ -21,6 +21,7 @@ from media import (
     LatentsFile,
     VideoReader,
     VideoWriter,
+    decode_chunk_length,
     decode_frames,
     encode_frames,
     load_latents,
@@ -35,7 +36,7 @@ from media import provenance
 from media.frames_file import FRAME_FILE_SUFFIXES, is_frames_file, load_frames
 from media.lpips import LPIPS_SKIPPED, load_lpips
 from media.video import resize_short_side
-from model import DEFAULT_CHECKPOINT, Pretrained, Tokenizer, decode_chunk_latents, from_pretrained
+from model import DEFAULT_CHECKPOINT, Pretrained, Tokenizer, from_pretrained
 from service.settings import SettingsError, max_steps_from_env
 
 FALLBACK_FPS = 30.0
@@ -269,7 +270,7 @@ def run_reconstruct(args) -> int:
     with open_input(args, args.chunk) as (chunks, fps, total), _bar(args, total, "encode") as bar:
         item = encode_frames(model, identity.content_hash, _counted(_kept(chunks, original), bar), fps,
                              streamed=args.chunk is not None)
-    latent_chunk = None if args.chunk is None else decode_chunk_latents(args.chunk)
+    latent_chunk = None if args.chunk is None else decode_chunk_length(model, args.chunk)
     with _bar(args, item.frames, "decode") as bar:
         decoded = np.concatenate(list(_decoded(args, model, identity.content_hash, item, latent_chunk, bar)))
     _save(output, decoded, item.fps, args.crf)

@@ -74,7 +74,8 @@ class LatentsInfo:
         """The file's string metadata."""
         return latents_metadata(model_name=self.model_name, model_hash=self.model_hash, preset=self.preset,
                                 model_kind=self.model_kind, time_factor=self.time_factor, dtype=self.dtype,
-                                frames=self.frames, height=self.height, width=self.width, fps=self.fps, pad_frames=self.padding.frames, pad_height=self.padding.height,
+                                frames=self.frames, height=self.height, width=self.width, fps=self.fps,
+                                pad_frames=self.padding.frames, pad_height=self.padding.height,
                                 pad_width=self.padding.width)
 
     @classmethod

@@ -134,6 +134,13 @@ def decode_video(model: Tokenizer, model_hash: str, item: LatentsFile, steps: in
     yield from decode_chunks(model, model_hash, item, parts, steps, seed)
 
 
+def decode_chunk_length(model: Tokenizer, frames: int) -> int:
+    """The latent frames of a decode chunk that yields at most `frames` pixel frames past a
+    stream's first chunk (at least one latent frame, which yields the model's `time_factor`):
+    how the service and `cdt reconstruct --chunk` cut a clip's latents alike."""
+    return max(1, frames // model.config.time_factor)
+
+
 class ClipDecoder:
     """One clip's streamed decode, a call per latent chunk (1,16,m,h,w) (the service runs each call
     as one model job): its frames cropped to the clip's size and length (`info`)."""

@@ -83,12 +83,6 @@ class ServedModel:
         """Pixel frames a clip of `latent_frames` latent frames decodes to: 1 + time_factor*(n-1)."""
         return 1 + self.time_factor * (latent_frames - 1) if latent_frames else 0
 
-    def decode_chunk_latents(self, frames: int) -> int:
-        """The latent frames of a decode chunk that yields at most `frames` pixel frames past a
-        stream's first chunk (at least one latent frame, which yields `time_factor`):
-        `model.decode_chunk_latents` at this model's own temporal factor."""
-        return max(1, frames // self.time_factor)
-
     @property
     def label(self) -> str:
         """The model as messages name it."""

@@ -1,6 +1,7 @@
 """The worker pool: one worker per device, each with its resident copy of every served model
-(`service.catalog`), one model thread, a job queue and a memory budget. The model thread runs only model work; host work (container
-decoding, rendering) runs on the host pool (`service.host`) around it.
+(`service.catalog`), one model thread, a job queue and a memory budget. The model thread runs
+only model work; host work (container decoding, rendering) runs on the host pool
+(`service.host`) around it.
 
 A job is a plain function of the model (`execute(op, fn)` awaits `fn(model)` on the worker's
 thread, with the worker's copy of the model its request was admitted for); it never sees a

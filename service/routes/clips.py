@@ -27,7 +27,7 @@ from cdt_client.formats.api import METADATA_HEADER
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
-from media import ClipDecoder, ClipEncoder, latents_info
+from media import ClipDecoder, ClipEncoder, decode_chunk_length, latents_info
 from model import Tokenizer
 
 from ..auth import AUTH_ERRORS
@@ -174,7 +174,8 @@ async def decode(
         check_decode_steps(served.reference, steps)
         output = FrameStream(format, info.frames, info.height, info.width, info.fps)
         decoder = ClipDecoder(admission.model, served.content_hash, info, steps, seed)
-        stream = _decode_stream(output, host, admission, decoder, source.chunks(served.decode_chunk_latents(chunk)))
+        latents = source.chunks(decode_chunk_length(served.reference, chunk))
+        stream = _decode_stream(output, host, admission, decoder, latents)
         first = await anext(stream)  # errors of the first chunk are still a JSON 4xx
     except BaseException:
         if stream is not None:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from media import decode_chunks, encode_chunks, frames_to_tensor, latents_info, tensor_to_frames
+from media import decode_chunk_length, decode_chunks, encode_chunks, frames_to_tensor, latents_info, tensor_to_frames
 from model import LATENT_CHANNELS, SPACE_FACTOR
 
 from ..auth import AUTH_ERRORS
@@ -125,7 +125,7 @@ async def diffusers_decode(
     chunk, admission = await admit(pool, served, owner, "decode", info.height, info.width, steps)
     try:
         check_decode_steps(model, steps)
-        parts = _chunks(latents, served.decode_chunk_latents(chunk))  # as /v1/decode cuts them
+        parts = _chunks(latents, decode_chunk_length(served.reference, chunk))  # as /v1/decode cuts them
         decoded = decode_chunks(admission.model, model_hash, info, parts, steps, seed)
         videos = [v async for v in admission.stream("decode", decoded)]
     finally:
