@@ -304,6 +304,18 @@ def test_latents_file_rejects_bad_files(tmp_path):
             latents_from_bytes(latents_to_bytes(_latents_file()).replace(old, new))
 
 
+def test_a_latents_file_of_an_8x_model_has_its_own_frames_rule():
+    """10 frames at 8 pixel frames per latent frame: padded to 17, 1+2 latent frames."""
+    item = LatentsFile(latents=torch.randn(1, 16, 3, 2, 2), model_name="t8", model_hash="c" * 64, preset="tiny",
+                       model_kind="cdt", time_factor=8, dtype="fp32", frames=10, height=16, width=16, fps=30.0,
+                       padding=Padding.for_shape(10, 16, 16, 8))
+    back = latents_from_bytes(latents_to_bytes(item))
+    assert (back.time_factor, back.padding.frames, back.latent_shape) == (8, 7, (1, 16, 3, 2, 2))
+    item.latents = torch.randn(1, 16, 4, 2, 2)  # the 4x rule's count: refused
+    with pytest.raises(ValueError, match="do not match the metadata"):
+        latents_to_bytes(item)
+
+
 def test_a_version_1_latents_file_reads_as_a_4x_model_without_a_name():
     from safetensors.torch import save
 
