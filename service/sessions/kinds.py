@@ -1,9 +1,10 @@
 """Encode and decode sessions: what differs between the two kinds, behind one interface.
 
 An encode session takes frames, any number per chunk, and answers the latents of the
-complete frame groups (`time_factor` frames of its model) so far; its finish flushes the frames still pending. A decode
-session takes latents and answers their frames; its finish only closes it. `KINDS[name]`
-gives a session's behaviour, so the session service never asks which kind it serves.
+complete frame groups (`time_factor` frames of its model) so far; its finish flushes the
+frames still pending. A decode session takes latents and answers their frames; its finish
+only closes it. `KINDS[name]` gives a session's behaviour, so the session service never asks
+which kind it serves.
 """
 
 from __future__ import annotations
