@@ -13,7 +13,7 @@ from typing import Annotated
 
 import re
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model import DEFAULT_CHECKPOINT, NUM_TIMESTEPS, SUPPORTED_DTYPES
@@ -80,7 +80,8 @@ class Settings(EnvSettings):
         "t8=checkpoints/cdt-tiny-t8`), or one directory whose checkpoint subdirectories (those with a "
         "`config.json`) are served under their directories' names, in name order. The first is the default "
         "of requests that name none (`model=`). Every device holds every model (the weights of each, once "
-        "per device); `GET /v1/models` lists them. Unset: `CDT_CHECKPOINT` alone; set both: an error"))
+        "per device); `GET /v1/models` lists them. When set, `CDT_CHECKPOINT` is not read (the image sets it as its default); unset: "
+        "`CDT_CHECKPOINT` alone"))
     devices: Annotated[tuple[str, ...], NoDecode] = Field((), description=(
         "comma-separated devices this replica computes on, each with its own resident model, model thread "
         "and memory budget: `cuda` (every visible GPU), `cuda:N`, `cpu`. `cpu` may repeat: `cpu,cpu` runs two "
@@ -176,12 +177,6 @@ class Settings(EnvSettings):
         if len(set(names)) != len(names):
             raise ValueError(f"each model name may be given once, got {','.join(names)}")
         return entries
-
-    @model_validator(mode="after")
-    def _one_source_of_models(self):
-        if self.models and "checkpoint" in self.model_fields_set:
-            raise ValueError("set CDT_MODELS or CDT_CHECKPOINT, not both")
-        return self
 
     @field_validator("dtype")
     @classmethod

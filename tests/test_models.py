@@ -68,8 +68,9 @@ def test_the_settings_name_the_models(monkeypatch, tiny_checkpoint, tmp_path):
                          (f"a b={tiny_checkpoint}", "model name")):
         with pytest.raises(SettingsError, match=message):
             sources(CDT_MODELS=bad)
-    with pytest.raises(SettingsError, match="not both"):
-        sources(CDT_MODELS=f"a={tiny_checkpoint}", CDT_CHECKPOINT=str(tiny_checkpoint))
+    # CDT_MODELS replaces CDT_CHECKPOINT (which the image sets as its default).
+    assert sources(CDT_MODELS=f"a={DEFAULT_CHECKPOINT}", CDT_CHECKPOINT=str(tiny_checkpoint)) == [
+        ("a", DEFAULT_CHECKPOINT)]
     with pytest.raises(CheckpointMissing, match="'gone'"):
         sources(CDT_MODELS=f"gone={tmp_path / 'gone'}")
     with pytest.raises(CheckpointMissing, match="no checkpoint"):
