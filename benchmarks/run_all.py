@@ -40,6 +40,7 @@ SUITE: dict[str, list[str]] = {
     "device_pool": [],
     "served_models": [],
     "fairness": [],
+    "batching": [],
     "session_cost": [],
     "load_test": [],
     "train_speed": [],
@@ -116,6 +117,11 @@ def targets() -> list[dict]:
     if fairness:
         add("key B's p99 latency while key A floods / alone", "<= 3x", f"{fairness['fair_p99_ratio']:.2f}x",
             fairness["fair_p99_ratio"] <= 3, "fairness")
+    batching = report.load("batching")
+    if batching:
+        for kind, gain in batching["gains"].items():
+            add(f"8 {kind} sessions' chunks: throughput with batching (wait 0 ms) / without", "> 1x (it pays)",
+                f"{gain:.2f}x", gain > 1, "batching")
     requests = report.load("request_memory")
     if requests:
         frames = sorted({r["frames"] for r in requests["rows"]})

@@ -18,6 +18,7 @@ from .frames_file import FramesFileError, load_frames, save_frames
 from .latents_file import LatentsFile, LatentsFileError, LatentsInfo, ModelMismatchError, load_latents, save_latents
 from .metrics import psnr, ssim
 from .padding import Padding, pad_spatial, pad_video
+from .pushes import StreamPush, push_outputs
 from .video import (
     VideoClip,
     VideoDecodeError,
@@ -41,6 +42,7 @@ __all__ = [
     "LatentsInfo",
     "ModelMismatchError",
     "Padding",
+    "StreamPush",
     "VideoClip",
     "VideoDecodeError",
     "VideoReader",
@@ -60,6 +62,7 @@ __all__ = [
     "model_video",
     "pad_spatial",
     "pad_video",
+    "push_outputs",
     "psnr",
     "quantise",
     "read_video",

@@ -29,6 +29,7 @@ from model import StreamingDecoder, StreamingEncoder, Tokenizer, dtype_name
 
 from .latents_file import LatentsFile, LatentsInfo
 from .padding import Padding, pad_spatial, pad_video
+from .pushes import StreamPush
 from .video import frames_to_tensor, model_video, tensor_to_frames
 
 
@@ -45,7 +46,8 @@ class ClipEncoder:
     """One clip's streamed encode, a call per chunk (the service runs each call as one model job).
     A chunk is uint8 (n,H,W,3) frames, converted to the model's input on its device, or float
     (1,3,n,H,W) in [-1,1], at the clip's original size; `push` gives back the latents of its
-    complete groups of `time_factor` frames (maybe none), `finish` those of the tail, padded like a whole clip."""
+    complete groups of `time_factor` frames (maybe none), `finish` those of the tail, padded like
+    a whole clip."""
 
     def __init__(self, model: Tokenizer, model_hash: str) -> None:
         self._device = model.device
@@ -53,7 +55,14 @@ class ClipEncoder:
 
     @torch.no_grad()
     def push(self, chunk: np.ndarray | torch.Tensor) -> torch.Tensor:
-        return self._stream.push(pad_spatial(model_video(chunk, self._device))).cpu()
+        return self.step(chunk).run()
+
+    def step(self, chunk: np.ndarray | torch.Tensor) -> StreamPush[torch.Tensor]:
+        """`push` as a unit of model work that may run batched with other streams' (`StreamPush`)."""
+        count, height, width = (chunk.shape[:3] if isinstance(chunk, np.ndarray) else chunk.shape[2:])
+        padding = Padding.for_shape(1, height, width, self._stream.model.config.time_factor)  # its spatial part
+        return StreamPush(self._stream, lambda: pad_spatial(model_video(chunk, self._device)), torch.Tensor.cpu,
+                          (1, 3, count, height + padding.height, width + padding.width))
 
     @torch.no_grad()
     def finish(self) -> torch.Tensor:
@@ -157,7 +166,12 @@ class ClipDecoder:
 
     def frames(self, latents: torch.Tensor) -> np.ndarray:
         """uint8 (n,H,W,3) frames on the host, quantised on the model's device."""
-        return tensor_to_frames(self.push(latents))
+        return self.step(latents).run()
+
+    def step(self, latents: torch.Tensor) -> StreamPush[np.ndarray]:
+        """`frames` as a unit of model work that may run batched with other streams' (`StreamPush`)."""
+        return StreamPush(self._decoder, lambda: latents.to(self._device),
+                          lambda video: tensor_to_frames(self._crop(video)), tuple(latents.shape))
 
 
 def decode_chunks(model: Tokenizer, model_hash: str, info: LatentsInfo, chunks: Iterable[torch.Tensor],

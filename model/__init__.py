@@ -7,8 +7,8 @@ from .config import LATENT_CHANNELS, NUM_TIMESTEPS, PRESETS, SPACE_FACTOR, TIME_
 from .diffusion import CosineSchedule, frame_noise
 from .layers import ResnetBlock
 from .streaming import (CacheMismatchError, ReceptiveField, StreamingDecoder, StreamingEncoder, decode_chunk_latents,
-                        group_size, inputs_for, measure_receptive_field, outputs_for, pad_frames, resume_position,
-                        settled_inputs)
+                        group_size, inputs_for, measure_receptive_field, outputs_for, pad_frames, push_together,
+                        resume_position, settled_inputs)
 from .tokenizer import (CDT, SUPPORTED_DTYPES, Tokenizer, TrainingExample, VAEBaseline, bf16_is_fast, build_model,
                         content_hash, dtype_name, parse_dtype, pixel_frames, validate_video)
 
@@ -48,6 +48,7 @@ __all__ = [
     "measure_receptive_field",
     "outputs_for",
     "pad_frames",
+    "push_together",
     "parse_dtype",
     "pixel_frames",
     "validate_video",

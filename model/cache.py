@@ -101,6 +101,31 @@ class FeatureCache:
         return self.tensors.keys() == other.tensors.keys() and all(
             torch.equal(value, other.tensors[key]) for key, value in self.tensors.items())
 
+    @classmethod
+    def join(cls, caches: "list[FeatureCache]", skip: str | None = None) -> "FeatureCache":
+        """One cache holding several streams' states side by side along the batch dimension
+        (every cached tensor is batch-first), with the first one's metadata, to run them as one
+        batch: the caches must hold the same entries of the same shapes (`skip` left out)."""
+        joined = cls(dict(caches[0].meta))
+        joined.tensors = {key: torch.cat([cache.tensors[key] for cache in caches])
+                          for key in caches[0].tensors if key != skip}
+        return joined
+
+    def split_into(self, caches: "list[FeatureCache]", sizes: list[int], skip: str | None = None) -> None:
+        """Give each of `caches` its rows of this joined state (`join`), in place; their entries
+        this one lacks go (`skip` kept)."""
+        start = 0
+        for cache, size in zip(caches, sizes):
+            for key in [key for key in cache.tensors if key not in self.tensors and key != skip]:
+                del cache.tensors[key]
+            for key, tensor in self.tensors.items():
+                cache.set(key, tensor[start:start + size])
+            start += size
+
+    def layout(self) -> tuple:
+        """Each entry's name, shape and dtype: what states run as one batch must share."""
+        return tuple((key, tuple(t.shape), t.dtype) for key, t in sorted(self.tensors.items()))
+
     def to(self, device: torch.device | str) -> "FeatureCache":
         self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
         return self

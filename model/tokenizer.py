@@ -13,7 +13,7 @@ how many DDIM steps a decode runs (`decode_steps`) and what training compares
 from __future__ import annotations
 
 import hashlib
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -174,7 +174,8 @@ class Tokenizer(nn.Module):
         validate_latents(latents, self.config.latent_channels)
         return self.decode_chunk(latents.to(self.device), steps=steps, seed=seed, start=0, cache=None)
 
-    def decode_chunk(self, latents, steps: int, seed: int, start: int, cache: Cache) -> torch.Tensor:
+    def decode_chunk(self, latents, steps: int, seed: int | Sequence[int], start: int | Sequence[int],
+                     cache: Cache) -> torch.Tensor:
         """Pixel frames of a latent chunk whose first output frame is frame `start` of
         the video, continuing the stream whose state `cache` holds (None: a whole clip)."""
         raise NotImplementedError
@@ -217,13 +218,23 @@ class CDT(Tokenizer):
         self.schedule.ddim_timesteps(steps)  # validates steps
         return steps
 
-    def decode_chunk(self, latents, steps: int, seed: int, start: int, cache: Cache) -> torch.Tensor:
-        """DDIM from x_T = 0.8*eps; every step keeps its own U-Net cache namespace."""
-        first = start == 0
+    def decode_chunk(self, latents, steps: int, seed: int | Sequence[int], start: int | Sequence[int],
+                     cache: Cache) -> torch.Tensor:
+        """DDIM from x_T = 0.8*eps; every step keeps its own U-Net cache namespace. `seed` and
+        `start` may be given per batch item (streams decoded together, `push_together`): each
+        item's noise is then its own stream's, as if decoded alone."""
         b, _, t_lat, h, w = latents.shape
-        n = pixel_frames(t_lat, first)
-        shape = (b, 3, h * SPACE_FACTOR, w * SPACE_FACTOR)
-        x = (self.config.noise_scale * frame_noise(seed, start, n, shape)).to(self.device)
+        if isinstance(seed, int) and isinstance(start, int):
+            first = start == 0
+            noise = frame_noise(seed, start, pixel_frames(t_lat, first), (b, 3, h * SPACE_FACTOR, w * SPACE_FACTOR))
+        else:
+            first = start[0] == 0
+            if len(seed) != b or len(start) != b or any((s == 0) != first for s in start):
+                raise ValueError("per-item seeds and starts need one of each per item, all first chunks or none")
+            n = pixel_frames(t_lat, first)
+            noise = torch.cat([frame_noise(s, i, n, (1, 3, h * SPACE_FACTOR, w * SPACE_FACTOR))
+                               for s, i in zip(seed, start)])
+        x = (self.config.noise_scale * noise).to(self.device)
         contexts = self.contexts(latents, cache)
         timesteps = self.schedule.ddim_timesteps(steps)
         for i, t in enumerate(timesteps):
@@ -290,7 +301,8 @@ class VAEBaseline(Tokenizer):
     def decode_steps(self, steps: int) -> int:
         return 1  # deterministic: one pass, whatever was asked
 
-    def decode_chunk(self, latents, steps: int, seed: int, start: int, cache: Cache) -> torch.Tensor:
+    def decode_chunk(self, latents, steps: int, seed: int | Sequence[int], start: int | Sequence[int],
+                     cache: Cache) -> torch.Tensor:
         del steps, seed, start  # deterministic: no sampling
         return self.vae_decoder(latents.to(self.compute_dtype), cache).float()
 

@@ -23,7 +23,7 @@
 # DEVICE=cpu is the reduced mode CI runs (tests/test_gpu_check.py): the same stages on the CPU,
 # smaller: parity on 2 val clips of 9 frames at short side 64; the service on CDT_DEVICES=cpu,cpu
 # (two model threads: the several-devices path) without the out-of-memory request, which needs
-# device memory to exhaust; throughput of the tiny preset at 64x64, 9 frames, fp32; no training
+# device memory to exhaust; throughput of the tiny preset at 64x64, 9 frames, 2 sessions, fp32; no training
 # unless TRAIN=1 (tests/test_gpu_smoke.py trains on the CPU).
 #
 # DEVICE      cuda (default) or cpu (reduced mode)
@@ -75,7 +75,7 @@ else
     mode="reduced, on the CPU (DEVICE=cpu): smaller clips, the tiny preset at one size in fp32, no out-of-memory request"
     parity_args=(--device cpu --clips 2 --frames 9 --size 64)
     service_args=(--devices cpu,cpu --frames 9 --size 64)
-    throughput_args=(--device cpu --dtype fp32 --presets tiny --sizes 64x64 --frames 9)
+    throughput_args=(--device cpu --dtype fp32 --presets tiny --sizes 64x64 --frames 9 --sessions 2 --session-chunks 1)
     budget=()  # the 8 minutes are a GPU run's
 fi
 

@@ -23,7 +23,7 @@ from .errors import install_handlers
 from .auth import principal_of
 from .callers import Callers
 from .catalog import Catalog, ServedModel, model_sources
-from .devices import DeviceSlot, compute_dtype, resolve, slots
+from .devices import DeviceSlot, batch_max, compute_dtype, resolve, slots
 from .host import HostPool
 from .memory import MemoryModel, configure_allocator, default_budget
 from .metrics import Metrics
@@ -33,7 +33,7 @@ from .routes import ROUTERS
 from .sessions.service import SessionService
 from .sessions.store import open_store
 from .settings import Settings, mib
-from .workers import DeviceWorker, WorkerPool
+from .workers import Batching, DeviceWorker, WorkerPool
 
 
 log = logging.getLogger("cdt.service")
@@ -81,8 +81,9 @@ def build_pool(settings: Settings, metrics: Metrics) -> WorkerPool:
             log.warning("no memory fit for %s devices (python -m benchmarks.memory_calibration --device %s): "
                         "requests on %s run one at a time in the shortest chunks", slot.device.type,
                         slot.device.type, slot.name)
+        batching = Batching(batch_max(settings.batch_max, slot.device), settings.batch_wait_ms / 1000)
         workers.append(DeviceWorker(slot, held, memory, settings.queue_size, settings.request_timeout_s, metrics,
-                                    callers))
+                                    callers, batching))
     return WorkerPool(workers, catalog, HostPool(settings.host_threads, metrics), callers, metrics)
 
 

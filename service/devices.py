@@ -84,6 +84,18 @@ def compute_dtype(requested: str | None, devices: list[torch.device]) -> str:
     return "bf16" if all(d.type == "cuda" and bf16_is_fast(d) for d in devices) else "fp32"
 
 
+# Stream pushes a device runs as one batch at most, by device kind, unless CDT_BATCH_MAX says.
+# cpu: `python -m benchmarks.batching` (benchmarks/results/batching.md). cuda: not measured here
+# (no GPU); 8 because a GPU runs one 4-frame chunk far below its width, and the throughput
+# table of scripts/gpu_check.sh measures it per model and device.
+DEFAULT_BATCH_MAX = {"cpu": 8, "cuda": 8}
+
+
+def batch_max(requested: int | None, device: torch.device) -> int:
+    """CDT_BATCH_MAX, or the device kind's default (1, no batching, for a kind without one)."""
+    return requested if requested is not None else DEFAULT_BATCH_MAX.get(device.type, 1)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """The device could not allocate what the job needed: the job fails, the device is fine."""
     return isinstance(exc, torch.OutOfMemoryError)

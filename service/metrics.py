@@ -27,8 +27,11 @@ class Metrics:
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait_seconds = Histogram("cdt_queue_wait_seconds", "time a job waited for the model",
                                             ["op", "device", "model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.compute_seconds = Histogram("cdt_compute_seconds", "model compute per job, device copies included",
-                                         ["op", "outcome", "device", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.compute_seconds = Histogram("cdt_compute_seconds", "model compute per job, device copies included "
+                                         "(a batched job's is its batch's)", ["op", "outcome", "device", "model"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("cdt_batch_size", "jobs run as one batched forward (1: alone)", ["op", "device"],
+                                    buckets=(1, 2, 4, 8, 16, 32), registry=r)
         self.media_seconds = Histogram("cdt_media_seconds", "decoding request bodies and encoding responses",
                                        ["op"], buckets=LATENCY_BUCKETS, registry=r)
         self.frames_total = Counter("cdt_frames_processed", "video frames encoded or decoded", ["op", "model"],

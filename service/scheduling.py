@@ -18,6 +18,9 @@ of its own on each device, in one of two classes:
   first; after `INTERACTIVE_RUN` of them in a row while bulk jobs (the chunks of whole-clip
   requests) wait, one bulk job runs, so bulk work is slowed by a stream of chunks, never
   starved by it.
+- Jobs run together as one batch (`service.workers`) are the next ones in this order, taken
+  while they match the first (`pop_while`): a batch never goes ahead of a job that comes
+  before its members.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Callable, Generic, Protocol, TypeVar
 
 # Interactive jobs run in a row, at most, while bulk jobs wait.
 INTERACTIVE_RUN = 4
@@ -71,20 +74,40 @@ class FairQueue(Generic[J]):
         entry = self._callers.get(caller)
         return 0 if entry is None else len(entry.jobs)
 
-    def pop(self) -> J | None:
-        """The next job, or None when none is waiting."""
+    def _head(self) -> str | None:
+        """The caller whose first job comes next (abandoned jobs dropped on the way), or None."""
         while self._callers:
             name = min(self._callers, key=lambda c: self._callers[c].jobs[0][0])
             caller = self._callers[name]
-            start, job = caller.jobs.popleft()
-            self._size -= 1
-            if not caller.jobs:
-                del self._callers[name]  # an idle caller starts again from the virtual time
-            if job.abandoned:
-                continue
-            self._now = max(self._now, start)
-            return job
+            if not caller.jobs[0][1].abandoned:
+                return name
+            self._remove_first(name)
         return None
+
+    def _remove_first(self, name: str) -> tuple[float, J]:
+        caller = self._callers[name]
+        entry = caller.jobs.popleft()
+        self._size -= 1
+        if not caller.jobs:
+            del self._callers[name]  # an idle caller starts again from the virtual time
+        return entry
+
+    def pop(self) -> J | None:
+        """The next job, or None when none is waiting."""
+        name = self._head()
+        if name is None:
+            return None
+        start, job = self._remove_first(name)
+        self._now = max(self._now, start)
+        return job
+
+    def pop_while(self, match: Callable[[J], bool], limit: int) -> list[J]:
+        """Up to `limit` next jobs, taken while the next one `match`es: jobs run together never
+        go ahead of a job that comes before them in the fair order."""
+        jobs: list[J] = []
+        while len(jobs) < limit and (name := self._head()) is not None and match(self._callers[name].jobs[0][1]):
+            jobs.append(self.pop())
+        return jobs
 
 
 class JobQueue(Generic[J]):
@@ -106,6 +129,11 @@ class JobQueue(Generic[J]):
     def push(self, job: J) -> None:
         (self.interactive if job.interactive else self.bulk).push(job)
         self._changed.set()
+
+    def pop_while(self, job: J, match: Callable[[J], bool], limit: int) -> list[J]:
+        """Up to `limit` jobs of `job`'s class that come next after it in the fair order, taken
+        while they `match` (`FairQueue.pop_while`), to run beside it."""
+        return (self.interactive if job.interactive else self.bulk).pop_while(match, limit)
 
     def close(self) -> None:
         """No more jobs: `get` gives None once those waiting have been taken."""

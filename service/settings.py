@@ -96,6 +96,13 @@ class Settings(EnvSettings):
     host_threads: int = Field(4, ge=1, description=(
         "threads for the host work beside the model threads: decoding uploaded containers, reading "
         "spooled latents, rendering mp4 and tensor answers"))
+    batch_max: int | None = Field(None, ge=1, description=(
+        "most stream pushes (session chunks, whole-clip chunks) of one shape, phase and settings that a device "
+        "runs as one batched forward when they are waiting together; 1: no batching; unset: the device "
+        "kind's default (`service.devices.DEFAULT_BATCH_MAX`, from `benchmarks/results/batching.md`)"))
+    batch_wait_ms: float = Field(0.0, ge=0, description=(
+        "how long (ms) a device holding a batchable job waits for more of its kind before running it; 0: it "
+        "batches only what is already waiting, adding no latency"))
     redis_url: str | None = Field(None, description=(
         "session store shared by replicas: `redis://host:port/db` (or `rediss://`) for one Redis, "
         "`redis+cluster://host:port` for a Redis Cluster (any node); unset: an in-process store. When set, "

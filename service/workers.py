@@ -30,8 +30,16 @@ accelerator error takes the device out of service (503 `device_failed` for its q
 `/readyz` fails, and `/healthz` once no device is left).
 
 Order: each device takes its waiting jobs fairly between callers, session chunks first
-(`service.scheduling`); each caller's own limits are `service.callers`'. No batching of
-same-shape jobs.
+(`service.scheduling`); each caller's own limits are `service.callers`'.
+
+Batching: a job that pushes one chunk into one stream (`media.StreamPush`: a session chunk,
+a whole-clip chunk) takes with it, up to `Batching.max` in all, the jobs that come next in
+the fair order while they have the same op, served model and `key` (kind, model, steps, phase, chunk shape,
+state layout), and they run as one batched forward (`model.push_together`): each stream's
+state and answer are those of its own push up to float rounding. `Batching.wait_s` waits that long for more to arrive when fewer
+are waiting; 0 batches only what is already queued, so batching adds no wait. A batch whose
+forward fails on anything but the device runs its pushes one at a time, so a bad chunk fails
+alone. A batch holds its streams' states twice while it runs (joined, and each stream's own).
 """
 
 from __future__ import annotations
@@ -42,10 +50,12 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 
 import torch
 
+from media import StreamPush, push_outputs
 from model import Tokenizer
 
 from .budget import MemoryBudget
@@ -59,6 +69,8 @@ from .metrics import Metrics
 from .scheduling import JobQueue
 
 T = TypeVar("T")
+# A job's work: a function of its worker's model, or a stream push (which may run batched).
+Work = Callable[[Tokenizer], T] | StreamPush[T]
 _END = object()  # a stream's generator is exhausted
 
 log = logging.getLogger("cdt.service")
@@ -74,6 +86,14 @@ class Caller:
 
 
 ANONYMOUS_BULK = Caller(ANONYMOUS)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a device batches stream pushes: at most `max` a batch; `wait_s` to wait for more."""
+
+    max: int = 1
+    wait_s: float = 0.0
 
 
 class Admission:
@@ -92,8 +112,8 @@ class Admission:
         """This device's copy of the request's model."""
         return self.worker.models[self.model_name]
 
-    async def execute(self, op: str, fn: Callable[[Tokenizer], T]) -> T:
-        return await self.worker.execute(op, fn, self.caller, self.cost, self.model_name)
+    async def execute(self, op: str, work: Work[T]) -> T:
+        return await self.worker.execute(op, work, self.caller, self.cost, self.model_name)
 
     async def stream(self, op: str, steps: Iterator[T]) -> AsyncIterator[T]:
         """Run a generator of model work, one job per item."""
@@ -109,25 +129,33 @@ class Admission:
 @dataclass(eq=False)
 class _Job:
     op: str
-    fn: Callable[[Tokenizer], Any]
+    work: Work
     future: asyncio.Future
     caller: str
     weight: float
     cost: float
     interactive: bool
-    model: str  # the served model's name: `fn` runs on the worker's copy of it
+    model: str  # the served model's name: the work runs on the worker's copy of it
     submitted: float = field(default_factory=time.perf_counter)
     started: bool = False
     abandoned: bool = False  # timed out or cancelled while waiting: skip it
+
+    @property
+    def key(self) -> tuple | None:
+        """What jobs run batched together share (None: this one runs alone)."""
+        return (self.op, self.model, self.work.key) if isinstance(self.work, StreamPush) else None
+
+    def run(self, model: Tokenizer) -> Any:
+        return self.work.run() if isinstance(self.work, StreamPush) else self.work(model)
 
 
 class DeviceWorker:
     """One device's resident models (by name), model thread, job queue, memory budget and health."""
 
     def __init__(self, slot: DeviceSlot, models: dict[str, Tokenizer], memory: MemoryModel, queue_size: int,
-                 timeout_s: float, metrics: Metrics, callers: Callers) -> None:
+                 timeout_s: float, metrics: Metrics, callers: Callers, batching: Batching = Batching()) -> None:
         self.slot, self.name, self.models, self.memory_model = slot, slot.name, models, memory
-        self.callers = callers
+        self.callers, self.batching = callers, batching
         self.queue_size, self.timeout_s = queue_size, timeout_s
         self.memory = MemoryBudget(memory.budget)
         self.healthy = True
@@ -206,13 +234,13 @@ class DeviceWorker:
         self._metrics.requests_admitted.labels(**self._labels).set(self.admitted)
         self._metrics.memory_reserved.labels(**self._labels).set(self.memory.reserved)
 
-    async def execute(self, op: str, fn: Callable[[Tokenizer], T], caller: Caller = ANONYMOUS_BULK,
-                      cost: float = 1.0, model: str | None = None) -> T:
+    async def execute(self, op: str, work: Work[T], caller: Caller = ANONYMOUS_BULK, cost: float = 1.0,
+                      model: str | None = None) -> T:
         """Queue one job of an admitted request and await its result."""
         model = next(iter(self.models)) if model is None else model
         if not self.healthy:
             raise DeviceFailed(f"device {self.name} has failed and takes no more jobs")
-        job = _Job(op, fn, asyncio.get_running_loop().create_future(), caller.name, caller.weight, cost,
+        job = _Job(op, work, asyncio.get_running_loop().create_future(), caller.name, caller.weight, cost,
                    caller.interactive, model)
         self._queue.push(job)
         self._metrics.queue_depth.labels(**self._labels).set(len(self._queue))
@@ -237,36 +265,55 @@ class DeviceWorker:
 
     async def _consume(self) -> None:
         while (job := await self._queue.get()) is not None:
+            jobs = await self._batch(job)
             self._metrics.queue_depth.labels(**self._labels).set(len(self._queue))
             if not self.healthy:
-                job.future.set_exception(DeviceFailed(f"device {self.name} failed before this job ran"))
+                for each in jobs:
+                    each.future.set_exception(DeviceFailed(f"device {self.name} failed before this job ran"))
                 continue
-            await self._execute(job)
+            await self._execute(jobs)
 
-    async def _execute(self, job: _Job) -> None:
+    async def _batch(self, job: _Job) -> list[_Job]:
+        """`job` and the waiting jobs that run batched with it (waiting up to `Batching.wait_s`
+        for more when fewer than `Batching.max` are there)."""
+        key, limit = job.key, self.batching.max - 1
+        if key is None or limit < 1:
+            return [job]
+        jobs = [job, *self._queue.pop_while(job, lambda other: other.key == key, limit)]
+        if len(jobs) <= limit and self.batching.wait_s > 0:
+            await asyncio.sleep(self.batching.wait_s)
+            jobs += self._queue.pop_while(job, lambda other: other.key == key, limit + 1 - len(jobs))
+        return jobs
+
+    async def _execute(self, jobs: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
-        job.started = True
-        waited = time.perf_counter() - job.submitted
-        self._metrics.queue_wait_seconds.labels(job.op, self.name, job.model).observe(waited)
-        self._metrics.key_queue_wait_seconds.labels(job.caller).observe(waited)
-        in_flight = self._metrics.in_flight.labels(**self._labels)
-        in_flight.inc()
         start = time.perf_counter()
+        for job in jobs:
+            job.started = True
+            self._metrics.queue_wait_seconds.labels(job.op, self.name, job.model).observe(start - job.submitted)
+            self._metrics.key_queue_wait_seconds.labels(job.caller).observe(start - job.submitted)
+        self._metrics.batch_size.labels(jobs[0].op, self.name).observe(len(jobs))
+        in_flight = self._metrics.in_flight.labels(**self._labels)
+        in_flight.inc(len(jobs))
         try:
-            result = await loop.run_in_executor(self._executor, self._call, job.fn, self.models[job.model])
-        except Exception as exc:  # delivered to the caller, who maps it to a response
-            outcome = "error"
-            if not job.future.done():
-                job.future.set_exception(self._device_error(exc))
-        else:
-            outcome = "ok"
-            if not job.future.done():
-                job.future.set_result(result)
+            outcomes = await loop.run_in_executor(self._executor, self._call, jobs)
+        except Exception as exc:  # it failed them all
+            outcomes = [_Failed(exc)] * len(jobs)
         finally:
-            in_flight.dec()
+            in_flight.dec(len(jobs))
         elapsed = time.perf_counter() - start
         self._recent_compute_s = elapsed
-        self._metrics.compute_seconds.labels(job.op, outcome, self.name, job.model).observe(elapsed)
+        # Mapped once per error: a device failure takes the device out of service once.
+        errors = {id(o): self._device_error(o.error) for o in outcomes if isinstance(o, _Failed)}
+        for job, outcome in zip(jobs, outcomes):
+            failed = isinstance(outcome, _Failed)
+            self._metrics.compute_seconds.labels(job.op, "error" if failed else "ok", self.name,
+                                                 job.model).observe(elapsed)
+            if not job.future.done():  # delivered to the caller, who maps an error to a response
+                if failed:
+                    job.future.set_exception(errors[id(outcome)])
+                else:
+                    job.future.set_result(outcome)
 
     def _device_error(self, exc: Exception) -> Exception:
         """The error the caller gets: the device's own failures in service terms, others as raised."""
@@ -282,10 +329,15 @@ class DeviceWorker:
             return DeviceFailed(f"device {self.name} failed: {exc}")
         return exc
 
-    def _call(self, fn: Callable[[Tokenizer], T], model: Tokenizer) -> T:
+    def _call(self, jobs: list[_Job]) -> list[Any]:
+        """Run `jobs` (one, or a batch) on the model thread: their results, or `_Failed` for a
+        job of a batch whose own work failed. Raises what fails them all: a device error, or
+        the error of a job run alone."""
         try:
             with torch.inference_mode():
-                return fn(model)
+                if len(jobs) == 1:
+                    return [jobs[0].run(self.models[jobs[0].model])]
+                return _run_batch([job.work for job in jobs])
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -296,6 +348,34 @@ class DeviceWorker:
         # tensors, is gone, so the cache can give their blocks back to the device.
         release_device_cache(self.slot.device)
         raise torch.OutOfMemoryError(message)
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A job whose own work raised `error`."""
+
+    error: Exception
+
+
+def _run_batch(pushes: list[StreamPush]) -> list[Any]:
+    try:
+        outputs = push_outputs(pushes)
+    except Exception as exc:
+        if is_out_of_memory(exc) or is_device_failure(exc):
+            raise
+        # No stream has changed (`push_together`): each push alone, so a bad input fails alone.
+        return [_attempt(push.run) for push in pushes]
+    return [_attempt(partial(push.finish, output)) for push, output in zip(pushes, outputs)]
+
+
+def _attempt(fn: Callable[[], T]) -> T | _Failed:
+    """`fn()`, or its error as a `_Failed` unless it is the device's (which fails the batch)."""
+    try:
+        return fn()
+    except Exception as exc:
+        if is_out_of_memory(exc) or is_device_failure(exc):
+            raise
+        return _Failed(exc)
 
 
 def _model_thread(slot: DeviceSlot) -> None:

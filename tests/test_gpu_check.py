@@ -89,6 +89,10 @@ def test_the_reduced_check_runs_every_stage_on_the_cpu_and_writes_one_results_fi
         cells = re.search(rf"^\| tiny \| 64x64 \| {op} \| fp32 \| 9 \| 8 \| ([0-9.]+) \| ([0-9.]+) \| n/a \| "
                           r"passed \|$", throughput, re.M)
         assert cells and float(cells[1]) > 0 and float(cells[2]) > 0, throughput
+    for how in ("one at a time", "batched"):
+        cells = re.search(rf"^\| tiny \| 64x64 \| 2 decode sessions, {how} \| fp32 \| 8 \| 4 \| ([0-9.]+) \| "
+                          r"([0-9.]+) \| n/a \| passed \|$", throughput, re.M)
+        assert cells and float(cells[1]) > 0 and float(cells[2]) > 0, throughput
 
     assert not list(tmp_path.glob("gpu_check.*"))  # the temp run directory is removed
 

@@ -103,6 +103,23 @@ def test_abandoned_jobs_are_dropped_and_close_drains_then_ends():
     assert sorted(taken, key=id) == sorted(kept, key=id) and end is None
 
 
+def test_jobs_run_together_come_next_in_the_fair_order():
+    """A batch takes the jobs after its first while they match: never one that another caller's
+    job comes before, and only of the first job's class."""
+    queue = JobQueue()
+    for caller in ("a", "b", "a", "a", "c"):
+        queue.push(Job(caller, QUANTUM))
+    queue.push(Job("a", QUANTUM, interactive=True))
+    first = queue._take()
+    assert first.interactive
+    assert queue.pop_while(first, lambda job: True, 8) == []  # no other interactive job
+    first = queue._take()
+    same_key = lambda job: job.caller in ("a", "b")  # noqa: E731
+    # Fair order: a, b, c, a, a (each caller's first job, then the rest): c stops the batch.
+    assert [job.caller for job in queue.pop_while(first, same_key, 8)] == ["b"]
+    assert [job.caller for job in drain(queue, 3)] == ["c", "a", "a"]
+
+
 # --- the service under a flood ---------------------------------------------------------------
 
 KEY_A, KEY_B = "key-a", "key-b"
@@ -140,8 +157,10 @@ def test_another_keys_requests_and_session_chunks_are_served_ahead_of_a_flood(ti
             await asyncio.gather(encode(KEY_B, "B clip"), session(), *flood)
             return (await http.get("/metrics")).text
 
-    text = run_app(Settings(checkpoint=tiny_checkpoint, api_keys=(KEY_A, KEY_B), queue_size=8, key_queue_size=4),
-                   scenario)
+    # The fair order alone: with batching, A's same-shape chunks that come next in that order run
+    # as one batch (test_jobs_run_together_come_next_in_the_fair_order).
+    text = run_app(Settings(checkpoint=tiny_checkpoint, api_keys=(KEY_A, KEY_B), queue_size=8, key_queue_size=4,
+                            batch_max=1), scenario)
     assert len(finished) == 6
     assert finished.index("B clip") <= 2 and finished.index("B session") <= 2, finished
     waits = {key: metric_sum(text, "cdt_key_queue_wait_seconds_count", key=principal_of(key)) for key in (KEY_A, KEY_B)}

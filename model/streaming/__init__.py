@@ -10,7 +10,7 @@ above it.
 from .positions import (decode_chunk_latents, group_size, inputs_for, outputs_for, resume_position,
                         settled_inputs)
 from .receptive_field import ReceptiveField, measure, measure_receptive_field
-from .streams import CacheMismatchError, StreamingDecoder, StreamingEncoder, pad_frames
+from .streams import CacheMismatchError, StreamingDecoder, StreamingEncoder, pad_frames, push_together
 
 __all__ = [
     "CacheMismatchError",
@@ -24,6 +24,7 @@ __all__ = [
     "measure_receptive_field",
     "outputs_for",
     "pad_frames",
+    "push_together",
     "resume_position",
     "settled_inputs",
 ]

@@ -74,6 +74,17 @@ class _Stream:
                     f"cache {key} is {cache.meta.get(key)!r}, this stream needs {value!r}"
                 )
 
+    def batch_key(self, input_shape: tuple[int, ...]) -> tuple:
+        """What streams pushed together in one batch (`push_together`) must share, for a push
+        of an input of `input_shape`: kind, model and settings, phase (first chunk or not),
+        the input's shape and the state's layout (which also tells a stream resumed with no
+        history from one that has it)."""
+        return (self.kind, id(self.model), self.model_hash, dtype_name(self.model.compute_dtype),
+                self.meta["steps"], self.cache.started, self._first(), tuple(input_shape), self.cache.layout())
+
+    def _first(self) -> bool:
+        raise NotImplementedError
+
     def export_state(self) -> bytes:
         return self.cache.to_bytes()
 
@@ -115,32 +126,47 @@ class StreamingEncoder(_Stream):
         if self.meta["finished"]:
             raise ValueError("the stream is finished")
 
+    def _first(self) -> bool:
+        return self.meta["frames_encoded"] == 0
+
     @torch.no_grad()
     def push(self, frames: torch.Tensor) -> torch.Tensor:
         """Feed frames (B,3,n,H,W), n >= 0; return latents for the complete groups."""
+        ready, rest = self._split(frames)
+        latents = self.model.posterior(ready, self.cache).mean if ready.shape[2] else None
+        return self._took(frames, ready, rest, latents)
+
+    def _split(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the frames the network takes now: complete groups, the pending ones first; those
+        left pending) for a push of `frames`. The stream is unchanged."""
         self._validate(frames)
-        b, _, n, h, w = frames.shape
-        self.meta["shape"] = [b, h, w]
-        self.meta["frames_in"] += n
-        pending = self.cache.pop(PENDING_KEY)
+        pending = self.cache.get(PENDING_KEY)
         frames = frames.to(self.model.device, self.model.compute_dtype)
         if pending is not None:
             frames = torch.cat([pending.to(frames.dtype), frames], dim=2)
-        total, done = frames.shape[2], self.meta["frames_encoded"]
-        usable = settled_inputs(self.kind, done + total) - done
-        if usable < total:
-            self.cache.set(PENDING_KEY, frames[:, :, usable:])
-        return self._encode(frames[:, :, :usable])
+        done = self.meta["frames_encoded"]
+        usable = settled_inputs(self.kind, done + frames.shape[2]) - done
+        return frames[:, :, :usable], frames[:, :, usable:]
+
+    def _took(self, frames: torch.Tensor, ready: torch.Tensor, rest: torch.Tensor,
+              latents: torch.Tensor | None) -> torch.Tensor:
+        """Count a push of `frames` (`_split` into `ready` and `rest`) whose ready frames the
+        network turned into `latents` (None: there were none); its answer."""
+        b, _, n, h, w = frames.shape
+        self.meta["shape"] = [b, h, w]
+        self.meta["frames_in"] += n
+        if rest.shape[2]:
+            self.cache.set(PENDING_KEY, rest)
+        else:
+            self.cache.pop(PENDING_KEY)
+        return self._empty() if latents is None else self._encoded(ready, latents)
 
     def _empty(self) -> torch.Tensor:
         b, h, w = self.meta["shape"]
         lat = self.model.config.latent_channels
         return torch.zeros(b, lat, 0, h // SPACE_FACTOR, w // SPACE_FACTOR, device=self.model.device)
 
-    def _encode(self, frames: torch.Tensor) -> torch.Tensor:
-        if frames.shape[2] == 0:
-            return self._empty()
-        latents = self.model.posterior(frames, self.cache).mean
+    def _encoded(self, frames: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         self.cache.started = True
         self.meta["frames_encoded"] += frames.shape[2]
         self.meta["latents_out"] += latents.shape[2]
@@ -157,7 +183,8 @@ class StreamingEncoder(_Stream):
             return self._empty()
         # Past the first frame, every group is 4 frames: top the remainder up to one.
         missing = TIME_FACTOR - pending.shape[2]
-        return self._encode(torch.cat([pending, pending[:, :, -1:].expand(-1, -1, missing, -1, -1)], dim=2))
+        frames = torch.cat([pending, pending[:, :, -1:].expand(-1, -1, missing, -1, -1)], dim=2)
+        return self._encoded(frames, self.model.posterior(frames, self.cache).mean)
 
 
 class StreamingDecoder(_Stream):
@@ -183,21 +210,69 @@ class StreamingDecoder(_Stream):
         stream.cache.started = True
         return stream
 
+    def _first(self) -> bool:
+        return self.meta["frames_out"] == 0
+
     @torch.no_grad()
     def push(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode a latent chunk (B,16,m,h,w), m >= 0, to its pixel frames."""
+        self._validate(latents)
+        if latents.shape[2] == 0:
+            return self._took(latents, None)
+        video = self.model.decode_chunk(latents.to(self.model.device), steps=self.meta["steps"],
+                                        seed=self.meta["seed"], start=self.meta["frames_out"], cache=self.cache)
+        return self._took(latents, video)
+
+    def _validate(self, latents: torch.Tensor) -> None:
         validate_latents(latents, self.model.config.latent_channels, allow_empty=True)
-        b, _, m, h, w = latents.shape
+        b, _, _, h, w = latents.shape
         shape = self.meta["shape"]
         if shape is not None and [b, h, w] != shape:
             raise ValueError(f"chunk has batch,height,width {[b, h, w]}, the stream started with {shape}")
+
+    def _took(self, latents: torch.Tensor, video: torch.Tensor | None) -> torch.Tensor:
+        """Count a push of `latents` that decoded to `video` (None: the chunk was empty); its answer."""
+        b, _, m, h, w = latents.shape
         self.meta["shape"] = [b, h, w]
-        if m == 0:
+        if video is None:
             return torch.zeros(b, 3, 0, h * SPACE_FACTOR, w * SPACE_FACTOR, device=self.model.device)
-        start = self.meta["frames_out"]
-        video = self.model.decode_chunk(latents.to(self.model.device), steps=self.meta["steps"],
-                                        seed=self.meta["seed"], start=start, cache=self.cache)
+        frames = pixel_frames(m, first_chunk=self._first())
         self.cache.started = True
         self.meta["latents_in"] += m
-        self.meta["frames_out"] += pixel_frames(m, first_chunk=start == 0)
+        self.meta["frames_out"] += frames
         return video
+
+
+def push_together(streams: list[StreamingEncoder] | list[StreamingDecoder],
+                  inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Push one input into each stream as one batched forward: each stream's state and answer
+    are those of its own `push`, up to float rounding (the batch's kernels may round otherwise),
+    and a decode stream (of one item) draws its own noise. The streams must agree on
+    `batch_key` for their inputs; their states change only once the forward has succeeded."""
+    key = streams[0].batch_key(tuple(inputs[0].shape))
+    if any(stream.batch_key(tuple(x.shape)) != key for stream, x in zip(streams, inputs)):
+        raise ValueError("streams pushed together must agree on batch_key")
+    if len(streams) == 1:
+        return [streams[0].push(inputs[0])]
+    model, sizes = streams[0].model, [x.shape[0] for x in inputs]
+    caches = [stream.cache for stream in streams]
+    if isinstance(streams[0], StreamingEncoder):
+        parts = [stream._split(x) for stream, x in zip(streams, inputs)]
+        latents: list[torch.Tensor | None] = [None] * len(streams)
+        if parts[0][0].shape[2]:
+            joined = FeatureCache.join(caches, skip=PENDING_KEY)
+            latents = list(model.posterior(torch.cat([ready for ready, _ in parts]), joined).mean.split(sizes))
+            joined.split_into(caches, sizes, skip=PENDING_KEY)
+        return [stream._took(x, ready, rest, z) for stream, x, (ready, rest), z in zip(streams, inputs, parts, latents)]
+    for stream, x in zip(streams, inputs):
+        stream._validate(x)
+        if x.shape[0] != 1:
+            raise ValueError("decode streams pushed together take one item each (each draws its own noise)")
+    if inputs[0].shape[2] == 0:
+        return [stream._took(x, None) for stream, x in zip(streams, inputs)]
+    joined = FeatureCache.join(caches)
+    video = model.decode_chunk(torch.cat(inputs).to(model.device), steps=streams[0].meta["steps"],
+                               seed=[stream.meta["seed"] for stream in streams],
+                               start=[stream.meta["frames_out"] for stream in streams], cache=joined)
+    joined.split_into(caches, sizes)
+    return [stream._took(x, v) for stream, x, v in zip(streams, inputs, video.split(sizes))]

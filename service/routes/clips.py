@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import aclosing
-from typing import Annotated, AsyncIterator, Callable, Iterator, Literal, TypeVar
+from typing import Annotated, AsyncIterator, Iterator, Literal
 
 import torch
 
@@ -28,7 +28,6 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from media import ClipDecoder, ClipEncoder, decode_chunk_length, latents_info
-from model import Tokenizer
 
 from ..auth import AUTH_ERRORS
 from ..bodies import FRAME_FORMATS, MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, BodyFormat, ClipOptions, open_frames, \
@@ -50,7 +49,6 @@ router = APIRouter(prefix="/v1", tags=["whole clips"], dependencies=[Depends(req
                        422: "`undecodable_video`, `invalid_tensor`, `invalid_latents`, `video_too_small` (a side "
                             "under 8 pixels), `too_few_frames`, `invalid_input`: content the model cannot take"})})
 
-T = TypeVar("T")
 
 ENCODE_BODY = binary_body(
     "A video container (mp4, webm, avi, ...; `video/*`), or frames as npy (`application/x-npy`) or safetensors "
@@ -102,11 +100,12 @@ async def encode(
             # Container decoding of chunk i+1 on the host pool overlaps the model's work on chunk i.
             async with aclosing(host.iterate(f"read_{body.format.value}", source.chunks(chunk))) as parts:
                 async for part in parts:
-                    latents = await admission.execute("encode", _job(encoder.push, part))
+                    latents = await admission.execute("encode", encoder.step(part))
                     await host.run("spool_latents", spool.append, latents)
                     if await _client_gone(request, metrics, "encode"):
                         raise ClientGone("the client disconnected during the encode")
-            await host.run("spool_latents", spool.append, await admission.execute("encode", _job(encoder.finish)))
+            tail = await admission.execute("encode", lambda model: encoder.finish())
+            await host.run("spool_latents", spool.append, tail)
         finally:
             admission.release()
     except BaseException:
@@ -122,11 +121,6 @@ async def encode(
     metrics.bytes_total.labels("/v1/encode", "out").inc(length)
     return StreamingResponse(_send(header, data, spool.close), media_type=media_type,
                              headers={**headers, "Content-Length": str(length)})
-
-
-def _job(step: Callable[..., T], *args) -> Callable[[Tokenizer], T]:
-    """A model job that makes one call of a clip's encoder or decoder (bound to its worker's model)."""
-    return lambda model: step(*args)
 
 
 async def _send(header: bytes, data: Iterator[bytes], close) -> AsyncIterator[bytes]:
@@ -200,7 +194,7 @@ async def _decode_stream(output: FrameStream, host: HostPool, admission: Admissi
     try:
         async with aclosing(host.iterate("read_latents", latents)) as parts:
             async for part in parts:
-                frames = await admission.execute("decode", _job(decoder.frames, part))
+                frames = await admission.execute("decode", decoder.step(part))
                 if header:
                     yield header + await host.run(op, output.write, frames)
                     header = b""

@@ -18,6 +18,7 @@ from typing import AsyncIterator
 
 import torch
 
+from media import StreamPush
 from model import CacheFormatError, CacheMismatchError, Tokenizer, dtype_name
 
 from ..bodies import Body, Limits
@@ -27,7 +28,7 @@ from ..memory import padded_pixels
 from ..metrics import Metrics
 from ..ops import check_steps
 from ..settings import Settings
-from ..workers import DeviceWorker, WorkerPool
+from ..workers import DeviceWorker, WorkerPool, Work
 from .hot import HotStreams
 from .kinds import KINDS, Applied, SessionKind, Stream
 from .metrics import SessionMetrics
@@ -254,6 +255,12 @@ class SessionService:
             output = current.finish() if chunk is None else current.push(kind.model_input(chunk))
             return current, kind.to_host(output), rebuild_s
 
+        work: Work = job
+        if stream is not None and chunk is not None:  # a hot stream's push, which may run batched with others
+            inputs = kind.model_input(chunk)
+            work = StreamPush(stream, lambda: inputs, lambda output: (stream, kind.to_host(output), 0.0),
+                              tuple(inputs.shape))
+
         served = self._model_of(record)
         frames, height, width = kind.job_shape(record, chunk, served.time_factor)
         steps = kind.steps(record)
@@ -263,7 +270,7 @@ class SessionService:
             self.pool.caller(record.owner, interactive=True), padded_pixels(height, width) * frames * steps,
             served.name)
         try:
-            current, output, rebuild_s = await admission.execute(f"session_{kind.name}", job)
+            current, output, rebuild_s = await admission.execute(f"session_{kind.name}", work)
         except (CacheMismatchError, CacheFormatError) as exc:
             raise Conflict(f"session state does not fit this replica: {exc}", code="model_mismatch") from None
         finally:
