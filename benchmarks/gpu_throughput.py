@@ -174,8 +174,9 @@ def main() -> int:
     device = one_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # where allocations without a device go, as on the service's model thread
-    rows = [row for preset in args.presets
-            for row in rows_for(preset, args.sizes, args.frames, args.dtype, device, args.sessions, args.session_chunks)]
+    sessions = (args.sessions, args.session_chunks)
+    rows = [row for preset in args.presets for row in rows_for(preset, args.sizes, args.frames, args.dtype, device,
+                                                               *sessions)]
     notes = (f"On {device}, {args.dtype}, random weights, 1 DDIM step; frames/s = frames / the whole clip's streamed "
              "time (uint8 up, results copied to the host by every call), after a warm-up clip of "
              f"{min(WARMUP_FRAMES, args.frames)} frames at the same size; one timed clip per row. Peak GiB: "

@@ -38,6 +38,7 @@ SUITE: dict[str, list[str]] = {
     "request_memory": [],
     "http_overhead": [],
     "device_pool": [],
+    "served_models": [],
     "fairness": [],
     "batching": [],
     "session_cost": [],

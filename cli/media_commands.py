@@ -21,6 +21,7 @@ from media import (
     LatentsFile,
     VideoReader,
     VideoWriter,
+    decode_chunk_length,
     decode_frames,
     encode_frames,
     load_latents,
@@ -35,7 +36,7 @@ from media import provenance
 from media.frames_file import FRAME_FILE_SUFFIXES, is_frames_file, load_frames
 from media.lpips import LPIPS_SKIPPED, load_lpips
 from media.video import resize_short_side
-from model import DEFAULT_CHECKPOINT, Pretrained, Tokenizer, decode_chunk_latents, from_pretrained
+from model import DEFAULT_CHECKPOINT, Pretrained, Tokenizer, from_pretrained
 from service.settings import SettingsError, max_steps_from_env
 
 FALLBACK_FPS = 30.0
@@ -208,9 +209,16 @@ def _at_least(chunks: Iterable[np.ndarray], frames: int | None, path: Path) -> I
         raise ValueError(f"{path}: too few frames: it has {count}, --frames asks for {frames}")
 
 
+def model_name(args) -> str:
+    """The name latents files record for the checkpoint: its directory's, as `cdt serve` names a
+    single checkpoint."""
+    return Path(args.checkpoint or DEFAULT_CHECKPOINT).name
+
+
 def _encode(args, model: Tokenizer, model_hash: str) -> LatentsFile:
     with open_input(args, args.chunk) as (chunks, fps, total), _bar(args, total, "encode") as bar:
-        return encode_frames(model, model_hash, _counted(chunks, bar), fps, streamed=args.chunk is not None)
+        return encode_frames(model, model_hash, _counted(chunks, bar), fps, streamed=args.chunk is not None,
+                             model_name=model_name(args))
 
 
 def _decoded(args, model: Tokenizer, model_hash: str, item: LatentsFile, chunk: int | None,
@@ -231,7 +239,8 @@ def run_encode(args) -> int:
     item = _encode(args, model, identity.content_hash)
     save_latents(output, item)
     print(json.dumps({"output": str(output), "latents": list(item.latents.shape), "frames": item.frames,
-                      "height": item.height, "width": item.width, "fps": item.fps, "model_hash": item.model_hash}))
+                      "height": item.height, "width": item.width, "fps": item.fps, "model": item.model_name,
+                      "model_hash": item.model_hash}))
     return 0
 
 
@@ -261,7 +270,7 @@ def run_reconstruct(args) -> int:
     with open_input(args, args.chunk) as (chunks, fps, total), _bar(args, total, "encode") as bar:
         item = encode_frames(model, identity.content_hash, _counted(_kept(chunks, original), bar), fps,
                              streamed=args.chunk is not None)
-    latent_chunk = None if args.chunk is None else decode_chunk_latents(args.chunk)
+    latent_chunk = None if args.chunk is None else decode_chunk_length(model, args.chunk)
     with _bar(args, item.frames, "decode") as bar:
         decoded = np.concatenate(list(_decoded(args, model, identity.content_hash, item, latent_chunk, bar)))
     _save(output, decoded, item.fps, args.crf)

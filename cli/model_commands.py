@@ -6,8 +6,7 @@ import json
 
 import torch
 
-from model import PRESETS, SPACE_FACTOR, CDTConfig, build_model, save_pretrained
-from model.checkpoint import read_header
+from model import PRESETS, SPACE_FACTOR, CDTConfig, build_model, read_header, save_pretrained
 
 
 def register(sub) -> None:

@@ -19,6 +19,8 @@ def register(sub) -> None:
                        help="uvicorn processes, each with its own models and worker pool, on CPU devices only: one "
                             "process drives every GPU it is given (default 1)")
     serve.add_argument("--checkpoint", help="checkpoint directory (CDT_CHECKPOINT)")
+    serve.add_argument("--models", help="several models: name=path,name=path or a directory of checkpoints; the "
+                                        "first is the default (CDT_MODELS)")
     serve.add_argument("--devices", help="comma-separated cuda, cuda:N, cpu (CDT_DEVICES)")
     serve.add_argument("--dtype", choices=("fp32", "bf16"), help="compute dtype (CDT_DTYPE)")
     serve.add_argument("--redis-url", help="session store (CDT_REDIS_URL)")
@@ -30,18 +32,18 @@ def run_serve(args) -> int:
     # Imported here so the other `cdt` commands start without the web stack.
     import uvicorn
 
-    from service.app import check_checkpoint
+    from service.catalog import model_sources
     from service.devices import DeviceSetupError, resolve
     from service.settings import Settings
 
-    overrides = {"checkpoint": args.checkpoint, "devices": args.devices, "dtype": args.dtype,
+    overrides = {"checkpoint": args.checkpoint, "models": args.models, "devices": args.devices, "dtype": args.dtype,
                  "redis_url": args.redis_url}
     names = Settings.env_names()
     for field, value in overrides.items():
         if value is not None:
             os.environ[names[field]] = str(value)
     settings = Settings.from_env()  # fail here, with one line, rather than in each worker
-    check_checkpoint(settings)
+    model_sources(settings)
     devices = resolve(settings.devices)
     if args.workers > 1 and any(device.type == "cuda" for device in devices):
         # Every process would load a model onto every GPU and budget the same free memory.

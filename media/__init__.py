@@ -5,6 +5,7 @@ May import `model`, never `service` or `training`."""
 from .tokenize import (
     ClipDecoder,
     ClipEncoder,
+    decode_chunk_length,
     decode_chunks,
     decode_frames,
     decode_video,
@@ -46,6 +47,7 @@ __all__ = [
     "VideoDecodeError",
     "VideoReader",
     "VideoWriter",
+    "decode_chunk_length",
     "decode_chunks",
     "decode_frames",
     "decode_video",

@@ -5,7 +5,8 @@ takes an `AutoencoderKL*`:
     z = vae.encode(video).latent_dist.mode()     # or .sample(generator)
     frames = vae.decode(z).sample                # (B,3,T,H,W) in [-1,1]
 
-`encode(x)` takes (B,3,T,H,W) video with T = 1+4k, or (B,3,H,W) images, in [-1,1], with
+`encode(x)` takes (B,3,T,H,W) video with T = 1+tk (t the model's temporal factor,
+`config.temporal_compression_ratio`: 4 for a 4x model), or (B,3,H,W) images, in [-1,1], with
 sides multiples of 8 (as `Tokenizer.encode`), and answers diffusers' `AutoencoderKLOutput`
 whose `latent_dist` is diffusers' `DiagonalGaussianDistribution` over CDT's posterior
 (mean and log-variance): `mode()` is `Tokenizer.encode`'s latents, `sample()` draws from
@@ -30,7 +31,7 @@ import torch
 from cdt_client.formats.api import MAX_QUERY_SEED
 from torch import nn
 
-from model import SPACE_FACTOR, TIME_FACTOR, Tokenizer, from_pretrained, validate_video
+from model import SPACE_FACTOR, Tokenizer, from_pretrained, validate_video
 
 DIFFUSERS_EXTRA = "diffusers"
 
@@ -40,12 +41,12 @@ class CDTVAEConfig:
     """The config attributes diffusers' pipelines read from a VAE."""
 
     latent_channels: int
+    temporal_compression_ratio: int
     in_channels: int = 3
     out_channels: int = 3
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     spatial_compression_ratio: int = SPACE_FACTOR
-    temporal_compression_ratio: int = TIME_FACTOR
 
 
 def _diffusers():
@@ -65,7 +66,8 @@ class CDTAutoencoder(nn.Module):
         super().__init__()
         self.tokenizer = tokenizer
         self.steps, self.seed = steps, seed
-        self.config = CDTVAEConfig(latent_channels=tokenizer.config.latent_channels)
+        self.config = CDTVAEConfig(latent_channels=tokenizer.config.latent_channels,
+                                   temporal_compression_ratio=tokenizer.config.time_factor)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, steps: int = 1, seed: int = 0, device: str = "cpu",

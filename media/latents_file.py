@@ -16,7 +16,7 @@ from safetensors.torch import load as st_load
 
 from cdt_client.formats.files import LATENTS_TENSOR, LatentsMetadataError, latents_metadata, read_latents_metadata
 from cdt_client.formats.tensors import safetensors_header, safetensors_metadata
-from model import LATENT_CHANNELS, SPACE_FACTOR, TIME_FACTOR
+from model import LATENT_CHANNELS, SPACE_FACTOR
 
 from .padding import Padding
 from .video import MAX_FPS
@@ -35,9 +35,11 @@ class LatentsInfo:
     """What a latents file says about its latents: the model that made them and the clip
     they decode to."""
 
+    model_name: str  # the name the model was served under ("" where none was given)
     model_hash: str
     preset: str
     model_kind: str
+    time_factor: int  # pixel frames per latent frame past the first
     dtype: str  # compute dtype of the encode
     frames: int  # original clip, before padding
     height: int
@@ -45,11 +47,17 @@ class LatentsInfo:
     fps: float
     padding: Padding
 
-    def check_model(self, model_hash: str, force: bool = False) -> None:
+    @property
+    def model_label(self) -> str:
+        """The model as messages name it: its name, if any, and its short hash."""
+        return f"{self.model_name} ({self.model_hash[:12]})" if self.model_name else self.model_hash[:12]
+
+    def check_model(self, model_hash: str, force: bool = False, model_name: str = "") -> None:
         if self.model_hash != model_hash and not force:
+            asked = f"{model_name} ({model_hash[:12]})" if model_name else model_hash[:12]
             raise ModelMismatchError(
-                f"latents were made by model {self.model_hash[:12]}, the checkpoint is {model_hash[:12]} "
-                "(use the same checkpoint, or force to decode anyway)"
+                f"latents were made by model {self.model_label}, the model asked to decode them is {asked} "
+                "(use the same model, or force to decode anyway)"
             )
 
     @property
@@ -57,16 +65,17 @@ class LatentsInfo:
         return (
             1,
             LATENT_CHANNELS,
-            1 + (self.frames + self.padding.frames - 1) // TIME_FACTOR,
+            1 + (self.frames + self.padding.frames - 1) // self.time_factor,
             (self.height + self.padding.height) // SPACE_FACTOR,
             (self.width + self.padding.width) // SPACE_FACTOR,
         )
 
     def metadata(self) -> dict[str, str]:
         """The file's string metadata."""
-        return latents_metadata(model_hash=self.model_hash, preset=self.preset, model_kind=self.model_kind,
-                                dtype=self.dtype, frames=self.frames, height=self.height, width=self.width,
-                                fps=self.fps, pad_frames=self.padding.frames, pad_height=self.padding.height,
+        return latents_metadata(model_name=self.model_name, model_hash=self.model_hash, preset=self.preset,
+                                model_kind=self.model_kind, time_factor=self.time_factor, dtype=self.dtype,
+                                frames=self.frames, height=self.height, width=self.width, fps=self.fps,
+                                pad_frames=self.padding.frames, pad_height=self.padding.height,
                                 pad_width=self.padding.width)
 
     @classmethod
@@ -79,8 +88,10 @@ class LatentsInfo:
         info = cls(padding=padding, **values)
         if not 0 < info.fps <= MAX_FPS:  # NaN fails too
             raise LatentsFileError(f"{source}: fps {info.fps} is not in (0, {MAX_FPS:g}]")
+        if info.time_factor < 1:
+            raise LatentsFileError(f"{source}: time_factor {info.time_factor} is not a positive integer")
         try:
-            if info.padding != Padding.for_shape(info.frames, info.height, info.width):
+            if info.padding != Padding.for_shape(info.frames, info.height, info.width, info.time_factor):
                 raise ValueError(f"padding {info.padding} does not fit {info.frames} frames of "
                                  f"{info.height}x{info.width}")
         except ValueError as exc:

@@ -1,7 +1,8 @@
 """Padding a clip to the model's grid, and the record that crops it back exactly.
 
-Time: 1+4k frames by repeating the last frame, through `model.pad_frames`, the rule
-`StreamingEncoder.finish` also applies, so whole-clip and streamed encodes agree.
+Time: 1+tk frames, t the model's temporal factor (`CDTConfig.time_factor`: 4 for a 4x model,
+8 for an 8x one), by repeating the last frame, the rule `StreamingEncoder.finish` also
+applies, so whole-clip and streamed encodes agree.
 
 Space: height and width to multiples of 8, on the bottom and right edges, in
 `replicate` mode. Zeros would put a hard black edge into the picture, which costs the
@@ -19,8 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import pad_frames
-from model import SPACE_FACTOR, TIME_FACTOR
+from model import SPACE_FACTOR
 
 SPATIAL_PAD_MODE = "replicate"
 
@@ -34,10 +34,11 @@ class Padding:
     width: int
 
     @classmethod
-    def for_shape(cls, frames: int, height: int, width: int) -> "Padding":
+    def for_shape(cls, frames: int, height: int, width: int, time_factor: int) -> "Padding":
+        """The padding of a clip for a model of `time_factor` pixel frames per latent frame."""
         if min(frames, height, width) < 1:
             raise ValueError(f"cannot pad an empty clip of {frames} frames, {height}x{width}")
-        return cls((-(frames - 1)) % TIME_FACTOR, (-height) % SPACE_FACTOR, (-width) % SPACE_FACTOR)
+        return cls((-(frames - 1)) % time_factor, (-height) % SPACE_FACTOR, (-width) % SPACE_FACTOR)
 
 
 def pad_spatial(video: torch.Tensor) -> torch.Tensor:
@@ -48,7 +49,11 @@ def pad_spatial(video: torch.Tensor) -> torch.Tensor:
     return F.pad(video, (0, pad_w, 0, pad_h, 0, 0), mode=SPATIAL_PAD_MODE)
 
 
-def pad_video(video: torch.Tensor) -> tuple[torch.Tensor, Padding]:
-    """Pad (B,C,T,H,W) to 1+4k frames and H, W multiples of 8; return the padding used."""
-    padding = Padding.for_shape(*video.shape[2:])
-    return pad_frames(pad_spatial(video)), padding
+def pad_video(video: torch.Tensor, time_factor: int) -> tuple[torch.Tensor, Padding]:
+    """Pad (B,C,T,H,W) to 1+tk frames (t = `time_factor`) and H, W multiples of 8; return the
+    padding used."""
+    padding = Padding.for_shape(*video.shape[2:], time_factor)
+    video = pad_spatial(video)
+    if padding.frames:
+        video = torch.cat([video, video[:, :, -1:].expand(-1, -1, padding.frames, -1, -1)], dim=2)
+    return video, padding

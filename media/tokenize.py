@@ -6,7 +6,10 @@ Streamed and whole-clip runs give the same numbers (the model's streaming contra
 streaming keeps memory bounded by the chunk, not the clip.
 
 `model_hash` is the content hash of the model's weights (`ModelIdentity.content_hash` of a
-loaded checkpoint): latents files and stream states carry it.
+loaded checkpoint): latents files and stream states carry it. `model_name`, where given, is
+the name the model is known by (the service's model names, the checkpoint directory's name
+for the `cdt` commands): latents files carry it too, for people and error messages.
+Clips are padded to the model's own frames rule, 1 + `config.time_factor`*k.
 
 Inputs may be on any device; uint8 frames cross to the model's device as uint8. The latents
 and frames given back are on the host, copied off the model's device as each is made (frames
@@ -31,18 +34,20 @@ from .video import frames_to_tensor, model_video, tensor_to_frames
 
 
 @torch.no_grad()
-def encode_video(model: Tokenizer, model_hash: str, video: torch.Tensor, fps: float) -> LatentsFile:
+def encode_video(model: Tokenizer, model_hash: str, video: torch.Tensor, fps: float,
+                 model_name: str = "") -> LatentsFile:
     """Encode a whole float (1,3,T,H,W) clip in [-1,1] in one call."""
     count, height, width = video.shape[2:]
-    latents = model.encode(pad_video(video.to(model.device))[0])
-    return latents_file(model, model_hash, latents, count, height, width, fps)
+    latents = model.encode(pad_video(video.to(model.device), model.config.time_factor)[0])
+    return latents_file(model, model_hash, latents, count, height, width, fps, model_name)
 
 
 class ClipEncoder:
     """One clip's streamed encode, a call per chunk (the service runs each call as one model job).
     A chunk is uint8 (n,H,W,3) frames, converted to the model's input on its device, or float
     (1,3,n,H,W) in [-1,1], at the clip's original size; `push` gives back the latents of its
-    complete 4-frame groups (maybe none), `finish` those of the tail, padded like a whole clip."""
+    complete groups of `time_factor` frames (maybe none), `finish` those of the tail, padded like
+    a whole clip."""
 
     def __init__(self, model: Tokenizer, model_hash: str) -> None:
         self._device = model.device
@@ -55,7 +60,7 @@ class ClipEncoder:
     def step(self, chunk: np.ndarray | torch.Tensor) -> StreamPush[torch.Tensor]:
         """`push` as a unit of model work that may run batched with other streams' (`StreamPush`)."""
         count, height, width = (chunk.shape[:3] if isinstance(chunk, np.ndarray) else chunk.shape[2:])
-        padding = Padding.for_shape(1, height, width)
+        padding = Padding.for_shape(1, height, width, self._stream.model.config.time_factor)  # its spatial part
         return StreamPush(self._stream, lambda: pad_spatial(model_video(chunk, self._device)), torch.Tensor.cpu,
                           (1, 3, count, height + padding.height, width + padding.width))
 
@@ -78,13 +83,13 @@ def encode_chunks(model: Tokenizer, model_hash: str,
 
 @torch.no_grad()
 def encode_frames(model: Tokenizer, model_hash: str, chunks: Iterable[np.ndarray], fps: float,
-                  streamed: bool) -> LatentsFile:
+                  streamed: bool, model_name: str = "") -> LatentsFile:
     """Encode a clip given as successive uint8 (n,H,W,3) chunks.
 
     `streamed` pushes each chunk through a StreamingEncoder as it arrives; otherwise
     the chunks are joined and encoded in one call."""
     if not streamed:
-        return encode_video(model, model_hash, frames_to_tensor(np.concatenate(list(chunks))), fps)
+        return encode_video(model, model_hash, frames_to_tensor(np.concatenate(list(chunks))), fps, model_name)
     count, shape = 0, None
 
     def counted() -> Iterator[np.ndarray]:
@@ -94,29 +99,31 @@ def encode_frames(model: Tokenizer, model_hash: str, chunks: Iterable[np.ndarray
             yield chunk
 
     latents = torch.cat(list(encode_chunks(model, model_hash, counted())), dim=2)
-    return latents_file(model, model_hash, latents, count, *shape, fps)
+    return latents_file(model, model_hash, latents, count, *shape, fps, model_name)
 
 
 def latents_info(model: Tokenizer, model_hash: str, frames: int, height: int, width: int,
-                 fps: float) -> LatentsInfo:
+                 fps: float, model_name: str = "") -> LatentsInfo:
     """The metadata of `model`'s latents of a clip of `frames` frames of height x width."""
     return LatentsInfo(
+        model_name=model_name,
         model_hash=model_hash,
         preset=model.config.preset,
         model_kind=model.kind,
+        time_factor=model.config.time_factor,
         dtype=dtype_name(model.compute_dtype),
         frames=frames,
         height=height,
         width=width,
         fps=fps,
-        padding=Padding.for_shape(frames, height, width),
+        padding=Padding.for_shape(frames, height, width, model.config.time_factor),
     )
 
 
 def latents_file(model: Tokenizer, model_hash: str, latents: torch.Tensor, frames: int, height: int, width: int,
-                 fps: float) -> LatentsFile:
+                 fps: float, model_name: str = "") -> LatentsFile:
     """The latents of a clip of `frames` frames of height x width, with their metadata."""
-    info = latents_info(model, model_hash, frames, height, width, fps)
+    info = latents_info(model, model_hash, frames, height, width, fps, model_name)
     return LatentsFile(latents=latents.float().cpu(), **vars(info))
 
 
@@ -134,6 +141,13 @@ def decode_video(model: Tokenizer, model_hash: str, item: LatentsFile, steps: in
         raise ValueError(f"chunk must be >= 1 latent frame, got {chunk}")
     parts = (latents[:, :, i : i + chunk] for i in range(0, latents.shape[2], chunk))
     yield from decode_chunks(model, model_hash, item, parts, steps, seed)
+
+
+def decode_chunk_length(model: Tokenizer, frames: int) -> int:
+    """The latent frames of a decode chunk that yields at most `frames` pixel frames past a
+    stream's first chunk (at least one latent frame, which yields the model's `time_factor`):
+    how the service and `cdt reconstruct --chunk` cut a clip's latents alike."""
+    return max(1, frames // model.config.time_factor)
 
 
 class ClipDecoder:

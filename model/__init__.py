@@ -2,7 +2,7 @@
 
 from .cache import CacheFormatError, FeatureCache
 from .checkpoint import (DEFAULT_CHECKPOINT, CheckpointError, ModelIdentity, Pretrained, from_pretrained,
-                         record_receptive_field, save_pretrained)
+                         read_header, record_receptive_field, save_pretrained)
 from .config import LATENT_CHANNELS, NUM_TIMESTEPS, PRESETS, SPACE_FACTOR, TIME_FACTOR, CDTConfig, Level
 from .diffusion import CosineSchedule, frame_noise
 from .growth import freeze_below, load_below, top_level
@@ -53,6 +53,7 @@ __all__ = [
     "outputs_for",
     "pad_frames",
     "push_together",
+    "read_header",
     "parse_dtype",
     "pixel_frames",
     "validate_video",

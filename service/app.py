@@ -1,5 +1,5 @@
 """The app factory: `create_app(settings)` builds the FastAPI app; its lifespan loads
-the model on each device, starts the worker pool and, with CDT_REDIS_URL, connects to the session
+every served model on each device, starts the worker pool and, with CDT_REDIS_URL, connects to the session
 store (in-process without it); on shutdown it finishes the accepted jobs before the process exits.
 
 `cdt serve` runs `create_app` as a uvicorn factory, so settings come from the
@@ -22,11 +22,12 @@ from model import ModelIdentity, Tokenizer, bf16_is_fast, from_pretrained
 from .errors import install_handlers
 from .auth import principal_of
 from .callers import Callers
+from .catalog import Catalog, ServedModel, model_sources
 from .devices import DeviceSlot, batch_max, compute_dtype, resolve, slots
 from .host import HostPool
 from .memory import MemoryModel, configure_allocator, default_budget
 from .metrics import Metrics
-from .ops import model_card
+from .ops import model_info
 from .request_metrics import RequestMetricsMiddleware
 from .routes import ROUTERS
 from .sessions.service import SessionService
@@ -38,55 +39,52 @@ from .workers import Batching, DeviceWorker, WorkerPool
 log = logging.getLogger("cdt.service")
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """No checkpoint where the settings point."""
-
-
-def check_checkpoint(settings: Settings) -> None:
-    if not settings.checkpoint.is_dir():
-        raise ModelNotFoundError(f"checkpoint {settings.checkpoint} does not exist: set CDT_CHECKPOINT to a "
-                                 "checkpoint directory (create one with `cdt init --preset tiny -o DIR`)")
-
-
-def load_models(settings: Settings, slots: list[DeviceSlot], dtype: str) -> tuple[list[Tokenizer], ModelIdentity]:
-    """The served checkpoint on each slot's device (slots on one device share its copy: inference
-    leaves a model unchanged), and its identity (measuring its receptive field, which sessions
-    size their input logs by, when the checkpoint records none)."""
-    check_checkpoint(settings)
+def load_models(settings: Settings, slots: list[DeviceSlot], dtype: str
+                ) -> tuple[list[dict[str, Tokenizer]], Catalog]:
+    """Every served model on each slot's device, by name (slots on one device share its copies:
+    inference leaves a model unchanged), and the catalog of their identities (measuring each
+    receptive field, which sessions size their input logs by, when the checkpoint records none)."""
+    sources = model_sources(settings)
     if dtype == "bf16" and not all(bf16_is_fast(slot.device) for slot in slots):
         log.warning("CDT_DTYPE=bf16 on a device without fast bf16 arithmetic (a CPU without AVX512-BF16/AMX, "
                     "a GPU before compute capability 8.0): it is several times slower than fp32 there; unset "
                     "CDT_DTYPE to compute in fp32")
-    copies: dict[torch.device, Tokenizer] = {}
-    identity = None
+    copies: dict[torch.device, dict[str, Tokenizer]] = {}
+    identities: dict[str, ModelIdentity] = {}
     for slot in slots:
         if slot.device not in copies:
-            model, identity = from_pretrained(settings.checkpoint, device=slot.device, dtype=dtype)
-            copies[slot.device] = model
-    return [copies[slot.device] for slot in slots], identity
+            copies[slot.device] = {}
+            for source in sources:
+                model, identities[source.name] = from_pretrained(source.path, device=slot.device, dtype=dtype)
+                copies[slot.device][source.name] = model
+    first = copies[slots[0].device]
+    catalog = Catalog([ServedModel(source.name, source.path, identities[source.name], first[source.name])
+                       for source in sources])
+    return [copies[slot.device] for slot in slots], catalog
 
 
 def build_pool(settings: Settings, metrics: Metrics) -> WorkerPool:
-    """A worker per device of CDT_DEVICES, each with its model and memory budget, and the host pool."""
+    """A worker per device of CDT_DEVICES, each with every served model and a memory budget, and the
+    host pool."""
     devices = resolve(settings.devices)
     device_slots = slots(devices)
-    models, identity = load_models(settings, device_slots, compute_dtype(settings.dtype, devices))
+    models, catalog = load_models(settings, device_slots, compute_dtype(settings.dtype, devices))
     cpu_workers = sum(slot.device.type == "cpu" for slot in device_slots)
     weights = {principal_of(key): weight for key, weight in settings.key_weights.items()}
     callers = Callers(weights, settings.key_queue_size, settings.key_rate, settings.key_burst, metrics)
     workers = []
-    for slot, model in zip(device_slots, models):
+    for slot, held in zip(device_slots, models):
         budget = (mib(settings.memory_budget_mb) if settings.memory_budget_mb
                   else default_budget(slot.device, settings.session_hot_bytes, max(1, cpu_workers)))
-        memory = MemoryModel(model.config.preset, slot.device.type, budget)
+        memory = MemoryModel(slot.device.type, budget)
         if not memory.fitted:
             log.warning("no memory fit for %s devices (python -m benchmarks.memory_calibration --device %s): "
-                        "requests on %s run one at a time in 4-frame chunks", slot.device.type, slot.device.type,
-                        slot.name)
+                        "requests on %s run one at a time in the shortest chunks", slot.device.type,
+                        slot.device.type, slot.name)
         batching = Batching(batch_max(settings.batch_max, slot.device), settings.batch_wait_ms / 1000)
-        workers.append(DeviceWorker(slot, model, memory, settings.queue_size, settings.request_timeout_s, metrics,
+        workers.append(DeviceWorker(slot, held, memory, settings.queue_size, settings.request_timeout_s, metrics,
                                     callers, batching))
-    return WorkerPool(workers, identity, HostPool(settings.host_threads, metrics), callers, metrics)
+    return WorkerPool(workers, catalog, HostPool(settings.host_threads, metrics), callers, metrics)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -97,7 +95,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         configure_allocator()
         pool = await asyncio.to_thread(build_pool, settings, metrics)
-        metrics.model_info.info({k: str(v) for k, v in model_card(pool).items() if k not in ("compression", "devices")})
+        for served in pool.models:
+            metrics.model_info.labels(served.name).info(model_info(pool, served, settings))
         pool.start()
         app.state.pool = pool
         app.state.store = open_store(settings.redis_url, settings.session_key_prefix)

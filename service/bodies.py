@@ -29,6 +29,7 @@ from media.tensor_data import read_slab
 from media.video import MAX_FPS, VideoDecodeError, resize_short_side, short_side_shape
 from model import LATENT_CHANNELS, SPACE_FACTOR
 
+from .catalog import Catalog, ServedModel
 from .domain_errors import BadParameter, Conflict, InvalidInput, TooLarge, UnsupportedFormat
 from .settings import Settings
 
@@ -337,9 +338,12 @@ class LatentsSource:
             yield read_slab(self.body.file, self.layout, 2, start, min(total, start + m)).float()
 
 
-def open_latents(body: Body, model_hash: str, limits: Limits) -> LatentsSource:
-    """A latents file made by this model, finite and within the limits (the latents are
-    scanned in slices, never loaded whole)."""
+def open_latents(body: Body, models: Catalog, asked: ServedModel | None,
+                 limits: Limits) -> tuple[LatentsSource, ServedModel]:
+    """A latents file, finite and within the limits (the latents are scanned in slices, never
+    loaded whole), and the served model that decodes it: `asked`, which must be the model that
+    made the latents (409 `model_mismatch`), or, when none is asked for, the model that made
+    them if it is served here, else the default (which then must be it)."""
     try:
         layouts, meta = read_safetensors_header(body.file)
         info = LatentsInfo.from_metadata(meta)
@@ -347,7 +351,8 @@ def open_latents(body: Body, model_hash: str, limits: Limits) -> LatentsSource:
             raise LatentsFileError(f"latents: no tensor named {LATENTS_TENSOR!r}")
         layout = layouts[LATENTS_TENSOR]
         info.check_latents(layout.dtype != "U8", layout.shape)
-        info.check_model(model_hash)
+        served = asked or models.by_hash(info.model_hash) or models.default
+        info.check_model(served.content_hash, model_name=served.name)
     except ModelMismatchError as exc:
         raise Conflict(str(exc), code="model_mismatch") from None
     except (LatentsFileError, TensorHeaderError) as exc:
@@ -358,7 +363,7 @@ def open_latents(body: Body, model_hash: str, limits: Limits) -> LatentsSource:
     source = LatentsSource(info, body, layout)
     if not all(torch.isfinite(part).all() for part in source.chunks(16)):
         raise InvalidInput("latents contain NaN or infinite values", code="invalid_latents")
-    return source
+    return source, served
 
 
 def parse_latent_chunk(body: Body) -> torch.Tensor:

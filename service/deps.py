@@ -1,7 +1,7 @@
 """What the route handlers depend on, as `Annotated` aliases to put in their signatures: the
 app's settings, metrics, worker pool and session service, the caller (`Owner`), the
-request-size limits, the request body (`UploadDep`), and the query parameters several routes
-share."""
+request-size limits, the request body (`UploadDep`), the served model a request names
+(`ModelDep`, its `model` query parameter), and the query parameters several routes share."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from model import NUM_TIMESTEPS
 
 from .auth import BEARER, principal
 from .bodies import SNIFF_BYTES, Body, BodyFormat, Limits, classify, spool
+from .catalog import ServedModel
 from .domain_errors import BadParameter, TooLarge, Unavailable
 from .metrics import Metrics
 from .sessions.service import SessionService
@@ -131,6 +132,26 @@ def get_upload(request: Request, settings: SettingsDep, pool: PoolDep, metrics: 
 
 
 UploadDep = Annotated[Upload, Depends(get_upload)]
+
+
+ModelQuery = Annotated[str | None, Query(max_length=64, description=(
+    "the served model to use, by name (GET /v1/models); default: the first"))]
+
+
+def get_model(pool: PoolDep, model: ModelQuery = None) -> ServedModel:
+    """The request's model, found before its body is read (404 `model_not_found`)."""
+    return pool.models.get(model)
+
+
+def get_asked_model(pool: PoolDep, model: Annotated[str | None, Query(max_length=64, description=(
+        "the served model to decode with, by name (GET /v1/models); it must be the one that made the latents "
+        "(409 `model_mismatch`); default: that one if served here, else the first"))] = None) -> ServedModel | None:
+    """The model a decode of a latents file names, if it names one (404 `model_not_found`)."""
+    return None if model is None else pool.models.get(model)
+
+
+ModelDep = Annotated[ServedModel, Depends(get_model)]
+AskedModelDep = Annotated[ServedModel | None, Depends(get_asked_model)]
 
 # Query parameters of several routes.
 FramesQuery = Annotated[int | None, Query(ge=1, description="use the first N frames (422 if fewer)")]

@@ -21,7 +21,10 @@ for its lifetime; a request that fits alone but not beside the running ones wait
 the queue (its admission slot counts toward the queue limit) until memory is released.
 A session chunk is admitted the same way at the length its sender chose (its stream's
 cache is counted in the hot-session budget, CDT_SESSION_HOT_MB, outside this one).
-Each device has its own budget and its own device kind's costs (`MemoryModel`).
+Each device has its own budget and its own device kind's costs (`MemoryModel`); each served
+model is planned with its own preset's costs and chunked in whole groups of its own
+`time_factor` frames, in the one budget of the device that runs it. A grown model (8x, 16x
+in time) is planned with its preset's costs: the calibration measured the 4x presets only.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from model import SPACE_FACTOR, TIME_FACTOR
+from model import SPACE_FACTOR, TIME_FACTOR, CDTConfig
 
 from .domain_errors import TooLarge
 
@@ -46,9 +49,11 @@ if TYPE_CHECKING:
 # (benchmarks/results/memory_calibration.md).
 SAFETY = 1.5
 # Pixel frames per chunk: at 8, requests run as fast per frame as one-call whole clips
-# (benchmarks/results/request_memory.md), so longer chunks would only cost memory.
+# (benchmarks/results/request_memory.md), so longer chunks would only cost memory. A chunk
+# is a whole number of the model's frame groups (`time_factor` frames), so a model of
+# more than 8 frames per latent frame takes one group a chunk.
 MAX_CHUNK_FRAMES = 8
-MIN_CHUNK_FRAMES = TIME_FACTOR
+MIN_CHUNK_FRAMES = TIME_FACTOR  # the 4x presets' shortest chunk, one group
 # Used when the budget cannot be read from the machine.
 FALLBACK_BUDGET_BYTES = 4 << 30
 
@@ -106,15 +111,23 @@ def padded_pixels(height: int, width: int) -> int:
     return (-(-height // SPACE_FACTOR) * SPACE_FACTOR) * (-(-width // SPACE_FACTOR) * SPACE_FACTOR)
 
 
-def plan(cost: Cost, budget: int, height: int, width: int, steps: int = 1) -> Plan:
-    """The largest chunk (a multiple of 4 frames) whose estimate fits `budget`; 413 when
-    not even the smallest does, with the largest square frame that would."""
+def chunk_lengths(time_factor: int) -> range:
+    """The chunk lengths (pixel frames) a whole-clip request may stream in, longest first:
+    whole groups of `time_factor` frames, up to MAX_CHUNK_FRAMES or one group."""
+    longest = max(MAX_CHUNK_FRAMES // time_factor, 1) * time_factor
+    return range(longest, time_factor - 1, -time_factor)
+
+
+def plan(cost: Cost, budget: int, height: int, width: int, steps: int = 1, time_factor: int = TIME_FACTOR) -> Plan:
+    """The longest chunk (`chunk_lengths`) whose estimate fits `budget`; 413 when not even
+    the shortest does, with the largest square frame that would."""
     pixels = padded_pixels(height, width)
-    for chunk in range(MAX_CHUNK_FRAMES, MIN_CHUNK_FRAMES - 1, -TIME_FACTOR):
+    lengths = chunk_lengths(time_factor)
+    for chunk in lengths:
         need = estimate_bytes(cost, pixels, chunk, steps)
         if need <= budget:
             return Plan(chunk, need)
-    raise too_large(cost, budget, height, width, MIN_CHUNK_FRAMES, steps)
+    raise too_large(cost, budget, height, width, lengths[-1], steps)
 
 
 def chunk_bytes(cost: Cost, budget: int, height: int, width: int, frames: int, steps: int = 1) -> int:
@@ -127,25 +140,29 @@ def chunk_bytes(cost: Cost, budget: int, height: int, width: int, frames: int, s
 
 
 class MemoryModel:
-    """How a device admits work into its budget: by the fitted costs of its device kind, or,
-    without a fit, one job's worth at a time: each request reserves the whole budget and
-    streams in the shortest chunks, so requests on the device run one after another and a
-    job that still does not fit fails as `device_out_of_memory`, not the process."""
+    """How a device admits work into its budget: by the fitted costs of its device kind, for
+    each model by its own preset's costs and frames rule, or, without a fit, one job's worth
+    at a time: each request reserves the whole budget and streams in the shortest chunks, so
+    requests on the device run one after another and a job that still does not fit fails as
+    `device_out_of_memory`, not the process."""
 
-    def __init__(self, preset: str, device_kind: str, budget: int) -> None:
-        self.budget = budget
-        self.costs = {op: cost_for(preset, op, device_kind) for op in ("encode", "decode")}
-        self.fitted = all(cost is not None for cost in self.costs.values())
+    def __init__(self, device_kind: str, budget: int) -> None:
+        self.budget, self.device_kind = budget, device_kind
+        self.fitted = device_kind in COSTS
 
-    def plan(self, op: str, height: int, width: int, steps: int = 1) -> Plan:
+    def plan(self, config: CDTConfig, op: str, height: int, width: int, steps: int = 1) -> Plan:
+        """How a whole-clip request of a model of `config` runs here."""
         if not self.fitted:
-            return Plan(MIN_CHUNK_FRAMES, self.budget)
-        return plan(self.costs[op], self.budget, height, width, steps)
+            return Plan(config.time_factor, self.budget)
+        return plan(self._cost(config, op), self.budget, height, width, steps, config.time_factor)
 
-    def chunk_bytes(self, op: str, height: int, width: int, frames: int, steps: int = 1) -> int:
+    def chunk_bytes(self, config: CDTConfig, op: str, height: int, width: int, frames: int, steps: int = 1) -> int:
         if not self.fitted:
             return self.budget
-        return chunk_bytes(self.costs[op], self.budget, height, width, frames, steps)
+        return chunk_bytes(self._cost(config, op), self.budget, height, width, frames, steps)
+
+    def _cost(self, config: CDTConfig, op: str) -> Cost:
+        return cost_for(config.preset, op, self.device_kind)
 
 
 def too_large(cost: Cost, budget: int, height: int, width: int, frames: int, steps: int) -> TooLarge:

@@ -1,6 +1,9 @@
 """Prometheus metrics on a per-app registry (not the global default), so several apps
 can live in one process (tests) and each /metrics shows only its own app.
 
+The model work's metrics (frames, queue wait, compute, the model info) carry a `model`
+label, the served model's name (`service.catalog`).
+
 Sessions add their collectors to `Metrics.registry`; `request_metrics` times the HTTP requests.
 """
 
@@ -23,15 +26,16 @@ class Metrics:
         self.request_seconds = Histogram("cdt_request_seconds", "HTTP request latency", ["endpoint", "status"],
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait_seconds = Histogram("cdt_queue_wait_seconds", "time a job waited for the model",
-                                            ["op", "device"], buckets=LATENCY_BUCKETS, registry=r)
+                                            ["op", "device", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.compute_seconds = Histogram("cdt_compute_seconds", "model compute per job, device copies included "
-                                         "(a batched job's is its batch's)", ["op", "outcome", "device"],
+                                         "(a batched job's is its batch's)", ["op", "outcome", "device", "model"],
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("cdt_batch_size", "jobs run as one batched forward (1: alone)", ["op", "device"],
                                     buckets=(1, 2, 4, 8, 16, 32), registry=r)
         self.media_seconds = Histogram("cdt_media_seconds", "decoding request bodies and encoding responses",
                                        ["op"], buckets=LATENCY_BUCKETS, registry=r)
-        self.frames_total = Counter("cdt_frames_processed", "video frames encoded or decoded", ["op"], registry=r)
+        self.frames_total = Counter("cdt_frames_processed", "video frames encoded or decoded", ["op", "model"],
+                                    registry=r)
         self.bytes_total = Counter("cdt_bytes", "request and response body bytes", ["endpoint", "direction"],
                                    registry=r)
         self.queue_depth = Gauge("cdt_queue_depth", "jobs waiting for the model", ["device"], registry=r)
@@ -55,7 +59,7 @@ class Metrics:
                                    ["device"], registry=r)
         self.memory_reserved = Gauge("cdt_memory_reserved_bytes", "memory reserved by admitted requests",
                                      ["device"], registry=r)
-        self.model_info = Info("cdt_model", "the served model", registry=r)
+        self.model_info = Info("cdt_model", "each served model, by name", ["model"], registry=r)
 
     @contextmanager
     def media(self, op: str) -> Iterator[None]:

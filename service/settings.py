@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import re
+
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -21,6 +23,14 @@ ENV_PREFIX = "CDT_"
 
 class SettingsError(ValueError):
     """An environment variable with an invalid value."""
+
+
+def comma_list(value) -> tuple[str, ...]:
+    """A list setting's entries: a comma-separated string's, or a sequence's, stripped, without
+    empty ones."""
+    if isinstance(value, str):
+        value = value.split(",")
+    return tuple(entry.strip() for entry in value if entry.strip())
 
 
 def mib(megabytes: float) -> int:
@@ -45,7 +55,8 @@ class EnvSettings(BaseSettings):
             return cls()
         except ValidationError as exc:
             names = cls.env_names()
-            problems = "; ".join(f"{names.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors())
+            problems = "; ".join(f"{names.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" if e["loc"] else e["msg"]
+                                 for e in exc.errors())
             raise SettingsError(f"invalid service settings: {problems}") from None
 
 
@@ -55,12 +66,22 @@ MaxSteps = Annotated[int, Field(ge=1, le=NUM_TIMESTEPS, description=(
     "commands (400 `bad_parameter`, or exit code 2, beyond); at most the model's "
     f"{NUM_TIMESTEPS} diffusion levels"))]
 DEFAULT_MAX_STEPS = 1000
+# A served model's name: what `model=` takes, metrics label and latents files carry.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class Settings(EnvSettings):
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description=(
-        "checkpoint directory served; by default the shipped one (in an installed wheel, its copy under "
-        "the environment's `share/cdt-tokenizer/`)"))
+        "checkpoint directory served as the one model when `CDT_MODELS` is unset, named by its directory's name; "
+        "by default the shipped one (in an installed wheel, its copy under the environment's "
+        "`share/cdt-tokenizer/`)"))
+    models: Annotated[tuple[str, ...], NoDecode] = Field((), description=(
+        "several models served at once: comma-separated `name=path` entries (`cdt-tiny=checkpoints/cdt-tiny,"
+        "t8=checkpoints/cdt-tiny-t8`), or one directory whose checkpoint subdirectories (those with a "
+        "`config.json`) are served under their directories' names, in name order. The first is the default "
+        "of requests that name none (`model=`). Every device holds every model (the weights of each, once "
+        "per device); `GET /v1/models` lists them. When set, `CDT_CHECKPOINT` is not read (the image sets it as its default); unset: "
+        "`CDT_CHECKPOINT` alone"))
     devices: Annotated[tuple[str, ...], NoDecode] = Field((), description=(
         "comma-separated devices this replica computes on, each with its own resident model, model thread "
         "and memory budget: `cuda` (every visible GPU), `cuda:N`, `cpu`. `cpu` may repeat: `cpu,cpu` runs two "
@@ -138,9 +159,7 @@ class Settings(EnvSettings):
     @field_validator("devices", mode="before")
     @classmethod
     def _devices(cls, value):
-        if isinstance(value, str):
-            value = value.split(",")
-        devices = tuple(device.strip() for device in value if device.strip())
+        devices = comma_list(value)
         for device in devices:
             kind, _, index = device.partition(":")
             if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
@@ -150,6 +169,21 @@ class Settings(EnvSettings):
             # One model per GPU: a second one on the same GPU would split its memory, not add compute.
             raise ValueError(f"a GPU may be listed once (`cuda` lists every GPU), got {','.join(devices)}")
         return devices
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, value):
+        entries = comma_list(value)
+        named = [entry for entry in entries if "=" in entry]
+        if (named and len(named) != len(entries)) or (not named and len(entries) > 1):
+            raise ValueError("give `name=path` entries, or one directory of checkpoints")
+        names = [entry.partition("=")[0].strip() for entry in named]
+        for name in names:
+            if not MODEL_NAME.match(name):
+                raise ValueError(f"a model name is letters, digits, `.`, `_` and `-` (64 at most), got {name!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"each model name may be given once, got {','.join(names)}")
+        return entries
 
     @field_validator("dtype")
     @classmethod
@@ -161,9 +195,7 @@ class Settings(EnvSettings):
     @field_validator("api_keys", mode="before")
     @classmethod
     def _keys(cls, value):
-        if isinstance(value, str):
-            value = value.split(",")
-        entries = tuple(entry.strip() for entry in value if entry.strip())
+        entries = comma_list(value)
         for entry in entries:
             _, _, weight = entry.partition(":")
             try:

@@ -1,9 +1,11 @@
-"""The worker pool: one worker per device, each with its resident model, one model thread, a
-job queue and a memory budget. The model thread runs only model work; host work (container
-decoding, rendering) runs on the host pool (`service.host`) around it.
+"""The worker pool: one worker per device, each with its resident copy of every served model
+(`service.catalog`), one model thread, a job queue and a memory budget. The model thread runs
+only model work; host work (container decoding, rendering) runs on the host pool
+(`service.host`) around it.
 
 A job is a plain function of the model (`execute(op, fn)` awaits `fn(model)` on the worker's
-thread); it never sees a request. A request is first admitted to one device (`admit`), and
+thread, with the worker's copy of the model its request was admitted for); it never sees a
+request. A request is first admitted to one device for one model (`admit`), and
 runs all its jobs there: a session chunk one job, a whole-clip request one job per chunk of
 its stream, so other requests' jobs interleave with a long clip's and a slow reader never
 holds the model. A job hands back host data: whatever copies leave the device finish inside
@@ -32,12 +34,13 @@ Order: each device takes its waiting jobs fairly between callers, session chunks
 
 Batching: a job that pushes one chunk into one stream (`media.StreamPush`: a session chunk,
 a whole-clip chunk) takes with it, up to `Batching.max` in all, the jobs that come next in
-the fair order while they have the same op and `key` (kind, model, steps, phase, chunk shape,
-state layout), and they run as one batched forward (`model.push_together`): each stream's
-state and answer are those of its own push up to float rounding. `Batching.wait_s` waits that long for more to arrive when fewer
-are waiting; 0 batches only what is already queued, so batching adds no wait. A batch whose
-forward fails on anything but the device runs its pushes one at a time, so a bad chunk fails
-alone. A batch holds its streams' states twice while it runs (joined, and each stream's own).
+the fair order while they have the same op, served model and `key` (kind, model, steps,
+phase, chunk shape, state layout), and they run as one batched forward
+(`model.push_together`): each stream's state and answer are those of its own push up to
+float rounding. `Batching.wait_s` waits that long for more to arrive when fewer are waiting;
+0 batches only what is already queued, so batching adds no wait. A batch whose forward fails
+on anything but the device runs its pushes one at a time, so a bad chunk fails alone. A
+batch holds its streams' states twice while it runs (joined, and each stream's own).
 """
 
 from __future__ import annotations
@@ -54,10 +57,11 @@ from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 import torch
 
 from media import StreamPush, push_outputs
-from model import ModelIdentity, Tokenizer
+from model import Tokenizer
 
 from .budget import MemoryBudget
 from .callers import ANONYMOUS, Callers
+from .catalog import Catalog
 from .devices import DeviceSlot, is_device_failure, is_out_of_memory, release_device_cache
 from .domain_errors import DeviceFailed, DeviceOutOfMemory, Overloaded, Timeout, Unavailable
 from .host import HostPool
@@ -99,16 +103,18 @@ class Admission:
     `release()` (idempotent, synchronous so it can run while a response is being cancelled)
     gives the slot and memory back."""
 
-    def __init__(self, worker: "DeviceWorker", nbytes: int, caller: Caller, cost: float) -> None:
+    def __init__(self, worker: "DeviceWorker", nbytes: int, caller: Caller, cost: float, model: str) -> None:
         self.worker, self.nbytes, self.caller, self.cost = worker, nbytes, caller, cost
+        self.model_name = model
         self._held = True
 
     @property
     def model(self) -> Tokenizer:
-        return self.worker.model
+        """This device's copy of the request's model."""
+        return self.worker.models[self.model_name]
 
     async def execute(self, op: str, work: Work[T]) -> T:
-        return await self.worker.execute(op, work, self.caller, self.cost)
+        return await self.worker.execute(op, work, self.caller, self.cost, self.model_name)
 
     async def stream(self, op: str, steps: Iterator[T]) -> AsyncIterator[T]:
         """Run a generator of model work, one job per item."""
@@ -130,6 +136,7 @@ class _Job:
     weight: float
     cost: float
     interactive: bool
+    model: str  # the served model's name: the work runs on the worker's copy of it
     submitted: float = field(default_factory=time.perf_counter)
     started: bool = False
     abandoned: bool = False  # timed out or cancelled while waiting: skip it
@@ -137,18 +144,18 @@ class _Job:
     @property
     def key(self) -> tuple | None:
         """What jobs run batched together share (None: this one runs alone)."""
-        return (self.op, self.work.key) if isinstance(self.work, StreamPush) else None
+        return (self.op, self.model, self.work.key) if isinstance(self.work, StreamPush) else None
 
     def run(self, model: Tokenizer) -> Any:
         return self.work.run() if isinstance(self.work, StreamPush) else self.work(model)
 
 
 class DeviceWorker:
-    """One device's resident model, model thread, job queue, memory budget and health."""
+    """One device's resident models (by name), model thread, job queue, memory budget and health."""
 
-    def __init__(self, slot: DeviceSlot, model: Tokenizer, memory: MemoryModel, queue_size: int, timeout_s: float,
-                 metrics: Metrics, callers: Callers, batching: Batching = Batching()) -> None:
-        self.slot, self.name, self.model, self.memory_model = slot, slot.name, model, memory
+    def __init__(self, slot: DeviceSlot, models: dict[str, Tokenizer], memory: MemoryModel, queue_size: int,
+                 timeout_s: float, metrics: Metrics, callers: Callers, batching: Batching = Batching()) -> None:
+        self.slot, self.name, self.models, self.memory_model = slot, slot.name, models, memory
         self.callers, self.batching = callers, batching
         self.queue_size, self.timeout_s = queue_size, timeout_s
         self.memory = MemoryBudget(memory.budget)
@@ -195,14 +202,17 @@ class DeviceWorker:
             await self._consumer
         self._executor.shutdown(wait=True)
 
-    async def admit(self, nbytes: int, caller: Caller = ANONYMOUS_BULK, cost: float = 1.0) -> Admission:
+    async def admit(self, nbytes: int, caller: Caller = ANONYMOUS_BULK, cost: float = 1.0,
+                    model: str | None = None) -> Admission:
         """A queue slot here, then `nbytes` of this device's budget once they fit (waiting at most
-        the timeout). Release the returned Admission when the request is done."""
+        the timeout), for jobs of `model` (a served name; None: the first). Release the returned
+        Admission when the request is done."""
+        model = next(iter(self.models)) if model is None else model
         self.callers.check_queue(caller.name, self.retry_after_s)
         self.admitted += 1
         self.callers.admitted(caller.name, +1)
         self._metrics.requests_admitted.labels(**self._labels).set(self.admitted)
-        admission = Admission(self, 0, caller, cost)
+        admission = Admission(self, 0, caller, cost, model)
         try:
             await asyncio.wait_for(self.memory.reserve(nbytes), self.timeout_s)
         except asyncio.TimeoutError:
@@ -225,12 +235,14 @@ class DeviceWorker:
         self._metrics.requests_admitted.labels(**self._labels).set(self.admitted)
         self._metrics.memory_reserved.labels(**self._labels).set(self.memory.reserved)
 
-    async def execute(self, op: str, work: Work[T], caller: Caller = ANONYMOUS_BULK, cost: float = 1.0) -> T:
+    async def execute(self, op: str, work: Work[T], caller: Caller = ANONYMOUS_BULK, cost: float = 1.0,
+                      model: str | None = None) -> T:
         """Queue one job of an admitted request and await its result."""
+        model = next(iter(self.models)) if model is None else model
         if not self.healthy:
             raise DeviceFailed(f"device {self.name} has failed and takes no more jobs")
         job = _Job(op, work, asyncio.get_running_loop().create_future(), caller.name, caller.weight, cost,
-                   caller.interactive)
+                   caller.interactive, model)
         self._queue.push(job)
         self._metrics.queue_depth.labels(**self._labels).set(len(self._queue))
         try:
@@ -279,7 +291,7 @@ class DeviceWorker:
         start = time.perf_counter()
         for job in jobs:
             job.started = True
-            self._metrics.queue_wait_seconds.labels(job.op, self.name).observe(start - job.submitted)
+            self._metrics.queue_wait_seconds.labels(job.op, self.name, job.model).observe(start - job.submitted)
             self._metrics.key_queue_wait_seconds.labels(job.caller).observe(start - job.submitted)
         self._metrics.batch_size.labels(jobs[0].op, self.name).observe(len(jobs))
         in_flight = self._metrics.in_flight.labels(**self._labels)
@@ -296,7 +308,8 @@ class DeviceWorker:
         errors = {id(o): self._device_error(o.error) for o in outcomes if isinstance(o, _Failed)}
         for job, outcome in zip(jobs, outcomes):
             failed = isinstance(outcome, _Failed)
-            self._metrics.compute_seconds.labels(job.op, "error" if failed else "ok", self.name).observe(elapsed)
+            self._metrics.compute_seconds.labels(job.op, "error" if failed else "ok", self.name,
+                                                 job.model).observe(elapsed)
             if not job.future.done():  # delivered to the caller, who maps an error to a response
                 if failed:
                     job.future.set_exception(errors[id(outcome)])
@@ -323,7 +336,9 @@ class DeviceWorker:
         the error of a job run alone."""
         try:
             with torch.inference_mode():
-                return [jobs[0].run(self.model)] if len(jobs) == 1 else _run_batch([job.work for job in jobs])
+                if len(jobs) == 1:
+                    return [jobs[0].run(self.models[jobs[0].model])]
+                return _run_batch([job.work for job in jobs])
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -376,14 +391,13 @@ def _model_thread(slot: DeviceSlot) -> None:
 
 
 class WorkerPool:
-    """The replica's device workers and its host pool; `model` is the first worker's copy, for
-    what every copy shares (config, dtype, the model's own checks): jobs run on their worker's
-    copy."""
+    """The replica's device workers, the catalog of the models they hold (`models`: names,
+    identities, the copy for what every copy shares) and its host pool: jobs run on their
+    worker's copy."""
 
-    def __init__(self, workers: list[DeviceWorker], identity: ModelIdentity, host: HostPool, callers: Callers,
+    def __init__(self, workers: list[DeviceWorker], models: Catalog, host: HostPool, callers: Callers,
                  metrics: Metrics) -> None:
-        self.workers, self.identity, self.host, self.callers = workers, identity, host, callers
-        self.model = workers[0].model
+        self.workers, self.models, self.host, self.callers = workers, models, host, callers
         self._metrics = metrics
         self._closing = False
         self._started = False

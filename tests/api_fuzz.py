@@ -62,8 +62,10 @@ def run_schemathesis(url: str, key: str | None, seed: int, workdir: Path, model_
     if key != KEY:  # stateful chains start from a created session: they need the key
         command += ["--phases", "examples,fuzzing", "--max-examples", "5"] if refusals_in_brief else \
             ["--phases", "examples,coverage,fuzzing"]
+    # The hooks import this checkout's packages, its client distribution's (`client/`) included,
+    # whichever checkout the environment's editable install points at.
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.fuzz_hooks", "API_FUZZ_RECORD": str(record),
-           "API_FUZZ_MODEL_HASH": model_hash, "PYTHONPATH": str(REPO)}
+           "API_FUZZ_MODEL_HASH": model_hash, "PYTHONPATH": f"{REPO / 'client'}:{REPO}"}
     with open(workdir / f"{name}.log", "wb") as log:
         subprocess.run(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=900)
     answers = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []

@@ -151,8 +151,8 @@ def latents_metadata(draw) -> dict[str, str]:
     replaced by a hostile value."""
     frames, height, width = draw(st.integers(1, 12)), draw(st.integers(1, 40)), draw(st.integers(1, 40))
     model = draw(st.sampled_from([MODEL_HASH, MODEL_HASH, MODEL_HASH, "f" * 64]))
-    meta = LatentsInfo(model, "tiny", "cdt", "fp32", frames, height, width, 30.0,
-                       Padding.for_shape(frames, height, width)).metadata()
+    meta = LatentsInfo("", model, "tiny", "cdt", 4, "fp32", frames, height, width, 30.0,
+                       Padding.for_shape(frames, height, width, 4)).metadata()
     if draw(RARELY):
         meta[draw(st.sampled_from(sorted(meta)))] = draw(st.sampled_from(
             ["inf", "-inf", "nan", "0", "-1", "1e308", "1e-300", "9" * 30, "", "x"]))

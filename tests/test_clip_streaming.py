@@ -112,7 +112,8 @@ def latents_with_frames(latents_file: bytes, frames: int) -> bytes:
     from media.padding import Padding
 
     item = latents_from_bytes(latents_file)
-    fields = {**vars(item.info), "frames": frames, "padding": Padding.for_shape(frames, item.height, item.width)}
+    fields = {**vars(item.info), "frames": frames, "padding": Padding.for_shape(frames, item.height, item.width,
+                                                                               item.time_factor)}
     shape = (1, 16, 1 + (frames - 1) // 4, *item.latents.shape[3:])
     return latents_to_bytes(LatentsFile(latents=torch.zeros(shape), **fields))
 

@@ -150,7 +150,7 @@ def test_a_killed_run_resumes_to_the_same_bytes(encoded, source, tmp_path, capsy
 def test_ray_engine_writes_the_same_bytes(encoded, source, tmp_path, capsys):
     ray = pytest.importorskip("ray", reason="the Ray engine needs the `ray` extra (in dev)")
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+             runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT / 'client'}:{ROOT}"}})  # this checkout's packages
     try:
         assert len(ray.nodes()) == 1 and ray.cluster_resources()["CPU"] == 2
         code, summary, err = encode_dataset(capsys, source, tmp_path / "ray", "--engine", "ray", "--workers", "2",

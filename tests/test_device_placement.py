@@ -169,7 +169,7 @@ def serve_on_stand_in(scenario, **settings):
         async with app.router.lifespan_context(app):
             pool = app.state.pool
             with device:
-                pool.model.to(DEVICE)
+                pool.models.default.reference.to(DEVICE)
             # The model thread enters the stand-in for good (a mode is per thread), outside any job:
             # a job runs in inference mode, whose exit would leave the mode stacked but bypassed.
             enter = pool.workers[0]._executor.submit(lambda: (device.__enter__(), threading.current_thread())[1])

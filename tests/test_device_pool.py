@@ -15,6 +15,7 @@ import io
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -27,6 +28,7 @@ from service import Settings
 from service.callers import Callers
 from service.devices import DeviceSetupError, resolve, slots
 from service.domain_errors import Timeout, Unavailable
+from service.catalog import Catalog, ServedModel
 from service.host import HostPool
 from service.memory import MemoryModel
 from service.metrics import Metrics
@@ -51,9 +53,10 @@ def make_pool(served, queue_size: int, timeout_s: float, memory_bytes: int, devi
     model, identity = served
     metrics = Metrics()
     callers = Callers({}, queue_limit=2 * queue_size * len(devices), rate=0, burst=1, metrics=metrics)
-    workers = [DeviceWorker(slot, model, MemoryModel(model.config.preset, "cpu", memory_bytes), queue_size, timeout_s,
+    workers = [DeviceWorker(slot, {"tiny": model}, MemoryModel("cpu", memory_bytes), queue_size, timeout_s,
                             metrics, callers) for slot in slots([torch.device(d) for d in devices])]
-    return WorkerPool(workers, identity, HostPool(1, metrics), callers, metrics)
+    catalog = Catalog([ServedModel("tiny", Path("tiny"), identity, model)])
+    return WorkerPool(workers, catalog, HostPool(1, metrics), callers, metrics)
 
 
 async def run(pool: WorkerPool, op: str, fn):
@@ -222,7 +225,7 @@ def post_encode(http: httpx.AsyncClient, clip: np.ndarray):
 
 def test_out_of_memory_fails_only_its_job_and_the_device_goes_on(tiny_checkpoint):
     async def scenario(app):
-        model = app.state.pool.workers[0].model
+        model = app.state.pool.workers[0].models["tiny"]
         async with http_for(app) as http:
             with fault(model, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "cpu"):
                 refused = await post_encode(http, frames(9, 16, 16))
@@ -257,14 +260,14 @@ def test_a_failed_device_leaves_service_and_its_sessions_move_to_another(tiny_ch
             first = await http.post(f"/v1/sessions/{sid}/chunks/0", content=npy_bytes(clip[:5]))
             held_by = app.state.sessions.hot.device_of(sid)
             other = next(w.name for w in pool.workers if w.name != held_by)
-            with fault(pool.model, torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+            with fault(pool.models.default.reference, torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
                        held_by):
                 failed = await http.post(f"/v1/sessions/{sid}/chunks/1", content=npy_bytes(clip[5:]))
             not_ready, still_alive = await http.get("/readyz"), await http.get("/healthz")
             moved = await http.post(f"/v1/sessions/{sid}/chunks/1", content=npy_bytes(clip[5:]))
             moved_to = app.state.sessions.hot.device_of(sid)
             finished = await http.post(f"/v1/sessions/{sid}/finish")
-            with fault(pool.model, torch.AcceleratorError("CUDA error: unspecified launch failure"), other):
+            with fault(pool.models.default.reference, torch.AcceleratorError("CUDA error: unspecified launch failure"), other):
                 last = await post_encode(http, frames(9, 16, 16))
             dead, refused = await http.get("/healthz"), await post_encode(http, frames(9, 16, 16))
             text = (await http.get("/metrics")).text

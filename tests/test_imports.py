@@ -82,7 +82,7 @@ MODEL_LAYERS = (
                  "model.decoder", "model.tokenizer"}),
     ("streaming", {"model.streaming", "model.streaming.positions", "model.streaming.streams",
                    "model.streaming.receptive_field"}),
-    ("loader", {"model.checkpoint"}),
+    ("loader", {"model.checkpoint", "model.growth"}),
     ("exports", {"model"}),
 )
 

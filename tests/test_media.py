@@ -244,10 +244,13 @@ def test_frames_tensor_conversion_round_trips_and_clamps():
 # --- padding -----------------------------------------------------------------------------
 
 def test_padding_to_the_model_grid_and_back():
-    assert Padding.for_shape(10, 27, 21) == Padding(frames=3, height=5, width=3)
-    assert Padding.for_shape(9, 16, 8) == Padding(0, 0, 0)
+    assert Padding.for_shape(10, 27, 21, 4) == Padding(frames=3, height=5, width=3)
+    assert Padding.for_shape(9, 16, 8, 4) == Padding(0, 0, 0)
+    # A model of 8 frames per latent frame: 1+8k frames.
+    assert Padding.for_shape(10, 16, 8, 8) == Padding(7, 0, 0) and Padding.for_shape(17, 16, 8, 8).frames == 0
     video = frames_to_tensor(np.random.default_rng(1).integers(0, 256, (10, 27, 21, 3), dtype=np.uint8))
-    padded, padding = pad_video(video)
+    assert pad_video(video, 8)[0].shape[2] == 17
+    padded, padding = pad_video(video, 4)
     assert padded.shape == (1, 3, 13, 32, 24) and padding == Padding(3, 5, 3)
     torch.testing.assert_close(padded[:, :, :10, :27, :21], video, rtol=0, atol=0)
     # Replicate: padded rows/columns copy the edge; padded frames repeat the last frame.
@@ -260,8 +263,9 @@ def test_padding_to_the_model_grid_and_back():
 # --- files -------------------------------------------------------------------------------
 
 def _latents_file(model_hash: str = "a" * 64) -> LatentsFile:
-    return LatentsFile(latents=torch.randn(1, 16, 4, 4, 3), model_hash=model_hash, preset="tiny", model_kind="cdt",
-                       dtype="fp32", frames=10, height=27, width=21, fps=29.97, padding=Padding(3, 5, 3))
+    return LatentsFile(latents=torch.randn(1, 16, 4, 4, 3), model_name="tiny-a", model_hash=model_hash, preset="tiny",
+                       model_kind="cdt", time_factor=4, dtype="fp32", frames=10, height=27, width=21, fps=29.97,
+                       padding=Padding(3, 5, 3))
 
 
 def test_latents_file_round_trips_and_checks_the_model(tmp_path):
@@ -271,7 +275,8 @@ def test_latents_file_round_trips_and_checks_the_model(tmp_path):
     torch.testing.assert_close(back.latents, item.latents, rtol=0, atol=0)
     assert back.fps == 29.97 and back.dtype == "fp32" and back.model_kind == "cdt"
     assert (back.frames, back.height, back.width, back.padding, back.preset) == (10, 27, 21, Padding(3, 5, 3), "tiny")
-    with pytest.raises(ModelMismatchError, match="made by model aaaaaaaaaaaa"):
+    assert back.model_name == "tiny-a" and back.time_factor == 4
+    with pytest.raises(ModelMismatchError, match=r"made by model tiny-a \(aaaaaaaaaaaa\)"):
         load_latents(tmp_path / "z.safetensors", model_hash="b" * 64)
     assert load_latents(tmp_path / "z.safetensors", model_hash="b" * 64, force=True).model_hash == "a" * 64
 
@@ -291,11 +296,34 @@ def test_latents_file_rejects_bad_files(tmp_path):
     with pytest.raises(LatentsFileError, match="does not fit"):
         latents_from_bytes(data)
     # Same-length edits of the metadata, so that the header stays a valid safetensors header.
-    for old, new, message in [(b'"format_version":"1"', b'"format_version":"2"', "unsupported format version '2'"),
+    for old, new, message in [(b'"format_version":"2"', b'"format_version":"3"', "unsupported format version '3'"),
+                              (b'"time_factor":"4"', b'"time_factor":"8"', "does not fit"),
                               (b'"fps":"29.97"', b'"fps":"2x.97"', "bad metadata .*2x.97"),
                               (b'"pad_width"', b'"pad_wdth_"', "bad metadata \\('pad_width'\\)")]:
         with pytest.raises(LatentsFileError, match=message):
             latents_from_bytes(latents_to_bytes(_latents_file()).replace(old, new))
+
+
+def test_a_latents_file_of_an_8x_model_has_its_own_frames_rule():
+    """10 frames at 8 pixel frames per latent frame: padded to 17, 1+2 latent frames."""
+    item = LatentsFile(latents=torch.randn(1, 16, 3, 2, 2), model_name="t8", model_hash="c" * 64, preset="tiny",
+                       model_kind="cdt", time_factor=8, dtype="fp32", frames=10, height=16, width=16, fps=30.0,
+                       padding=Padding.for_shape(10, 16, 16, 8))
+    back = latents_from_bytes(latents_to_bytes(item))
+    assert (back.time_factor, back.padding.frames, back.latent_shape) == (8, 7, (1, 16, 3, 2, 2))
+    item.latents = torch.randn(1, 16, 4, 2, 2)  # the 4x rule's count: refused
+    with pytest.raises(ValueError, match="do not match the metadata"):
+        latents_to_bytes(item)
+
+
+def test_a_version_1_latents_file_reads_as_a_4x_model_without_a_name():
+    from safetensors.torch import save
+
+    item = _latents_file()
+    meta = {key: value for key, value in item.metadata().items() if key not in ("model_name", "time_factor")}
+    back = latents_from_bytes(save({"latents": item.latents}, metadata={**meta, "format_version": "1"}),
+                              model_hash="a" * 64)
+    assert (back.model_name, back.time_factor, back.padding) == ("", 4, item.padding)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".npy"])

@@ -206,14 +206,14 @@ def test_metrics_show_non_zero_histograms_after_requests(http, client, clip):
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line and not line.startswith("#")}
     assert samples['cdt_request_seconds_count{endpoint="/v1/encode",status="200"}'] >= 1
-    assert samples['cdt_queue_wait_seconds_count{device="cpu",op="encode"}'] >= 1
-    assert samples['cdt_compute_seconds_count{device="cpu",op="encode",outcome="ok"}'] >= 1
-    assert samples['cdt_compute_seconds_sum{device="cpu",op="encode",outcome="ok"}'] > 0
+    assert samples['cdt_queue_wait_seconds_count{device="cpu",model="tiny",op="encode"}'] >= 1
+    assert samples['cdt_compute_seconds_count{device="cpu",model="tiny",op="encode",outcome="ok"}'] >= 1
+    assert samples['cdt_compute_seconds_sum{device="cpu",model="tiny",op="encode",outcome="ok"}'] > 0
     assert samples['cdt_media_seconds_count{op="read_video"}'] >= 1  # container decoding, on the host pool
     assert samples['cdt_media_seconds_count{op="open_video"}'] >= 1
-    assert samples['cdt_frames_processed_total{op="encode"}'] >= 6
+    assert samples['cdt_frames_processed_total{model="tiny",op="encode"}'] >= 6
     assert samples['cdt_bytes_total{direction="in",endpoint="/v1/encode"}'] >= clip.stat().st_size
-    assert 'cdt_model_info{' in text and 'preset="tiny"' in text
+    assert 'cdt_model_info{' in text and 'preset="tiny"' in text and 'model="tiny"' in text
 
 
 def test_auth_missing_key_401_wrong_key_403(server, clip):

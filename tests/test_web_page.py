@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from media import psnr, read_video
 from service.routes.page import STATIC_FILES
-from tests.servers import REPO, Server
+from tests.servers import REPO, Server, metric_sum
 
 KEY = "web-page-key"
 CLIP = "cotracker__bear.mp4"  # val split, 854x480 at 30 fps
@@ -156,7 +156,7 @@ def test_frames_endpoint_gives_what_the_encoder_sees(http, clip, reference, tmp_
 
 
 def test_both_videos_play_in_sync_and_psnr_matches_the_api(page, reference, clip):
-    assert page.find_element(By.ID, "model").text.startswith("model tiny (")
+    assert page.find_element(By.ID, "model").text.startswith("model cdt-tiny: tiny (")
     stats = {e.get_attribute("id"): e for e in page.find_elements(By.CSS_SELECTOR, "#stats dd")}
     shown = float(stats["stat-psnr"].get_attribute("data-db"))
     assert abs(shown - reference["clip"]) < PSNR_TOLERANCE_DB
@@ -236,3 +236,43 @@ def test_a_wrong_key_shows_the_json_error(browser, server, clip):
     finally:
         browser.close()
         browser.switch_to.window(browser.window_handles[0])
+
+
+@pytest.fixture(scope="module")
+def two_models_server(tmp_path_factory, tiny_checkpoint):
+    """The shipped checkpoint (the default) beside a fresh tiny one."""
+    models = f"cdt-tiny={REPO / 'checkpoints' / 'cdt-tiny'},fresh={tiny_checkpoint}"
+    with Server(None, tmp_path_factory.mktemp("web-models") / "server.log", api_keys=KEY, models=models) as running:
+        yield running
+
+
+def test_the_model_selector_runs_the_chosen_model(browser, two_models_server, clip):
+    """The selector lists the served models, the default first; a whole-clip run and a stream
+    run on the chosen one (the server counts their frames and session jobs under its name)."""
+    server = two_models_server
+    browser.switch_to.new_window("tab")
+    try:
+        open_page(browser, server, KEY)
+        browser.find_element(By.ID, "file").send_keys(str(clip))  # moves the focus: the key is sent
+        select = browser.find_element(By.ID, "model-select")
+        WebDriverWait(browser, 20).until(lambda b: select.is_enabled())
+        assert [o.get_attribute("value") for o in Select(select).options] == ["cdt-tiny", "fresh"]
+        assert Select(select).first_selected_option.text == "cdt-tiny (4x8x8)"
+        Select(select).select_by_value("fresh")
+        WebDriverWait(browser, 5).until(lambda b: b.find_element(By.ID, "model").text.startswith("model fresh: tiny ("))
+        assert "frames 1+4k" in browser.find_element(By.ID, "model").text
+        browser.find_element(By.ID, "run").click()
+        wait_done(browser, "run")
+        assert browser.find_element(By.ID, "stat-model").get_attribute("data-model") == "fresh"
+        browser.find_element(By.ID, "stream").click()
+        wait_done(browser, "stream")
+    finally:
+        browser.close()
+        browser.switch_to.window(browser.window_handles[0])
+    text = server.metrics()
+    assert metric_sum(text, "cdt_frames_processed_total", op="encode", model="fresh") == FRAMES
+    assert metric_sum(text, "cdt_frames_processed_total", op="decode", model="fresh") == FRAMES
+    assert metric_sum(text, "cdt_frames_processed_total", model="cdt-tiny") == 0
+    for op in ("session_encode", "session_decode"):
+        assert metric_sum(text, "cdt_compute_seconds_count", op=op, model="fresh") >= 1
+        assert metric_sum(text, "cdt_compute_seconds_count", op=op, model="cdt-tiny") == 0

@@ -36,9 +36,11 @@ from .streaming import (
     decode_session_spec,
     frame_chunks,
     latent_chunks,
+    model_named_by,
     npy_array,
     npy_body,
     read_latents,
+    session_model,
 )
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -105,16 +107,16 @@ def _params(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def _encode_request(path: str | Path, frames, size, fps, format) -> dict:
+def _encode_request(path: str | Path, frames, size, fps, format, model) -> dict:
     path = Path(path)
     return {"url": "/v1/encode", "content": path.read_bytes(), "headers": {"content-type": content_type(path)},
-            "params": _params(frames=frames, size=size, fps=fps, format=format)}
+            "params": _params(frames=frames, size=size, fps=fps, format=format, model=model)}
 
 
-def _decode_request(path: str | Path, steps, seed, format) -> dict:
+def _decode_request(path: str | Path, steps, seed, format, model) -> dict:
     return {"url": "/v1/decode", "content": Path(path).read_bytes(),
             "headers": {"content-type": SAFETENSORS},
-            "params": _params(steps=steps, seed=seed, format=format)}
+            "params": _params(steps=steps, seed=seed, format=format, model=model)}
 
 
 def _result(response: httpx.Response, output: str | Path | None) -> bytes:
@@ -137,7 +139,9 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 class Client:
     """Blocking client. `encode_file`/`decode_file` return the response body and also
-    write it to `output` when given."""
+    write it to `output` when given. `model=` names the served model (`models()`) a call
+    uses; None: the service's default, or, decoding a latents file, the model that made it
+    when the service serves it."""
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
                  transport: httpx.BaseTransport | None = None, retry: Retrying | None = None) -> None:
@@ -145,13 +149,14 @@ class Client:
         self.retry = retry or Retrying()
 
     def encode_file(self, path: str | Path, output: str | Path | None = None, *, frames: int | None = None,
-                    size: int | None = None, fps: float | None = None, format: str = "safetensors") -> bytes:
-        request = _encode_request(path, frames, size, fps, format)
+                    size: int | None = None, fps: float | None = None, format: str = "safetensors",
+                    model: str | None = None) -> bytes:
+        request = _encode_request(path, frames, size, fps, format, model)
         return _result(self.retry.send(lambda: self._http.post(**request)), output)
 
     def decode_file(self, path: str | Path, output: str | Path | None = None, *, steps: int = 1, seed: int = 0,
-                    format: str | None = None) -> bytes:
-        request = _decode_request(path, steps, seed, _decode_format(output, format))
+                    format: str | None = None, model: str | None = None) -> bytes:
+        request = _decode_request(path, steps, seed, _decode_format(output, format), model)
         return _result(self.retry.send(lambda: self._http.post(**request)), output)
 
     def models(self) -> list[dict]:
@@ -179,24 +184,24 @@ class Client:
                           headers={"content-type": NPY})
 
     def stream_encode(self, source: str | Path | np.ndarray, chunk_frames: int = 16, *,
-                      fps: float | None = None) -> bytes:
+                      fps: float | None = None, model: str | None = None) -> bytes:
         """Encode uint8 (T,H,W,3) frames or a video file (decoded lazily, chunk by chunk;
         needs PyAV) through an encode session; returns a latents file, as /v1/encode would."""
         chunks, source_fps = frame_chunks(source, chunk_frames)
-        model = self.models()[0]
-        sid = self._session({"kind": "encode"})
+        sid = self._session({"kind": "encode", **_params(model=model)})
         parts = [read_latents(self._push(sid, seq, chunk, {}).content) for seq, chunk in enumerate(chunks)]
         finish = self._post(f"/v1/sessions/{sid}/finish")
         parts.append(read_latents(finish.content))
-        return assemble_latents(parts, chunk_info(finish), model, fps or source_fps or DEFAULT_FPS)
+        info = chunk_info(finish)
+        return assemble_latents(parts, info, session_model(self.models(), info), fps or source_fps or DEFAULT_FPS)
 
     def stream_decode(self, latents: str | Path | bytes | np.ndarray, chunk_latents: int = 2, *, steps: int = 1,
-                      seed: int = 0) -> np.ndarray:
+                      seed: int = 0, model: str | None = None) -> np.ndarray:
         """Decode a latents file (path or bytes) or a float (1,16,T,h,w) array through a
         decode session; returns uint8 (T,H,W,3) frames, cropped to the original size when
         the file records it."""
-        array, spec = decode_session_spec(latents, steps, seed)
-        sid = self._session(spec)
+        array, spec, made_by = decode_session_spec(latents, steps, seed, model)
+        sid = self._session(model_named_by(self.models(), spec, made_by) if made_by else spec)
         parts = [npy_array(self._push(sid, seq, chunk, {"format": "npy"}).content)
                  for seq, chunk in enumerate(latent_chunks(array, chunk_latents))]
         self._post(f"/v1/sessions/{sid}/finish")
@@ -222,13 +227,14 @@ class AsyncClient:
         self.retry = retry or Retrying()
 
     async def encode_file(self, path: str | Path, output: str | Path | None = None, *, frames: int | None = None,
-                          size: int | None = None, fps: float | None = None, format: str = "safetensors") -> bytes:
-        request = _encode_request(path, frames, size, fps, format)
+                          size: int | None = None, fps: float | None = None, format: str = "safetensors",
+                    model: str | None = None) -> bytes:
+        request = _encode_request(path, frames, size, fps, format, model)
         return _result(await self.retry.send_async(lambda: self._http.post(**request)), output)
 
     async def decode_file(self, path: str | Path, output: str | Path | None = None, *, steps: int = 1, seed: int = 0,
-                          format: str | None = None) -> bytes:
-        request = _decode_request(path, steps, seed, _decode_format(output, format))
+                          format: str | None = None, model: str | None = None) -> bytes:
+        request = _decode_request(path, steps, seed, _decode_format(output, format), model)
         return _result(await self.retry.send_async(lambda: self._http.post(**request)), output)
 
     async def models(self) -> list[dict]:
@@ -256,21 +262,22 @@ class AsyncClient:
                                 headers={"content-type": NPY})
 
     async def stream_encode(self, source: str | Path | np.ndarray, chunk_frames: int = 16, *,
-                            fps: float | None = None) -> bytes:
+                            fps: float | None = None, model: str | None = None) -> bytes:
         """`Client.stream_encode`, awaitable (a video file is decoded in this thread)."""
         chunks, source_fps = frame_chunks(source, chunk_frames)
-        model = (await self.models())[0]
-        sid = await self._session({"kind": "encode"})
+        sid = await self._session({"kind": "encode", **_params(model=model)})
         parts = [read_latents((await self._push(sid, seq, chunk, {})).content) for seq, chunk in enumerate(chunks)]
         finish = await self._post(f"/v1/sessions/{sid}/finish")
         parts.append(read_latents(finish.content))
-        return assemble_latents(parts, chunk_info(finish), model, fps or source_fps or DEFAULT_FPS)
+        info = chunk_info(finish)
+        return assemble_latents(parts, info, session_model(await self.models(), info),
+                                fps or source_fps or DEFAULT_FPS)
 
     async def stream_decode(self, latents: str | Path | bytes | np.ndarray, chunk_latents: int = 2, *,
-                            steps: int = 1, seed: int = 0) -> np.ndarray:
+                            steps: int = 1, seed: int = 0, model: str | None = None) -> np.ndarray:
         """`Client.stream_decode`, awaitable."""
-        array, spec = decode_session_spec(latents, steps, seed)
-        sid = await self._session(spec)
+        array, spec, made_by = decode_session_spec(latents, steps, seed, model)
+        sid = await self._session(model_named_by(await self.models(), spec, made_by) if made_by else spec)
         parts = [npy_array((await self._push(sid, seq, chunk, {"format": "npy"})).content)
                  for seq, chunk in enumerate(latent_chunks(array, chunk_latents))]
         await self._post(f"/v1/sessions/{sid}/finish")

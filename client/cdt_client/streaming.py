@@ -93,12 +93,22 @@ def read_latents(data: bytes) -> np.ndarray:
     return st_load(data)[LATENTS_TENSOR]
 
 
+def session_model(models: list[dict], finish_info: dict) -> dict:
+    """The card (GET /v1/models) of the model a finished encode session ran on."""
+    found = [card for card in models if card["hash"] == finish_info["model_hash"]]
+    if not found:
+        raise ValueError(f"the service no longer lists the session's model {finish_info['model_hash'][:12]}")
+    return found[0]
+
+
 def assemble_latents(parts: list[np.ndarray], finish_info: dict, model: dict, fps: float) -> bytes:
-    """A latents file (the /v1/encode format) from a finished encode session's chunks."""
+    """A latents file (the /v1/encode format) from a finished encode session's chunks and the
+    card of its model."""
     latents = np.ascontiguousarray(np.concatenate(parts, axis=2), dtype=np.float32)
-    clip = {key: finish_info[key] for key in ("frames", "height", "width", "pad_frames", "pad_height", "pad_width")}
-    metadata = latents_metadata(model_hash=model["hash"], preset=model["preset"], model_kind=model["kind"],
-                                dtype=model["dtype"], fps=fps, **clip)
+    clip = {key: finish_info[key] for key in ("frames", "height", "width", "pad_frames", "pad_height", "pad_width",
+                                              "time_factor")}
+    metadata = latents_metadata(model_name=finish_info["model"], model_hash=model["hash"], preset=model["preset"],
+                                model_kind=model["kind"], dtype=model["dtype"], fps=fps, **clip)
     return st_save({LATENTS_TENSOR: latents}, metadata=metadata)
 
 
@@ -106,19 +116,29 @@ def chunk_info(response: httpx.Response) -> dict:
     return json.loads(response.headers[CHUNK_HEADER])
 
 
-def decode_session_spec(source: str | Path | bytes | np.ndarray, steps: int,
-                        seed: int) -> tuple[np.ndarray, dict]:
-    """Latents (1,16,T,h,w) and the decode session that takes them: a latents file's
-    metadata adds the original size, length and rate, so the output is cropped to them."""
-    spec = {"kind": "decode", "steps": steps, "seed": seed}
+def decode_session_spec(source: str | Path | bytes | np.ndarray, steps: int, seed: int,
+                        model: str | None = None) -> tuple[np.ndarray, dict, str | None]:
+    """Latents (1,16,T,h,w), the decode session that takes them on `model` (None: the
+    service's default) and the hash of the model that made them, when a latents file says:
+    its metadata adds the original size, length and rate, so the output is cropped to them."""
+    spec = {"kind": "decode", "steps": steps, "seed": seed, **({"model": model} if model is not None else {})}
     if isinstance(source, np.ndarray):
         if source.ndim != 5 or source.dtype.kind != "f":
             raise ValueError(f"latents must be float (1,16,T,h,w), got {source.dtype} {source.shape}")
-        return source, spec
+        return source, spec, None
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     clip = read_latents_metadata(safetensors_metadata(data))
     spec.update({key: clip[key] for key in ("height", "width", "frames", "fps")})
-    return read_latents(data).astype(np.float32, copy=False), spec
+    return read_latents(data).astype(np.float32, copy=False), spec, clip["model_hash"]
+
+
+def model_named_by(models: list[dict], spec: dict, model_hash: str | None) -> dict:
+    """`spec` with the model that made a latents file (`model_hash`) when the spec names none
+    and the service serves it, as /v1/decode picks it."""
+    if "model" in spec or model_hash is None:
+        return spec
+    found = [card["name"] for card in models if card["hash"] == model_hash]
+    return {**spec, "model": found[0]} if found else spec
 
 
 def concat_frames(parts: Iterable[np.ndarray]) -> np.ndarray:

@@ -95,7 +95,7 @@ def encode_sample(model: Tokenizer, ref: ModelRef, item: Input, clip: DecodedCli
     step = options.chunk_frames
     chunks = (frames_to_tensor(frames[i : i + step]) for i in range(0, count, step))
     latents = torch.cat(list(encode_chunks(model, ref.hash, chunks)), dim=2)
-    data = latents_to_bytes(latents_file(model, ref.hash, latents, count, height, width, clip.fps))
+    data = latents_to_bytes(latents_file(model, ref.hash, latents, count, height, width, clip.fps, ref.name))
     meta = {
         "key": item.key, "source": item.name, "frames": count, "fps": clip.fps, "height": height, "width": width,
         "source_height": clip.source_height, "source_width": clip.source_width, "size": options.size,

@@ -27,14 +27,13 @@ from cdt_client.formats.api import METADATA_HEADER
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
-from media import ClipDecoder, ClipEncoder, latents_info
-from model import decode_chunk_latents
+from media import ClipDecoder, ClipEncoder, decode_chunk_length, latents_info
 
 from ..auth import AUTH_ERRORS
 from ..bodies import FRAME_FORMATS, MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, BodyFormat, ClipOptions, open_frames, \
     open_latents
-from ..deps import FpsQuery, FramesQuery, LimitsDep, MetricsDep, PoolDep, SeedQuery, SettingsDep, SizeQuery, \
-    Owner, StepsQuery, UploadDep, require_api_key
+from ..deps import AskedModelDep, FpsQuery, FramesQuery, LimitsDep, MetricsDep, ModelDep, PoolDep, SeedQuery, \
+    SettingsDep, SizeQuery, Owner, StepsQuery, UploadDep, require_api_key
 from ..domain_errors import ClientGone
 from ..errors import error_responses
 from ..host import HostPool, settle
@@ -84,6 +83,7 @@ async def encode(
     limits: LimitsDep,
     pool: PoolDep,
     metrics: MetricsDep,
+    served: ModelDep,
     frames: FramesQuery = None,
     size: SizeQuery = None,
     fps: FpsQuery = None,
@@ -94,9 +94,9 @@ async def encode(
     host = pool.host
     try:
         source = await host.run(f"open_{body.format.value}", open_frames, body, ClipOptions(frames, size, fps), limits)
-        chunk, admission = await admit(pool, owner, "encode", source.height, source.width)
+        chunk, admission = await admit(pool, served, owner, "encode", source.height, source.width)
         try:
-            encoder = ClipEncoder(admission.model, pool.identity.content_hash)
+            encoder = ClipEncoder(admission.model, served.content_hash)
             # Container decoding of chunk i+1 on the host pool overlaps the model's work on chunk i.
             async with aclosing(host.iterate(f"read_{body.format.value}", source.chunks(chunk))) as parts:
                 async for part in parts:
@@ -113,8 +113,9 @@ async def encode(
         raise
     finally:
         body.close()
-    metrics.frames_total.labels("encode").inc(source.count)
-    info = latents_info(pool.model, pool.identity.content_hash, source.count, source.height, source.width, source.fps)
+    metrics.frames_total.labels("encode", served.name).inc(source.count)
+    info = latents_info(served.reference, served.content_hash, source.count, source.height, source.width, source.fps,
+                        served.name)
     header, data, media_type, headers = spool.body(info, format)
     length = spool.nbytes(header)
     metrics.bytes_total.labels("/v1/encode", "out").inc(length)
@@ -139,7 +140,8 @@ async def _send(header: bytes, data: Iterator[bytes], close) -> AsyncIterator[by
     responses={200: {"description": "mp4 (h264, fragmented), or uint8 (T,H,W,3) frames as npy or safetensors "
                                     "(tensor `frames`), streamed as decoded",
                      "content": {MP4: BINARY, NPY: BINARY, SAFETENSORS: BINARY}},
-               **error_responses({409: "`model_mismatch`: latents made by another checkpoint"})},
+               **error_responses({409: "`model_mismatch`: latents made by another model than `model`, or, without "
+                                       "`model`, by none served here"})},
 )
 async def decode(
     request: Request,
@@ -149,6 +151,7 @@ async def decode(
     settings: SettingsDep,
     pool: PoolDep,
     metrics: MetricsDep,
+    asked: AskedModelDep,
     steps: StepsQuery = 1,
     seed: SeedQuery = 0,
     format: Annotated[Literal["mp4", "safetensors", "npy"], Query(description="output format")] = "mp4",
@@ -159,13 +162,14 @@ async def decode(
     admission: Admission | None = None
     stream: AsyncIterator[bytes] | None = None
     try:
-        source = await host.run("open_latents", open_latents, body, pool.identity.content_hash, limits)
+        source, served = await host.run("open_latents", open_latents, body, pool.models, asked, limits)
         info = source.info
-        chunk, admission = await admit(pool, owner, "decode", info.height, info.width, steps)
-        check_decode_steps(pool.model, steps)
+        chunk, admission = await admit(pool, served, owner, "decode", info.height, info.width, steps)
+        check_decode_steps(served.reference, steps)
         output = FrameStream(format, info.frames, info.height, info.width, info.fps)
-        decoder = ClipDecoder(admission.model, pool.identity.content_hash, info, steps, seed)
-        stream = _decode_stream(output, host, admission, decoder, source.chunks(decode_chunk_latents(chunk)))
+        decoder = ClipDecoder(admission.model, served.content_hash, info, steps, seed)
+        latents = source.chunks(decode_chunk_length(served.reference, chunk))
+        stream = _decode_stream(output, host, admission, decoder, latents)
         first = await anext(stream)  # errors of the first chunk are still a JSON 4xx
     except BaseException:
         if stream is not None:
@@ -175,7 +179,7 @@ async def decode(
             admission.release()
         raise
     headers = {} if output.content_length is None else {"Content-Length": str(output.content_length)}
-    return StreamingResponse(_decoded(request, first, stream, body, admission, info.frames, metrics),
+    return StreamingResponse(_decoded(request, first, stream, body, admission, info.frames, metrics, served.name),
                              media_type=output.media_type, headers=headers)
 
 
@@ -207,7 +211,7 @@ async def _decode_stream(output: FrameStream, host: HostPool, admission: Admissi
 
 
 async def _decoded(request: Request, first: bytes, stream: AsyncIterator[bytes], body: Body, admission: Admission,
-                   frames: int, metrics: Metrics) -> AsyncIterator[bytes]:
+                   frames: int, metrics: Metrics, model: str) -> AsyncIterator[bytes]:
     sent = len(first)
     try:
         yield first
@@ -216,7 +220,7 @@ async def _decoded(request: Request, first: bytes, stream: AsyncIterator[bytes],
             yield part
             if await _client_gone(request, metrics, "decode"):
                 return
-        metrics.frames_total.labels("decode").inc(frames)
+        metrics.frames_total.labels("decode", model).inc(frames)
     except (asyncio.CancelledError, GeneratorExit):
         metrics.cancelled_total.labels("decode").inc()  # the server noticed the disconnect first
         raise

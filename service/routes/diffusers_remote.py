@@ -17,7 +17,8 @@ frame). CDT's latents need no normalisation: its scaling_factor is 1 and shift_f
 When a request carries diffusers' factors they are undone as diffusers' pipelines apply
 them (decode: z / scaling_factor + shift_factor; encode: (z - shift_factor) *
 scaling_factor). These latents carry no original size, so T latent frames decode to
-1+4(T-1) frames of 8h x 8w, the padded clip.
+1+t(T-1) frames of 8h x 8w, the padded clip (t the model's temporal factor, 4 for a 4x
+model). `model=` names the served model (GET /v1/models), as on /v1/encode.
 
 The answer is assembled in memory, like /v1/frames: the limits on frames and sides bound it.
 """
@@ -34,12 +35,13 @@ import numpy as np
 import torch
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from media import decode_chunks, encode_chunks, frames_to_tensor, latents_info, tensor_to_frames
-from model import LATENT_CHANNELS, SPACE_FACTOR, decode_chunk_latents, outputs_for
+from media import decode_chunk_length, decode_chunks, encode_chunks, frames_to_tensor, latents_info, tensor_to_frames
+from model import LATENT_CHANNELS, SPACE_FACTOR
 
 from ..auth import AUTH_ERRORS
 from ..bodies import DEFAULT_FPS, MP4, Limits, check_min_side
-from ..deps import LimitsDep, MetricsDep, Owner, PoolDep, SeedQuery, SettingsDep, StepsQuery, UploadDep, \
+from ..catalog import ServedModel
+from ..deps import LimitsDep, MetricsDep, ModelDep, Owner, PoolDep, SeedQuery, SettingsDep, StepsQuery, UploadDep, \
     require_api_key
 from ..domain_errors import BadParameter, InvalidInput, TooLarge, UnsupportedFormat
 from ..ops import admit, check_decode_steps, check_steps
@@ -90,6 +92,7 @@ async def diffusers_decode(
     settings: SettingsDep,
     pool: PoolDep,
     metrics: MetricsDep,
+    served: ModelDep,
     shape: Shape = None,
     dtype: Dtype = None,
     output_type: Annotated[Literal["pt", "pil", "mp4"], Query(description="what the service answers")] = "pil",
@@ -106,22 +109,23 @@ async def diffusers_decode(
     latents = _tensor(await upload.in_memory(), shape, dtype)
     if latents.dim() == 4:
         latents = latents.unsqueeze(2)  # (1,16,h,w): one latent frame
-    _check_latents(latents, limits)
+    _check_latents(latents, limits, served)
     if scaling_factor is not None:
         latents = latents / scaling_factor
     if shift_factor is not None:
         latents = latents + shift_factor
     _check_finite(latents, "latents")
-    model, model_hash = pool.model, pool.identity.content_hash
+    model, model_hash = served.reference, served.content_hash
     t, h, w = latents.shape[2:]
-    info = latents_info(model, model_hash, outputs_for("decode", t), SPACE_FACTOR * h, SPACE_FACTOR * w, DEFAULT_FPS)
+    info = latents_info(model, model_hash, served.clip_frames(t), SPACE_FACTOR * h, SPACE_FACTOR * w, DEFAULT_FPS,
+                        served.name)
     accept = request.headers.get("accept", "")
     _check_answer(info.frames, info.height, info.width, image=output_type == "pil" and TENSOR_TYPE not in accept,
                   limit=settings.max_upload_bytes)
-    chunk, admission = await admit(pool, owner, "decode", info.height, info.width, steps)
+    chunk, admission = await admit(pool, served, owner, "decode", info.height, info.width, steps)
     try:
         check_decode_steps(model, steps)
-        parts = _chunks(latents, decode_chunk_latents(chunk))  # as /v1/decode cuts them
+        parts = _chunks(latents, decode_chunk_length(served.reference, chunk))  # as /v1/decode cuts them
         decoded = decode_chunks(admission.model, model_hash, info, parts, steps, seed)
         videos = [v async for v in admission.stream("decode", decoded)]
     finally:
@@ -152,6 +156,7 @@ async def diffusers_encode(
     limits: LimitsDep,
     pool: PoolDep,
     metrics: MetricsDep,
+    served: ModelDep,
     shape: Shape = None,
     dtype: Dtype = None,
     scaling_factor: Factor = None,
@@ -167,10 +172,10 @@ async def diffusers_encode(
         if image:
             video = video.unsqueeze(2)
     _check_frames(video, limits)
-    chunk, admission = await admit(pool, owner, "encode", *video.shape[3:])
+    chunk, admission = await admit(pool, served, owner, "encode", *video.shape[3:])
     try:
         parts = _chunks(video, chunk)
-        parts = encode_chunks(admission.model, pool.identity.content_hash, parts)
+        parts = encode_chunks(admission.model, served.content_hash, parts)
         latents = [z async for z in admission.stream("encode", parts)]
     finally:
         admission.release()
@@ -203,12 +208,12 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
                            else "invalid_tensor")
 
 
-def _check_latents(latents: torch.Tensor, limits: Limits) -> None:
+def _check_latents(latents: torch.Tensor, limits: Limits, served: ServedModel) -> None:
     if latents.dim() != 5 or latents.shape[:2] != (1, LATENT_CHANNELS):
         raise InvalidInput(f"latents must be (1,{LATENT_CHANNELS},T,h,w) or (1,{LATENT_CHANNELS},h,w), got "
                            f"{tuple(latents.shape)} (packed latents are not served)", code="invalid_latents")
     t, h, w = latents.shape[2:]
-    frames, height, width = outputs_for("decode", t), SPACE_FACTOR * h, SPACE_FACTOR * w
+    frames, height, width = served.clip_frames(t), SPACE_FACTOR * h, SPACE_FACTOR * w
     if not limits.fit(frames, height, width):
         raise TooLarge(f"the latents decode to {frames} frames of {height}x{width}; the limits are "
                        f"{limits.max_frames} frames and {limits.max_side} pixels a side", code="clip_too_large")

@@ -8,6 +8,10 @@ output) as a playable mp4. The web page uses it for both.
 
 The output is assembled in memory, so it is bounded by the upload limit: anything larger
 could not be sent back to the service anyway.
+
+`model=` is checked as on /v1/encode (404 `model_not_found`), so a client can send the same
+options to both; the frames do not depend on the model (padding to its grid happens inside
+the encode).
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from media import tensor_to_frames
 
 from ..auth import AUTH_ERRORS
 from ..bodies import FRAME_FORMATS, MP4, NPY, OCTET_STREAM, SAFETENSORS, Body, ClipOptions, Limits, open_frames
-from ..deps import FpsQuery, FramesQuery, LimitsDep, MetricsDep, PoolDep, SettingsDep, SizeQuery, UploadDep, \
-    require_api_key
+from ..deps import FpsQuery, FramesQuery, LimitsDep, MetricsDep, PoolDep, SettingsDep, SizeQuery, \
+    UploadDep, get_model, require_api_key
 from ..domain_errors import InvalidInput, TooLarge
 from ..errors import error_responses
 from ..responses import render_frames
@@ -41,12 +45,14 @@ FRAMES_BODY = binary_body("As for /v1/encode: a video container (`video/*`), or 
     "/frames",
     summary="the frames /v1/encode would encode from this body and these options, as uint8",
     response_class=Response,
+    dependencies=[Depends(get_model)],
     openapi_extra=FRAMES_BODY,
     responses={200: {"description": "uint8 (T,H,W,3) frames: safetensors (tensor `frames`, metadata `fps`), npy, "
                                     "or mp4 (h264, fragmented)",
                      "content": {SAFETENSORS: BINARY, NPY: BINARY, MP4: BINARY}},
                **error_responses({
                    400: "`bad_parameter`: a query parameter out of its bounds; `empty_body`",
+                   404: MODEL_ERRORS[404],
                    413: "`payload_too_large`: the body is over CDT_MAX_UPLOAD_MB; `clip_too_large`: over "
                         "CDT_MAX_FRAMES or CDT_MAX_SIDE, or frames over the upload limit",
                    415: MODEL_ERRORS[415],

@@ -1,4 +1,4 @@
-"""Operations endpoints: liveness, readiness, the model card, Prometheus metrics."""
+"""Operations endpoints: liveness, readiness, the served models' cards, Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -68,10 +68,11 @@ async def _pings(sessions: SessionService) -> bool:
         return False
 
 
-@router.get("/v1/models", summary="the served model: preset, hash, dtype, devices, compression",
+@router.get("/v1/models", summary="the served models, the default first: name, hash, preset, compression, frames "
+                                  "rule, dtype, receptive field, max steps, weights, devices",
             dependencies=[Depends(require_api_key)], responses={**AUTH_ERRORS, **NOT_READY})
-async def models(pool: PoolDep) -> dict:
-    return {"models": [model_card(pool)]}
+async def models(pool: PoolDep, settings: SettingsDep) -> dict:
+    return {"models": [model_card(pool, served, settings) for served in pool.models]}
 
 
 @router.get("/metrics", summary="Prometheus metrics of this process", response_class=Response,

@@ -13,6 +13,7 @@ RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying",
 
 # The errors of every request that runs the model (whole clips and session chunks).
 MODEL_ERRORS = {
+    404: "`model_not_found`: `model=` names no model served here (GET /v1/models)",
     413: "`payload_too_large`: the body is over CDT_MAX_UPLOAD_MB; `clip_too_large`: over CDT_MAX_FRAMES or "
          "CDT_MAX_SIDE, or no chunk fits the memory budget (then `details`: estimate_bytes, budget_bytes, "
          "max_pixels, max_square_side)",

@@ -73,6 +73,7 @@ def _response(result: ChunkResult) -> Response:
 @router.post("", summary="create a streaming session", status_code=201, response_model=SessionInfo,
              responses={201: {"description": "the session", "links": SESSION_LINKS}, **error_responses({
                  400: "`bad_parameter`: the JSON body does not fit its schema",
+                 404: "`model_not_found`: `model` names no model served here (GET /v1/models)",
                  409: "`model_mismatch`: `dtype` is not the one this replica computes in",
                  429: "`too_many_sessions`: CDT_MAX_SESSIONS live sessions",
                  503: "`session_store_unavailable`, `not_ready`"}, headers={429: RETRY_AFTER})})

@@ -1,9 +1,10 @@
 """Encode and decode sessions: what differs between the two kinds, behind one interface.
 
 An encode session takes frames, any number per chunk, and answers the latents of the
-complete 4-frame groups so far; its finish flushes the frames still pending. A decode
-session takes latents and answers their frames; its finish only closes it. `KINDS[name]`
-gives a session's behaviour, so the session service never asks which kind it serves.
+complete frame groups (`time_factor` frames of its model) so far; its finish flushes the
+frames still pending. A decode session takes latents and answers their frames; its finish
+only closes it. `KINDS[name]` gives a session's behaviour, so the session service never asks
+which kind it serves.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from cdt_client.formats.files import LATENTS_TENSOR
 from safetensors.torch import save as st_save
 
 from media import Padding, pad_spatial, quantise
-from model import SPACE_FACTOR, StreamingDecoder, StreamingEncoder, Tokenizer, group_size, pixel_frames
+from model import SPACE_FACTOR, StreamingDecoder, StreamingEncoder, Tokenizer
 
 from ..bodies import Body, ClipOptions, Limits, parse_latent_chunk, read_clip
 from ..domain_errors import BadParameter, InvalidInput, TooLarge
@@ -78,17 +79,18 @@ class SessionKind(ABC):
         """A stream from a snapshot of its state."""
 
     @abstractmethod
-    def check(self, record: SessionRecord, chunk: torch.Tensor, limits: Limits) -> None:
-        """Validate a parsed chunk against the session, and record in it the sizes the chunk fixes."""
+    def check(self, record: SessionRecord, chunk: torch.Tensor, limits: Limits, time_factor: int) -> None:
+        """Validate a parsed chunk against the session (whose model has `time_factor` pixel frames
+        per latent frame), and record in it the sizes the chunk fixes."""
 
     @abstractmethod
     def finish(self, record: SessionRecord) -> ChunkResult | None:
         """Check a finish; its answer when it runs no model job, else None (the stream flushes)."""
 
     @abstractmethod
-    def job_shape(self, record: SessionRecord, chunk: torch.Tensor | None) -> tuple[int, int, int]:
+    def job_shape(self, record: SessionRecord, chunk: torch.Tensor | None, time_factor: int) -> tuple[int, int, int]:
         """(frames, height, width) of the pixels a chunk's model job holds (None: a finish's flush),
-        which its memory estimate is of."""
+        which its memory estimate is of, for a model of `time_factor`."""
 
     @abstractmethod
     def to_host(self, output: torch.Tensor) -> torch.Tensor:
@@ -130,7 +132,7 @@ class EncodeKind(SessionKind):
     def restore(self, model: Tokenizer, record: SessionRecord, state: bytes) -> Stream:
         return StreamingEncoder.from_state(model, record.model_hash, state)
 
-    def check(self, record: SessionRecord, chunk: torch.Tensor, limits: Limits) -> None:
+    def check(self, record: SessionRecord, chunk: torch.Tensor, limits: Limits, time_factor: int) -> None:
         h, w = chunk.shape[3:]
         record.height, record.width = record.height or h, record.width or w
         if (h, w) != (record.height, record.width):
@@ -142,11 +144,12 @@ class EncodeKind(SessionKind):
             raise InvalidInput("nothing to finish: the session received no frames", code="empty_session")
         return None
 
-    def job_shape(self, record: SessionRecord, chunk: torch.Tensor | None) -> tuple[int, int, int]:
-        """The chunk's frames plus up to 3 pending from earlier chunks; a finish flushes the last 4."""
+    def job_shape(self, record: SessionRecord, chunk: torch.Tensor | None, time_factor: int) -> tuple[int, int, int]:
+        """The chunk's frames plus up to a group less one pending from earlier chunks; a finish
+        flushes the last group."""
         if chunk is None:
-            return group_size("encode"), record.height, record.width
-        return chunk.shape[2] + group_size("encode") - 1, *chunk.shape[3:]
+            return time_factor, record.height, record.width
+        return chunk.shape[2] + time_factor - 1, *chunk.shape[3:]
 
     def to_host(self, output: torch.Tensor) -> torch.Tensor:
         return output.float().cpu()
@@ -161,11 +164,13 @@ class EncodeKind(SessionKind):
         record.finished = chunk is None
         facts = {"format": CHUNK_FORMAT, "session": record.id, "latent_start": start,
                  "latent_count": output.shape[2], "frames_in": counters.frames_in, "finished": record.finished,
-                 "height": record.height, "width": record.width, "model_hash": record.model_hash}
+                 "height": record.height, "width": record.width, "model": record.model,
+                 "model_hash": record.model_hash}
         if record.finished:  # what a client needs to write the whole clip's latents file
-            padding = Padding.for_shape(counters.frames_in, record.height, record.width)
+            time_factor = stream.model.config.time_factor
+            padding = Padding.for_shape(counters.frames_in, record.height, record.width, time_factor)
             facts.update(frames=counters.frames_in, pad_frames=padding.frames, pad_height=padding.height,
-                         pad_width=padding.width)
+                         pad_width=padding.width, time_factor=time_factor)
         return Applied(latent_chunk(output, facts, fmt), record, None if record.finished else stream)
 
 
@@ -198,9 +203,9 @@ class DecodeKind(SessionKind):
     def restore(self, model: Tokenizer, record: SessionRecord, state: bytes) -> Stream:
         return StreamingDecoder.from_state(model, record.model_hash, state)
 
-    def check(self, record: SessionRecord, chunk: torch.Tensor, limits: Limits) -> None:
+    def check(self, record: SessionRecord, chunk: torch.Tensor, limits: Limits, time_factor: int) -> None:
         _, _, n, h, w = chunk.shape
-        if pixel_frames(n, first_chunk=False) > limits.max_frames + 3:  # per chunk; a stream has no limit
+        if time_factor * n > limits.max_frames + time_factor - 1:  # per chunk; a stream has no limit
             raise TooLarge(f"a chunk of {n} latent frames decodes to more than {limits.max_frames} frames; send "
                            "fewer per chunk", code="clip_too_large")
         height, width = record.height or h * SPACE_FACTOR, record.width or w * SPACE_FACTOR
@@ -217,9 +222,9 @@ class DecodeKind(SessionKind):
                    "frames_out": record.counters.frames_out, "height": record.height, "width": record.width}
         return ChunkResult(json.dumps(summary).encode(), "application/json", None)
 
-    def job_shape(self, record: SessionRecord, chunk: torch.Tensor | None) -> tuple[int, int, int]:
-        """The frames a chunk decodes to (a decode finish runs no job)."""
-        return pixel_frames(chunk.shape[2], first_chunk=False), SPACE_FACTOR * chunk.shape[3], SPACE_FACTOR * chunk.shape[4]
+    def job_shape(self, record: SessionRecord, chunk: torch.Tensor | None, time_factor: int) -> tuple[int, int, int]:
+        """The frames a chunk decodes to past a stream's first (a decode finish runs no job)."""
+        return time_factor * chunk.shape[2], SPACE_FACTOR * chunk.shape[3], SPACE_FACTOR * chunk.shape[4]
 
     def to_host(self, output: torch.Tensor) -> torch.Tensor:
         """uint8 (n,H,W,3) frames, quantised on the device: a quarter of the float bytes cross."""

@@ -30,6 +30,9 @@ class SessionSpec(BaseModel):
     steps: int = Field(1, ge=1, le=NUM_TIMESTEPS, description="decode: DDIM steps, at most CDT_MAX_STEPS")
     seed: int = Field(0, ge=0, le=MAX_JSON_SEED, description="decode: noise seed")
     dtype: str | None = Field(None, description="compute dtype; must be the serving replica's")
+    model: str | None = Field(None, max_length=64, description=(
+        "the served model, by name (GET /v1/models; 404 `model_not_found`); default: the first. The session "
+        "stays pinned to that model's weights (its hash) for its life"))
     fps: float = Field(30.0, gt=0, le=MAX_FPS, description="decode: frame rate of mp4 output")
     ttl_s: int | None = Field(None, ge=1, description="idle lifetime; at most CDT_SESSION_TTL_S")
 
@@ -56,6 +59,7 @@ class SessionInfo(BaseModel):
     frames: int | None
     steps: int
     seed: int
+    model: str
     model_hash: str
     dtype: str
     log_chunks: int = Field(description="chunks held in the input log")

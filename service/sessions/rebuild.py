@@ -66,7 +66,7 @@ def rebuild_stream(model: Tokenizer, kind: SessionKind, record: SessionRecord, r
         stream, skip = kind.restore(model, record, rebuild.snapshot), 0
     else:
         start = rebuild.entries[0][0].start if rebuild.entries else 0
-        position = resume_position(kind.name, start)
+        position = resume_position(kind.name, start, model.config.time_factor)
         stream, skip = kind.open(model, record, position), position - start
     for entry, data in rebuild.entries:
         inputs = logged_input(kind, entry, data, limits)[:, :, skip:]

@@ -79,7 +79,8 @@ class SessionRecord(BaseModel):
     id: str
     kind: KindName
     owner: str
-    model_hash: str
+    model: str = ""  # the name the model was served under at creation ("": a record from before names)
+    model_hash: str  # the model the session is pinned to, on any replica and under any name
     dtype: str
     ttl_s: int
     created_at: float

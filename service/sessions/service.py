@@ -22,6 +22,7 @@ from media import StreamPush
 from model import CacheFormatError, CacheMismatchError, Tokenizer, dtype_name
 
 from ..bodies import Body, Limits
+from ..catalog import ServedModel
 from ..domain_errors import Conflict, NotFound, Overloaded, SeqOutOfOrder, TooLarge
 from ..memory import padded_pixels
 from ..metrics import Metrics
@@ -45,8 +46,7 @@ class SessionService:
     def __init__(self, store: SessionStore, pool: WorkerPool, settings: Settings, metrics: Metrics) -> None:
         self.store, self.pool, self.settings = store, pool, settings
         self.metrics = SessionMetrics(metrics)
-        model = pool.model
-        self.model_hash, self.dtype = pool.identity.content_hash, dtype_name(model.compute_dtype)
+        self.dtype = dtype_name(pool.models.default.reference.compute_dtype)  # every served model's
         self.limits = Limits.of(settings)
         self.hot = HotStreams(settings.session_hot_bytes, self.metrics.evictions)
         self.snapshots = Snapshots(store, settings, self.metrics)
@@ -67,11 +67,13 @@ class SessionService:
         if spec.dtype is not None and spec.dtype != self.dtype:
             raise Conflict(f"this replica computes in {self.dtype}, the session asks for {spec.dtype}",
                            code="model_mismatch")
+        served = self.pool.models.get(spec.model)
         check_steps(spec.steps, self.settings)
-        KINDS[spec.kind].check_steps(self.pool.model, spec.steps)
+        KINDS[spec.kind].check_steps(served.reference, spec.steps)
         ttl = min(spec.ttl_s or self.settings.session_ttl_s, self.settings.session_ttl_s)
-        record = SessionRecord(**spec.model_dump(exclude={"ttl_s", "dtype"}), id=secrets.token_urlsafe(24),
-                               owner=owner, model_hash=self.model_hash, dtype=self.dtype, ttl_s=ttl,
+        record = SessionRecord(**spec.model_dump(exclude={"ttl_s", "dtype", "model"}), id=secrets.token_urlsafe(24),
+                               owner=owner, model=served.name, model_hash=served.content_hash, dtype=self.dtype,
+                               ttl_s=ttl,
                                created_at=time.time())  # the id has 192 random bits: unguessable
         created = await self.metrics.timed("create", self.store.create(
             record.id, record.model_dump(mode="json"), ttl, self.settings.max_sessions))
@@ -98,10 +100,18 @@ class SessionService:
             raise NotFound(f"session {session_id} does not exist (unknown, expired or deleted)",
                            code="session_not_found")
         record = SessionRecord.model_validate(stored.meta)
-        if record.model_hash != self.model_hash or record.dtype != self.dtype:
-            raise Conflict(f"session belongs to model {record.model_hash[:12]} ({record.dtype}); this replica "
-                           f"serves {self.model_hash[:12]} ({self.dtype})", code="model_mismatch")
+        self._model_of(record)
         return stored, record
+
+    def _model_of(self, record: SessionRecord) -> ServedModel:
+        """The served model a session is pinned to: the one with its hash, whatever its name here
+        (409 `model_mismatch` when this replica serves no such model, or computes in another dtype)."""
+        served = self.pool.models.by_hash(record.model_hash)
+        if served is None or record.dtype != self.dtype:
+            raise Conflict(f"session belongs to model {record.model or '?'} ({record.model_hash[:12]}, "
+                           f"{record.dtype}); this replica serves {', '.join(m.label for m in self.pool.models)} "
+                           f"({self.dtype})", code="model_mismatch")
+        return served
 
     async def _refresh_active(self) -> None:
         self.metrics.active.set(await self.metrics.timed("count", self.store.live_count()))
@@ -198,7 +208,7 @@ class SessionService:
                 return Applied(answer, record, None), None, log_put, log_drop, None
         else:
             chunk = await host.run("parse_chunk", kind.parse, body, self.limits)
-            kind.check(record, chunk, self.limits)
+            kind.check(record, chunk, self.limits, self._model_of(record).time_factor)
             entry = LogEntry(seq=record.next_seq, start=kind.inputs(record.counters), count=chunk.shape[2],
                              format=body.format, nbytes=body.size)
             log_put = (entry.name, await host.run("read_chunk", body.read))
@@ -219,8 +229,9 @@ class SessionService:
         """Append `entry` to the record's log and drop the entries the window no longer needs;
         the names dropped. TooLarge when the kept log is over CDT_MAX_SESSION_LOG_MB."""
         entries = [*record.log, entry]
-        field = self.pool.identity.receptive_field.frames(kind.name, kind.steps(record))
-        keep = window(kind.name, entries, entry.start + entry.count, field)
+        served = self._model_of(record)
+        field = served.identity.receptive_field.frames(kind.name, kind.steps(record))
+        keep = window(kind.name, entries, entry.start + entry.count, field, served.time_factor)
         record.log = entries[keep:]
         kept_bytes = sum(e.nbytes for e in record.log)
         if kept_bytes > self.settings.max_session_log_bytes:
@@ -251,12 +262,14 @@ class SessionService:
             work = StreamPush(stream, lambda: inputs, lambda output: (stream, kind.to_host(output), 0.0),
                               tuple(inputs.shape))
 
-        frames, height, width = kind.job_shape(record, chunk)
+        served = self._model_of(record)
+        frames, height, width = kind.job_shape(record, chunk, served.time_factor)
         steps = kind.steps(record)
         # Interactive work of the session's owner, costing its pixels times frames times steps.
-        admission = await worker.admit(worker.memory_model.chunk_bytes(kind.name, height, width, frames, steps),
-                                       self.pool.caller(record.owner, interactive=True),
-                                       padded_pixels(height, width) * frames * steps)
+        admission = await worker.admit(
+            worker.memory_model.chunk_bytes(served.config, kind.name, height, width, frames, steps),
+            self.pool.caller(record.owner, interactive=True), padded_pixels(height, width) * frames * steps,
+            served.name)
         try:
             current, output, rebuild_s = await admission.execute(f"session_{kind.name}", work)
         except (CacheMismatchError, CacheFormatError) as exc:
@@ -276,7 +289,7 @@ def describe(record: SessionRecord, stored: StoredSession) -> SessionInfo:
         id=record.id, kind=record.kind, state="finished" if record.finished else "open", next_seq=record.next_seq,
         frames_in=counters.frames_in, frames_out=counters.frames_out, latents_in=counters.latents_in,
         latents_out=counters.latents_out, height=record.height, width=record.width, frames=record.frames,
-        steps=record.steps, seed=record.seed, model_hash=record.model_hash, dtype=record.dtype,
+        steps=record.steps, seed=record.seed, model=record.model, model_hash=record.model_hash, dtype=record.dtype,
         log_chunks=len(record.log), log_bytes=stored.log_bytes,
         snapshot_seq=None if snapshot is None else snapshot.label,
         snapshot_bytes=0 if snapshot is None else snapshot.nbytes, expires_at=stored.expires_at, ttl_s=record.ttl_s)

@@ -29,7 +29,7 @@ ERROR_CODES: dict[int, tuple[str, ...]] = {
     400: ("bad_parameter", "empty_body"),
     401: ("missing_api_key",),
     403: ("invalid_api_key",),
-    404: ("not_found", "session_not_found"),
+    404: ("not_found", "session_not_found", "model_not_found"),
     405: ("method_not_allowed",),
     409: ("conflict", "model_mismatch", "seq_out_of_order", "session_finished"),
     413: ("payload_too_large", "clip_too_large", "session_log_too_large"),

@@ -11,16 +11,20 @@ from __future__ import annotations
 from typing import Any
 
 LATENTS_FORMAT = "cdt-latents"
-LATENTS_FORMAT_VERSION = "1"  # a metadata value, so text
+LATENTS_FORMAT_VERSION = "2"  # a metadata value, so text
 LATENTS_TENSOR = "latents"
 # A latents file's metadata past `format` and `format_version`, and the type each value reads
-# as: the model (hash, preset, kind, compute dtype of the encode), the clip before padding,
-# and the padding added to fit the model's strides.
+# as: the model (the name it was served under, hash, preset, kind, pixel frames per latent
+# frame, compute dtype of the encode), the clip before padding, and the padding added to fit
+# the model's strides.
 LATENTS_FIELDS: dict[str, type] = {
-    "model_hash": str, "preset": str, "model_kind": str, "dtype": str,
+    "model_name": str, "model_hash": str, "preset": str, "model_kind": str, "time_factor": int, "dtype": str,
     "frames": int, "height": int, "width": int, "fps": float,
     "pad_frames": int, "pad_height": int, "pad_width": int,
 }
+# Version 1 files predate several models per service: every model then was 4x in time, and
+# the file named its model by hash only.
+VERSION_1_DEFAULTS = {"model_name": "", "time_factor": "4"}
 
 FRAMES_FORMAT = "cdt-frames"
 FRAMES_TENSOR = "frames"
@@ -44,7 +48,9 @@ def read_latents_metadata(meta: dict[str, str]) -> dict[str, Any]:
     """The typed `LATENTS_FIELDS` of a latents file's metadata."""
     if meta.get("format") != LATENTS_FORMAT:
         raise LatentsMetadataError(f"not a {LATENTS_FORMAT} file (format={meta.get('format')!r})")
-    if meta.get("format_version") != LATENTS_FORMAT_VERSION:
+    if meta.get("format_version") == "1":
+        meta = {**VERSION_1_DEFAULTS, **meta}
+    elif meta.get("format_version") != LATENTS_FORMAT_VERSION:
         raise LatentsMetadataError(f"unsupported format version {meta.get('format_version')!r}")
     try:
         return {key: kind(meta[key]) for key, kind in LATENTS_FIELDS.items()}

@@ -18,7 +18,7 @@ const WHOLE = { label: "whole clip", color: "#2457c5" };
 const STREAMED = { label: "streamed", color: "#d9731a", rings: true };
 const SEED = 0;
 
-const state = { file: null, original: null, originalKey: null, urls: [] };
+const state = { file: null, original: null, originalKey: null, urls: [], models: [] };
 
 const plot = new PsnrPlot($("plot"), (frame) => player.show(frame));
 const player = new SyncedPlayer($("original"), $("reconstruction"),
@@ -90,12 +90,29 @@ function chooseFile(file) {
   $("run").disabled = $("stream").disabled = !file;
 }
 
-async function showModel() {
+// The served model the selector names (its card from GET /v1/models).
+const model = () => $("model-select").value;
+
+function describeModel() {
+  const card = state.models.find((m) => m.name === model());
+  if (!card) return;
+  $("model").textContent = `model ${card.name}: ${card.preset} (${card.id}) · ${card.dtype} on ${card.device} · `
+    + `${card.compression.label} to ${card.compression.latent_channels} channels · frames ${card.frames_rule}`;
+}
+
+async function showModels() {
+  const select = $("model-select");
   try {
-    const card = (await (await call("v1/models", { method: "GET", key: key() })).json()).models[0];
-    $("model").textContent = `model ${card.preset} (${card.id}) · ${card.dtype} on ${card.device} · `
-      + `${card.compression.time}×${card.compression.space}×${card.compression.space} to `
-      + `${card.compression.latent_channels} channels`;
+    state.models = (await (await call("v1/models", { method: "GET", key: key() })).json()).models;
+    const chosen = select.value;
+    select.replaceChildren(...state.models.map((card) => {
+      const option = new Option(`${card.name} (${card.compression.label})`, card.name);
+      option.dataset.hash = card.hash;
+      return option;
+    }));
+    if (state.models.some((card) => card.name === chosen)) select.value = chosen;
+    select.disabled = false;
+    describeModel();
   } catch (error) {
     $("model").textContent = error instanceof ApiError && error.status === 401
       ? "this service needs an API key" : `model: ${error.message}`;
@@ -145,11 +162,12 @@ async function runWhole() {
   const original = await originalFrames(opts);
   status("encoding", "busy");
   const encoded = await timed("v1/encode", { key: key(), body: state.file, contentType: uploadType(state.file),
-                                             query: { frames: opts.frames, size: opts.size } });
+                                             query: { frames: opts.frames, size: opts.size, model: model() } });
   const latents = readSafetensors(encoded.buffer).tensors.latents;
   status("decoding", "busy");
   const decoded = await timed("v1/decode", { key: key(), body: encoded.buffer, contentType: SAFETENSORS,
-                                             query: { steps: opts.steps, seed: SEED, format: "safetensors" } });
+                                             query: { steps: opts.steps, seed: SEED, format: "safetensors",
+                                                      model: model() } });
   const reconstruction = readFrames(decoded.buffer);
   if (reconstruction.data.length !== original.data.length) {
     throw new Error(`the reconstruction has ${reconstruction.count} frames of ${reconstruction.height}x`
@@ -165,6 +183,7 @@ async function runWhole() {
   $("result").hidden = $("plot-panel").hidden = false;
   $("stats").replaceChildren();
   const raw = original.data.length;
+  stat("model", "stat-model", model(), { model: model() });
   stat("clip", "stat-clip", `${original.count} frames of ${original.width}×${original.height} at `
        + `${original.fps.toFixed(2)} fps`);
   stat("encode request", "stat-encode", `${seconds(encoded.ms)} (upload, decoding the container, the encoder)`,
@@ -259,8 +278,9 @@ async function runStream() {
   };
 
   try {
-    const encoder = await open({ kind: "encode" });
-    decoder = await open({ kind: "decode", height: original.height, width: original.width, frames: original.count,
+    const chosen = model() ? { model: model() } : {};
+    const encoder = await open({ kind: "encode", ...chosen });
+    decoder = await open({ kind: "decode", ...chosen, height: original.height, width: original.width, frames: original.count,
                            steps: opts.steps, seed: SEED, fps: original.fps });
     for (let seq = 0, start = 0; start < original.count; seq++, start += opts.chunk) {
       const end = Math.min(original.count, start + opts.chunk);
@@ -306,7 +326,8 @@ drop.addEventListener("drop", (event) => {
 drop.addEventListener("keydown", (event) => {
   if (event.key === "Enter" || event.key === " ") $("file").click();
 });
-$("api-key").addEventListener("change", showModel);
+$("api-key").addEventListener("change", showModels);
+$("model-select").addEventListener("change", describeModel);
 $("run").addEventListener("click", () => busy("run", runWhole));
 $("stream").addEventListener("click", () => busy("stream", runStream));
-showModel();
+showModels();
