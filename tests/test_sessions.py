@@ -215,7 +215,7 @@ def test_snapshot_rebuilds_are_bit_identical(tiny_checkpoint, client, long_frame
     reference's boundaries: the same operations in the same order, so equal on any CPU."""
     sizes = [1, 8, 5, 11, 7]
     chunks = len(split(40, sizes))
-    with make_client(tiny_checkpoint, session_hot_mb=0.001, session_snapshot_mb=64, session_snapshot_every=1,
+    with make_client(tiny_checkpoint, session_hot_mb=0.001, session_snapshot_mb=64, session_rebuild_target=1,
                      session_snapshot_part_mb=0.05) as c:
         streamed, rebuilds = stream_with_rebuilds(c, long_frames[:40], sizes, snapshot=True)
         _, reference, _ = stream_encode(client, long_frames[:40], sizes)
