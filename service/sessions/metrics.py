@@ -39,6 +39,9 @@ class SessionMetrics:
                                          registry=r)
         self.snapshot_age = Histogram("cdt_session_snapshot_age_chunks", "chunks logged after the snapshot a "
                                       "stream is rebuilt from, replayed on it", buckets=AGE_BUCKETS, registry=r)
+        self.snapshot_interval = Histogram("cdt_session_snapshot_interval_chunks", "K, the chunks between two "
+                                           "snapshots of a session, as the policy set it when it took one",
+                                           buckets=AGE_BUCKETS, registry=r)
         self.drain_snapshots = Counter("cdt_session_drain_snapshots", "hot streams a stopping replica handed over: "
                                        "snapshot written, or missed (over CDT_DRAIN_S, or too large)", ["outcome"],
                                        registry=r)

@@ -50,7 +50,8 @@ class SnapshotPolicy:
         restore = measured.snapshot_s / measured.chunk_s if measured.chunk_s > 0 else 0.0
         return max(1, math.floor(self.target - restore))
 
-    def due(self, session_id: str, label: int) -> bool:
-        """Whether the state after chunk `label` should be snapshotted."""
+    def due(self, session_id: str, label: int) -> int | None:
+        """K when the state after chunk `label` should be snapshotted, else None."""
         measured = self.of(session_id)
-        return label - measured.label >= self.interval(measured)
+        interval = self.interval(measured)
+        return interval if label - measured.label >= interval else None

@@ -47,7 +47,11 @@ class Snapshots:
         """Start writing a snapshot of the stream, labelled with the seq just committed, when the
         policy says it is due, it fits CDT_SESSION_SNAPSHOT_MB and none of this session is in flight."""
         label = record.next_seq - 1
-        if self.fits(stream) and session_id not in self._writing and self.policy.due(session_id, label):
+        if not self.fits(stream) or session_id in self._writing:
+            return
+        interval = self.policy.due(session_id, label)
+        if interval is not None:
+            self._metrics.snapshot_interval.observe(interval)
             self._start(session_id, label, stream)
 
     def _start(self, session_id: str, label: int, stream: Stream) -> asyncio.Task:
