@@ -130,7 +130,12 @@ class Settings(EnvSettings):
     session_rebuild_target: float = Field(10.0, ge=1, description=(
         "longest rebuild of a session's stream after its replica is lost, in chunk computes: a session is "
         "snapshotted every K chunks, K derived per session from this and the measured cost of its "
-        "snapshot against its chunks' compute (restore + K replayed chunks <= target)"))
+        "snapshot against its chunks' compute (restore + K replayed chunks <= target), and from "
+        "`CDT_SESSION_SNAPSHOT_TRAFFIC`"))
+    session_snapshot_traffic: float = Field(10.0, gt=0, description=(
+        "most bytes of snapshots written per byte of a session's chunks (body plus response), within "
+        "`CDT_SESSION_REBUILD_TARGET`: K is the smallest interval that keeps to this, or the rebuild target's "
+        "when that is smaller"))
     session_snapshot_part_mb: float = Field(64.0, gt=0, description=(
         "largest stored value (MiB) of a snapshot, which is split into parts"))
     session_snapshot_sweep_s: float = Field(60.0, gt=0, description=(

@@ -238,6 +238,7 @@ class SessionService:
             self.hot.discard(session_id)
             await self.snapshots.forget(session_id)
         else:
+            self.snapshots.chunk_moved(session_id, applied.record.log[-1].nbytes + len(applied.result.body))
             self.snapshots.maybe_take(session_id, applied.record, stream)
             self.hot.put(session_id, stream, version, applied.record.next_seq - 1, device)
         self.metrics.hot_bytes.set(self.hot.nbytes)

@@ -36,7 +36,7 @@ class Snapshots:
     def __init__(self, store: SnapshotStore, sessions: SessionStore, settings: Settings,
                  metrics: SessionMetrics) -> None:
         self.store, self._sessions, self._settings, self._metrics = store, sessions, settings, metrics
-        self.policy = SnapshotPolicy(settings.session_rebuild_target)
+        self.policy = SnapshotPolicy(settings.session_rebuild_target, settings.session_snapshot_traffic)
         self._writing: dict[str, asyncio.Task] = {}
         self._sweeper: asyncio.Task | None = None
 
@@ -49,6 +49,9 @@ class Snapshots:
         label = record.next_seq - 1
         if not self.fits(stream) or session_id in self._writing:
             return
+        measured = self.policy.of(session_id)
+        if measured.snapshot_bytes == 0:  # none written yet: its size is at most the cache's
+            measured.snapshot_bytes = stream.cache.nbytes()
         interval = self.policy.due(session_id, label)
         if interval is not None:
             self._metrics.snapshot_interval.observe(interval)
@@ -76,7 +79,7 @@ class Snapshots:
             if written:
                 elapsed = time.perf_counter() - started
                 measured = self.policy.of(session_id)
-                measured.label, measured.snapshot_s = max(measured.label, label), elapsed
+                measured.label, measured.snapshot_s, measured.snapshot_bytes = max(measured.label, label), elapsed, len(data)
                 self._metrics.snapshot_bytes.observe(len(data))
                 self._metrics.snapshot_seconds.observe(elapsed)
             return written
@@ -88,6 +91,10 @@ class Snapshots:
 
     def chunk_computed(self, session_id: str, seconds: float) -> None:
         self.policy.of(session_id).chunk_s = seconds
+
+    def chunk_moved(self, session_id: str, nbytes: int) -> None:
+        """The bytes a chunk of the session moved: its body plus its response."""
+        self.policy.of(session_id).chunk_bytes = nbytes
 
     def restored(self, session_id: str, label: int) -> None:
         """This replica rebuilt the session from its snapshot labelled `label`."""
