@@ -7,26 +7,13 @@ Part 1, per kind (encode, decode) and frame size, 4-frame chunks, the tiny check
   (`cdt_session_store_seconds`: the load and the commit), and from Redis' INFO the bytes
   that crossed to and from Redis per chunk, against the chunk's body plus its response;
 - the other replica then serves the next chunk, rebuilding the stream first
-  (`cdt_session_rebuild_seconds`) with snapshots off (`CDT_SESSION_SNAPSHOT_MB=0`): by
-  replaying the log window, as a multiple of one chunk's compute.
+  (`cdt_session_rebuild_seconds`), without a snapshot (log window replay) and with one
+  (replicas started with snapshots after every chunk), as a multiple of one chunk's compute.
 
 Part 2, decode sessions with the default limits where one FeatureCache is large (the
 tiny checkpoint at 1280x720, a random-init `small` (CDT-S) at 512x512): chunks over
 HTTP, alternating between the two replicas, Redis memory of the session's keys
 (`MEMORY USAGE`) against the input log window it must hold.
-
-Part 3, moves with the default settings (snapshot policy, drain, snapshots in a shared
-directory: `CDT_SESSION_SNAPSHOT_STORE=file://...`), per kind and frame size, each on a freshly
-started replica beside a long-lived one:
-- kill: the session runs on its replica until a policy snapshot (label L) and K more chunks
-  (K, the policy's interval, read from the labels of two successive snapshots), so the next
-  snapshot is due but still being written; the replica is SIGKILLed; the next chunk on the
-  other replica replays the chunks after the latest snapshot: the worst case of the policy.
-  Its stall (the rebuild) as a multiple of one chunk's compute; the snapshots' bytes over the
-  chunks' own (body plus response) over the same chunks; the session's storage: its
-  snapshot on disk, its Redis keys against the input window it must hold;
-- drain: a few chunks, then SIGTERM; the next chunk on the other replica rebuilds from the
-  snapshot the drain wrote: its stall as a multiple of one chunk's compute.
 
     .venv/bin/python -m benchmarks.session_cost [--sizes 256 512] [--chunks 60 6] [--scale-chunks 4]
 """
@@ -37,7 +24,6 @@ import argparse
 import io
 import json
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -50,7 +36,7 @@ import numpy as np
 import redis
 
 from benchmarks import report
-from tests.servers import Server, metric_sum, wait_for
+from tests.servers import Server, metric_sum
 
 # The code these figures describe (`python -m benchmarks.run_all --stale`).
 MEASURES = ["model/", "media/", "service/", "benchmarks/session_cost.py"]
@@ -60,8 +46,6 @@ TINY = REPO / "checkpoints" / "cdt-tiny"
 CDT = Path(sys.executable).parent / "cdt"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 CHUNK_FRAMES = 4  # pixel frames per chunk: 1 latent frame
-DRAIN_CHUNKS = 3  # chunks before a drain (the policy's first snapshot comes later)
-TARGETS = {"drain_stall": 2.0, "kill_stall": 10.0, "snapshot_traffic": 10.0, "redis_over_window": 2.0}
 
 
 def npy(array: np.ndarray) -> bytes:
@@ -99,7 +83,7 @@ def session_memory(r: redis.Redis, prefix: str, sid: str) -> int:
 
 
 def hot_then_rebuild(pair: tuple[Server, Server], prefix: str, kind: str, size: int, chunks: int,
-                     r: redis.Redis) -> dict:
+                     snapshots: bool, r: redis.Redis) -> dict:
     """`chunks` chunks on the replica holding the stream, then one on the other."""
     hot, other = pair
     rng = np.random.default_rng(0)
@@ -112,6 +96,12 @@ def hot_then_rebuild(pair: tuple[Server, Server], prefix: str, kind: str, size: 
         for seq in range(1, chunks):
             payload += len(bodies[seq]) + len(push(http, hot, sid, seq, bodies[seq]).content)
         after, redis_after = hot.metrics(), redis_bytes(r)
+        if snapshots:  # the snapshot of the last chunk is written off the response path: wait for it
+            deadline = time.monotonic() + 600
+            while http.get(f"{hot.url}/v1/sessions/{sid}").json()["snapshot_seq"] != chunks - 1:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the snapshot was never written")
+                time.sleep(0.2)
         rebuilt_before = other.metrics()
         response = push(http, other, sid, chunks, bodies[chunks])
         rebuilt_after = other.metrics()
@@ -125,7 +115,7 @@ def hot_then_rebuild(pair: tuple[Server, Server], prefix: str, kind: str, size: 
                 - metric_sum(before, "cdt_session_store_seconds_sum", op=op) for op in ("load", "commit")) / n
     rebuild = (metric_sum(rebuilt_after, "cdt_session_rebuild_seconds_sum")
                - metric_sum(rebuilt_before, "cdt_session_rebuild_seconds_sum"))
-    return {"kind": kind, "size": f"{size}x{size}", "chunk_compute_s": compute,
+    return {"kind": kind, "size": f"{size}x{size}", "snapshots": snapshots, "chunk_compute_s": compute,
             "store_s": store, "store_share": store / compute, "chunk_and_response_kb": payload / n / 1024,
             "redis_kb": (redis_after - redis_before) / n / 1024,
             "redis_bytes_ratio": (redis_after - redis_before) / payload,
@@ -158,129 +148,6 @@ def alternating_decode(pair: tuple[Server, Server], prefix: str, checkpoint: Pat
             "window_mb": window / 2**20, "redis_over_window": peak_memory / window}
 
 
-def window_bytes(checkpoint: Path, kind: str, body: bytes) -> int:
-    """The input log's most: the receptive field, in chunks of `body`'s size (steps 1)."""
-    field = json.loads((checkpoint / "receptive_field.json").read_text())
-    if kind == "encode":
-        return field["encode"] // CHUNK_FRAMES * len(body)
-    return (field["decode_base"] + field["decode_per_step"]) * len(body)
-
-
-def wait_snapshot(http: httpx.Client, server: Server, sid: str, after: int | None) -> int:
-    """The label of the session's snapshot once it is past `after`."""
-    found: list[int] = []
-
-    def newer() -> bool:
-        label = http.get(f"{server.url}/v1/sessions/{sid}").json()["snapshot_seq"]
-        found[:] = [] if label is None else [label]
-        return bool(found) and (after is None or found[0] > after)
-
-    wait_for(newer, "no policy snapshot", timeout_s=600, every_s=0.1)
-    return found[0]
-
-
-def computed_s(before: str, after: str, kind: str) -> float:
-    """Mean compute of the session chunks between two /metrics texts."""
-    op = f"session_{kind}"
-    return ((metric_sum(after, "cdt_compute_seconds_sum", op=op) - metric_sum(before, "cdt_compute_seconds_sum", op=op))
-            / (metric_sum(after, "cdt_compute_seconds_count", op=op)
-               - metric_sum(before, "cdt_compute_seconds_count", op=op)))
-
-
-def rebuilt(other: Server, http: httpx.Client, sid: str, seq: int, body: bytes) -> tuple[float, float, str]:
-    """The next chunk on `other`: its rebuild seconds, chunks replayed after a snapshot, source."""
-    before = other.metrics()
-    response = push(http, other, sid, seq, body)
-    after = other.metrics()
-    seconds = (metric_sum(after, "cdt_session_rebuild_seconds_sum")
-               - metric_sum(before, "cdt_session_rebuild_seconds_sum"))
-    age = (metric_sum(after, "cdt_session_snapshot_age_chunks_sum")
-           - metric_sum(before, "cdt_session_snapshot_age_chunks_sum"))
-    source = next((s for s in ("snapshot", "window", "start")
-                   if metric_sum(after, "cdt_session_rebuilds_total", source=s)
-                   > metric_sum(before, "cdt_session_rebuilds_total", source=s)), "none")
-    assert response.headers.get("x-cdt-rebuild") == "missing", response.headers
-    return seconds, age, source
-
-
-def killed_mid_session(start: callable, other: Server, prefix: str, kind: str, size: int, r: redis.Redis) -> dict:
-    """The policy's worst case: SIGKILL as its second snapshot starts, K chunks after the first."""
-    rng = np.random.default_rng(0)
-    body = chunk_body(kind, size, size, rng)
-    started = "cdt_session_snapshot_interval_chunks_count"
-    with start() as hot, httpx.Client(timeout=3600) as http:
-        sid = http.post(hot.url + "/v1/sessions", json={"kind": kind}).json()["id"]
-        push(http, hot, sid, 0, body)  # the first chunk starts the stream: not steady state
-        before, payload, seq, first_at = hot.metrics(), 0, 1, None
-        while True:
-            payload += len(body) + len(push(http, hot, sid, seq, body).content)
-            seq += 1
-            now = hot.metrics()
-            if metric_sum(now, started) == 1 and first_at is None:
-                first_at = seq  # chunks from here to the second snapshot: K
-            if metric_sum(now, started) == 2:  # being written: the worst moment to lose the replica
-                hot.process.send_signal(signal.SIGKILL)
-                break
-        hot.process.wait(30)
-        chunks = seq - 1
-        chunk_s = computed_s(before, now, kind)
-        interval = seq - first_at
-        snapshot_bytes = metric_sum(now, "cdt_session_snapshot_bytes_sum")  # the first one, written
-        cache_mb = metric_sum(now, "cdt_session_hot_bytes") / 2**20
-        latest = http.get(f"{other.url}/v1/sessions/{sid}").json()["snapshot_seq"]
-        memory = session_memory(r, prefix, sid)
-        seconds, age, source = rebuilt(other, http, sid, seq, body)
-        http.delete(f"{other.url}/v1/sessions/{sid}")
-    return {"kind": kind, "size": f"{size}x{size}", "chunk_compute_s": chunk_s, "K": interval,
-            "cache_mb": cache_mb, "snapshot_mb": snapshot_bytes / 2**20,
-            "packed_over_cache": snapshot_bytes / 2**20 / cache_mb,
-            "snapshot_traffic": snapshot_bytes / (interval * payload / chunks),
-            "redis_session_mb": memory / 2**20, "redis_over_window": memory / window_bytes(TINY, kind, body),
-            "latest_snapshot": latest, "kill_replayed": age, "kill_source": source, "kill_stall_s": seconds,
-            "kill_stall": seconds / chunk_s}
-
-
-def drained(start: callable, other: Server, kind: str, size: int) -> dict:
-    """SIGTERM after a few chunks; the next chunk rebuilds from the drain's snapshot."""
-    rng = np.random.default_rng(1)
-    body = chunk_body(kind, size, size, rng)
-    with start() as hot, httpx.Client(timeout=3600) as http:
-        sid = http.post(hot.url + "/v1/sessions", json={"kind": kind}).json()["id"]
-        push(http, hot, sid, 0, body)
-        before = hot.metrics()
-        for seq in range(1, DRAIN_CHUNKS):
-            push(http, hot, sid, seq, body)
-        chunk_s = computed_s(before, hot.metrics(), kind)
-        started = time.perf_counter()
-        hot.process.send_signal(signal.SIGTERM)
-        hot.process.wait(600)
-        drain_s = time.perf_counter() - started
-        seconds, age, source = rebuilt(other, http, sid, DRAIN_CHUNKS, body)
-        http.delete(f"{other.url}/v1/sessions/{sid}")
-    return {"drain_exit_s": drain_s, "drain_replayed": age, "drain_source": source, "drain_stall_s": seconds,
-            "drain_stall": seconds / chunk_s}
-
-
-def moves(tmp: Path, sizes: list[int], r: redis.Redis) -> list[dict]:
-    """Part 3 (module docstring): default settings, snapshots in a directory the replicas share."""
-    directory = tmp / "snapshots"
-    directory.mkdir()
-    prefix = f"cdt-bench-{secrets.token_hex(4)}:"
-    env = {"redis_url": REDIS_URL, "session_key_prefix": prefix, "session_snapshot_store": f"file://{directory}"}
-    rows = []
-    with Server(TINY, tmp / "other.log", **env) as other:
-        for size in sizes:
-            for kind in ("encode", "decode"):
-                def start(name=f"{kind}{size}"):
-                    return Server(TINY, tmp / f"{name}-{secrets.token_hex(2)}.log", **env)
-
-                row = killed_mid_session(start, other, prefix, kind, size, r)
-                row.update(drained(start, other, kind, size))
-                rows.append(row)
-                print(row, flush=True)
-    return rows
-
-
 def replicas(stack: ExitStack, checkpoint: Path, tmp: Path, **env) -> tuple[tuple[Server, Server], str]:
     """Two replicas sharing Redis under a key prefix of their own, and the prefix."""
     prefix = f"cdt-bench-{secrets.token_hex(4)}:"
@@ -301,44 +168,29 @@ def main() -> None:
     rows, scale = [], {}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        move_rows = moves(tmp, args.sizes, r)
-        with ExitStack() as stack:  # snapshots off: every rebuild replays the log
-            pair, prefix = replicas(stack, TINY, tmp, session_snapshot_mb=0)
-            for size, chunks in zip(args.sizes, args.chunks, strict=True):
-                for kind in ("encode", "decode"):
-                    rows.append(hot_then_rebuild(pair, prefix, kind, size, chunks, r))
-                    print(rows[-1], flush=True)
-        # Snapshots in a directory: Redis keeps the records, last responses and logs only.
-        files = {"session_snapshot_store": f"file://{tmp / 'snapshots'}"}
+        for snapshots in (False, True):
+            # Snapshots after every chunk (a rebuild target of one chunk), or none.
+            env = {"session_snapshot_mb": 4096, "session_rebuild_target": 1} if snapshots else {"session_snapshot_mb": 0}
+            with ExitStack() as stack:
+                pair, prefix = replicas(stack, TINY, tmp, **env)
+                for size, chunks in zip(args.sizes, args.chunks, strict=True):
+                    for kind in ("encode", "decode"):
+                        rows.append(hot_then_rebuild(pair, prefix, kind, size, chunks, snapshots, r))
+                        print(rows[-1], flush=True)
         with ExitStack() as stack:
-            scale["tiny decode 1280x720"] = alternating_decode(*replicas(stack, TINY, tmp, **files), TINY, 720, 1280,
+            scale["tiny decode 1280x720"] = alternating_decode(*replicas(stack, TINY, tmp), TINY, 720, 1280,
                                                                args.scale_chunks, r)
             print(scale, flush=True)
         small = tmp / "small"
         subprocess.run([CDT, "init", "--preset", "small", "-o", small, "--seed", "0"], check=True, capture_output=True)
         with ExitStack() as stack:
-            scale["small (CDT-S) decode 512x512"] = alternating_decode(*replicas(stack, small, tmp, **files), small,
-                                                                       512, 512, args.scale_chunks, r)
+            scale["small (CDT-S) decode 512x512"] = alternating_decode(*replicas(stack, small, tmp), small, 512, 512,
+                                                                       args.scale_chunks, r)
             print(scale, flush=True)
-    worst = {"drain_stall": max(row["drain_stall"] for row in move_rows),
-             "kill_stall": max(row["kill_stall"] for row in move_rows),
-             "snapshot_traffic": max(row["snapshot_traffic"] for row in move_rows),
-             "redis_over_window": max([row["redis_over_window"] for row in move_rows]
-                                      + [s["redis_over_window"] for s in scale.values()])}
-    summary = {"worst_store_share": max(row["store_share"] for row in rows),
-               "worst_redis_bytes_ratio": max(row["redis_bytes_ratio"] for row in rows), "scale": scale,
-               "moves": move_rows, "worst": worst, "targets": TARGETS,
-               "met": {name: worst[name] <= target for name, target in TARGETS.items()}}
+    hot = [row for row in rows if not row["snapshots"]]
+    summary = {"worst_store_share": max(row["store_share"] for row in hot),
+               "worst_redis_bytes_ratio": max(row["redis_bytes_ratio"] for row in hot), "scale": scale}
     notes = (
-        "Part 3, moves with the default settings (module docstring), snapshots in a directory the replicas "
-        "share; `kill_stall`, `drain_stall`: the other replica's rebuild as a multiple of one chunk's compute "
-        "(`*_replayed`: chunks replayed after the snapshot); `snapshot_traffic`: snapshot bytes written over the "
-        "chunks' body plus response bytes; `snapshot_mb`: the packed snapshot on disk (`packed_over_cache` of "
-        "the hot feature cache); `redis_over_window`: the session's Redis keys over the input window.\n\n"
-        + "\n".join(report.table_lines(move_rows)) + "\n\n"
-        + "Targets: " + "; ".join(f"{name} <= {target:g}: worst **{worst[name]:.2f}** "
-                                  f"({'met' if summary['met'][name] else 'NOT met'})"
-                                  for name, target in TARGETS.items()) + ".\n\n"
         f"Part 1: tiny checkpoint, fp32, {CHUNK_FRAMES}-frame chunks (npy in and out); per size "
         f"({', '.join(map(str, args.sizes))}) {', '.join(str(c - 1) for c in args.chunks)} steady-state chunks on the "
         "replica holding the hot stream, then one on the other replica (`log_chunks`: what its rebuild replayed, "
@@ -346,9 +198,9 @@ def main() -> None:
         f"the response path, worst share of chunk compute: **{summary['worst_store_share']:.2%}**; bytes to and "
         f"from Redis per chunk over the chunk's body plus response: at most "
         f"**{summary['worst_redis_bytes_ratio']:.2f}x**. `rebuild_over_chunk`: the other replica's rebuild "
-        "time as a multiple of one chunk's compute, replaying the log window (snapshots off: "
-        "`CDT_SESSION_SNAPSHOT_MB=0`).\n\nPart 2 (default limits, snapshots in a directory, two replicas, chunks "
-        "alternating, 1 latent frame per chunk): "
+        "time as a multiple of one chunk's compute, from the log window (`snapshots` false) or from a "
+        "snapshot plus the chunks after it (true).\n\nPart 2 (default limits, two replicas, chunks alternating, "
+        "1 latent frame per chunk): "
         + "; ".join(f"{name}: {s['chunks']} chunks completed, Redis holds at most {s['redis_session_mb']:.1f} MB for "
                     f"the session (its log {s['log_mb']:.1f} MB, the rest the last response and the record) "
                     f"against an input window of {s['window_mb']:.1f} MB at most (**{s['redis_over_window']:.2f}x**), "
