@@ -1,10 +1,11 @@
 """Snapshot bytes as stored: a stream's exported state, compressed losslessly.
 
 A feature cache is float32 tensors (safetensors, whose data starts 8-byte aligned). Their
-high bytes (sign, exponent) repeat, their low bytes are noise: split into 4 byte planes
-and compressed with zstd at level 1, the tiny model's caches shrink to 0.65x (decode) and
-0.5x (encode) at ~400 MB/s on one core, ~0.3 s for a 100 MB decode cache
-(`benchmarks/results/session_cost.md`). The state must come back bit for bit, so nothing lossy.
+high bytes (sign, exponent) repeat, their low bytes are noise: split into 4 byte planes and
+compressed with zstd at its fastest level, the tiny model's caches shrink by a third
+(decode) to a half (encode) (`packed_over_cache` in `benchmarks/results/session_moves.md`),
+which pays for itself in the snapshot traffic the policy allows. The state must come back
+bit for bit, so nothing lossy.
 """
 
 from __future__ import annotations
