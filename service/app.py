@@ -107,11 +107,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                              settings.session_key_prefix)
         app.state.sessions = sessions = SessionService(app.state.store, snapshot_store, pool, settings, metrics)
         sessions.start()
-        on_stop(sessions.drain)
         try:
-            yield
+            with on_stop(sessions.drain):
+                yield
+                await sessions.drain()  # started by the signal, or now
         finally:
-            await sessions.drain()  # started by the signal, or now
             await pool.stop()
             await sessions.close()
             await app.state.store.close()

@@ -12,26 +12,35 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def on_stop(callback: Callable[[], object]) -> None:
-    """Run `callback` on the event loop when a stop signal arrives, before the handler the
-    server installed for it. Only where the server handles the signal in Python (uvicorn does,
-    in the main thread): elsewhere (an app run in a test client's thread) this does nothing,
-    and the drain starts with the lifespan shutdown."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    loop = asyncio.get_running_loop()
-    for number in STOP_SIGNALS:
-        previous = signal.getsignal(number)
-        if not callable(previous):
-            continue  # the default action or ignored: not ours to take over
+@contextmanager
+def on_stop(callback: Callable[[], object]) -> Iterator[None]:
+    """While inside: run `callback` on the event loop when a stop signal arrives, before the
+    handler the server installed for it. Only where the server handles the signal in Python
+    (uvicorn does, in the main thread): elsewhere (an app run in a test client's thread) this
+    does nothing, and the drain starts with the lifespan shutdown."""
+    installed: dict[int, object] = {}
+    if threading.current_thread() is threading.main_thread():
+        loop = asyncio.get_running_loop()
+        for number in STOP_SIGNALS:
+            previous = signal.getsignal(number)
+            if not callable(previous):
+                continue  # the default action or ignored: not ours to take over
 
-        def handler(signum, frame, previous=previous):
-            loop.call_soon_threadsafe(callback)
-            previous(signum, frame)
+            def handler(signum, frame, previous=previous):
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(callback)
+                previous(signum, frame)
 
-        signal.signal(number, handler)
+            signal.signal(number, handler)
+            installed[number] = previous
+    try:
+        yield
+    finally:
+        for number, previous in installed.items():
+            signal.signal(number, previous)
