@@ -45,7 +45,10 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject
 
 # --- runtime: venv + source + checkpoint, non-root --------------------------------------
 FROM base AS runtime
-RUN groupadd --system --gid 10001 cdt && useradd --system --uid 10001 --gid cdt --home-dir /app --shell /usr/sbin/nologin cdt
+# /snapshots: the mount point of the session snapshots' volume, which a new named volume
+# takes its owner from.
+RUN groupadd --system --gid 10001 cdt && useradd --system --uid 10001 --gid cdt --home-dir /app --shell /usr/sbin/nologin cdt \
+    && mkdir /snapshots && chown cdt:cdt /snapshots
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 # Code runs from /app (PYTHONPATH), so the default checkpoint path the code derives from

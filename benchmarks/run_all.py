@@ -42,6 +42,7 @@ SUITE: dict[str, list[str]] = {
     "fairness": [],
     "batching": [],
     "session_cost": [],
+    "session_moves": [],
     "load_test": [],
     "train_speed": [],
     "dataset_encoding": [],
@@ -141,6 +142,17 @@ def targets() -> list[dict]:
         for name, scale in cost["scale"].items():
             add(f"Redis memory of a {name} session / its input window", "<= 2x",
                 f"{scale['redis_over_window']:.2f}x", scale["redis_over_window"] <= 2, "session_cost")
+    moves = report.load("session_moves")
+    if moves:  # sessions moving under the default settings, snapshots in a shared directory
+        worst, targets = moves["worst"], moves["targets"]
+        for key, what in (("drain_stall", "stall of a session's next chunk after its replica drained (SIGTERM), "
+                                          "in chunk computes"),
+                          ("kill_stall", "stall after its replica was killed at the policy's worst moment, "
+                                         "in chunk computes"),
+                          ("snapshot_traffic", "snapshot bytes written / the chunks' own bytes (body + response)"),
+                          ("redis_over_window", "Redis memory of a tiny 256-512 px session / its input window, "
+                                                "snapshots in a directory")):
+            add(what, f"<= {targets[key]:g}x", f"{worst[key]:.2f}x", worst[key] <= targets[key], "session_moves")
     fuzz = report.load("api_fuzz")
     if fuzz:
         add("API fuzzing (schemathesis, with and without keys): cases, server errors, failed checks", "0 5xx",

@@ -169,7 +169,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         for snapshots in (False, True):
-            env = {"session_snapshot_mb": 4096, "session_snapshot_every": 1} if snapshots else {}
+            # Snapshots after every chunk (a rebuild target of one chunk), or none.
+            env = {"session_snapshot_mb": 4096, "session_rebuild_target": 1} if snapshots else {"session_snapshot_mb": 0}
             with ExitStack() as stack:
                 pair, prefix = replicas(stack, TINY, tmp, **env)
                 for size, chunks in zip(args.sizes, args.chunks, strict=True):

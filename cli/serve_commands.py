@@ -49,7 +49,9 @@ def run_serve(args) -> int:
         # Every process would load a model onto every GPU and budget the same free memory.
         raise DeviceSetupError(f"--workers {args.workers} with CUDA devices: one process drives every GPU "
                                "(CDT_DEVICES); run one process, or one `cdt serve` per set of GPUs, each with its own CDT_DEVICES and port")
+    # No graceful-shutdown timeout: a stop waits for the requests in flight, and the lifespan
+    # shutdown for the session drain (CDT_DRAIN_S); the deploy files' stop grace bounds both.
     uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level)
+                log_level=args.log_level, timeout_graceful_shutdown=None)
     return 0
 

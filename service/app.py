@@ -1,6 +1,7 @@
 """The app factory: `create_app(settings)` builds the FastAPI app; its lifespan loads
-every served model on each device, starts the worker pool and, with CDT_REDIS_URL, connects to the session
-store (in-process without it); on shutdown it finishes the accepted jobs before the process exits.
+every served model on each device, starts the worker pool and, with CDT_REDIS_URL, connects to the
+session store (in-process without it) and the snapshot store; on shutdown (`shutdown`) it hands its
+sessions over (`SessionService.drain`) and finishes the accepted jobs before the process exits.
 
 `cdt serve` runs `create_app` as a uvicorn factory, so settings come from the
 environment once per process.
@@ -32,6 +33,8 @@ from .request_metrics import RequestMetricsMiddleware
 from .routes import ROUTERS
 from .sessions.service import SessionService
 from .sessions.store import open_store
+from .sessions.store.snapshot_store import open_snapshot_store
+from .shutdown import on_stop
 from .settings import Settings, mib
 from .workers import Batching, DeviceWorker, WorkerPool
 
@@ -100,12 +103,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool.start()
         app.state.pool = pool
         app.state.store = open_store(settings.redis_url, settings.session_key_prefix)
-        app.state.sessions = SessionService(app.state.store, pool, settings, metrics)
+        snapshot_store = open_snapshot_store(settings.session_snapshot_store, app.state.store,
+                                             settings.session_key_prefix)
+        app.state.sessions = sessions = SessionService(app.state.store, snapshot_store, pool, settings, metrics)
+        sessions.start()
         try:
-            yield
+            with on_stop(sessions.drain):
+                yield
+                await sessions.drain()  # started by the signal, or now
         finally:
             await pool.stop()
-            await app.state.sessions.close()
+            await sessions.close()
             await app.state.store.close()
 
     app = FastAPI(

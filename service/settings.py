@@ -147,12 +147,33 @@ class Settings(EnvSettings):
     max_session_log_mb: float = Field(512.0, gt=0, description=(
         "largest input log (MiB) of one session in the store: the chunk bodies covering the model's "
         "receptive field (413 `session_log_too_large` beyond)"))
-    session_snapshot_mb: float = Field(0.0, ge=0, description=(
-        "largest feature cache (MiB) written to the store as a snapshot, off the response path, to make "
-        "rebuilds cheap; 0: no snapshots, the store holds only the log"))
-    session_snapshot_every: int = Field(4, ge=1, description="chunks between snapshots of a session")
+    session_snapshot_mb: float = Field(1024.0, ge=0, description=(
+        "largest feature cache (MiB) a session's stream may have to be snapshotted, off the response path, so "
+        "that a rebuild replays only the chunks after its snapshot; 0: no snapshots, a rebuild replays the "
+        "input log's window"))
+    session_snapshot_store: str | None = Field(None, description=(
+        "where snapshots live: unset, the session store itself (Redis, or the in-process store); "
+        "`file:///path`, a directory every replica mounts (a ReadWriteMany volume), which keeps Redis to the "
+        "records, last responses and logs. Snapshots of expired sessions are swept from it"))
+    session_rebuild_target: float = Field(10.0, ge=1, description=(
+        "longest rebuild of a session's stream after its replica is lost, in chunk computes: a session is "
+        "snapshotted every K chunks, K derived per session from this and the measured cost of its "
+        "snapshot against its chunks' compute (restore + K replayed chunks <= target), and from "
+        "`CDT_SESSION_SNAPSHOT_TRAFFIC`"))
+    session_snapshot_traffic: float = Field(10.0, gt=0, description=(
+        "most bytes of snapshots written per byte of a session's chunks (body plus response), within "
+        "`CDT_SESSION_REBUILD_TARGET`: K is the smallest interval that keeps to this, or the rebuild target's "
+        "when that is smaller"))
     session_snapshot_part_mb: float = Field(64.0, gt=0, description=(
-        "largest store value (MiB) of a snapshot, which is split into parts"))
+        "largest stored value (MiB) of a snapshot, which is split into parts"))
+    session_snapshot_sweep_s: float = Field(60.0, gt=0, description=(
+        "interval (seconds) of the sweep that deletes, from a `file://` snapshot store, the snapshots of "
+        "sessions that expired"))
+    drain_s: float = Field(60.0, ge=0, description=(
+        "on SIGTERM, the budget (seconds) for handing sessions over: the replica stops taking sessions (503 "
+        "`draining`), lets its running chunks finish, then snapshots its hot streams, most recently used first, "
+        "so the replicas that continue them replay nothing; streams not snapshotted in time are rebuilt from "
+        "the log. Keep the deploy files' stop grace (terminationGracePeriodSeconds, stop_grace_period) longer"))
     session_key_prefix: str = Field("cdt:", min_length=1, description=(
         "Redis key prefix (several deployments may share one Redis)"))
 
@@ -216,10 +237,19 @@ class Settings(EnvSettings):
         """Each API key's weight."""
         return {key: float(weight or 1) for key, _, weight in (entry.partition(":") for entry in self.api_keys)}
 
-    @field_validator("redis_url", mode="before")
+    @field_validator("redis_url", "session_snapshot_store", mode="before")
     @classmethod
     def _blank_is_none(cls, value):
         return value or None
+
+    @field_validator("session_snapshot_store")
+    @classmethod
+    def _snapshot_store(cls, value: str | None) -> str | None:
+        if value is not None:
+            from .sessions.store.files import directory_of
+
+            directory_of(value)  # raises ValueError on anything but file:///absolute/path
+        return value
 
     @property
     def session_hot_bytes(self) -> int:

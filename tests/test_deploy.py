@@ -448,14 +448,40 @@ def test_compose_gpu_replica_has_host_memory_for_a_cuda_process():
     assert "tmpfs" not in replica, "a tmpfs /tmp counts against mem_limit"
 
 
-def test_stops_outwait_the_request_timeout():
-    timeout = float(env_settings()["CDT_REQUEST_TIMEOUT_S"])
-    assert float(configmap_settings()["CDT_REQUEST_TIMEOUT_S"]) == timeout
-    assert float(env_settings("x-cdt-gpu-replica")["CDT_REQUEST_TIMEOUT_S"]) == timeout
+def test_stops_outwait_the_request_timeout_and_the_drain():
+    """A stop finishes the accepted jobs (CDT_REQUEST_TIMEOUT_S) while the drain hands the sessions
+    over (CDT_DRAIN_S), side by side: the grace outwaits both, after the pod's preStop sleep."""
+    for name in ("CDT_REQUEST_TIMEOUT_S", "CDT_DRAIN_S"):
+        value = float(env_settings()[name])
+        assert float(configmap_settings()[name]) == value
+        assert float(env_settings("x-cdt-gpu-replica")[name]) == value
+    longest = max(float(env_settings()[name]) for name in ("CDT_REQUEST_TIMEOUT_S", "CDT_DRAIN_S"))
+    assert float(env_settings()["CDT_DRAIN_S"]) > 0, "without a drain, stops leave every session to the log"
     pod = kinds()["Deployment/cdt"]["spec"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] > timeout
+    pre_stop = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    assert pod["terminationGracePeriodSeconds"] > float(pre_stop[1]) + longest
     for template in ("x-cdt-replica", "x-cdt-gpu-replica"):
-        assert seconds(compose_file()[template]["stop_grace_period"]) > timeout
+        assert seconds(compose_file()[template]["stop_grace_period"]) > longest
+
+
+def test_replicas_share_one_snapshot_volume():
+    """CDT_SESSION_SNAPSHOT_STORE names a directory every replica mounts from one shared volume."""
+    from service.sessions.store.files import directory_of
+
+    for env in (env_settings(), configmap_settings(), env_settings("x-cdt-gpu-replica")):
+        assert directory_of(env["CDT_SESSION_SNAPSHOT_STORE"]) == Path("/snapshots")
+    compose = compose_file()
+    for template in ("x-cdt-replica", "x-cdt-gpu-replica"):
+        assert "snapshots:/snapshots" in compose[template]["volumes"]
+    assert "snapshots" in compose["volumes"]
+    found = kinds()
+    pod = found["Deployment/cdt"]["spec"]["template"]["spec"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/snapshots")
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    claim = found[f"PersistentVolumeClaim/{volume['persistentVolumeClaim']['claimName']}"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert "mkdir /snapshots && chown cdt:cdt /snapshots" in dockerfile()
 
 
 def dockerfile() -> str:

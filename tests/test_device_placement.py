@@ -246,6 +246,6 @@ def test_session_chunks_and_rebuilds_from_a_resumed_stream_run_on_the_device():
                                        source="window")
         return rebuilds, windows
 
-    rebuilds, windows = serve_on_stand_in(scenario, session_hot_mb=0.001)
+    rebuilds, windows = serve_on_stand_in(scenario, session_hot_mb=0.001, session_snapshot_mb=0)
     assert rebuilds == {"encode": ["", "evicted", "evicted"], "decode": ["", "evicted", "evicted"]}
     assert windows["encode"] >= 1 and windows["decode"] > windows["encode"]

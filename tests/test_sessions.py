@@ -199,7 +199,7 @@ def long_frames(shared_videos):
 @pytest.mark.exactness
 def test_evicted_streams_are_rebuilt_from_the_log_window(tiny_checkpoint, client, long_frames):
     whole = latents_of(client.post("/v1/encode", content=npy_bytes(long_frames), headers=NPY).content)
-    with make_client(tiny_checkpoint, session_hot_mb=0.001) as c:  # no stream fits: every chunk rebuilds
+    with make_client(tiny_checkpoint, session_hot_mb=0.001, session_snapshot_mb=0) as c:  # every chunk rebuilds
         streamed, rebuilds = stream_with_rebuilds(c, long_frames, [9, 30, 13, 35], snapshot=False)
         assert_float_close(streamed, whole)  # rebuilt by replaying a window: within float rounding
         assert rebuilds == ["", "evicted", "evicted", "evicted", "evicted"]
@@ -215,7 +215,7 @@ def test_snapshot_rebuilds_are_bit_identical(tiny_checkpoint, client, long_frame
     reference's boundaries: the same operations in the same order, so equal on any CPU."""
     sizes = [1, 8, 5, 11, 7]
     chunks = len(split(40, sizes))
-    with make_client(tiny_checkpoint, session_hot_mb=0.001, session_snapshot_mb=64, session_snapshot_every=1,
+    with make_client(tiny_checkpoint, session_hot_mb=0.001, session_snapshot_mb=64, session_rebuild_target=1,
                      session_snapshot_part_mb=0.05) as c:
         streamed, rebuilds = stream_with_rebuilds(c, long_frames[:40], sizes, snapshot=True)
         _, reference, _ = stream_encode(client, long_frames[:40], sizes)
@@ -231,7 +231,7 @@ def test_evicted_decode_streams_are_rebuilt_from_a_resumed_window(tiny_checkpoin
     # chunks rebuild from a stream resumed mid-video (noise indexing continues).
     latents = torch.randn(1, 16, 75, 2, 2, generator=torch.Generator().manual_seed(1))
     sizes = [10, 50, 10, 5]
-    with make_client(tiny_checkpoint, session_hot_mb=0.001) as c:
+    with make_client(tiny_checkpoint, session_hot_mb=0.001, session_snapshot_mb=0) as c:
         outputs = {}
         for name, chunks in (("whole", [75]), ("chunked", sizes)):
             sid = c.post("/v1/sessions", json={"kind": "decode", "seed": 2}).json()["id"]
@@ -251,7 +251,7 @@ def test_a_record_in_the_previous_release_layout_is_continued(tiny_checkpoint, f
     """A rolling deploy: a replica of cdt-tokenizer 0.1.0 wrote the session's record (log entries
     with the body's kind and content type, the last answer's headers); this release replays the
     last chunk from it and rebuilds the stream from its log."""
-    with make_client(tiny_checkpoint, session_hot_mb=0.001) as c:  # no hot stream: the log is replayed
+    with make_client(tiny_checkpoint, session_hot_mb=0.001, session_snapshot_mb=0) as c:  # the log is replayed
         sid = c.post("/v1/sessions", json={"kind": "encode"}).json()["id"]
         first = c.post(f"/v1/sessions/{sid}/chunks/0", content=npy_bytes(frames[:5]), headers=NPY)
         assert first.status_code == 200, first.text

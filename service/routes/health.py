@@ -19,8 +19,8 @@ from ..workers import WorkerPool
 
 STORE_PING_TIMEOUT_S = 1.0
 
-NOT_READY = error_responses({503: "`not_ready`: the model is not loaded yet, a device has failed, or the session "
-                                  "store does not answer"})
+NOT_READY = error_responses({503: "`not_ready`: the model is not loaded yet, a device has failed, the session "
+                                  "store does not answer, or the replica is stopping"})
 NOT_ALIVE = error_responses({503: "`not_ready`: every device of this replica has failed: restart it"})
 
 router = APIRouter(tags=["operations"])
@@ -51,8 +51,9 @@ async def readyz(request: Request, settings: SettingsDep):
     checks = {"model": pool is not None and pool.running}
     for worker in pool.workers if pool is not None else ():
         checks[f"device {worker.name}"] = worker.healthy
+    sessions: SessionService | None = getattr(request.app.state, "sessions", None)
+    checks["accepting"] = sessions is not None and not sessions.draining  # not stopping
     if settings.redis_url:
-        sessions: SessionService | None = getattr(request.app.state, "sessions", None)
         checks["session_store"] = sessions is not None and await _pings(sessions)
     failing = [name for name, ok in checks.items() if not ok]
     if failing:

@@ -43,7 +43,8 @@ SESSION_ERRORS = {
     400: "`bad_parameter`: a path or query parameter out of its bounds",
     404: "`session_not_found`: unknown, expired, deleted or another key's",
     409: "`model_mismatch`: the session belongs to another checkpoint or dtype",
-    503: "`session_store_unavailable`, `not_ready`",
+    503: "`session_store_unavailable`, `not_ready`, `draining` (the replica is stopping: retry, another continues "
+         "the session)",
 }
 CHUNK_FORMATS = tuple(BodyFormat)  # the session's kind is known only once its record is loaded
 SessionId = Annotated[str, Path(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
@@ -76,7 +77,8 @@ def _response(result: ChunkResult) -> Response:
                  404: "`model_not_found`: `model` names no model served here (GET /v1/models)",
                  409: "`model_mismatch`: `dtype` is not the one this replica computes in",
                  429: "`too_many_sessions`: CDT_MAX_SESSIONS live sessions",
-                 503: "`session_store_unavailable`, `not_ready`"}, headers={429: RETRY_AFTER})})
+                 503: "`session_store_unavailable`, `not_ready`, `draining` (the replica is stopping: retry)"},
+                 headers={429: RETRY_AFTER})})
 async def create_session(spec: SessionSpec, owner: Owner, sessions: SessionsDep) -> SessionInfo:
     return await sessions.create(spec, owner)
 
@@ -112,7 +114,7 @@ async def delete_session(session_id: SessionId, owner: Owner, sessions: Sessions
                    413: "`session_log_too_large` (CDT_MAX_SESSION_LOG_MB); " + MODEL_ERRORS[413],
                    422: "`chunk_shape_mismatch`, `undecodable_video`, `invalid_tensor`, `invalid_latents`, "
                         "`video_too_small`, `invalid_input`",
-                   503: MODEL_ERRORS[503] + "; `session_store_unavailable`"}, headers={409: EXPECTED_SEQ})},
+                   503: MODEL_ERRORS[503] + "; `session_store_unavailable`, `draining`"}, headers={409: EXPECTED_SEQ})},
 )
 async def push_chunk(
     request: Request,
@@ -148,7 +150,7 @@ async def push_chunk(
                             413: "`clip_too_large`: the flushed frames do not fit the memory budget",
                             422: "`empty_session`: an encode session that received no frames",
                             429: MODEL_ERRORS[429],
-                            503: MODEL_ERRORS[503] + "; `session_store_unavailable`",
+                            503: MODEL_ERRORS[503] + "; `session_store_unavailable`, `draining`",
                             504: MODEL_ERRORS[504]}, headers={429: RETRY_AFTER})})
 async def finish_session(
     session_id: SessionId,

@@ -17,6 +17,7 @@ EVICTED_MEMORY = 10_000  # evicted ids remembered to tell "evicted" from "missin
 class HotEntry:
     stream: Stream
     version: int  # the store version the stream's state corresponds to
+    label: int  # the seq of the last chunk the stream took
     device: str  # the worker whose device holds the stream's state
     nbytes: int
 
@@ -51,13 +52,16 @@ class HotStreams:
             return None, "device_failed"  # its device was taken out of service
         return entry.stream, None
 
-    def put(self, session_id: str, stream: Stream, version: int, device: str) -> None:
-        entry = HotEntry(stream, version, device, stream.cache.nbytes())
+    def put(self, session_id: str, stream: Stream, version: int, label: int, device: str) -> None:
+        entry = HotEntry(stream, version, label, device, stream.cache.nbytes())
         self._evicted.pop(session_id, None)
         self._entries[session_id] = entry
         self._count(entry, +1)
         while self._device_bytes[device] > self.budget:
             self._evict_oldest(device)
+
+    def most_recent_first(self) -> list[tuple[str, HotEntry]]:
+        return list(reversed(self._entries.items()))
 
     def discard(self, session_id: str) -> None:
         entry = self._entries.pop(session_id, None)

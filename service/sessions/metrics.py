@@ -12,6 +12,9 @@ from ..metrics import LATENCY_BUCKETS, Metrics
 # Sizes from kB (tiny model, small frames, one chunk) to GB (snapshots at 720p).
 BYTES_BUCKETS = tuple(2.0**k for k in range(10, 36, 2))
 
+# Chunks replayed after a snapshot: 0 after a drain, at most the policy's K after a crash.
+AGE_BUCKETS = (0, 1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 100)
+
 T = TypeVar("T")
 
 
@@ -31,8 +34,19 @@ class SessionMetrics:
                                 "evicted; source snapshot, window (resumed mid-stream) or start",
                                 ["reason", "source"], registry=r)
         self.rebuild_seconds = Histogram("cdt_session_rebuild_seconds", "time to rebuild a stream: reading its "
-                                         "snapshot and log from the store, then replaying them",
-                                         buckets=LATENCY_BUCKETS, registry=r)
+                                         "snapshot and log from the stores, then replaying them; by source "
+                                         "(snapshot, window, start)", ["source"], buckets=LATENCY_BUCKETS,
+                                         registry=r)
+        self.snapshot_age = Histogram("cdt_session_snapshot_age_chunks", "chunks logged after the snapshot a "
+                                      "stream is rebuilt from, replayed on it", buckets=AGE_BUCKETS, registry=r)
+        self.snapshot_interval = Histogram("cdt_session_snapshot_interval_chunks", "K, the chunks between two "
+                                           "snapshots of a session, as the policy set it when it took one",
+                                           buckets=AGE_BUCKETS, registry=r)
+        self.drain_snapshots = Counter("cdt_session_drain_snapshots", "hot streams a stopping replica handed over: "
+                                       "snapshot written, or missed (over CDT_DRAIN_S, or too large)", ["outcome"],
+                                       registry=r)
+        self.drain_seconds = Gauge("cdt_session_drain_seconds", "duration of this replica's drain: running chunks "
+                                   "finishing, then the snapshots of its hot streams", registry=r)
         self.log_bytes = Histogram("cdt_session_log_bytes", "input log bytes kept per commit",
                                    buckets=BYTES_BUCKETS, registry=r)
         self.snapshot_bytes = Histogram("cdt_session_snapshot_bytes", "snapshot size", buckets=BYTES_BUCKETS,

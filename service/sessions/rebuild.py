@@ -1,10 +1,15 @@
 """Rebuilding a session's stream on a replica that does not hold it at the stored version
 (never held it, evicted it, or another replica advanced the session): from the snapshot plus
 the logged chunks after it (bit-identical), or by replaying the logged window from a resumed
-stream (equal within float rounding)."""
+stream (equal within float rounding).
+
+A draining replica promises the snapshots it is about to write (`SessionStore.promise_snapshot`):
+a rebuild that finds one promised waits for it rather than replay the log.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -13,10 +18,14 @@ import torch
 from model import Tokenizer, resume_position
 
 from ..bodies import Limits, body_from_bytes
+from .codec import SnapshotFormatError, unpack
 from .kinds import SessionKind, Stream
 from .metrics import SessionMetrics
 from .record import LogEntry, SessionRecord
-from .store import SessionStore, StoredSession
+from .store import SessionStore, SnapshotRef
+from .store.snapshot_store import SnapshotStore
+
+PROMISE_POLL_S = 0.05
 
 
 class SessionRaced(Exception):
@@ -30,8 +39,9 @@ class Rebuild:
 
     reason: str
     snapshot: bytes | None
+    label: int | None  # the snapshot's
     entries: list[tuple[LogEntry, bytes]]
-    read_s: float  # reading the snapshot and the log from the store
+    read_s: float  # reading the snapshot and the log from the stores
 
     @property
     def source(self) -> str:
@@ -40,22 +50,47 @@ class Rebuild:
         return "window" if self.entries and self.entries[0][0].start > 0 else "start"
 
 
-async def read_rebuild(store: SessionStore, metrics: SessionMetrics, session_id: str, stored: StoredSession,
-                       record: SessionRecord, reason: str) -> Rebuild:
-    """The snapshot (when the log holds every chunk after it) or the log window to rebuild from."""
+async def read_rebuild(store: SessionStore, snapshots: SnapshotStore, metrics: SessionMetrics, session_id: str,
+                       record: SessionRecord, reason: str, wait_s: float) -> Rebuild:
+    """The snapshot (when the log holds every chunk after it) or the log window to rebuild from.
+    A promised snapshot is waited for, `wait_s` at most."""
     started = time.perf_counter()
-    logged = {entry.seq: entry for entry in record.log}
-    ref = stored.snapshot
+    ref = await metrics.timed("snapshot_ref", snapshots.latest(session_id))
+    ref = await promised(store, snapshots, session_id, record, ref, wait_s)
     snapshot = None
-    if ref is not None and all(seq in logged for seq in range(ref.label + 1, record.next_seq)):
-        found = await metrics.timed("read_snapshot", store.read_snapshot(session_id))
-        if found is not None and found[0].label == ref.label:
-            snapshot = found[1]
+    if ref is not None and usable(record, ref.label):
+        found = await metrics.timed("read_snapshot", snapshots.get(session_id))
+        if found is not None and usable(record, found[0].label):
+            try:
+                ref, snapshot = found[0], await asyncio.to_thread(unpack, found[1])
+            except SnapshotFormatError:
+                snapshot = None  # not this release's format (a rolling deploy): the log rebuilds it
     entries = record.log if snapshot is None else [e for e in record.log if e.seq > ref.label]
     bodies = await metrics.timed("read_log", store.read_log(session_id, [e.name for e in entries]))
     if len(bodies) < len(entries):
         raise SessionRaced()  # a commit since our load dropped entries: the session moved on
-    return Rebuild(reason, snapshot, [(e, bodies[e.name]) for e in entries], time.perf_counter() - started)
+    return Rebuild(reason, snapshot, None if snapshot is None else ref.label, [(e, bodies[e.name]) for e in entries],
+                   time.perf_counter() - started)
+
+
+def usable(record: SessionRecord, label: int) -> bool:
+    """Whether a snapshot after chunk `label` is of this record's past and the log holds every chunk since."""
+    logged = {entry.seq for entry in record.log}
+    return label < record.next_seq and all(seq in logged for seq in range(label + 1, record.next_seq))
+
+
+async def promised(store: SessionStore, snapshots: SnapshotStore, session_id: str, record: SessionRecord,
+                   ref: SnapshotRef | None, wait_s: float) -> SnapshotRef | None:
+    """The latest snapshot once the one a draining replica promised is written (or the promise is
+    withdrawn or expired, or `wait_s` has passed)."""
+    deadline = time.monotonic() + wait_s
+    while (ref is None or ref.label < record.next_seq - 1) and time.monotonic() < deadline:
+        label = await store.promised_snapshot(session_id)
+        if label is None or (ref is not None and ref.label >= label):
+            break
+        await asyncio.sleep(PROMISE_POLL_S)
+        ref = await snapshots.latest(session_id)
+    return ref
 
 
 def rebuild_stream(model: Tokenizer, kind: SessionKind, record: SessionRecord, rebuild: Rebuild,

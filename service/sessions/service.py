@@ -5,11 +5,16 @@ writes the record, the response and the log change together, so a retried `seq` 
 duplicate that lost the write) gets the winner's bytes back without a second apply. A replica
 whose hot stream is missing, evicted or older than the stored version rebuilds it
 (`rebuild`), in the same model job as the new chunk.
+
+A replica told to stop (`drain`) hands its sessions over: it refuses new sessions and chunks
+(503 `draining`), lets its running chunks finish, then snapshots its hot streams
+(`snapshots`), so the replicas that continue them replay nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -23,7 +28,7 @@ from model import CacheFormatError, CacheMismatchError, Tokenizer, dtype_name
 
 from ..bodies import Body, Limits
 from ..catalog import ServedModel
-from ..domain_errors import Conflict, NotFound, Overloaded, SeqOutOfOrder, TooLarge
+from ..domain_errors import Conflict, NotFound, Overloaded, SeqOutOfOrder, TooLarge, Unavailable
 from ..memory import padded_pixels
 from ..metrics import Metrics
 from ..ops import check_steps
@@ -36,24 +41,68 @@ from .protocol import ChunkResult, SessionInfo, SessionSpec
 from .rebuild import Rebuild, SessionRaced, read_rebuild, rebuild_stream
 from .record import FINISH, LastResponse, LogEntry, SessionRecord
 from .snapshots import Snapshots
-from .store import SessionStore, StoredSession
+from .store import SessionStore, SnapshotRef, StoredSession
+from .store.snapshot_store import SnapshotStore
 from .window import window
+
+log = logging.getLogger("cdt.sessions")
 
 
 class SessionService:
     """Session operations; the routes hand off to these and never touch the store or the pool."""
 
-    def __init__(self, store: SessionStore, pool: WorkerPool, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, store: SessionStore, snapshot_store: SnapshotStore, pool: WorkerPool, settings: Settings,
+                 metrics: Metrics) -> None:
         self.store, self.pool, self.settings = store, pool, settings
         self.metrics = SessionMetrics(metrics)
         self.dtype = dtype_name(pool.models.default.reference.compute_dtype)  # every served model's
         self.limits = Limits.of(settings)
         self.hot = HotStreams(settings.session_hot_bytes, self.metrics.evictions)
-        self.snapshots = Snapshots(store, settings, self.metrics)
+        self.snapshots = Snapshots(snapshot_store, store, settings, self.metrics)
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self.draining = False
+        self._running = 0  # chunks (and finishes) being applied
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._drain: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.snapshots.start_sweeping()
 
     async def close(self) -> None:
         await self.snapshots.close()
+
+    # --- handing sessions over on shutdown --------------------------------------------------
+    def drain(self) -> asyncio.Task:
+        """Start handing this replica's sessions over (once; later calls give the same task)."""
+        if self._drain is None:
+            self.draining = True
+            self._drain = asyncio.get_running_loop().create_task(self._hand_over())
+        return self._drain
+
+    async def _hand_over(self) -> None:
+        started = time.monotonic()
+        budget = self.settings.drain_s
+        try:
+            await asyncio.wait_for(self._idle.wait(), budget)
+        except asyncio.TimeoutError:
+            pass  # a chunk still running: its stream is not at rest, the others are snapshotted
+        # An in-process store ends with the process: no other replica continues its sessions.
+        held = self.hot.most_recent_first() if self.settings.redis_url else []
+        streams = [(sid, entry.label, entry.stream) for sid, entry in held if self.snapshots.fits(entry.stream)]
+        written, missed = await self.snapshots.drain(streams, max(0.0, budget - (time.monotonic() - started)))
+        missed += len(held) - len(streams)
+        elapsed = time.monotonic() - started
+        self.metrics.drain_snapshots.labels("written").inc(written)
+        self.metrics.drain_snapshots.labels("missed").inc(missed)
+        self.metrics.drain_seconds.set(elapsed)
+        log.warning("drained in %.2f s: %d hot streams snapshotted, %d left to rebuild from the log", elapsed,
+                    written, missed)
+
+    def _refuse_if_draining(self) -> None:
+        if self.draining:
+            raise Unavailable("this replica is stopping; retry: another replica continues the session",
+                              code="draining", retry_after_s=1)
 
     def check_capacity(self, owner: str) -> None:
         """Raise now if a chunk would be refused for lack of room: lets routes refuse before reading a body."""
@@ -64,6 +113,7 @@ class SessionService:
 
     # --- lifecycle ----------------------------------------------------------------------
     async def create(self, spec: SessionSpec, owner: str) -> SessionInfo:
+        self._refuse_if_draining()
         if spec.dtype is not None and spec.dtype != self.dtype:
             raise Conflict(f"this replica computes in {self.dtype}, the session asks for {spec.dtype}",
                            code="model_mismatch")
@@ -81,15 +131,17 @@ class SessionService:
             raise Overloaded(f"the limit of {self.settings.max_sessions} live sessions is reached; finish or "
                              "delete sessions, or retry later (CDT_MAX_SESSIONS)", 30, code="too_many_sessions")
         await self._refresh_active()
-        return describe(record, StoredSession(meta={}, version=1, expires_at=time.time() + ttl))
+        return describe(record, StoredSession(meta={}, version=1, expires_at=time.time() + ttl), None)
 
     async def get(self, session_id: str, owner: str) -> SessionInfo:
         stored, record = await self._load(session_id, owner, response=False)
-        return describe(record, stored)
+        snapshot = await self.metrics.timed("snapshot_ref", self.snapshots.store.latest(session_id))
+        return describe(record, stored, snapshot)
 
     async def delete(self, session_id: str, owner: str) -> None:
         await self._load(session_id, owner, response=False)
         await self.metrics.timed("delete", self.store.delete(session_id))
+        await self.snapshots.forget(session_id)
         self.hot.discard(session_id)
         await self._refresh_active()
 
@@ -142,6 +194,18 @@ class SessionService:
 
     async def _apply(self, session_id: str, label: int | str, owner: str, body: Body | None,
                      fmt: str | None) -> ChunkResult:
+        self._refuse_if_draining()
+        self._running += 1
+        self._idle.clear()
+        try:
+            return await self._apply_now(session_id, label, owner, body, fmt)
+        finally:
+            self._running -= 1
+            if not self._running:
+                self._idle.set()
+
+    async def _apply_now(self, session_id: str, label: int | str, owner: str, body: Body | None,
+                         fmt: str | None) -> ChunkResult:
         start = time.perf_counter()
         async with self._exclusive(session_id):
             # The stored response is read only for a retry: a decode chunk's is its frames.
@@ -166,7 +230,7 @@ class SessionService:
                 applied.record.ttl_s, log_put, log_drop))
             if not committed:
                 return await self._winner(session_id, owner, label)
-            self._after_commit(session_id, stored.version + 1, applied, device)
+            await self._after_commit(session_id, stored.version + 1, applied, device)
         self.metrics.chunk_seconds.labels(kind.name).observe(time.perf_counter() - start)
         return result if rebuild is None else replace(result, rebuild=rebuild.reason)
 
@@ -179,13 +243,15 @@ class SessionService:
             raise SeqOutOfOrder(f"chunk {label} raced with another write; expected seq {record.next_seq}")
         return ChunkResult(stored.response, last.media_type, last.chunk, replayed=True)
 
-    def _after_commit(self, session_id: str, version: int, applied: Applied, device: str | None) -> None:
+    async def _after_commit(self, session_id: str, version: int, applied: Applied, device: str | None) -> None:
         stream = applied.stream
-        if stream is None:
+        if stream is None:  # finished
             self.hot.discard(session_id)
+            await self.snapshots.forget(session_id)
         else:
+            self.snapshots.chunk_moved(session_id, applied.record.log[-1].nbytes + len(applied.result.body))
             self.snapshots.maybe_take(session_id, applied.record, stream)
-            self.hot.put(session_id, stream, version, device)
+            self.hot.put(session_id, stream, version, applied.record.next_seq - 1, device)
         self.metrics.hot_bytes.set(self.hot.nbytes)
         self.metrics.log_bytes.observe(sum(entry.nbytes for entry in applied.record.log))
 
@@ -220,8 +286,9 @@ class SessionService:
         if stream is not None:
             self.metrics.hot_hits.inc()
         elif base.next_seq > 0:
-            rebuild = await read_rebuild(self.store, self.metrics, session_id, stored, base, reason)
-        stream, output = await self._run_chunk(worker, base, kind, stream, rebuild, chunk)
+            rebuild = await read_rebuild(self.store, self.snapshots.store, self.metrics, session_id, base, reason,
+                                         self.settings.drain_s)
+        stream, output = await self._run_chunk(session_id, worker, base, kind, stream, rebuild, chunk)
         applied = await host.run("render_chunk", kind.applied, record, stream, chunk, output, fmt)
         return applied, rebuild, log_put, log_drop, worker.name
 
@@ -240,8 +307,9 @@ class SessionService:
                            "frames or a compressed container", code="session_log_too_large")
         return [e.name for e in entries[:keep]]
 
-    async def _run_chunk(self, worker: DeviceWorker, record: SessionRecord, kind: SessionKind, stream: Stream | None,
-                         rebuild: Rebuild | None, chunk: torch.Tensor | None) -> tuple[Stream, torch.Tensor]:
+    async def _run_chunk(self, session_id: str, worker: DeviceWorker, record: SessionRecord, kind: SessionKind,
+                         stream: Stream | None, rebuild: Rebuild | None, chunk: torch.Tensor | None
+                         ) -> tuple[Stream, torch.Tensor]:
         """One model job on `worker`: rebuild the stream if needed, then push the chunk (or finish).
         The output comes back on the host (`SessionKind.to_host`)."""
         limits = self.limits
@@ -252,14 +320,17 @@ class SessionService:
             if current is None:
                 current = (rebuild_stream(model, kind, record, rebuild, limits) if rebuild is not None
                            else kind.open(model, record, 0))
-            rebuild_s = time.perf_counter() - started
+            rebuilt = time.perf_counter()
             output = current.finish() if chunk is None else current.push(kind.model_input(chunk))
-            return current, kind.to_host(output), rebuild_s
+            output = kind.to_host(output)
+            return current, output, rebuilt - started, time.perf_counter() - rebuilt
 
         work: Work = job
         if stream is not None and chunk is not None:  # a hot stream's push, which may run batched with others
             inputs = kind.model_input(chunk)
-            work = StreamPush(stream, lambda: inputs, lambda output: (stream, kind.to_host(output), 0.0),
+            # A batch member's own compute time is not measured: the snapshot policy keeps the
+            # session's last chunk time measured alone (None).
+            work = StreamPush(stream, lambda: inputs, lambda output: (stream, kind.to_host(output), 0.0, None),
                               tuple(inputs.shape))
 
         served = self._model_of(record)
@@ -271,20 +342,23 @@ class SessionService:
             self.pool.caller(record.owner, interactive=True), padded_pixels(height, width) * frames * steps,
             served.name)
         try:
-            current, output, rebuild_s = await admission.execute(f"session_{kind.name}", work)
+            current, output, rebuild_s, chunk_s = await admission.execute(f"session_{kind.name}", work)
         except (CacheMismatchError, CacheFormatError) as exc:
             raise Conflict(f"session state does not fit this replica: {exc}", code="model_mismatch") from None
         finally:
             admission.release()
+        self.snapshots.chunk_computed(session_id, chunk_s)
         if rebuild is not None:
             self.metrics.rebuilds.labels(rebuild.reason, rebuild.source).inc()
-            self.metrics.rebuild_seconds.observe(rebuild.read_s + rebuild_s)
+            self.metrics.rebuild_seconds.labels(rebuild.source).observe(rebuild.read_s + rebuild_s)
+            if rebuild.label is not None:
+                self.metrics.snapshot_age.observe(len(rebuild.entries))
+                self.snapshots.restored(session_id, rebuild.label)
         return current, output
 
 
-def describe(record: SessionRecord, stored: StoredSession) -> SessionInfo:
+def describe(record: SessionRecord, stored: StoredSession, snapshot: SnapshotRef | None) -> SessionInfo:
     counters = record.counters
-    snapshot = stored.snapshot
     return SessionInfo(
         id=record.id, kind=record.kind, state="finished" if record.finished else "open", next_seq=record.next_seq,
         frames_in=counters.frames_in, frames_out=counters.frames_out, latents_in=counters.latents_in,

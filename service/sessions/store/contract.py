@@ -63,6 +63,20 @@ class SessionStore(Protocol):
     async def delete(self, session_id: str) -> bool:
         """Remove the session with its log and snapshot. False if it did not exist."""
 
+    async def live(self, session_ids: list[str]) -> set[str]:
+        """Those of `session_ids` that exist (not expired, not deleted)."""
+
+    async def promise_snapshot(self, session_id: str, label: int, ttl_s: float) -> None:
+        """Note that a snapshot labelled `label` is being written (a draining replica's): a replica
+        that rebuilds the session meanwhile waits for it (`promised_snapshot`). The note lasts
+        `ttl_s` at most, and no longer than the session."""
+
+    async def withdraw_promise(self, session_id: str) -> None:
+        """Remove the note of `promise_snapshot`: the snapshot is written, or will not be."""
+
+    async def promised_snapshot(self, session_id: str) -> int | None:
+        """The label of the snapshot being written for the session, if one is promised."""
+
     async def live_count(self) -> int: ...
 
     async def ping(self) -> None: ...

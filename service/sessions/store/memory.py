@@ -26,6 +26,7 @@ class MemorySessionStore:
 
     def __init__(self) -> None:
         self._sessions: dict[str, _MemorySession] = {}
+        self._promises: dict[str, tuple[int, float]] = {}  # session id -> (label, expires at)
 
     def _live(self, session_id: str) -> _MemorySession | None:
         self._prune()
@@ -35,6 +36,7 @@ class MemorySessionStore:
         now = time.time()
         for session_id in [s for s, session in self._sessions.items() if session.expires_at <= now]:
             del self._sessions[session_id]
+            self._promises.pop(session_id, None)
 
     async def create(self, session_id, meta, ttl_s, max_sessions) -> bool:
         self._prune()
@@ -84,7 +86,24 @@ class MemorySessionStore:
         return None if session is None else session.snapshot
 
     async def delete(self, session_id) -> bool:
+        self._promises.pop(session_id, None)
         return self._sessions.pop(session_id, None) is not None
+
+    async def live(self, session_ids) -> set[str]:
+        self._prune()
+        return {session_id for session_id in session_ids if session_id in self._sessions}
+
+    async def promise_snapshot(self, session_id, label, ttl_s) -> None:
+        session = self._live(session_id)
+        if session is not None:
+            self._promises[session_id] = (label, min(time.time() + ttl_s, session.expires_at))
+
+    async def withdraw_promise(self, session_id) -> None:
+        self._promises.pop(session_id, None)
+
+    async def promised_snapshot(self, session_id) -> int | None:
+        label, expires_at = self._promises.get(session_id, (None, 0.0))
+        return label if expires_at > time.time() else None
 
     async def live_count(self) -> int:
         self._prune()

@@ -8,6 +8,8 @@ session lives in one cluster slot and each of its scripts runs on one node:
 - `Ps:{I}:log`: hash of log entry name -> chunk input;
 - `Ps:{I}:snap:<label>:<token>:<i>`: string, part i of a snapshot. The token is random per write, so
   parts are written once and never changed, and two writers of one label never share a key;
+- `Ps:{I}:promise`: string, the label of a snapshot a draining replica is writing (`promise_snapshot`),
+  expiring with the drain's budget, never after the session;
 - `Psessions`: zset of live session ids scored by expiry (unix ms), for the store-wide session limit.
   It is global, so on a cluster it sits in a slot of its own and is only touched by single-key commands.
 
@@ -123,12 +125,20 @@ for i = 2, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
 return 1
 """
 
-# KEYS[1] = session hash, KEYS[2] = log.
+# KEYS[1] = session hash, KEYS[2] = log, KEYS[3] = promise.
 _DELETE = _SNAPSHOT_PARTS + """
 local existed = redis.call('EXISTS', KEYS[1])
 for _, part in ipairs(snapshot_parts(KEYS[1])) do redis.call('UNLINK', part) end
-redis.call('UNLINK', KEYS[1], KEYS[2])
+redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3])
 return existed
+"""
+
+# KEYS[1] = session hash, KEYS[2] = promise. ARGV: label, ttl ms.
+_PROMISE = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl <= 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', math.min(ttl, tonumber(ARGV[2])))
+return 1
 """
 
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -163,7 +173,7 @@ class RedisSessionStore:
         self._prefix = prefix
         self._index = prefix + "sessions"
         scripts = {"admit": _ADMIT, "touch": _TOUCH, "count": _COUNT, "create": _CREATE, "commit": _COMMIT,
-                   "switch": _SWITCH_SNAPSHOT, "delete": _DELETE}
+                   "switch": _SWITCH_SNAPSHOT, "delete": _DELETE, "promise": _PROMISE}
         self._scripts = {name: self._redis.register_script(source) for name, source in scripts.items()}
 
     def _key(self, session_id: str) -> str:
@@ -172,6 +182,10 @@ class RedisSessionStore:
     @staticmethod
     def _log_key(session_key: str) -> str:
         return f"{session_key}:log"
+
+    @staticmethod
+    def _promise_key(session_key: str) -> str:
+        return f"{session_key}:promise"
 
     @staticmethod
     def _part_key(session_key: str, label: int, token: str, index: int) -> str:
@@ -285,9 +299,27 @@ class RedisSessionStore:
 
     async def delete(self, session_id) -> bool:
         key = self._key(session_id)
-        existed = await self._script("delete", [key, self._log_key(key)], [])
+        existed = await self._script("delete", [key, self._log_key(key), self._promise_key(key)], [])
         await self._call(self._redis.zrem(self._index, session_id))
         return bool(existed)
+
+    async def live(self, session_ids) -> set[str]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for session_id in session_ids:
+                pipe.exists(self._key(session_id))
+            found = await self._call(pipe.execute())
+        return {session_id for session_id, exists in zip(session_ids, found) if exists}
+
+    async def promise_snapshot(self, session_id, label, ttl_s) -> None:
+        key = self._key(session_id)
+        await self._script("promise", [key, self._promise_key(key)], [label, max(1, int(ttl_s * 1000))])
+
+    async def withdraw_promise(self, session_id) -> None:
+        await self._call(self._redis.unlink(self._promise_key(self._key(session_id))))
+
+    async def promised_snapshot(self, session_id) -> int | None:
+        label = await self._call(self._redis.get(self._promise_key(self._key(session_id))))
+        return None if label is None else int(label)
 
     async def live_count(self) -> int:
         return int(await self._script("count", [self._index], [_now_ms()]))
