@@ -2,8 +2,8 @@
 requests admitted, and its request rate, against the per-caller limits. A caller is an API
 key's principal (`service.auth`), or the anonymous caller when keys are off.
 
-A key over its own limit gets its own 429 (`key_queue_full`, `key_rate_limited`) with
-`Retry-After`, before its body is read, while other keys are still served; the replica's
+A key over its own limit gets its own 429 (`key_queue_full`, `key_rate_limited`,
+`key_too_many_sessions`) with `Retry-After`, before its body is read, while other keys are still served; the replica's
 limits (CDT_QUEUE_SIZE per device, the memory budget) stay as the last line. With keys off,
 every request is the anonymous caller's, and only the replica's limits apply: a per-caller
 limit would only shrink the replica.
@@ -15,9 +15,13 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .domain_errors import Overloaded
 from .metrics import Metrics
+
+if TYPE_CHECKING:  # the sessions import the workers, which import this
+    from .sessions.store import SessionStore
 
 ANONYMOUS = "anonymous"  # the caller when API keys are off
 
@@ -61,6 +65,14 @@ class Callers:
             raise Overloaded(f"this key is over {self._rate:g} requests per second (CDT_KEY_RATE)",
                              max(1, math.ceil((1 - bucket.tokens) / self._rate)), code="key_rate_limited")
         bucket.tokens -= 1
+
+    async def own_session(self, store: "SessionStore", caller: str, session_id: str, ttl_s: float, limit: int) -> None:
+        """Count a new session of `caller` against its limit of live sessions (CDT_KEY_MAX_SESSIONS,
+        store-wide: every replica's); refuse it over the limit."""
+        if caller != ANONYMOUS and not await store.own(caller, session_id, ttl_s, limit):
+            self._reject(caller, "key_too_many_sessions")
+            raise Overloaded(f"this key has {limit} live sessions (CDT_KEY_MAX_SESSIONS); finish and delete one, "
+                             "or let one expire", 30, code="key_too_many_sessions")
 
     def admitted(self, caller: str, change: int) -> None:
         self._admitted[caller] += change

@@ -114,6 +114,9 @@ class Settings(EnvSettings):
     key_queue_size: int = Field(4, ge=1, description=(
         "requests one key (or the anonymous caller) may have waiting or running on the replica; beyond: 429 "
         "`key_queue_full` with `Retry-After`, while other keys are still served"))
+    key_max_sessions: int = Field(100, ge=1, description=(
+        "live streaming sessions one key may hold, all replicas together (finished ones count until deleted or "
+        "expired, as for `CDT_MAX_SESSIONS`); beyond: 429 `key_too_many_sessions` with `Retry-After`"))
     key_rate: float = Field(0.0, ge=0, description=(
         "requests per second one key may send to the model routes (a token bucket of `CDT_KEY_BURST`); beyond: "
         "429 `key_rate_limited` with `Retry-After`; 0: no rate limit"))

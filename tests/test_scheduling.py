@@ -14,7 +14,7 @@ import pytest
 from service import Settings
 from service.auth import principal_of
 from service.scheduling import INTERACTIVE_RUN, JobQueue
-from tests.servers import metric_sum
+from tests.servers import SHARED_REDIS_URL, metric_sum
 from tests.session_helpers import npy_bytes
 from tests.test_service_app import frames, http_for, run_app
 
@@ -191,6 +191,38 @@ def test_each_key_has_its_own_queue_and_rate_limits(tiny_checkpoint):
     assert rated[-1].json()["error"]["code"] == "key_rate_limited" and int(rated[-1].headers["retry-after"]) >= 1
     assert metric_sum(text, "cdt_key_rejected_total", key=principal_of(KEY_A), reason="key_queue_full") == 2
     assert metric_sum(text, "cdt_key_rejected_total", key=principal_of(KEY_B), reason="key_rate_limited") == 1
+
+
+@pytest.mark.parametrize("store", ["in-process", "redis"])
+def test_each_key_holds_at_most_its_live_sessions(tiny_checkpoint, redis_prefix, store):
+    """Per key, in the store (so across replicas): a key at its limit gets 429 while another key
+    creates sessions; a deleted or expired session frees its place."""
+    redis = {"redis_url": SHARED_REDIS_URL, "session_key_prefix": redis_prefix} if store == "redis" else {}
+
+    async def scenario(app):
+        async with http_for(app) as http:
+            async def create(key, ttl_s=60):
+                return await http.post("/v1/sessions", json={"kind": "encode", "ttl_s": ttl_s}, headers=auth(key))
+
+            held = [await create(KEY_A), await create(KEY_A, ttl_s=1)]
+            over = await create(KEY_A)
+            other = await create(KEY_B)
+            await http.delete(f"/v1/sessions/{held[0].json()['id']}", headers=auth(KEY_A))
+            after_delete = await create(KEY_A)
+            await asyncio.sleep(1.2)  # the 1-second session expires
+            after_expiry = await create(KEY_A)
+            full = await create(KEY_A)
+            return held, over, other, after_delete, after_expiry, full, (await http.get("/metrics")).text
+
+    held, over, other, after_delete, after_expiry, full, text = run_app(
+        Settings(checkpoint=tiny_checkpoint, api_keys=(KEY_A, KEY_B), key_max_sessions=2, **redis), scenario)
+    assert [answer.status_code for answer in held] == [201, 201]
+    assert over.status_code == 429 and over.json()["error"]["code"] == "key_too_many_sessions"
+    assert int(over.headers["retry-after"]) >= 1
+    assert other.status_code == 201
+    assert after_delete.status_code == 201 and after_expiry.status_code == 201
+    assert full.status_code == 429
+    assert metric_sum(text, "cdt_key_rejected_total", key=principal_of(KEY_A), reason="key_too_many_sessions") == 2
 
 
 def test_a_keys_weight_is_read_from_its_entry():

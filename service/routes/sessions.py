@@ -76,7 +76,8 @@ def _response(result: ChunkResult) -> Response:
                  400: "`bad_parameter`: the JSON body does not fit its schema",
                  404: "`model_not_found`: `model` names no model served here (GET /v1/models)",
                  409: "`model_mismatch`: `dtype` is not the one this replica computes in",
-                 429: "`too_many_sessions`: CDT_MAX_SESSIONS live sessions",
+                 429: "`too_many_sessions`: CDT_MAX_SESSIONS live sessions; `key_too_many_sessions`: this key holds "
+                      "CDT_KEY_MAX_SESSIONS",
                  503: "`session_store_unavailable`, `not_ready`, `draining` (the replica is stopping: retry)"},
                  headers={429: RETRY_AFTER})})
 async def create_session(spec: SessionSpec, owner: Owner, sessions: SessionsDep) -> SessionInfo:

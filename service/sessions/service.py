@@ -125,9 +125,11 @@ class SessionService:
                                owner=owner, model=served.name, model_hash=served.content_hash, dtype=self.dtype,
                                ttl_s=ttl,
                                created_at=time.time())  # the id has 192 random bits: unguessable
+        await self.pool.callers.own_session(self.store, owner, record.id, ttl, self.settings.key_max_sessions)
         created = await self.metrics.timed("create", self.store.create(
             record.id, record.model_dump(mode="json"), ttl, self.settings.max_sessions))
         if not created:
+            await self.store.disown(owner, record.id)
             raise Overloaded(f"the limit of {self.settings.max_sessions} live sessions is reached; finish or "
                              "delete sessions, or retry later (CDT_MAX_SESSIONS)", 30, code="too_many_sessions")
         await self._refresh_active()
@@ -141,6 +143,7 @@ class SessionService:
     async def delete(self, session_id: str, owner: str) -> None:
         await self._load(session_id, owner, response=False)
         await self.metrics.timed("delete", self.store.delete(session_id))
+        await self.store.disown(owner, session_id)
         await self.snapshots.forget(session_id)
         self.hot.discard(session_id)
         await self._refresh_active()

@@ -66,6 +66,13 @@ class SessionStore(Protocol):
     async def live(self, session_ids: list[str]) -> set[str]:
         """Those of `session_ids` that exist (not expired, not deleted)."""
 
+    async def own(self, owner: str, session_id: str, ttl_s: float, limit: int) -> bool:
+        """Count `session_id` among `owner`'s sessions (store-wide), unless `limit` of them are
+        live: False then. Expired and deleted sessions stop counting."""
+
+    async def disown(self, owner: str, session_id: str) -> None:
+        """`session_id` no longer counts among `owner`'s sessions."""
+
     async def promise_snapshot(self, session_id: str, label: int, ttl_s: float) -> None:
         """Note that a snapshot labelled `label` is being written (a draining replica's): a replica
         that rebuilds the session meanwhile waits for it (`promised_snapshot`). The note lasts

@@ -27,6 +27,7 @@ class MemorySessionStore:
     def __init__(self) -> None:
         self._sessions: dict[str, _MemorySession] = {}
         self._promises: dict[str, tuple[int, float]] = {}  # session id -> (label, expires at)
+        self._owned: dict[str, set[str]] = {}  # owner -> its session ids (some maybe gone)
 
     def _live(self, session_id: str) -> _MemorySession | None:
         self._prune()
@@ -92,6 +93,17 @@ class MemorySessionStore:
     async def live(self, session_ids) -> set[str]:
         self._prune()
         return {session_id for session_id in session_ids if session_id in self._sessions}
+
+    async def own(self, owner, session_id, ttl_s, limit) -> bool:
+        self._prune()
+        owned = {s for s in self._owned.get(owner, set()) if s in self._sessions}
+        if len(owned) >= limit:
+            return False
+        self._owned[owner] = owned | {session_id}
+        return True
+
+    async def disown(self, owner, session_id) -> None:
+        self._owned.get(owner, set()).discard(session_id)
 
     async def promise_snapshot(self, session_id, label, ttl_s) -> None:
         session = self._live(session_id)

@@ -12,6 +12,10 @@ session lives in one cluster slot and each of its scripts runs on one node:
   expiring with the drain's budget, never after the session;
 - `Psessions`: zset of live session ids scored by expiry (unix ms), for the store-wide session limit.
   It is global, so on a cluster it sits in a slot of its own and is only touched by single-key commands.
+- `Powner:<principal>`: set of an API key's session ids, for the per-key session limit; ids of
+  sessions that are gone leave it when the key next creates one. It expires a session TTL after the
+  key's last creation (a key's sessions active for longer than that stop counting: the limit errs on
+  the side of the caller).
 
 Every key of a session expires with it: commits refresh the TTL of all of them.
 
@@ -141,6 +145,14 @@ redis.call('SET', KEYS[2], ARGV[1], 'PX', math.min(ttl, tonumber(ARGV[2])))
 return 1
 """
 
+# KEYS[1] = an owner's set. ARGV: limit, session id, ttl ms.
+_OWN = """
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('SADD', KEYS[1], ARGV[2])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return 1
+"""
+
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 _SESSION_FIELDS = ["version", "meta", "expires_ms", "log_bytes", "snap_label", "snap_parts", "snap_bytes"]
 # A reader that finds parts missing met a newer snapshot replacing the one it started on: it starts over
@@ -173,7 +185,7 @@ class RedisSessionStore:
         self._prefix = prefix
         self._index = prefix + "sessions"
         scripts = {"admit": _ADMIT, "touch": _TOUCH, "count": _COUNT, "create": _CREATE, "commit": _COMMIT,
-                   "switch": _SWITCH_SNAPSHOT, "delete": _DELETE, "promise": _PROMISE}
+                   "switch": _SWITCH_SNAPSHOT, "delete": _DELETE, "promise": _PROMISE, "own": _OWN}
         self._scripts = {name: self._redis.register_script(source) for name, source in scripts.items()}
 
     def _key(self, session_id: str) -> str:
@@ -309,6 +321,20 @@ class RedisSessionStore:
                 pipe.exists(self._key(session_id))
             found = await self._call(pipe.execute())
         return {session_id for session_id, exists in zip(session_ids, found) if exists}
+
+    def _owner_key(self, owner: str) -> str:
+        return f"{self._prefix}owner:{owner}"
+
+    async def own(self, owner, session_id, ttl_s, limit) -> bool:
+        key = self._owner_key(owner)
+        owned = [m.decode() if isinstance(m, bytes) else m for m in await self._call(self._redis.smembers(key))]
+        gone = set(owned) - await self.live(owned) if owned else set()
+        if gone:
+            await self._call(self._redis.srem(key, *gone))
+        return bool(await self._script("own", [key], [limit, session_id, max(1, int(ttl_s * 1000))]))
+
+    async def disown(self, owner, session_id) -> None:
+        await self._call(self._redis.srem(self._owner_key(owner), session_id))
 
     async def promise_snapshot(self, session_id, label, ttl_s) -> None:
         key = self._key(session_id)
