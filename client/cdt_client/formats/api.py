@@ -37,7 +37,7 @@ ERROR_CODES: dict[int, tuple[str, ...]] = {
     422: ("invalid_input", "invalid_tensor", "invalid_latents", "undecodable_video", "video_too_small",
           "too_few_frames", "chunk_shape_mismatch", "empty_session"),
     429: ("overloaded", "too_many_sessions", "key_queue_full", "key_rate_limited"),
-    503: ("unavailable", "not_ready", "shutting_down", "queue_timeout", "session_store_unavailable",
+    503: ("unavailable", "not_ready", "shutting_down", "draining", "queue_timeout", "session_store_unavailable",
           "device_out_of_memory", "device_failed"),
     504: ("timeout", "compute_timeout"),
 }
