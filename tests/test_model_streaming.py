@@ -290,22 +290,24 @@ CONTINUE = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("kind", ["encode", "decode"])
-def test_cache_state_continues_in_a_new_process(tiny_checkpoint, tmp_path, kind):
-    model, identity = from_pretrained(tiny_checkpoint)
+def assert_state_continues_in_a_new_process(checkpoint, tmp_path, kind: str, frames: int, cuts: list[int]) -> None:
+    """A stream of `checkpoint` fed the first chunks `cuts` of a clip of `frames` frames (its
+    latents for "decode"), its state exported, continued in another process, equals the
+    uninterrupted stream."""
+    model, identity = from_pretrained(checkpoint)
     tag = identity.content_hash
     if kind == "encode":
-        data = smooth_video(17, seed=3)
-        cuts, stream = [1, 4], StreamingEncoder(model, tag)
+        data = smooth_video(frames, seed=3)
+        stream = StreamingEncoder(model, tag)
     else:
-        data = model.encode(smooth_video(17, seed=3))
-        cuts, stream = [1, 2], StreamingDecoder(model, tag, steps=3, seed=9)
+        data = model.encode(smooth_video(frames, seed=3))
+        stream = StreamingDecoder(model, tag, steps=3, seed=9)
     head = torch.cat([stream.push(data[:, :, : cuts[0]]), stream.push(data[:, :, cuts[0] : sum(cuts)])], dim=2)
     (tmp_path / "state.bin").write_bytes(stream.export_state())
     rest = data[:, :, sum(cuts) :]
     save_file({"rest": rest.contiguous(), "kind": torch.tensor(0 if kind == "encode" else 1)},
               str(tmp_path / "in.safetensors"))
-    subprocess.run([sys.executable, "-c", CONTINUE, str(tiny_checkpoint), str(tmp_path / "state.bin"),
+    subprocess.run([sys.executable, "-c", CONTINUE, str(checkpoint), str(tmp_path / "state.bin"),
                     str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors")], check=True)
     resumed = torch.cat([head, load_file(str(tmp_path / "out.safetensors"))["out"]], dim=2)
     # Uninterrupted reference, in this process.
@@ -315,3 +317,8 @@ def test_cache_state_continues_in_a_new_process(tiny_checkpoint, tmp_path, kind)
         outs.append(ref.finish())
     # The same chunk boundaries and thread count in both processes: equal by construction.
     assert torch.equal(resumed, torch.cat(outs, dim=2))
+
+
+@pytest.mark.parametrize("kind", ["encode", "decode"])
+def test_cache_state_continues_in_a_new_process(tiny_checkpoint, tmp_path, kind):
+    assert_state_continues_in_a_new_process(tiny_checkpoint, tmp_path, kind, 17, [1, 4] if kind == "encode" else [1, 2])

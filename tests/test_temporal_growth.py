@@ -4,19 +4,16 @@ as the whole clip (any chunk lengths, its state moved across processes), and enf
 frames rule."""
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from model import (CDTConfig, Level, StreamingDecoder, StreamingEncoder, build_model, content_hash, freeze_below,
                    from_pretrained, load_below, save_pretrained, top_level)
 from model.checkpoint import read_header
 from tests.conftest import REPO
-from tests.test_model_streaming import H, W, smooth_video, stream_decode, stream_encode
+from tests.test_model_streaming import (H, W, assert_state_continues_in_a_new_process, smooth_video,
+                                       stream_decode, stream_encode)
 from tests.tolerance import DECODE_ATOL, assert_float_close
 
 LEVEL = Level(96, 1)  # the tiny preset's encoder width: the head below fits the level's features
@@ -153,24 +150,6 @@ def test_an_exported_state_continues_the_stream(models, clip):
     assert_float_close(torch.cat([head, dec.push(latents[:, :, 2:])], dim=2), whole, DECODE_ATOL)
 
 
-CONTINUE = textwrap.dedent(
-    """
-    import sys, torch
-    from safetensors.torch import load_file, save_file
-    from model import StreamingDecoder, StreamingEncoder, from_pretrained
-    ckpt, state, inputs, out = sys.argv[1:5]
-    model, identity = from_pretrained(ckpt)
-    data = load_file(inputs)
-    cls = StreamingEncoder if data["kind"].item() == 0 else StreamingDecoder
-    stream = cls.from_state(model, identity.content_hash, open(state, "rb").read())
-    outs = [stream.push(data["rest"])]
-    if cls is StreamingEncoder:
-        outs.append(stream.finish())
-    save_file({"out": torch.cat(outs, 2).contiguous()}, out)
-    """
-)
-
-
 @pytest.fixture(scope="module")
 def t8_checkpoint(models, tmp_path_factory, tiny_field):
     """The 8x model saved; its receptive field is measured by `test_receptive_field`, so
@@ -189,28 +168,8 @@ def test_a_grown_checkpoint_loads_with_its_levels(t8_checkpoint, models):
 @pytest.mark.exactness
 @pytest.mark.parametrize("kind", ["encode", "decode"])
 def test_the_state_continues_in_a_new_process(t8_checkpoint, tmp_path, kind):
-    model, identity = from_pretrained(t8_checkpoint)
-    tag = identity.content_hash
-    if kind == "encode":
-        data, cuts = smooth_video(FRAMES, seed=3), [1, 12]
-        stream = StreamingEncoder(model, tag)
-    else:
-        data, cuts = model.encode(smooth_video(FRAMES, seed=3)), [1, 2]
-        stream = StreamingDecoder(model, tag, steps=3, seed=9)
-    head = torch.cat([stream.push(data[:, :, : cuts[0]]), stream.push(data[:, :, cuts[0] : sum(cuts)])], dim=2)
-    (tmp_path / "state.bin").write_bytes(stream.export_state())
-    rest = data[:, :, sum(cuts):]
-    save_file({"rest": rest.contiguous(), "kind": torch.tensor(0 if kind == "encode" else 1)},
-              str(tmp_path / "in.safetensors"))
-    subprocess.run([sys.executable, "-c", CONTINUE, str(t8_checkpoint), str(tmp_path / "state.bin"),
-                    str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors")], check=True, cwd=REPO)
-    resumed = torch.cat([head, load_file(str(tmp_path / "out.safetensors"))["out"]], dim=2)
-    ref = StreamingEncoder(model, tag) if kind == "encode" else StreamingDecoder(model, tag, steps=3, seed=9)
-    outs = [ref.push(data[:, :, : cuts[0]]), ref.push(data[:, :, cuts[0] : sum(cuts)]), ref.push(rest)]
-    if kind == "encode":
-        outs.append(ref.finish())
-    # The same chunk boundaries and thread count in both processes: equal by construction.
-    assert torch.equal(resumed, torch.cat(outs, dim=2))
+    cuts = [1, 12] if kind == "encode" else [1, 2]  # the encoder's second chunk leaves 4 frames pending
+    assert_state_continues_in_a_new_process(t8_checkpoint, tmp_path, kind, FRAMES, cuts)
 
 
 @pytest.mark.exactness
