@@ -251,7 +251,8 @@ class ServiceCheck:
         """/v1/decode of 2 latent frames (5 frames) of side x side, in `steps` DDIM steps."""
         latents = np.zeros((1, 16, 2, side // 8, side // 8), np.float32)
         body = assemble_latents([latents], {"frames": 5, "height": side, "width": side, "pad_frames": 0,
-                                            "pad_height": 0, "pad_width": 0}, self.card, fps=24.0)
+                                            "pad_height": 0, "pad_width": 0, "model": self.card["name"],
+                                            "time_factor": self.card["compression"]["time"]}, self.card, fps=24.0)
         return self.http.post("/v1/decode", content=body, params={"steps": steps, "format": "npy"},
                               headers={"content-type": SAFETENSORS})
 

@@ -17,7 +17,7 @@ def script_env(tmp_path: Path, **values: str | None) -> dict:
     return {key: value for key, value in env.items() if value is not None}
 
 
-def run_script(name: str, env: dict) -> subprocess.CompletedProcess:
+def run_script(name: str, env: dict, timeout_s: float = 240) -> subprocess.CompletedProcess:
     """scripts/NAME under bash, started outside the repository (a script finds it from its own path)."""
     return subprocess.run(["bash", str(REPO / "scripts" / name)], cwd=env["TMPDIR"], env=env, capture_output=True,
-                          text=True, timeout=240)
+                          text=True, timeout=timeout_s)
