@@ -199,8 +199,8 @@ def test_snapshot_write_racing_commits(backend):
 
         committed, (stored, version_when_stored) = await asyncio.gather(commits(), snapshot())
         assert committed == [True] * 20 and stored
-        if backend.node_urls:  # commits went on while the parts were written
-            assert 2 < version_when_stored < 21
+        if backend.node_urls:  # commits went on while the parts were written (at least one, not all)
+            assert 1 < version_when_stored < 21
         loaded = await store.load("s")
         assert (loaded.version, loaded.response, loaded.snapshot) == (21, b"response 19", SnapshotRef(7, 32, 1 << 21))
         assert await store.read_snapshot("s") == (loaded.snapshot, data)
