@@ -178,33 +178,51 @@ def test_snapshot_never_moves_backwards(backend):
 
 
 def test_snapshot_write_racing_commits(backend):
-    """Commits go on while a snapshot of many parts is written; neither disturbs the other."""
+    """Commits go on for as long as a snapshot of many parts is being written, and one more after it;
+    neither disturbs the other. Whether a commit lands inside the write is up to the event loop and the
+    network, so sessions are raced until one did (on Redis; the in-process store never yields there)."""
     data = secrets.token_bytes(1 << 21)
+
+    async def race(store, sid) -> int:
+        """Commits completed while the snapshot was being written."""
+        assert await store.create(sid, META, ttl_s=60, max_sessions=100)
+        writing, stored_event = asyncio.Event(), asyncio.Event()
+
+        async def commits():
+            seq = during = 0
+            while True:
+                last = stored_event.is_set()
+                assert await commit(store, sid, seq + 1, seq, log_put=(str(seq), b"in %d" % seq),
+                                    log_drop=[str(seq - 3)])
+                during += writing.is_set() and not stored_event.is_set()
+                seq += 1
+                await asyncio.sleep(0)
+                if last:
+                    return seq, during
+
+        async def snapshot():
+            writing.set()
+            stored = await store.put_snapshot(sid, 7, data, part_bytes=1 << 16)
+            stored_event.set()
+            return stored
+
+        (count, during), stored = await asyncio.gather(commits(), snapshot())
+        assert stored
+        loaded = await store.load(sid)
+        assert (loaded.version, loaded.response) == (count + 1, b"response %d" % (count - 1))
+        assert loaded.snapshot == SnapshotRef(7, 32, 1 << 21)
+        assert await store.read_snapshot(sid) == (loaded.snapshot, data)
+        kept = [str(i) for i in range(max(0, count - 3), count)]
+        assert sorted(await store.read_log(sid, [str(i) for i in range(count)])) == sorted(kept)
+        return during
 
     async def scenario():
         store = backend.open()
-        assert await store.create("s", META, ttl_s=60, max_sessions=10)
-
-        async def commits():
-            results = []
-            for seq in range(20):
-                results.append(await commit(store, "s", seq + 1, seq, log_put=(str(seq), b"in %d" % seq),
-                                            log_drop=[str(seq - 3)]))
-                await asyncio.sleep(0)
-            return results
-
-        async def snapshot():
-            stored = await store.put_snapshot("s", 7, data, part_bytes=1 << 16)
-            return stored, (await store.load("s", response=False)).version
-
-        committed, (stored, version_when_stored) = await asyncio.gather(commits(), snapshot())
-        assert committed == [True] * 20 and stored
-        if backend.node_urls:  # commits went on while the parts were written (at least one, not all)
-            assert 1 < version_when_stored < 21
-        loaded = await store.load("s")
-        assert (loaded.version, loaded.response, loaded.snapshot) == (21, b"response 19", SnapshotRef(7, 32, 1 << 21))
-        assert await store.read_snapshot("s") == (loaded.snapshot, data)
-        assert sorted(await store.read_log("s", [str(i) for i in range(20)])) == ["17", "18", "19"]
+        for attempt in range(20 if backend.node_urls else 1):
+            if await race(store, f"s{attempt}"):
+                break
+        else:
+            assert not backend.node_urls, "no commit landed while a snapshot was being written"
         await store.close()
 
     run(scenario())
