@@ -4,9 +4,10 @@ measured side by side on the val clips.
 Rows, each on the same clips (first 33 frames, short side 256, centre crop 256x256,
 1 DDIM step, seed 0, uint8 output scored as `cdt eval` scores it):
 - the 4x model on the full video: the ceiling;
-- the 4x model on the video subsampled 2x in time (frames 0, 2, ..., 32), each decoded
-  frame then held for the skipped frame after it, back to full rate: the paper's
-  observation is that this beats an 8x encoder trained directly;
+- the 4x model on the video subsampled in time to each given model's compression (2x for
+  8x: frames 0, 2, ..., 32), each decoded frame then held for the skipped frames after it,
+  back to full rate: the paper's observation is that this beats an 8x encoder trained
+  directly;
 - each 8x (or 16x) checkpoint given, e.g. the one grown on the 4x model and the one
   trained from scratch for as many steps.
 Each row gives PSNR, SSIM and the latent frames per second of video (at each clip's own
@@ -44,14 +45,16 @@ def reconstruct(model, frames: np.ndarray) -> tuple[np.ndarray, int]:
     return tensor_to_frames(model.decode(latents, steps=STEPS, seed=SEED)), latents.shape[2]
 
 
-def subsampled(model, frames: np.ndarray) -> tuple[np.ndarray, int]:
-    """The 4x model on every second frame, each decoded frame held for the skipped one."""
-    decoded, latent_frames = reconstruct(model, frames[::2])
-    return np.repeat(decoded, 2, axis=0)[: len(frames)], latent_frames
+def subsampled(every: int):
+    """The 4x model on every `every`-th frame, each decoded frame held for the skipped ones."""
+    def run(model, frames: np.ndarray) -> tuple[np.ndarray, int]:
+        decoded, latent_frames = reconstruct(model, frames[::every])
+        return np.repeat(decoded, every, axis=0)[: len(frames)], latent_frames
+    return run
 
 
 def frames_count(text: str) -> int:
-    """A clip length every row takes: 1+16k (the 4x model subsampled 2x takes 1+8k)."""
+    """A clip length every row takes: 1+16k (the 4x model subsampled 2x or 4x takes 1+8k or 1+4k)."""
     frames = int(text)
     if frames < 17 or (frames - 1) % 16:
         raise argparse.ArgumentTypeError(f"frames must be 1+16k (17, 33, 49, ...), got {frames}")
@@ -71,12 +74,15 @@ def main() -> None:
     torch.manual_seed(0)
     base = from_pretrained(args.base).model
     # name: (model, how it reconstructs a clip, its frames per latent frame)
-    rows_of = {"4x (ceiling)": (base, reconstruct, base.config.time_factor),
-               "4x on 2x-subsampled video, frames held": (base, subsampled, 2 * base.config.time_factor)}
+    rows_of = {"4x (ceiling)": (base, reconstruct, base.config.time_factor)}
+    grown = {}
     for spec in args.model:
         name, _, path = spec.partition("=")
-        model = from_pretrained(path).model
-        rows_of[name] = (model, reconstruct, model.config.time_factor)
+        grown[name] = from_pretrained(path).model
+    for factor in sorted({model.config.time_factor for model in grown.values()}):
+        every = factor // base.config.time_factor
+        rows_of[f"4x on {every}x-subsampled video, frames held"] = (base, subsampled(every), factor)
+    rows_of.update({name: (model, reconstruct, model.config.time_factor) for name, model in grown.items()})
     videos = split_inputs(DataSection(), "val").videos[: args.max_clips]
     scores: dict[str, list[dict]] = {name: [] for name in rows_of}
     skipped = {}
