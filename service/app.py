@@ -36,7 +36,8 @@ from .sessions.store import open_store
 from .sessions.store.snapshot_store import open_snapshot_store
 from .shutdown import on_stop
 from .settings import Settings, mib
-from .workers import Batching, DeviceWorker, WorkerPool
+from .batching import Batching
+from .workers import DeviceWorker, WorkerPool
 
 
 log = logging.getLogger("cdt.service")

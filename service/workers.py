@@ -32,15 +32,8 @@ accelerator error takes the device out of service (503 `device_failed` for its q
 Order: each device takes its waiting jobs fairly between callers, session chunks first
 (`service.scheduling`); each caller's own limits are `service.callers`'.
 
-Batching: a job that pushes one chunk into one stream (`media.StreamPush`: a session chunk,
-a whole-clip chunk) takes with it, up to `Batching.max` in all, the jobs that come next in
-the fair order while they have the same op, served model and `key` (kind, model, steps,
-phase, chunk shape, state layout), and they run as one batched forward
-(`model.push_together`): each stream's state and answer are those of its own push up to
-float rounding. `Batching.wait_s` waits that long for more to arrive when fewer are waiting;
-0 batches only what is already queued, so batching adds no wait. A batch whose forward fails
-on anything but the device runs its pushes one at a time, so a bad chunk fails alone. A
-batch holds its streams' states twice while it runs (joined, and each stream's own).
+Batching: a job that pushes one chunk into one stream may take the next jobs of the same shape
+with it and run as one batched forward (`service.batching`).
 """
 
 from __future__ import annotations
@@ -51,14 +44,14 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 
 import torch
 
-from media import StreamPush, push_outputs
+from media import StreamPush
 from model import Tokenizer
 
+from .batching import Batching, Failed, run_batch, take_batch
 from .budget import MemoryBudget
 from .callers import ANONYMOUS, Callers
 from .catalog import Catalog
@@ -87,14 +80,6 @@ class Caller:
 
 
 ANONYMOUS_BULK = Caller(ANONYMOUS)
-
-
-@dataclass(frozen=True)
-class Batching:
-    """How a device batches stream pushes: at most `max` a batch; `wait_s` to wait for more."""
-
-    max: int = 1
-    wait_s: float = 0.0
 
 
 class Admission:
@@ -266,25 +251,16 @@ class DeviceWorker:
 
     async def _consume(self) -> None:
         while (job := await self._queue.get()) is not None:
-            jobs = await self._batch(job)
+            # A job abandoned while the batch waited for more is dropped, as a waiting one is.
+            jobs = [each for each in await take_batch(self._queue, job, self.batching) if not each.abandoned]
             self._metrics.queue_depth.labels(**self._labels).set(len(self._queue))
+            if not jobs:
+                continue
             if not self.healthy:
                 for each in jobs:
                     each.future.set_exception(DeviceFailed(f"device {self.name} failed before this job ran"))
                 continue
             await self._execute(jobs)
-
-    async def _batch(self, job: _Job) -> list[_Job]:
-        """`job` and the waiting jobs that run batched with it (waiting up to `Batching.wait_s`
-        for more when fewer than `Batching.max` are there)."""
-        key, limit = job.key, self.batching.max - 1
-        if key is None or limit < 1:
-            return [job]
-        jobs = [job, *self._queue.pop_while(job, lambda other: other.key == key, limit)]
-        if len(jobs) <= limit and self.batching.wait_s > 0:
-            await asyncio.sleep(self.batching.wait_s)
-            jobs += self._queue.pop_while(job, lambda other: other.key == key, limit + 1 - len(jobs))
-        return jobs
 
     async def _execute(self, jobs: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
@@ -299,15 +275,15 @@ class DeviceWorker:
         try:
             outcomes = await loop.run_in_executor(self._executor, self._call, jobs)
         except Exception as exc:  # it failed them all
-            outcomes = [_Failed(exc)] * len(jobs)
+            outcomes = [Failed(exc)] * len(jobs)
         finally:
             in_flight.dec(len(jobs))
         elapsed = time.perf_counter() - start
         self._recent_compute_s = elapsed
         # Mapped once per error: a device failure takes the device out of service once.
-        errors = {id(o): self._device_error(o.error) for o in outcomes if isinstance(o, _Failed)}
+        errors = {id(o): self._device_error(o.error) for o in outcomes if isinstance(o, Failed)}
         for job, outcome in zip(jobs, outcomes):
-            failed = isinstance(outcome, _Failed)
+            failed = isinstance(outcome, Failed)
             self._metrics.compute_seconds.labels(job.op, "error" if failed else "ok", self.name,
                                                  job.model).observe(elapsed)
             if not job.future.done():  # delivered to the caller, who maps an error to a response
@@ -331,14 +307,14 @@ class DeviceWorker:
         return exc
 
     def _call(self, jobs: list[_Job]) -> list[Any]:
-        """Run `jobs` (one, or a batch) on the model thread: their results, or `_Failed` for a
+        """Run `jobs` (one, or a batch) on the model thread: their results, or `Failed` for a
         job of a batch whose own work failed. Raises what fails them all: a device error, or
         the error of a job run alone."""
         try:
             with torch.inference_mode():
                 if len(jobs) == 1:
                     return [jobs[0].run(self.models[jobs[0].model])]
-                return _run_batch([job.work for job in jobs])
+                return run_batch([job.work for job in jobs])
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -349,34 +325,6 @@ class DeviceWorker:
         # tensors, is gone, so the cache can give their blocks back to the device.
         release_device_cache(self.slot.device)
         raise torch.OutOfMemoryError(message)
-
-
-@dataclass(frozen=True)
-class _Failed:
-    """A job whose own work raised `error`."""
-
-    error: Exception
-
-
-def _run_batch(pushes: list[StreamPush]) -> list[Any]:
-    try:
-        outputs = push_outputs(pushes)
-    except Exception as exc:
-        if is_out_of_memory(exc) or is_device_failure(exc):
-            raise
-        # No stream has changed (`push_together`): each push alone, so a bad input fails alone.
-        return [_attempt(push.run) for push in pushes]
-    return [_attempt(partial(push.finish, output)) for push, output in zip(pushes, outputs)]
-
-
-def _attempt(fn: Callable[[], T]) -> T | _Failed:
-    """`fn()`, or its error as a `_Failed` unless it is the device's (which fails the batch)."""
-    try:
-        return fn()
-    except Exception as exc:
-        if is_out_of_memory(exc) or is_device_failure(exc):
-            raise
-        return _Failed(exc)
 
 
 def _model_thread(slot: DeviceSlot) -> None:

@@ -12,10 +12,13 @@ import copy
 import pytest
 import torch
 
+from media import StreamPush
 from model import StreamingDecoder, StreamingEncoder, push_together
 from service import Settings
+from service.batching import Batching
 from tests.servers import metric_sum
 from tests.session_helpers import npy_array, npy_bytes
+from tests.test_device_pool import make_pool, run, served  # noqa: F401 (fixture)
 from tests.test_model_streaming import model_hash, smooth_video
 from tests.test_service_app import frames, http_for, run_app
 from tests.tolerance import FLOAT_ATOL, assert_float_close, assert_uint8_close
@@ -171,3 +174,26 @@ def test_session_chunks_waiting_together_run_as_one_batch_and_answer_as_alone(ti
         for x, y in zip(a, b):
             assert_float_close(npy_array(y), npy_array(x))
     assert replayed == together[0][2]  # the stored answer, not a second push
+
+
+def test_a_push_abandoned_while_its_batch_waits_for_more_never_runs(served):
+    """The batch wait is a wait in the queue: a caller gone by its end costs no compute."""
+    prepared = []
+
+    video = smooth_video(5)
+
+    def push() -> StreamPush:
+        stream = StreamingEncoder(served.model, served.identity.content_hash)
+        return StreamPush(stream, lambda: prepared.append(1) or video, lambda out: tuple(out.shape), tuple(video.shape))
+
+    async def scenario():
+        pool = make_pool(served, queue_size=4, timeout_s=30, memory_bytes=2**40, batching=Batching(4, wait_s=0.5))
+        pool.start()
+        gone = asyncio.ensure_future(run(pool, "encode", push()))
+        await asyncio.sleep(0.1)  # taken by the worker, which now waits for more pushes like it
+        gone.cancel()
+        answered = await run(pool, "encode", push())  # the worker goes on
+        await pool.stop()
+        return answered
+
+    assert asyncio.run(scenario()) == (1, 16, 2, video.shape[3] // 8, video.shape[4] // 8) and prepared == [1]

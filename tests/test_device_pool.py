@@ -25,6 +25,7 @@ import torch
 from media import encode_chunks
 from model import from_pretrained
 from service import Settings
+from service.batching import Batching
 from service.callers import Callers
 from service.devices import DeviceSetupError, resolve, slots
 from service.domain_errors import Timeout, Unavailable
@@ -49,12 +50,13 @@ def served(tiny_checkpoint):
     return from_pretrained(tiny_checkpoint)
 
 
-def make_pool(served, queue_size: int, timeout_s: float, memory_bytes: int, devices=("cpu",)) -> WorkerPool:
+def make_pool(served, queue_size: int, timeout_s: float, memory_bytes: int, devices=("cpu",),
+              batching: Batching = Batching()) -> WorkerPool:
     model, identity = served
     metrics = Metrics()
     callers = Callers({}, queue_limit=2 * queue_size * len(devices), rate=0, burst=1, metrics=metrics)
     workers = [DeviceWorker(slot, {"tiny": model}, MemoryModel("cpu", memory_bytes), queue_size, timeout_s,
-                            metrics, callers) for slot in slots([torch.device(d) for d in devices])]
+                            metrics, callers, batching) for slot in slots([torch.device(d) for d in devices])]
     catalog = Catalog([ServedModel("tiny", Path("tiny"), identity, model)])
     return WorkerPool(workers, catalog, HostPool(1, metrics), callers, metrics)
 
