@@ -991,6 +991,11 @@ DASHBOARD_METRICS = {  # name -> (type, labels the dashboard uses)
     "cdt_session_log_bytes": ("histogram", set()),
     "cdt_session_snapshot_bytes": ("histogram", set()),
     "cdt_session_snapshot_seconds": ("histogram", set()),
+    "cdt_session_snapshot_age_chunks": ("histogram", set()),
+    "cdt_session_drain_snapshots": ("counter", {"outcome"}),
+    "cdt_batch_size": ("histogram", {"op"}),
+    "cdt_key_queue_wait_seconds": ("histogram", {"key"}),
+    "cdt_key_rejected": ("counter", {"key", "reason"}),
 }
 
 
@@ -1072,6 +1077,12 @@ def test_dashboard_has_the_required_panels():
     memory = panel("memory", "reserved", "budget")
     assert any("cdt_memory_reserved_bytes" in e for e in memory) and any("cdt_memory_budget_bytes" in e for e in memory)
     assert any("rate(cdt_requests_cancelled_total" in e for e in panel("cancelled"))
+    # Scheduling: batches, each key's wait and refusals; sessions moving: drains, replay at rebuild.
+    assert any("cdt_batch_size_bucket" in e and "op" in e for e in panel("batch size"))
+    assert any("cdt_key_queue_wait_seconds_bucket" in e and "key" in e for e in panel("queue wait", "key"))
+    assert any("cdt_key_rejected_total" in e and "reason" in e for e in panel("key", "limits"))
+    assert any("cdt_session_drain_snapshots_total" in e and "outcome" in e for e in panel("drain"))
+    assert any("cdt_session_snapshot_age_chunks_bucket" in e for e in panel("snapshot age"))
 
 
 def test_dashboard_panels_are_unique_and_tiled():
