@@ -9,6 +9,7 @@ stream's state and answer those of its own push up to float rounding.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Generic, TypeVar
 
@@ -26,13 +27,17 @@ class StreamPush(Generic[T]):
     finish: Callable[[torch.Tensor], T]
     shape: tuple[int, ...]  # of what `prepare` makes
     key: tuple = field(init=False)
+    seconds: float | None = field(default=None, init=False)  # of `prepare` and the push, when run alone
 
     def __post_init__(self) -> None:
         self.key = self.stream.batch_key(self.shape)
 
     def run(self) -> T:
-        """The push alone."""
-        return self.finish(self.stream.push(self.prepare()))
+        """The push alone, which measures its `seconds` before `finish` runs."""
+        start = time.perf_counter()
+        output = self.stream.push(self.prepare())
+        self.seconds = time.perf_counter() - start
+        return self.finish(output)
 
 
 def push_outputs(pushes: list[StreamPush]) -> list[torch.Tensor]:

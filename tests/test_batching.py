@@ -126,7 +126,8 @@ SESSIONS = 4
 def session_outputs(checkpoint, batch_max: int):
     """SESSIONS decode sessions and SESSIONS encode sessions: each one's first chunk alone, then
     two more chunks sent by all sessions of a kind at once; every answer, a replayed chunk's
-    answer, and the metrics."""
+    answer, the metrics, and each session's chunk time as the snapshot policy holds it after the
+    first chunk and at the end."""
     latents = [npy_bytes(torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(i)).numpy())
                for i in range(SESSIONS)]
     clips = [frames(12, 32, 32, seed=i) for i in range(SESSIONS)]
@@ -147,6 +148,8 @@ def session_outputs(checkpoint, batch_max: int):
             encodes = [await create("encode") for _ in range(SESSIONS)]
             out = {sid: [await push(sid, 0, latents[i], "npy")] for i, sid in enumerate(decodes)}
             out |= {sid: [await push(sid, 0, npy_bytes(clips[i][:4]), "npy")] for i, sid in enumerate(encodes)}
+            policy = app.state.sessions.snapshots.policy
+            first_times = [policy.of(sid).chunk_s for sid in out]
             for seq in (1, 2):  # one kind at a time: a batch is a run of one key in the fair order
                 answers = await asyncio.gather(*(push(sid, seq, latents[i], "npy") for i, sid in enumerate(decodes)))
                 answers += await asyncio.gather(*(push(sid, seq, npy_bytes(clips[i][4 * seq:4 * seq + 4]), "npy")
@@ -154,14 +157,15 @@ def session_outputs(checkpoint, batch_max: int):
                 for sid, answer in zip(decodes + encodes, answers):
                     out[sid].append(answer)
             replayed = await push(decodes[0], 2, latents[0], "npy")
-            return list(out.values()), replayed, (await http.get("/metrics")).text
+            times = list(zip(first_times, (policy.of(sid).chunk_s for sid in out)))
+            return list(out.values()), replayed, (await http.get("/metrics")).text, times
 
     return run_app(Settings(checkpoint=checkpoint, batch_max=batch_max, batch_wait_ms=300), scenario)
 
 
 def test_session_chunks_waiting_together_run_as_one_batch_and_answer_as_alone(tiny_checkpoint):
-    alone, _, alone_metrics = session_outputs(tiny_checkpoint, batch_max=1)
-    together, replayed, metrics = session_outputs(tiny_checkpoint, batch_max=SESSIONS)
+    alone, _, alone_metrics, alone_times = session_outputs(tiny_checkpoint, batch_max=1)
+    together, replayed, metrics, batched_times = session_outputs(tiny_checkpoint, batch_max=SESSIONS)
     for op in ("session_decode", "session_encode"):
         # Each session's first chunk opens its stream alone; the next two run in batches of 4.
         assert metric_sum(metrics, "cdt_batch_size_count", op=op) == SESSIONS + 2
@@ -174,12 +178,14 @@ def test_session_chunks_waiting_together_run_as_one_batch_and_answer_as_alone(ti
         for x, y in zip(a, b):
             assert_float_close(npy_array(y), npy_array(x))
     assert replayed == together[0][2]  # the stored answer, not a second push
+    # The snapshot policy's chunk time is measured on every chunk run alone, on none run batched.
+    assert all(0 < first != last for first, last in alone_times), alone_times
+    assert all(0 < first == last for first, last in batched_times), batched_times
 
 
 def test_a_push_abandoned_while_its_batch_waits_for_more_never_runs(served):
     """The batch wait is a wait in the queue: a caller gone by its end costs no compute."""
     prepared = []
-
     video = smooth_video(5)
 
     def push() -> StreamPush:

@@ -331,10 +331,11 @@ class SessionService:
         work: Work = job
         if stream is not None and chunk is not None:  # a hot stream's push, which may run batched with others
             inputs = kind.model_input(chunk)
-            # A batch member's own compute time is not measured: the snapshot policy keeps the
-            # session's last chunk time measured alone (None).
-            work = StreamPush(stream, lambda: inputs, lambda output: (stream, kind.to_host(output), 0.0, None),
+            # Run alone, the push measures its compute; a batch member's is not measured (None), and
+            # the snapshot policy keeps the session's last chunk time measured alone.
+            push = StreamPush(stream, lambda: inputs, lambda output: (stream, kind.to_host(output), 0.0, push.seconds),
                               tuple(inputs.shape))
+            work = push
 
         served = self._model_of(record)
         frames, height, width = kind.job_shape(record, chunk, served.time_factor)
