@@ -15,7 +15,7 @@ import pytest
 import redis
 import torch
 
-from model import CDTConfig, build_model, save_pretrained
+from model import CDTConfig, build_model, from_pretrained, save_pretrained
 from model.streaming import measure
 from tests.servers import SHARED_REDIS_URL
 
@@ -43,6 +43,12 @@ def tiny_checkpoint(tmp_path_factory, tiny_field) -> Path:
     directory = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_pretrained(build_model(CDTConfig.from_preset("tiny"), "cdt"), directory, receptive_field=tiny_field)
     return directory
+
+
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint):
+    """`tiny_checkpoint` loaded as the service's worker pool serves it: the model and its identity."""
+    return from_pretrained(tiny_checkpoint)
 
 
 @pytest.fixture(scope="session")

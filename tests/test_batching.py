@@ -18,7 +18,7 @@ from service import Settings
 from service.batching import Batching
 from tests.servers import metric_sum
 from tests.session_helpers import npy_array, npy_bytes
-from tests.test_device_pool import make_pool, run, served  # noqa: F401 (fixture)
+from tests.test_device_pool import make_pool, run
 from tests.test_model_streaming import model_hash, smooth_video
 from tests.test_service_app import frames, http_for, run_app
 from tests.tolerance import FLOAT_ATOL, assert_float_close, assert_uint8_close

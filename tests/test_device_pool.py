@@ -23,7 +23,6 @@ import pytest
 import torch
 
 from media import encode_chunks
-from model import from_pretrained
 from service import Settings
 from service.batching import Batching
 from service.callers import Callers
@@ -42,12 +41,6 @@ from tests.tolerance import assert_float_close
 pytestmark = pytest.mark.timeout(300)
 
 TWO_CPUS = ("cpu", "cpu")
-
-
-@pytest.fixture(scope="module")
-def served(tiny_checkpoint):
-    """A loaded checkpoint, as the pool serves it: the model and its identity."""
-    return from_pretrained(tiny_checkpoint)
 
 
 def make_pool(served, queue_size: int, timeout_s: float, memory_bytes: int, devices=("cpu",),
