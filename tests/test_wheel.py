@@ -1,7 +1,8 @@
 """The wheel built from this tree, installed into a fresh environment, serves: `cdt serve`
 there, run outside any source tree, loads the shipped checkpoint the wheel carries and
-serves the API and the web page. The wheel carries the client's package (`cdt_client`, from
-client/) too, whose formats the server imports."""
+serves the API and the web page; given the directory the wheel installs its checkpoints in
+(`CDT_MODELS`), it serves all of them. The wheel carries the client's package (`cdt_client`,
+from client/) too, whose formats the server imports."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from model import DEFAULT_CHECKPOINT
 from tests.servers import REPO, Server
 
 PACKAGES = ("model", "media", "training", "service", "cli", "cdt_client")
+SHIPPED = (DEFAULT_CHECKPOINT, DEFAULT_CHECKPOINT.parent / "cdt-tiny-t8")
 
 
 def source_tree(destination: Path) -> Path:
@@ -41,8 +43,9 @@ def test_installed_wheel_serves_the_shipped_checkpoint(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names if "/" in name and ".dist-info" not in name
             and ".data" not in name} == set(PACKAGES)  # no tests, benchmarks or scripts
-    shipped = sorted(path.name for path in DEFAULT_CHECKPOINT.iterdir())
-    assert sorted(n.rsplit("/", 1)[1] for n in names if "/checkpoints/cdt-tiny/" in n) == shipped
+    for checkpoint in SHIPPED:
+        shipped = sorted(path.name for path in checkpoint.iterdir())
+        assert sorted(n.rsplit("/", 1)[1] for n in names if f"/checkpoints/{checkpoint.name}/" in n) == shipped
     assert any(name.startswith("service/web/static/") for name in names)
     client = REPO / "client"
     assert {name for name in names if name.startswith("cdt_client/")} == {
@@ -69,3 +72,11 @@ def test_installed_wheel_serves_the_shipped_checkpoint(tmp_path):
         assert card["hash"] == (DEFAULT_CHECKPOINT / "model.sha256").read_text().split()[0]
         page = httpx.get(f"{server.url}/")
         assert page.status_code == 200 and "<html" in page.text.lower()
+
+    # Every checkpoint the wheel carries, served from the directory it installs them in.
+    installed = venv / "share" / "cdt-tokenizer" / "checkpoints"
+    with Server(None, tmp_path / "serve-all.log", repo=tmp_path, python=python, models=str(installed)) as server:
+        server.wait_ready()
+        cards = httpx.get(f"{server.url}/v1/models").json()["models"]
+        assert [(card["name"], card["hash"]) for card in cards] == [
+            (checkpoint.name, (checkpoint / "model.sha256").read_text().split()[0]) for checkpoint in SHIPPED]
