@@ -12,7 +12,7 @@ import sys
 
 from benchmarks import report
 from service.domain_errors import TooLarge
-from service.memory import COSTS, MAX_CHUNK_FRAMES, SAFETY, Cost, cost_for, estimate_bytes, padded_pixels, plan
+from service.memory import COSTS, MAX_CHUNK_FRAMES, SAFETY, Cost, estimate_bytes, padded_pixels, plan
 
 # The code these figures describe (`python -m benchmarks.run_all --stale`).
 MEASURES = ["service/memory.py", "benchmarks/memory_estimates.py"]
@@ -37,7 +37,7 @@ def estimate_rows() -> list[dict]:
     for kind, costs in COSTS.items():
         for preset in sorted({p for p, _ in costs}, key=["tiny", "small", "base"].index):
             for op, steps in CASES:
-                cost = cost_for(preset, op, kind)
+                cost = costs[(preset, op)]
                 row = {"device": kind, "preset": preset, "op": op, "steps": steps}
                 for h, w in SIZES:
                     need = estimate_bytes(cost, padded_pixels(h, w), MAX_CHUNK_FRAMES, steps)

@@ -14,6 +14,10 @@ import torch
 
 from benchmarks import report
 from benchmarks.memory_calibration import device_fits, with_device
+from benchmarks.memory_estimates import BUDGETS_GB, CASES, estimate_rows
+from model import SPACE_FACTOR
+from service.domain_errors import TooLarge
+from service.memory import COSTS, plan
 from tests.conftest import REPO
 
 RESULTS = ("memory_calibration.json", "memory_calibration.md")
@@ -58,11 +62,6 @@ def test_the_fits_are_kept_per_device_kind_and_a_run_replaces_only_its_own():
 def test_the_estimates_table_covers_every_fitted_device_kind_and_admits_what_it_states():
     """`benchmarks.memory_estimates`' rows: one per device kind with a fit, preset and case,
     and each stated largest square is admitted in its budget while the next size up is not."""
-    from benchmarks.memory_estimates import BUDGETS_GB, CASES, estimate_rows
-    from model import SPACE_FACTOR
-    from service.domain_errors import TooLarge
-    from service.memory import COSTS, MIN_CHUNK_FRAMES, plan
-
     rows = estimate_rows()
     assert len(rows) == sum(len({p for p, _ in costs}) for costs in COSTS.values()) * len(CASES)
     assert {row["device"] for row in rows} == set(COSTS)
@@ -70,6 +69,6 @@ def test_the_estimates_table_covers_every_fitted_device_kind_and_admits_what_it_
         cost, steps = COSTS[row["device"]][(row["preset"], row["op"])], row["steps"]
         for gb in BUDGETS_GB:
             side = row[f"largest square in {gb} GiB"]
-            assert plan(cost, gb << 30, side, side, steps).chunk_frames >= MIN_CHUNK_FRAMES
+            plan(cost, gb << 30, side, side, steps)  # admitted: TooLarge would fail the test
             with pytest.raises(TooLarge):
                 plan(cost, gb << 30, side + SPACE_FACTOR, side + SPACE_FACTOR, steps)
